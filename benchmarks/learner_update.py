@@ -1,0 +1,64 @@
+"""Median time of one PPO update of the 4000-row CartPole batch: dlearner's local Learner vs plain PyTorch.
+
+Run: python benchmarks/learner_update.py [--repeats 15]
+Both run in this process with one torch thread, interleaved so that machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import gymnasium as gym
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
+from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, to_tensors  # noqa: E402
+
+from dlearner import PPOConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    batch = load_w1_batch()
+    env = gym.make("CartPole-v1")
+    config = (
+        PPOConfig()
+        .training(lr=W1["lr"], minibatch_size=W1["minibatch_size"], num_epochs=W1["num_epochs"],
+                  clip_param=W1["clip_param"], vf_clip_param=W1["vf_clip_param"], vf_loss_coeff=W1["vf_loss_coeff"],
+                  use_kl_loss=True, kl_coeff=W1["kl_coeff"], kl_target=W1["kl_target"], entropy_coeff=W1["entropy_coeff"])
+        .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
+        .debugging(seed=0)
+    )
+    learner = config.build_learner(env=env)
+    learner.build()
+    plain = PlainPPO()
+    tensors = to_tensors(batch)
+    timesteps = {"num_env_steps_sampled_lifetime": 4000}
+
+    dl_times, plain_times = [], []
+    for i in range(args.repeats + 2):  # interleaved; the first two of each are warm-up
+        start = time.perf_counter()
+        learner.update(batch, timesteps)
+        t_dl = time.perf_counter() - start
+        start = time.perf_counter()
+        plain.update(tensors)
+        t_plain = time.perf_counter() - start
+        if i >= 2:
+            dl_times.append(t_dl)
+            plain_times.append(t_plain)
+    dl, ref = statistics.median(dl_times), statistics.median(plain_times)
+    print_table(
+        f"PPO update, 4000 rows, [256, 256] MLP, minibatch 128, 2 epochs, Adam ({args.repeats} repeats, 1 thread)",
+        [("plain PyTorch loop", fmt_s(ref), "1.00", "reference"),
+         ("dlearner Learner (local)", fmt_s(dl), f"{dl / ref:.2f}", "plain PyTorch")],
+    )
+
+
+if __name__ == "__main__":
+    main()

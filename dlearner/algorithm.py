@@ -1,0 +1,200 @@
+"""The Algorithm: sampling, learning and weight sync in a loop, plus evaluation and checkpoints.
+
+``Algorithm`` holds the machinery; an algorithm subclass (``PPO``) only writes its
+:meth:`Algorithm.training_step`, the way dask-jobqueue's batch systems override a few methods of one
+core class.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List, Mapping, Optional
+
+import numpy as np
+
+from dlearner.env_runner import EnvRunner, EpisodeStats
+
+TIMESTEP_KEY = "num_env_steps_sampled_lifetime"
+
+
+class LocalEnvRunnerGroup:
+    """``num_env_runners=0``: one :class:`EnvRunner` in the driver process."""
+
+    def __init__(self, config: Any, module_spec):
+        self.runners = [EnvRunner(config, module_spec=module_spec, worker_index=0)]
+
+    @property
+    def num_runners(self) -> int:
+        return len(self.runners)
+
+    def sample(self, num_timesteps: int) -> List[Dict[str, np.ndarray]]:
+        return [self.runners[0].sample(num_timesteps)]
+
+    def sync_weights(self, weights) -> None:
+        self.runners[0].set_weights(weights)
+
+    def get_metrics(self) -> List[Dict[str, Any]]:
+        return [self.runners[0].get_metrics()]
+
+    def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
+        return self.runners[0].evaluate(num_episodes, seed=seed)
+
+    def get_state(self) -> List[Dict[str, Any]]:
+        return [r.get_state() for r in self.runners]
+
+    def set_state(self, states: List[Mapping[str, Any]]) -> None:
+        for runner, state in zip(self.runners, states):
+            runner.set_state(state)
+
+    def stop(self) -> None:
+        for runner in self.runners:
+            runner.stop()
+
+
+class Algorithm:
+    """Trains a config end to end. Build it with ``config.build_algo()``.
+
+    Example::
+
+        algo = PPOConfig().environment("CartPole-v1").build_algo()
+        for _ in range(10):
+            result = algo.train()
+        print(result["env_runners"]["episode_return_mean"])
+        algo.stop()
+    """
+
+    def __init__(self, config: Any):
+        config.validate()
+        if config.env is None:
+            raise ValueError("No environment configured: call config.environment('CartPole-v1') before build_algo().")
+        self.config = config.copy()
+        self.module_spec = self.config.get_multi_rl_module_spec()
+        self._learner_group = None
+        self._env_runner_group = None
+        try:
+            self._learner_group = self.config.build_learner_group()
+            self._env_runner_group = self._build_env_runner_group()
+            self._env_runner_group.sync_weights(self._learner_group.get_weights())
+        except BaseException:
+            self.stop()
+            raise
+        self.episode_stats = EpisodeStats(self.config.metrics_num_episodes_for_smoothing)
+        self.iteration = 0
+        self.num_env_steps_sampled_lifetime = 0
+        self.num_env_steps_trained_lifetime = 0
+        self.num_episodes_lifetime = 0
+        self.time_total_s = 0.0
+
+    def _build_env_runner_group(self):
+        if self.config.num_env_runners == 0:
+            return LocalEnvRunnerGroup(self.config, self.module_spec)
+        from dlearner.dask_backend import DaskEnvRunnerGroup
+
+        return DaskEnvRunnerGroup(self.config, self.module_spec, learner_group=self._learner_group)
+
+    @property
+    def learner_group(self):
+        """The :class:`~dlearner.learner_group.LearnerGroup` that trains the modules."""
+        return self._learner_group
+
+    @property
+    def env_runner_group(self):
+        return self._env_runner_group
+
+    # -------------------------------------------------------------------------------- training
+    def train(self) -> Dict[str, Any]:
+        """One iteration: sample, update, sync weights. Returns a nested dict of plain numbers."""
+        start = time.perf_counter()
+        learner_results, num_sampled = self.training_step()
+        self.iteration += 1
+        self.num_env_steps_sampled_lifetime += num_sampled
+        for metrics in self._env_runner_group.get_metrics():
+            self.episode_stats.add(metrics)
+            self.num_episodes_lifetime += len(metrics["episode_returns"])
+        elapsed = time.perf_counter() - start
+        self.time_total_s += elapsed
+        return {
+            "training_iteration": self.iteration,
+            "env_runners": {**self.episode_stats.summary(), "num_episodes_lifetime": self.num_episodes_lifetime},
+            "learners": learner_results,
+            "num_env_steps_sampled_lifetime": self.num_env_steps_sampled_lifetime,
+            "num_env_steps_trained_lifetime": self.num_env_steps_trained_lifetime,
+            "time_this_iter_s": elapsed,
+            "time_total_s": self.time_total_s,
+            "env_steps_per_s": num_sampled / elapsed if elapsed > 0 else float("nan"),
+        }
+
+    def training_step(self):
+        """Sample, learn and sync once; returns ``(learner results, env steps sampled)``. Algorithms override."""
+        raise NotImplementedError(f"{type(self).__name__} must implement training_step().")
+
+    def timesteps(self, num_sampled: int = 0) -> Dict[str, int]:
+        """The ``timesteps`` dict passed to learner updates (drives learning-rate schedules)."""
+        return {TIMESTEP_KEY: self.num_env_steps_sampled_lifetime + num_sampled}
+
+    def evaluate(self, num_episodes: Optional[int] = None, *, seed: Optional[int] = None) -> Dict[str, Any]:
+        """Greedy episodes with the current weights; returns ``{"env_runners": {"episode_return_mean": ...}}``."""
+        num_episodes = num_episodes or self.config.evaluation_num_episodes
+        out = self._env_runner_group.evaluate(num_episodes, seed=seed)
+        returns = out["episode_returns"]
+        return {
+            "env_runners": {
+                "episode_return_mean": float(np.mean(returns)),
+                "episode_return_min": float(np.min(returns)),
+                "episode_return_max": float(np.max(returns)),
+                "episode_len_mean": float(np.mean(out["episode_lengths"])),
+                "num_episodes": len(returns),
+                "episode_returns": [float(r) for r in returns],
+            }
+        }
+
+    # ---------------------------------------------------------------------------------- state
+    def get_counters(self) -> Dict[str, Any]:
+        return {
+            "iteration": self.iteration,
+            "num_env_steps_sampled_lifetime": self.num_env_steps_sampled_lifetime,
+            "num_env_steps_trained_lifetime": self.num_env_steps_trained_lifetime,
+            "num_episodes_lifetime": self.num_episodes_lifetime,
+            "time_total_s": self.time_total_s,
+            "recent_episode_returns": list(self.episode_stats.returns),
+            "recent_episode_lengths": list(self.episode_stats.lengths),
+        }
+
+    def set_counters(self, counters: Mapping[str, Any]) -> None:
+        self.iteration = int(counters["iteration"])
+        self.num_env_steps_sampled_lifetime = int(counters["num_env_steps_sampled_lifetime"])
+        self.num_env_steps_trained_lifetime = int(counters["num_env_steps_trained_lifetime"])
+        self.num_episodes_lifetime = int(counters["num_episodes_lifetime"])
+        self.time_total_s = float(counters["time_total_s"])
+        self.episode_stats.returns.clear()
+        self.episode_stats.lengths.clear()
+        self.episode_stats.returns.extend(counters.get("recent_episode_returns", []))
+        self.episode_stats.lengths.extend(counters.get("recent_episode_lengths", []))
+
+    def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
+        """Learners, env-runner state and counters in one Zarr v3 store; returns ``path``."""
+        from dlearner import checkpointing
+
+        return checkpointing.save_algorithm(self, path, storage_options=storage_options)
+
+    def restore_from_path(self, path, *, storage_options: Optional[dict] = None) -> None:
+        """Continue from a checkpoint written by :meth:`save_to_path`."""
+        from dlearner import checkpointing
+
+        checkpointing.restore_algorithm(self, path, storage_options=storage_options)
+        self._env_runner_group.sync_weights(self._learner_group.get_weights())
+
+    def stop(self) -> None:
+        """Stop env runners and learners (and an embedded cluster)."""
+        if self._env_runner_group is not None:
+            self._env_runner_group.stop()
+            self._env_runner_group = None
+        if self._learner_group is not None:
+            self._learner_group.shutdown()
+            self._learner_group = None
+
+    def __enter__(self) -> "Algorithm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

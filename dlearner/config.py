@@ -1,0 +1,422 @@
+"""Fluent algorithm configs: what to train, where, and with which hyper-parameters.
+
+Example::
+
+    config = (
+        PPOConfig()
+        .environment("CartPole-v1")
+        .learners(num_learners=0)
+        .training(lr=3e-4, minibatch_size=128, num_epochs=2)
+        .rl_module(model_config={"fcnet_hiddens": [64, 64]})
+    )
+    learner = config.build_learner(env=gym.make("CartPole-v1"))
+    learner.build()
+
+Every fluent method returns the config. A bad value raises ``ValueError`` naming the setting right
+there; settings that depend on each other are checked by :meth:`AlgorithmConfig.validate`, which
+every ``build_*`` calls before anything (a cluster, a learner) is started.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
+
+import gymnasium as gym
+
+from dlearner.columns import DEFAULT_MODULE_ID
+from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, class_path, validate_model_config
+from dlearner.schedules import PiecewiseSchedule
+
+
+class _NotProvided:
+    """Marks a keyword the caller did not pass (``None`` is a real value for many settings)."""
+
+    def __repr__(self) -> str:
+        return "NotProvided"
+
+
+NotProvided: Any = _NotProvided()
+EnvSpec = Union[str, Callable[..., gym.Env], None]
+
+
+def _positive_int(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an int, got {value!r}.")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}.")
+    return int(value)
+
+
+def _non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> float:
+    value = _non_negative(name, value)
+    if value == 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+    return value
+
+
+class AlgorithmConfig:
+    """Settings shared by every algorithm; algorithm configs (``PPOConfig``...) add their own."""
+
+    #: The Learner class this algorithm trains with (algorithms set it).
+    default_learner_class: Optional[type] = None
+    #: The Algorithm class ``build_algo`` creates.
+    algo_class_path: Optional[str] = None
+
+    def __init__(self) -> None:
+        # environment
+        self.env: EnvSpec = None
+        self.env_config: Dict[str, Any] = {}
+        # env runners
+        self.num_env_runners = 0
+        self.num_envs_per_env_runner = 1
+        self.rollout_fragment_length: Union[int, str] = "auto"
+        # learners
+        self.num_learners = 0
+        self.num_gpus_per_learner: float = 0
+        self.num_cpus_per_learner: int = 1
+        self.max_requests_in_flight_per_learner = 3
+        self.learner_startup_timeout_s = 60.0
+        # training
+        self.lr: Union[float, list] = 3e-4
+        self.gamma = 0.99
+        self.train_batch_size = 4000
+        self.minibatch_size: Optional[int] = 128
+        self.num_epochs = 2
+        self.grad_clip: Optional[float] = None
+        self.grad_clip_by = "global_norm"
+        self.learner_class: Optional[type] = None
+        # model
+        self.model_config: Dict[str, Any] = {}
+        self.rl_module_spec: Optional[Union[RLModuleSpec, MultiRLModuleSpec]] = None
+        # cluster
+        self.address: Optional[str] = None
+        self.scheduler_file: Optional[str] = None
+        self.client: Any = None
+        self.cluster_kwargs: Dict[str, Any] = {}
+        # debugging / reporting
+        self.seed: Optional[int] = None
+        self.torch_num_threads: Optional[int] = None
+        # Shorter than RLlib's 100 so stop conditions react within a few iterations.
+        self.metrics_num_episodes_for_smoothing = 20
+        self.evaluation_num_episodes = 10
+
+    # ------------------------------------------------------------------------------ fluent API
+    def environment(self, env: EnvSpec = NotProvided, *, env_config: Dict[str, Any] = NotProvided) -> "AlgorithmConfig":
+        """The environment: a gymnasium id such as ``"CartPole-v1"`` or a creator ``fn(env_config) -> gym.Env``."""
+        if env is not NotProvided:
+            if env is not None and not (isinstance(env, str) or callable(env)):
+                raise ValueError(f"env must be a gymnasium id (str) or a callable returning a gym.Env, got {env!r}.")
+            self.env = env
+        if env_config is not NotProvided:
+            if not isinstance(env_config, dict):
+                raise ValueError(f"env_config must be a dict, got {type(env_config).__name__}.")
+            self.env_config = dict(env_config)
+        return self
+
+    def env_runners(
+        self,
+        *,
+        num_env_runners: int = NotProvided,
+        num_envs_per_env_runner: int = NotProvided,
+        rollout_fragment_length: Union[int, str] = NotProvided,
+    ) -> "AlgorithmConfig":
+        """Sampling: ``num_env_runners`` Dask actors (0 = sample in the driver), each stepping
+        ``num_envs_per_env_runner`` vectorised environments."""
+        if num_env_runners is not NotProvided:
+            self.num_env_runners = _positive_int("num_env_runners", num_env_runners, allow_zero=True)
+        if num_envs_per_env_runner is not NotProvided:
+            self.num_envs_per_env_runner = _positive_int("num_envs_per_env_runner", num_envs_per_env_runner)
+        if rollout_fragment_length is not NotProvided:
+            if rollout_fragment_length != "auto":
+                _positive_int("rollout_fragment_length", rollout_fragment_length)
+            self.rollout_fragment_length = rollout_fragment_length
+        return self
+
+    def learners(
+        self,
+        *,
+        num_learners: int = NotProvided,
+        num_gpus_per_learner: float = NotProvided,
+        num_cpus_per_learner: int = NotProvided,
+        max_requests_in_flight_per_learner: int = NotProvided,
+        learner_startup_timeout_s: float = NotProvided,
+    ) -> "AlgorithmConfig":
+        """Where updates run: ``num_learners=0`` is one local Learner, ``N>=1`` are N Dask actors.
+
+        ``num_gpus_per_learner`` may be fractional (learners then share a GPU). ``num_cpus_per_learner``
+        is also each learner's torch thread count.
+        """
+        if num_learners is not NotProvided:
+            self.num_learners = _positive_int("num_learners", num_learners, allow_zero=True)
+        if num_gpus_per_learner is not NotProvided:
+            self.num_gpus_per_learner = _non_negative("num_gpus_per_learner", num_gpus_per_learner)
+            if self.num_gpus_per_learner > 1 and not float(self.num_gpus_per_learner).is_integer():
+                raise ValueError("num_gpus_per_learner above 1 must be a whole number.")
+        if num_cpus_per_learner is not NotProvided:
+            self.num_cpus_per_learner = _positive_int("num_cpus_per_learner", num_cpus_per_learner)
+        if max_requests_in_flight_per_learner is not NotProvided:
+            self.max_requests_in_flight_per_learner = _positive_int(
+                "max_requests_in_flight_per_learner", max_requests_in_flight_per_learner
+            )
+        if learner_startup_timeout_s is not NotProvided:
+            self.learner_startup_timeout_s = _positive("learner_startup_timeout_s", learner_startup_timeout_s)
+        return self
+
+    def training(
+        self,
+        *,
+        lr: Union[float, list] = NotProvided,
+        gamma: float = NotProvided,
+        train_batch_size: int = NotProvided,
+        minibatch_size: Optional[int] = NotProvided,
+        num_epochs: int = NotProvided,
+        grad_clip: Optional[float] = NotProvided,
+        grad_clip_by: str = NotProvided,
+        learner_class: Optional[type] = NotProvided,
+    ) -> "AlgorithmConfig":
+        """Hyper-parameters of the update. ``lr`` is a float or a ``[[timestep, lr], ...]`` schedule;
+        ``minibatch_size`` and ``train_batch_size`` count rows over all learners."""
+        if lr is not NotProvided:
+            schedule = PiecewiseSchedule(lr, name="lr")
+            if any(v <= 0 for _, v in schedule.points):
+                raise ValueError(f"lr must be > 0, got {lr!r}.")
+            self.lr = lr if isinstance(lr, (int, float)) else [list(p) for p in lr]
+        if gamma is not NotProvided:
+            gamma = _non_negative("gamma", gamma)
+            if gamma > 1:
+                raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
+            self.gamma = gamma
+        if train_batch_size is not NotProvided:
+            self.train_batch_size = _positive_int("train_batch_size", train_batch_size)
+        if minibatch_size is not NotProvided:
+            self.minibatch_size = _positive_int("minibatch_size", minibatch_size, allow_none=True)
+        if num_epochs is not NotProvided:
+            self.num_epochs = _positive_int("num_epochs", num_epochs)
+        if grad_clip is not NotProvided:
+            self.grad_clip = None if grad_clip is None else _positive("grad_clip", grad_clip)
+        if grad_clip_by is not NotProvided:
+            if grad_clip_by not in ("value", "norm", "global_norm"):
+                raise ValueError(f"grad_clip_by must be 'value', 'norm' or 'global_norm', got {grad_clip_by!r}.")
+            self.grad_clip_by = grad_clip_by
+        if learner_class is not NotProvided:
+            from dlearner.learner import Learner
+
+            if learner_class is not None and not (isinstance(learner_class, type) and issubclass(learner_class, Learner)):
+                raise ValueError(f"learner_class must be a Learner subclass, got {learner_class!r}.")
+            self.learner_class = learner_class
+        return self
+
+    def rl_module(
+        self,
+        *,
+        model_config: Dict[str, Any] = NotProvided,
+        rl_module_spec: Optional[Union[RLModuleSpec, MultiRLModuleSpec]] = NotProvided,
+    ) -> "AlgorithmConfig":
+        """The model: ``model_config`` (``fcnet_hiddens``, ``fcnet_activation``, ``vf_share_layers``) and/or
+        a full ``RLModuleSpec`` / ``MultiRLModuleSpec``."""
+        if model_config is not NotProvided:
+            validate_model_config(model_config)
+            self.model_config = dict(model_config or {})
+        if rl_module_spec is not NotProvided:
+            if rl_module_spec is not None and not isinstance(rl_module_spec, (RLModuleSpec, MultiRLModuleSpec)):
+                raise ValueError(f"rl_module_spec must be an RLModuleSpec or MultiRLModuleSpec, got {rl_module_spec!r}.")
+            self.rl_module_spec = rl_module_spec
+        return self
+
+    def cluster(
+        self,
+        *,
+        address: Optional[str] = NotProvided,
+        scheduler_file: Optional[str] = NotProvided,
+        client: Any = NotProvided,
+        cluster_kwargs: Dict[str, Any] = NotProvided,
+    ) -> "AlgorithmConfig":
+        """Where Dask actors run: an existing ``distributed.Client``, a scheduler ``address``, a
+        ``scheduler_file`` (HPC), or none of them for an embedded ``LocalCluster`` the group owns
+        (``cluster_kwargs`` go to that LocalCluster)."""
+        if address is not NotProvided:
+            if address is not None and not isinstance(address, str):
+                raise ValueError(f"address must be a string such as 'tcp://host:8786', got {address!r}.")
+            self.address = address
+        if scheduler_file is not NotProvided:
+            self.scheduler_file = None if scheduler_file is None else str(scheduler_file)
+        if client is not NotProvided:
+            self.client = client
+        if cluster_kwargs is not NotProvided:
+            self.cluster_kwargs = dict(cluster_kwargs or {})
+        given = [n for n in ("address", "scheduler_file", "client") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise ValueError(f"Give at most one of address, scheduler_file and client; got {given}.")
+        return self
+
+    def debugging(self, *, seed: Optional[int] = NotProvided, torch_num_threads: Optional[int] = NotProvided) -> "AlgorithmConfig":
+        """``seed`` makes module initialisation, shuffling and sampling reproducible."""
+        if seed is not NotProvided:
+            self.seed = _positive_int("seed", seed, allow_none=True, allow_zero=True)
+        if torch_num_threads is not NotProvided:
+            self.torch_num_threads = _positive_int("torch_num_threads", torch_num_threads, allow_none=True)
+        return self
+
+    def reporting(self, *, metrics_num_episodes_for_smoothing: int = NotProvided) -> "AlgorithmConfig":
+        """How many recent episodes ``episode_return_mean`` averages over."""
+        if metrics_num_episodes_for_smoothing is not NotProvided:
+            self.metrics_num_episodes_for_smoothing = _positive_int(
+                "metrics_num_episodes_for_smoothing", metrics_num_episodes_for_smoothing
+            )
+        return self
+
+    def evaluation(self, *, evaluation_num_episodes: int = NotProvided) -> "AlgorithmConfig":
+        """Episodes that ``algo.evaluate()`` runs with the greedy policy."""
+        if evaluation_num_episodes is not NotProvided:
+            self.evaluation_num_episodes = _positive_int("evaluation_num_episodes", evaluation_num_episodes)
+        return self
+
+    # ---------------------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Check settings that depend on each other; raises ``ValueError`` naming them."""
+        if self.minibatch_size is not None and self.minibatch_size > self.train_batch_size:
+            raise ValueError(
+                f"minibatch_size={self.minibatch_size} is larger than train_batch_size={self.train_batch_size}; "
+                "lower minibatch_size or raise train_batch_size."
+            )
+        if self.grad_clip is not None and self.grad_clip_by not in ("value", "norm", "global_norm"):
+            raise ValueError(f"grad_clip_by={self.grad_clip_by!r} is not supported.")
+
+    # ------------------------------------------------------------------------------- building
+    def get_learner_class(self) -> type:
+        """The user's ``learner_class`` if set, else the algorithm's."""
+        cls = self.learner_class or self.default_learner_class
+        if cls is None:
+            raise ValueError(
+                f"{type(self).__name__} has no default Learner; pass .training(learner_class=YourLearner)."
+            )
+        return cls
+
+    def make_env(self, env_config: Optional[Dict[str, Any]] = None) -> gym.Env:
+        """Create one environment from ``.environment(...)``."""
+        if self.env is None:
+            raise ValueError("No environment configured: call .environment('CartPole-v1') or pass env= to build_*.")
+        env_config = self.env_config if env_config is None else env_config
+        if isinstance(self.env, str):
+            try:
+                return gym.make(self.env, **env_config)
+            except gym.error.Error as err:
+                raise ValueError(f"Cannot make environment {self.env!r}: {err}") from err
+        env = self.env(env_config)
+        if not isinstance(env, gym.Env):
+            raise ValueError(f"The env creator returned {type(env).__name__}, not a gymnasium.Env.")
+        return env
+
+    def get_multi_rl_module_spec(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None) -> MultiRLModuleSpec:
+        """The module specs, with spaces taken from ``env`` (a gym.Env), ``spaces`` or the configured env."""
+        if spaces is None:
+            if env is None and self.env is not None:
+                made = self.make_env()
+                spaces = (made.observation_space, made.action_space)
+                made.close()
+            elif env is not None:
+                if isinstance(env, gym.Env) or hasattr(env, "observation_space"):
+                    spaces = (env.observation_space, env.action_space)
+                else:
+                    raise ValueError(f"env must be a gymnasium.Env, got {type(env).__name__}.")
+        defaults = RLModuleSpec(
+            observation_space=spaces[0] if spaces else None,
+            action_space=spaces[1] if spaces else None,
+            model_config=dict(self.model_config),
+        )
+        spec = self.rl_module_spec
+        if isinstance(spec, MultiRLModuleSpec):
+            specs = {mid: s.update(defaults) for mid, s in spec.rl_module_specs.items()}
+        else:
+            specs = {DEFAULT_MODULE_ID: (spec or RLModuleSpec()).update(defaults)}
+        for mid, s in specs.items():
+            validate_model_config(s.model_config)
+            if s.observation_space is None or s.action_space is None:
+                raise ValueError(
+                    f"Module {mid!r} has no observation/action space: pass env= or configure .environment(...)."
+                )
+        return MultiRLModuleSpec(rl_module_specs=specs)
+
+    def build_learner(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None, device: Any = None):
+        """A Learner for this config (call ``learner.build()`` before using it)."""
+        self.validate()
+        learner_class = self.get_learner_class()
+        return learner_class(config=self.copy_for_learner(), module_spec=self.get_multi_rl_module_spec(env=env, spaces=spaces), device=device)
+
+    def build_learner_group(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None):
+        """A :class:`~dlearner.learner_group.LearnerGroup` of ``num_learners`` learners (or one local)."""
+        from dlearner.learner_group import LearnerGroup
+
+        self.validate()
+        return LearnerGroup(config=self, module_spec=self.get_multi_rl_module_spec(env=env, spaces=spaces))
+
+    def build_algo(self):
+        """The Algorithm that trains this config end to end (``algo.train()``)."""
+        from dlearner.rl_module import import_class
+
+        self.validate()
+        if self.algo_class_path is None:
+            raise ValueError(f"{type(self).__name__} has no Algorithm to build; use build_learner_group().")
+        return import_class(self.algo_class_path)(self)
+
+    # --------------------------------------------------------------------------------- copies
+    def copy(self) -> "AlgorithmConfig":
+        """A deep copy (the Dask client, if any, is shared, not copied)."""
+        client, self.client = self.client, None
+        try:
+            new = copy.deepcopy(self)
+        finally:
+            self.client = client
+        new.client = client
+        return new
+
+    def copy_for_learner(self) -> "AlgorithmConfig":
+        """A copy without cluster handles, safe to send to remote learners."""
+        new = self.copy()
+        new.client = None
+        return new
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON description of the settings (for checkpoints and ``dlearner inspect``)."""
+        out: Dict[str, Any] = {"config_class": class_path(type(self))}
+        for key, value in vars(self).items():
+            if key in ("client",):
+                continue
+            if key == "rl_module_spec":
+                value = _spec_to_json(value)
+            elif key == "learner_class":
+                value = class_path(value) if value is not None else None
+            elif key == "env" and callable(value) and not isinstance(value, str):
+                value = f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
+            out[key] = value
+        return out
+
+
+def _spec_to_json(spec):
+    if spec is None:
+        return None
+    if isinstance(spec, MultiRLModuleSpec):
+        return {mid: _partial_spec_json(s) for mid, s in spec.rl_module_specs.items()}
+    return _partial_spec_json(spec)
+
+
+def _partial_spec_json(spec: RLModuleSpec):
+    from dlearner.spaces import space_to_json
+
+    return {
+        "module_class": class_path(spec.module_class) if spec.module_class else None,
+        "observation_space": space_to_json(spec.observation_space) if spec.observation_space else None,
+        "action_space": space_to_json(spec.action_space) if spec.action_space else None,
+        "model_config": spec.model_config,
+    }

@@ -1,0 +1,158 @@
+"""Collecting training statistics during an update and reducing them to plain floats.
+
+Values logged during gradient steps are kept as (detached) tensors and reduced once at the end of
+an update, so logging costs no device synchronisation per step. With several learners the sums and
+weights are all-reduced in one collective call, so every learner reports the same global numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from dlearner.columns import ALL_MODULES
+
+MetricKey = Union[str, Tuple[str, str]]
+_REDUCTIONS = ("mean", "sum", "last")
+
+
+class MetricsLogger:
+    """Accumulates metrics for one update; :meth:`reduce` returns ``{module_id: {name: float}}``.
+
+    ``reduce="mean"`` averages weighted by rows (the rows of the current minibatch unless ``weight``
+    is given), ``"sum"`` adds up, ``"last"`` keeps the latest value.
+
+    Example (inside a Learner)::
+
+        self.metrics.log_value((module_id, "mean_advantage"), advantages.mean())
+    """
+
+    def __init__(self) -> None:
+        self._entries: Dict[Tuple[str, str], Tuple[str, List[Any], List[float]]] = {}
+        self._reduced: Dict[Tuple[str, str], float] = {}
+        self.default_weight: float = 1.0
+
+    @staticmethod
+    def _key(key: MetricKey) -> Tuple[str, str]:
+        if isinstance(key, str):
+            return (ALL_MODULES, key)
+        if isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, str) for k in key):
+            return key
+        raise ValueError(f"Metric key must be a name or a (module_id, name) tuple, got {key!r}.")
+
+    def log_value(
+        self, key: MetricKey, value: Any, *, reduce: str = "mean", weight: Optional[float] = None
+    ) -> None:
+        """Record ``value`` (a float or a scalar tensor) under ``key``."""
+        if reduce not in _REDUCTIONS:
+            raise ValueError(f"reduce={reduce!r} is not supported; use one of {_REDUCTIONS}.")
+        k = self._key(key)
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+        entry = self._entries.get(k)
+        if entry is None or entry[0] != reduce:
+            entry = (reduce, [], [])
+            self._entries[k] = entry
+        if reduce == "last":
+            entry[1][:] = [value]
+            entry[2][:] = [1.0]
+        else:
+            entry[1].append(value)
+            entry[2].append(self.default_weight if weight is None else float(weight))
+        self._reduced.pop(k, None)
+
+    def log_dict(self, values: Dict[str, Any], *, module_id: Optional[str] = None, reduce: str = "mean") -> None:
+        """Log several values at once, under ``module_id`` when given."""
+        for name, value in values.items():
+            self.log_value(name if module_id is None else (module_id, name), value, reduce=reduce)
+
+    def peek(self, key: MetricKey) -> float:
+        """The current reduced value of ``key`` (``KeyError`` if nothing was logged)."""
+        k = self._key(key)
+        if k in self._reduced:
+            return self._reduced[k]
+        if k not in self._entries:
+            raise KeyError(f"No metric {k} has been logged in this update.")
+        return self._local_reduce(k)[0]
+
+    def _local_sums(self, k) -> Tuple[float, float]:
+        reduce, values, weights = self._entries[k]
+        if reduce == "last":
+            return _to_float(values[0]), 1.0
+        if all(isinstance(v, torch.Tensor) for v in values):
+            stacked = torch.stack([v.reshape(()).to(torch.float64) for v in values])
+            w = torch.tensor(weights, dtype=torch.float64, device=stacked.device)
+            total = float((stacked * w).sum()) if reduce == "mean" else float(stacked.sum())
+        else:
+            floats = [_to_float(v) for v in values]
+            total = sum(v * w for v, w in zip(floats, weights)) if reduce == "mean" else sum(floats)
+        return total, float(sum(weights))
+
+    def _local_reduce(self, k) -> Tuple[float, float]:
+        total, weight = self._local_sums(k)
+        reduce = self._entries[k][0]
+        if reduce == "mean":
+            return (total / weight if weight > 0 else float("nan")), weight
+        return total, weight
+
+    def all_reduce(self, collective=None) -> None:
+        """Reduce what was logged so far, across all learners when ``collective`` is given.
+
+        Every learner must call this at the same point of an update. Keys any learner lacks count as
+        zero weight there. ``"last"`` values are taken locally (they must be the same everywhere).
+        """
+        keys = sorted((k, e[0]) for k, e in self._entries.items() if e[0] != "last")
+        if collective is not None and collective.world_size > 1:
+            keys = _agree_on_keys(keys, collective)
+            sums = torch.zeros(2 * len(keys), dtype=torch.float64)
+            for i, (k, _) in enumerate(keys):
+                if k in self._entries:
+                    sums[2 * i], sums[2 * i + 1] = self._local_sums(k)
+            if keys:
+                collective.all_reduce_sum(sums)
+            for i, (k, reduce) in enumerate(keys):
+                total, weight = float(sums[2 * i]), float(sums[2 * i + 1])
+                self._reduced[k] = (total / weight if weight > 0 else float("nan")) if reduce == "mean" else total
+        else:
+            for k, _ in keys:
+                self._reduced[k] = self._local_reduce(k)[0]
+        for k, _ in keys:
+            self._entries.pop(k, None)
+
+    def reduce(self) -> Dict[str, Dict[str, float]]:
+        """Everything logged in this update as ``{module_id: {name: float}}``; then starts afresh."""
+        for k in list(self._entries):
+            self._reduced[k] = self._local_reduce(k)[0]
+        out: Dict[str, Dict[str, float]] = {}
+        for (module_id, name), value in self._reduced.items():
+            out.setdefault(module_id, {})[name] = value
+        self._entries.clear()
+        self._reduced.clear()
+        return out
+
+    def clear(self) -> None:
+        """Drop everything logged (used when an update fails)."""
+        self._entries.clear()
+        self._reduced.clear()
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.item())
+    return float(value)
+
+
+def _agree_on_keys(keys: list, collective) -> list:
+    """All learners must reduce the same keys in the same order; cheap check first, then a union."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=7).digest()
+    fingerprint = int.from_bytes(digest, "little")
+    probe = torch.tensor([fingerprint, -fingerprint], dtype=torch.int64)
+    collective.all_reduce_max(probe)
+    if int(probe[0]) == fingerprint and -int(probe[1]) == fingerprint:
+        return keys
+    union = set()
+    for other in collective.all_gather_object(keys):
+        union.update((tuple(k), reduce) for k, reduce in other)
+    return sorted(union)

@@ -1,0 +1,452 @@
+"""RL modules: the torch networks a Learner trains and an env runner acts with.
+
+An :class:`RLModule` maps a batch of observations to ``action_dist_inputs`` (and, for actor-critic
+modules, value predictions). A :class:`MultiRLModule` holds several of them by module id; a Learner
+always owns one, even for a single policy. Specs (:class:`RLModuleSpec`, :class:`MultiRLModuleSpec`)
+are the picklable, JSON-describable recipes that build them, so that learners on other machines can
+build identical modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Dict, Iterator, Mapping, Optional, Type
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from dlearner.columns import DEFAULT_MODULE_ID, Columns
+from dlearner.distributions import TorchCategorical, TorchDiagGaussian, TorchDistribution
+
+DEFAULT_MODEL_CONFIG: Dict[str, Any] = {
+    "fcnet_hiddens": [256, 256],
+    "fcnet_activation": "tanh",
+    "vf_share_layers": False,
+}
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "swish": nn.SiLU, "linear": None}
+
+
+def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """Return ``model_config`` merged over the defaults; unknown keys or bad values raise ``ValueError``."""
+    model_config = dict(model_config or {})
+    unknown = sorted(set(model_config) - set(DEFAULT_MODEL_CONFIG))
+    if unknown:
+        raise ValueError(
+            f"Unknown model_config key(s) {unknown}; supported keys are {sorted(DEFAULT_MODEL_CONFIG)}."
+        )
+    merged = {**DEFAULT_MODEL_CONFIG, **model_config}
+    hiddens = merged["fcnet_hiddens"]
+    if not isinstance(hiddens, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hiddens):
+        raise ValueError(f"model_config['fcnet_hiddens'] must be a list of positive ints, got {hiddens!r}.")
+    merged["fcnet_hiddens"] = list(hiddens)
+    if merged["fcnet_activation"] not in _ACTIVATIONS:
+        raise ValueError(
+            f"model_config['fcnet_activation']={merged['fcnet_activation']!r} is not supported; "
+            f"use one of {sorted(_ACTIVATIONS)}."
+        )
+    if not isinstance(merged["vf_share_layers"], bool):
+        raise ValueError("model_config['vf_share_layers'] must be True or False.")
+    return merged
+
+
+def class_path(cls: type) -> str:
+    """``module.QualName`` of a class, as stored in specs and checkpoints."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def import_class(path: str) -> type:
+    """Import a class from its ``module.QualName`` path."""
+    module_name, _, name = path.rpartition(".")
+    if not module_name:
+        raise ValueError(f"{path!r} is not an import path of the form 'package.module.ClassName'.")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"Cannot import module {module_name!r} for class {path!r}: {err}") from err
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise ValueError(f"Module {module_name!r} has no class {name!r} (from {path!r}).")
+    if not isinstance(obj, type):
+        raise ValueError(f"{path!r} is not a class.")
+    return obj
+
+
+class RLModule(nn.Module):
+    """Base class of all RL modules (a ``torch.nn.Module``).
+
+    Subclasses build their layers in :meth:`setup` and implement :meth:`forward_train`;
+    ``forward_inference`` and ``forward_exploration`` default to it. Outputs are dicts keyed by
+    :class:`Columns`, with at least ``Columns.ACTION_DIST_INPUTS``.
+
+    Example::
+
+        module = RLModuleSpec(observation_space=env.observation_space,
+                              action_space=env.action_space).build()
+        out = module.forward_inference({Columns.OBS: torch.zeros(1, 4)})
+    """
+
+    def __init__(
+        self,
+        *,
+        observation_space: gym.Space,
+        action_space: gym.Space,
+        model_config: Optional[Mapping[str, Any]] = None,
+        inference_only: bool = False,
+    ):
+        super().__init__()
+        self.observation_space = observation_space
+        self.action_space = action_space
+        self.model_config = validate_model_config(model_config)
+        self.inference_only = inference_only
+        self.action_dist_cls = _action_dist_cls(action_space)
+        self.setup()
+
+    def setup(self) -> None:
+        """Create the layers. Called once from ``__init__``."""
+
+    # -- forward passes -------------------------------------------------------------------------
+    def forward_train(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Forward pass used by the Learner's loss."""
+        raise NotImplementedError(f"{type(self).__name__} must implement forward_train().")
+
+    def forward_inference(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Forward pass for greedy evaluation (no gradients needed)."""
+        return self.forward_train(batch)
+
+    def forward_exploration(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Forward pass used while sampling training data."""
+        return self.forward_train(batch)
+
+    def forward(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:  # nn.Module protocol
+        return self.forward_train(batch)
+
+    def get_train_action_dist_cls(self) -> Type[TorchDistribution]:
+        """Distribution class for ``action_dist_inputs`` in the loss."""
+        return self.action_dist_cls
+
+    def get_inference_action_dist_cls(self) -> Type[TorchDistribution]:
+        return self.action_dist_cls
+
+    def get_exploration_action_dist_cls(self) -> Type[TorchDistribution]:
+        return self.action_dist_cls
+
+    # -- state ----------------------------------------------------------------------------------
+    def get_state(self) -> Dict[str, np.ndarray]:
+        """Parameters and buffers as ``{name: np.ndarray}`` copies (never views of live tensors)."""
+        return {name: t.detach().cpu().numpy().copy() for name, t in self.state_dict().items()}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Load ``{name: array}``; names and shapes must match exactly (``ValueError`` says what differs)."""
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"Module state does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}."
+            )
+        tensors = {}
+        for name, value in state.items():
+            tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+            if tuple(tensor.shape) != tuple(own[name].shape):
+                raise ValueError(
+                    f"Parameter {name!r} has shape {tuple(tensor.shape)} in the given state but "
+                    f"{tuple(own[name].shape)} in the module (different architecture?)."
+                )
+            tensors[name] = tensor
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                own[name].copy_(tensor)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def get_spec(self) -> "RLModuleSpec":
+        """The spec that rebuilds this module (without its weights)."""
+        return RLModuleSpec(
+            module_class=type(self),
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            model_config=dict(self.model_config),
+        )
+
+    def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
+        """Write this module's spec and weights as a Zarr v3 checkpoint; returns ``path``."""
+        from dlearner import checkpointing
+
+        return checkpointing.save_module(self, path, storage_options=storage_options)
+
+    def restore_from_path(self, path, *, storage_options: Optional[dict] = None) -> None:
+        """Load weights from a module, learner, group or algorithm checkpoint written by dlearner."""
+        from dlearner import checkpointing
+
+        checkpointing.restore_module(self, path, storage_options=storage_options)
+
+    @classmethod
+    def from_checkpoint(
+        cls, path, *, module_id: str = DEFAULT_MODULE_ID, storage_options: Optional[dict] = None
+    ) -> "RLModule":
+        """Build a module for inference from any dlearner checkpoint, no Learner needed.
+
+        Example::
+
+            module = RLModule.from_checkpoint("runs/cartpole")
+            action = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].argmax(-1)
+        """
+        from dlearner import checkpointing
+
+        return checkpointing.module_from_checkpoint(path, module_id=module_id, storage_options=storage_options)
+
+
+def _action_dist_cls(action_space: gym.Space) -> Type[TorchDistribution]:
+    if isinstance(action_space, gym.spaces.Discrete):
+        return TorchCategorical
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
+        return TorchDiagGaussian
+    raise ValueError(
+        f"Action space {action_space} is not supported by the default modules; use Discrete or a 1-D Box, "
+        "or write an RLModule subclass with its own action distribution."
+    )
+
+
+def _obs_dim(observation_space: gym.Space) -> int:
+    if isinstance(observation_space, gym.spaces.Box):
+        return int(math.prod(observation_space.shape))
+    raise ValueError(
+        f"Observation space {observation_space} is not supported by the default modules; use a Box space "
+        "(flatten or wrap other spaces with gymnasium wrappers), or write an RLModule subclass."
+    )
+
+
+def _mlp(in_dim: int, hiddens, activation: str, out_dim: Optional[int], out_gain: float) -> nn.Sequential:
+    layers = []
+    act_cls = _ACTIVATIONS[activation]
+    for size in hiddens:
+        linear = nn.Linear(in_dim, size)
+        nn.init.orthogonal_(linear.weight, gain=math.sqrt(2.0))
+        nn.init.zeros_(linear.bias)
+        layers.append(linear)
+        if act_cls is not None:
+            layers.append(act_cls())
+        in_dim = size
+    if out_dim is not None:
+        head = nn.Linear(in_dim, out_dim)
+        nn.init.orthogonal_(head.weight, gain=out_gain)
+        nn.init.zeros_(head.bias)
+        layers.append(head)
+    return nn.Sequential(*layers)
+
+
+class DefaultActorCriticRLModule(RLModule):
+    """The default MLP actor-critic: a policy network and a value network (``vf_share_layers=False``,
+    as RLlib's PPO) or one shared trunk with two heads (``vf_share_layers=True``).
+
+    ``forward_train`` returns ``action_dist_inputs`` and ``vf_preds``; :meth:`compute_values` gives
+    the value estimates alone (used for bootstrapping at truncation).
+    """
+
+    def setup(self) -> None:
+        cfg = self.model_config
+        obs_dim = _obs_dim(self.observation_space)
+        out_dim = self.action_dist_cls.required_input_dim(self.action_space)
+        hiddens, act = cfg["fcnet_hiddens"], cfg["fcnet_activation"]
+        if cfg["vf_share_layers"]:
+            self.encoder = _mlp(obs_dim, hiddens, act, None, 1.0)
+            last = hiddens[-1] if hiddens else obs_dim
+            self.pi = _mlp(last, [], act, out_dim, 0.01)
+            self.vf = _mlp(last, [], act, 1, 1.0)
+        else:
+            self.encoder = None
+            self.pi = _mlp(obs_dim, hiddens, act, out_dim, 0.01)
+            self.vf = _mlp(obs_dim, hiddens, act, 1, 1.0)
+
+    def _features(self, obs: torch.Tensor) -> torch.Tensor:
+        obs = obs.reshape(obs.shape[0], -1).float()
+        return obs if self.encoder is None else self.encoder(obs)
+
+    def forward_train(self, batch):
+        features = self._features(batch[Columns.OBS])
+        return {Columns.ACTION_DIST_INPUTS: self.pi(features), Columns.VF_PREDS: self.vf(features).squeeze(-1)}
+
+    def forward_inference(self, batch):
+        return {Columns.ACTION_DIST_INPUTS: self.pi(self._features(batch[Columns.OBS]))}
+
+    def compute_values(self, batch) -> torch.Tensor:
+        """Value estimate per row of ``batch[Columns.OBS]``."""
+        return self.vf(self._features(batch[Columns.OBS])).squeeze(-1)
+
+
+@dataclasses.dataclass
+class RLModuleSpec:
+    """Recipe for an :class:`RLModule`: its class, spaces and ``model_config``.
+
+    Fields left ``None`` are filled in from the algorithm config and environment when a Learner is built.
+
+    Example::
+
+        spec = RLModuleSpec(observation_space=env.observation_space, action_space=env.action_space,
+                            model_config={"fcnet_hiddens": [64, 64]})
+        module = spec.build()
+    """
+
+    module_class: Optional[Type[RLModule]] = None
+    observation_space: Optional[gym.Space] = None
+    action_space: Optional[gym.Space] = None
+    model_config: Optional[Dict[str, Any]] = None
+    inference_only: bool = False
+
+    def build(self) -> RLModule:
+        """Instantiate the module; missing spaces raise ``ValueError``."""
+        if self.observation_space is None or self.action_space is None:
+            raise ValueError(
+                "RLModuleSpec needs observation_space and action_space: pass them, or build through a "
+                "config with .environment(...) / build_learner(env=...)."
+            )
+        module_class = self.module_class or DefaultActorCriticRLModule
+        if isinstance(module_class, str):
+            module_class = import_class(module_class)
+        if not (isinstance(module_class, type) and issubclass(module_class, RLModule)):
+            raise ValueError(f"RLModuleSpec.module_class must be an RLModule subclass, got {module_class!r}.")
+        return module_class(
+            observation_space=self.observation_space,
+            action_space=self.action_space,
+            model_config=self.model_config,
+            inference_only=self.inference_only,
+        )
+
+    def update(self, other: "RLModuleSpec") -> "RLModuleSpec":
+        """A copy of this spec whose ``None`` fields are taken from ``other``."""
+        merged = {}
+        for field in dataclasses.fields(self):
+            mine = getattr(self, field.name)
+            merged[field.name] = mine if mine is not None else getattr(other, field.name)
+        return RLModuleSpec(**merged)
+
+    def to_json(self) -> Dict[str, Any]:
+        """JSON description (class path, spaces, model config) for checkpoints."""
+        from dlearner.spaces import space_to_json
+
+        return {
+            "module_class": class_path(self.module_class or DefaultActorCriticRLModule),
+            "observation_space": space_to_json(self.observation_space),
+            "action_space": space_to_json(self.action_space),
+            "model_config": validate_model_config(self.model_config),
+            "inference_only": self.inference_only,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, module_class: Optional[type] = None) -> "RLModuleSpec":
+        """Inverse of :meth:`to_json`. The caller resolves and checks the class path (see ``checkpointing``)."""
+        from dlearner.spaces import space_from_json
+
+        return cls(
+            module_class=module_class,
+            observation_space=space_from_json(data["observation_space"]),
+            action_space=space_from_json(data["action_space"]),
+            model_config=dict(data["model_config"]),
+            inference_only=bool(data.get("inference_only", False)),
+        )
+
+
+@dataclasses.dataclass
+class MultiRLModuleSpec:
+    """Several :class:`RLModuleSpec` by module id.
+
+    Example::
+
+        MultiRLModuleSpec(rl_module_specs={"a": RLModuleSpec(...), "b": RLModuleSpec(...)})
+    """
+
+    rl_module_specs: Dict[str, RLModuleSpec] = dataclasses.field(default_factory=dict)
+
+    def build(self) -> "MultiRLModule":
+        return MultiRLModule({mid: spec.build() for mid, spec in self.rl_module_specs.items()})
+
+
+class MultiRLModule(nn.Module):
+    """A dict-like container of :class:`RLModule` by module id.
+
+    Example::
+
+        learner.module["default_policy"]        # an RLModule
+        list(learner.module.keys())             # ["default_policy"]
+    """
+
+    def __init__(self, modules: Optional[Mapping[str, RLModule]] = None):
+        super().__init__()
+        self._rl_modules = nn.ModuleDict()
+        for module_id, module in (modules or {}).items():
+            self.add_module(module_id, module)
+
+    def add_module(self, module_id: str, module: RLModule, *, override: bool = False) -> None:  # type: ignore[override]
+        """Add ``module`` under ``module_id`` (``override=True`` replaces an existing one)."""
+        validate_module_id(module_id)
+        if not isinstance(module, RLModule):
+            raise ValueError(f"Module {module_id!r} must be an RLModule, got {type(module).__name__}.")
+        if module_id in self._rl_modules and not override:
+            raise ValueError(f"Module {module_id!r} already exists; pass override=True to replace it.")
+        self._rl_modules[module_id] = module
+
+    def remove_module(self, module_id: str) -> None:
+        """Remove the module ``module_id`` (``ValueError`` if there is none)."""
+        if module_id not in self._rl_modules:
+            raise ValueError(f"Unknown module {module_id!r}; modules are {sorted(self.keys())}.")
+        del self._rl_modules[module_id]
+
+    def __getitem__(self, module_id: str) -> RLModule:
+        if module_id not in self._rl_modules:
+            raise KeyError(f"Unknown module {module_id!r}; modules are {sorted(self.keys())}.")
+        return self._rl_modules[module_id]
+
+    def __contains__(self, module_id: object) -> bool:
+        return module_id in self._rl_modules
+
+    def __len__(self) -> int:
+        return len(self._rl_modules)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._rl_modules)
+
+    def keys(self):
+        return self._rl_modules.keys()
+
+    def items(self):
+        return self._rl_modules.items()
+
+    def forward_train(self, batch: Mapping[str, Dict[str, torch.Tensor]]) -> Dict[str, Dict[str, torch.Tensor]]:
+        """``forward_train`` of each module present in the multi-module ``batch``."""
+        return {mid: self._rl_modules[mid].forward_train(b) for mid, b in batch.items()}
+
+    def forward(self, batch):  # nn.Module protocol
+        return self.forward_train(batch)
+
+    def get_state(self, module_ids=None) -> Dict[str, Dict[str, np.ndarray]]:
+        """``{module_id: {name: np.ndarray}}`` for all (or the given) modules."""
+        ids = list(self.keys()) if module_ids is None else list(module_ids)
+        return {mid: self[mid].get_state() for mid in ids}
+
+    def set_state(self, state: Mapping[str, Mapping[str, Any]]) -> None:
+        """Set the weights of the modules named in ``state`` (all are checked before any is changed)."""
+        unknown = sorted(set(state) - set(self.keys()))
+        if unknown:
+            raise ValueError(f"State names unknown module(s) {unknown}; modules are {sorted(self.keys())}.")
+        backups = {mid: self[mid].get_state() for mid in state}
+        try:
+            for mid, module_state in state.items():
+                self[mid].set_state(module_state)
+        except ValueError:
+            for mid, backup in backups.items():
+                self[mid].set_state(backup)
+            raise
+
+
+def validate_module_id(module_id: Any) -> None:
+    """Module ids are non-empty strings without '.' or '/' (they become parameter and store paths)."""
+    from dlearner.columns import ALL_MODULES
+
+    if not isinstance(module_id, str) or not module_id or "." in module_id or "/" in module_id:
+        raise ValueError(f"Invalid module id {module_id!r}: use a non-empty string without '.' or '/'.")
+    if module_id == ALL_MODULES:
+        raise ValueError(f"{ALL_MODULES!r} is reserved for whole-update metrics and cannot be a module id.")

@@ -1,0 +1,301 @@
+"""The Learner as users drive it: updates, results, state, modules, hooks, clipping, schedules, errors."""
+
+from __future__ import annotations
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from conftest import SMALL_MODEL, ppo_batch
+from dlearner import (
+    ALL_MODULES,
+    COMPONENT_OPTIMIZER,
+    COMPONENT_RL_MODULE,
+    DEFAULT_MODULE_ID,
+    Columns,
+    MultiRLModuleSpec,
+    PPOConfig,
+    RLModuleSpec,
+)
+from dlearner.algorithms.ppo import PPOTorchLearner
+
+
+def make_learner(env, **training):
+    config = PPOConfig().training(**{"minibatch_size": 64, "num_epochs": 2, **training}).rl_module(model_config=SMALL_MODEL).debugging(seed=0)
+    learner = config.build_learner(env=env)
+    learner.build()
+    return learner
+
+
+def weights(learner, module_id=DEFAULT_MODULE_ID):
+    return learner.module[module_id].get_state()
+
+
+def assert_same_arrays(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_same_arrays(a[key], b[key])
+        elif isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+def test_update_returns_plain_float_results_per_module(cartpole, batch):
+    learner = make_learner(cartpole)
+    result = learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": 256})
+    metrics = result[DEFAULT_MODULE_ID]
+    for key in ("total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss", "curr_kl_coeff", "default_optimizer_learning_rate"):
+        assert type(metrics[key]) is float, key
+    assert result[ALL_MODULES]["num_env_steps_trained"] == 256 * 2
+    json.dumps(result)  # JSON-serialisable as promised
+
+
+def test_update_changes_weights_and_lowers_the_loss_on_a_fixed_batch(cartpole, batch):
+    learner = make_learner(cartpole, lr=1e-3)
+    before = weights(learner)
+    first = learner.update(batch)[DEFAULT_MODULE_ID]["total_loss"]
+    for _ in range(20):
+        last = learner.update(batch)[DEFAULT_MODULE_ID]["total_loss"]
+    assert any(not np.array_equal(before[k], v) for k, v in weights(learner).items())
+    assert last < first
+
+
+def test_torch_tensors_are_accepted_as_batch_columns(cartpole, batch):
+    learner = make_learner(cartpole)
+    result = learner.update({k: torch.as_tensor(v) for k, v in batch.items()})
+    assert np.isfinite(result[DEFAULT_MODULE_ID]["total_loss"])
+
+
+def test_state_round_trips_exactly_and_the_next_update_matches(cartpole, batch):
+    learner = make_learner(cartpole)
+    learner.update(batch)
+    state = learner.get_state()
+    twin = make_learner(cartpole)
+    twin.set_state(state)
+    assert_same_arrays(twin.get_state(), state)
+    # Same state, same batch: the same update (the shuffling generator is part of the state).
+    assert learner.update(batch) == twin.update(batch)
+    assert_same_arrays(learner.get_state(), twin.get_state())
+
+
+def test_state_is_a_snapshot_of_numpy_copies(cartpole, batch):
+    learner = make_learner(cartpole)
+    state = learner.get_state()
+    params = state[COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
+    assert all(isinstance(v, np.ndarray) for v in params.values())
+    frozen = {k: v.copy() for k, v in params.items()}
+    learner.update(batch)
+    assert_same_arrays(params, frozen)
+
+
+def test_components_select_parts_of_the_state(cartpole):
+    learner = make_learner(cartpole)
+    only_module = learner.get_state(components=COMPONENT_RL_MODULE)
+    assert list(only_module) == [COMPONENT_RL_MODULE]
+    by_path = learner.get_state(components=f"{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}")
+    assert list(by_path[COMPONENT_RL_MODULE]) == [DEFAULT_MODULE_ID]
+    both = learner.get_state(components=[COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER])
+    assert set(both) == {COMPONENT_RL_MODULE, COMPONENT_OPTIMIZER}
+    assert COMPONENT_OPTIMIZER not in learner.get_state(not_components=COMPONENT_OPTIMIZER)
+    with pytest.raises(ValueError, match="no_such"):
+        learner.get_state(components="rl_module/no_such")
+
+
+def test_module_set_state_leaves_the_optimizer_untouched(cartpole, batch):
+    learner = make_learner(cartpole)
+    learner.update(batch)
+    optimizer_before = learner.get_state(components=COMPONENT_OPTIMIZER)
+    other = make_learner(cartpole)
+    new_weights = other.get_state(components=COMPONENT_RL_MODULE)[COMPONENT_RL_MODULE]
+    learner.module.set_state(new_weights)
+    assert_same_arrays(learner.get_state(components=COMPONENT_OPTIMIZER), optimizer_before)
+    assert_same_arrays(learner.module.get_state(), new_weights)
+
+
+def test_set_state_with_another_architecture_fails_and_changes_nothing(cartpole):
+    learner = make_learner(cartpole)
+    before = learner.get_state()
+    bigger = PPOConfig().rl_module(model_config={"fcnet_hiddens": [64]}).build_learner(env=cartpole)
+    bigger.build()
+    with pytest.raises(ValueError, match="shape|missing"):
+        learner.set_state(bigger.get_state())
+    assert_same_arrays(learner.get_state(), before)
+
+
+def test_add_and_remove_modules(cartpole, batch):
+    learner = make_learner(cartpole)
+    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space,
+                        model_config={"fcnet_hiddens": [8]})
+    learner.add_module(module_id="other", module_spec=spec)
+    assert set(learner.module.keys()) == {DEFAULT_MODULE_ID, "other"}
+    assert [name for name, _ in learner.get_optimizers_for_module("other")] == ["default_optimizer"]
+    result = learner.update({"other": batch})
+    assert "other" in result and DEFAULT_MODULE_ID not in result
+    learner.remove_module("other")
+    assert list(learner.module.keys()) == [DEFAULT_MODULE_ID]
+    assert learner.get_optimizers_for_module("other") == []
+    with pytest.raises(ValueError, match="other"):
+        learner.update({"other": batch})
+
+
+def test_a_multi_module_batch_updates_only_the_modules_present(cartpole, batch):
+    spec = RLModuleSpec(model_config=SMALL_MODEL)
+    config = PPOConfig().rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={"a": spec, "b": spec, "c": spec}))
+    learner = config.training(minibatch_size=64).build_learner(env=cartpole)
+    learner.build()
+    before = learner.module.get_state()
+    result = learner.update({"a": batch, "b": ppo_batch(rows=50, seed=1)})
+    after = learner.module.get_state()
+    assert {"a", "b"} <= set(result) and "c" not in result
+    for module_id, changed in (("a", True), ("b", True), ("c", False)):
+        differs = any(not np.array_equal(before[module_id][k], after[module_id][k]) for k in before[module_id])
+        assert differs is changed, module_id
+
+
+class RecordingLearner(PPOTorchLearner):
+    def build(self):
+        super().build()
+        self.calls = []
+
+    def before_gradient_based_update(self, *, timesteps):
+        super().before_gradient_based_update(timesteps=timesteps)
+        self.calls.append(("before", dict(timesteps)))
+
+    def compute_loss_for_module(self, **kwargs):
+        self.calls.append(("loss", kwargs["module_id"]))
+        return super().compute_loss_for_module(**kwargs)
+
+    def after_gradient_based_update(self, *, timesteps):
+        super().after_gradient_based_update(timesteps=timesteps)
+        self.calls.append(("after", dict(timesteps)))
+
+
+def test_hooks_run_once_per_update_in_order_with_the_callers_timesteps(cartpole, batch):
+    config = PPOConfig().training(learner_class=RecordingLearner, minibatch_size=64, num_epochs=2).rl_module(model_config=SMALL_MODEL)
+    learner = config.build_learner(env=cartpole)
+    learner.build()
+    timesteps = {"num_env_steps_sampled_lifetime": 1234, "custom": 7}
+    learner.update(batch, timesteps=timesteps)
+    kinds = [c[0] for c in learner.calls]
+    assert kinds == ["before"] + ["loss"] * 8 + ["after"]  # 256 rows / 64 = 4 steps x 2 epochs
+    assert learner.calls[0][1] == timesteps and learner.calls[-1][1] == timesteps
+
+
+@pytest.mark.parametrize("clip_by", ["global_norm", "norm", "value"])
+def test_gradient_clipping_limits_the_gradients(cartpole, batch, clip_by):
+    learner = make_learner(cartpole, grad_clip=1e-3, grad_clip_by=clip_by)
+    seen = []
+
+    original = learner.apply_gradients
+
+    def spy(gradients):
+        seen.append(gradients)
+        original(gradients)
+
+    learner.apply_gradients = spy
+    result = learner.update(batch)
+    for gradients in seen:
+        grads = list(gradients.values())
+        if clip_by == "global_norm":
+            assert torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads])) <= 1e-3 * 1.0001
+        elif clip_by == "norm":
+            assert all(torch.linalg.vector_norm(g) <= 1e-3 * 1.0001 for g in grads)
+        else:
+            assert all(g.abs().max() <= 1e-3 for g in grads)
+    if clip_by == "global_norm":
+        # The pre-clipping norm is reported, and it was far above the limit.
+        assert result[DEFAULT_MODULE_ID]["gradients_default_optimizer_global_norm"] > 1e-2
+
+
+def test_learning_rate_schedule_follows_the_sampled_timesteps(cartpole, batch):
+    learner = make_learner(cartpole, lr=[[0, 1e-3], [1000, 1e-4]])
+    key = "default_optimizer_learning_rate"
+    rates = [learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": t})[DEFAULT_MODULE_ID][key] for t in (0, 500, 1000, 5000)]
+    assert rates == pytest.approx([1e-3, 5.5e-4, 1e-4, 1e-4])
+
+
+def test_register_optimizer_accepts_several_optimizers_and_schedules(cartpole, batch):
+    class TwoOptimizers(PPOTorchLearner):
+        def configure_optimizers_for_module(self, module_id, config=None):
+            module = self.module[module_id]
+            pi, vf = list(module.pi.parameters()), list(module.vf.parameters())
+            self.register_optimizer(module_id=module_id, optimizer_name="policy", optimizer=torch.optim.Adam(pi), params=pi,
+                                    lr_or_lr_schedule=[[0, 1e-3], [100, 1e-5]])
+            self.register_optimizer(module_id=module_id, optimizer_name="value", optimizer=torch.optim.SGD(vf, lr=0.1), params=vf,
+                                    lr_or_lr_schedule=0.01)
+
+    learner = PPOConfig().training(learner_class=TwoOptimizers).rl_module(model_config=SMALL_MODEL).build_learner(env=cartpole)
+    learner.build()
+    result = learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": 100})[DEFAULT_MODULE_ID]
+    assert result["policy_learning_rate"] == pytest.approx(1e-5)
+    assert result["value_learning_rate"] == pytest.approx(0.01)
+    assert [n for n, _ in learner.get_optimizers_for_module(DEFAULT_MODULE_ID)] == ["policy", "value"]
+    assert isinstance(learner.get_optimizer(DEFAULT_MODULE_ID, "value"), torch.optim.SGD)
+    assert set(learner.get_state()[COMPONENT_OPTIMIZER]) == {"default_policy_policy", "default_policy_value"}
+
+
+def test_custom_metrics_appear_under_their_module(cartpole, batch):
+    class Metered(PPOTorchLearner):
+        def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+            self.metrics.log_value((module_id, "mean_advantage"), batch[Columns.ADVANTAGES].mean())
+            return super().compute_loss_for_module(module_id=module_id, config=config, batch=batch, fwd_out=fwd_out)
+
+    config = PPOConfig().training(learner_class=Metered, minibatch_size=None, num_epochs=1).rl_module(model_config=SMALL_MODEL)
+    learner = config.build_learner(env=cartpole)
+    learner.build()
+    result = learner.update(batch)
+    assert result[DEFAULT_MODULE_ID]["mean_advantage"] == pytest.approx(float(batch[Columns.ADVANTAGES].mean()), rel=1e-5)
+
+
+BAD_BATCHES = {
+    "missing column": (lambda b: b.pop(Columns.ADVANTAGES), "advantages"),
+    "unknown column": (lambda b: b.update(bogus=np.zeros(256)), "bogus"),
+    "mismatched lengths": (lambda b: b.update(actions=b[Columns.ACTIONS][:100]), "lengths"),
+    "wrong obs shape": (lambda b: b.update(obs=np.zeros((256, 5), np.float32)), "obs"),
+    "non-finite values": (lambda b: b[Columns.VALUE_TARGETS].__setitem__(3, np.nan), "value_targets"),
+    "wrong action dtype": (lambda b: b.update(actions=b[Columns.ACTIONS].astype(np.float32)), "actions"),
+    "action out of range": (lambda b: b[Columns.ACTIONS].__setitem__(0, 7), "actions"),
+    "empty": (lambda b: [b.update({k: v[:0]}) for k, v in list(b.items())], "0 rows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BATCHES))
+def test_bad_batches_raise_naming_the_problem_and_change_nothing(cartpole, case):
+    learner = make_learner(cartpole)
+    learner.update(ppo_batch())
+    before = learner.get_state()
+    corrupt, expected = BAD_BATCHES[case]
+    bad = ppo_batch()
+    corrupt(bad)
+    with pytest.raises((ValueError, TypeError), match=expected):
+        learner.update(bad)
+    assert_same_arrays(learner.get_state(), before)  # weights, optimizer, counters and RNG
+
+
+def test_unknown_module_and_malformed_batches_raise(cartpole, batch):
+    learner = make_learner(cartpole)
+    with pytest.raises(ValueError, match="nobody"):
+        learner.update({"nobody": batch})
+    with pytest.raises(ValueError, match="mixes"):
+        learner.update({DEFAULT_MODULE_ID: batch, Columns.OBS: batch[Columns.OBS]})
+    with pytest.raises(ValueError, match="empty"):
+        learner.update({})
+    with pytest.raises(TypeError):
+        learner.update([1, 2, 3])
+
+
+def test_learner_must_be_built_first(cartpole):
+    learner = PPOConfig().build_learner(env=cartpole)
+    with pytest.raises(RuntimeError, match="build"):
+        learner.update(ppo_batch())
+
+
+def test_one_torch_thread_per_learner_by_default(cartpole):
+    torch.set_num_threads(2)
+    make_learner(cartpole)
+    assert torch.get_num_threads() == 1
