@@ -21,6 +21,7 @@ from dlearner.columns import (
 )
 from dlearner.config import AlgorithmConfig
 from dlearner.learner import Learner, TorchLearner
+from dlearner.learner_group import LearnerGroup
 from dlearner.rl_module import MultiRLModule, MultiRLModuleSpec, RLModule, RLModuleSpec
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "BCConfig",
     "Learner",
     "TorchLearner",
+    "LearnerGroup",
     "RLModule",
     "MultiRLModule",
     "RLModuleSpec",

@@ -20,6 +20,7 @@ No pickle is involved anywhere: arrays are raw little-endian bytes, everything e
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -73,6 +74,9 @@ VERSIONS_GROUP = "versions"
 
 _ZARR_JSON = "zarr.json"
 _VERSION_ID = re.compile(r"[0-9a-f]{32}")
+# Temporary file of an atomic replace; debris of one (from a killed process) does not make a
+# directory "not empty" nor "not a checkpoint".
+_COMMIT_TMP = re.compile(r"\.zarr\.json\.[0-9a-f]{32}\.tmp")
 # Output alphabet of _encode_key (see there); used to reject manifests that point outside the store.
 _NODE_NAME = re.compile(r"[a-z0-9_.\-%~A-F]+")
 _SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
@@ -84,6 +88,9 @@ _WRITE_BATCH_BYTES = 64 * 2**20
 # fsspec protocols of flat key-value stores: writing one object replaces it atomically (readers see
 # the old or the new bytes) and there are no directories to create.
 _OBJECT_STORE_PROTOCOLS = frozenset({"memory", "s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl"})
+
+
+_CORRUPTED = "the checkpoint is corrupted; restore from another checkpoint"
 
 
 class InvalidCheckpointError(ValueError):
@@ -140,7 +147,13 @@ def save_state_tree(
     # Everything that can fail on bad input happens here, before the store is touched.
     manifest = _plan_save(tree)
     encoded_metadata = _encode_json(metadata, "metadata")
-    templates = {sig: _array_template(*sig) for sig in manifest.signatures()}
+    templates: dict[tuple[int, str], _ArrayTemplate] = {}
+    for keys, leaf in manifest.arrays():
+        if leaf.signature not in templates:
+            try:
+                templates[leaf.signature] = _array_template(*leaf.signature)
+            except TypeError as exc:
+                raise TypeError(f"array at {_where(keys)}: {exc}") from exc
     backend = _open_backend(path_str, storage_options)
     _save(backend, manifest, encoded_metadata, templates)
     return path_str
@@ -247,7 +260,7 @@ def format_inspection(summary: dict[str, Any]) -> str:
     arrays = summary.get("arrays", [])
     lines.append(f"arrays: {len(arrays)}, {_human_bytes(summary.get('total_nbytes', 0))} in total")
     if arrays:
-        name_width = min(max(len(a["name"]) for a in arrays), 60)
+        name_width = max(len(a["name"]) for a in arrays)
         dtype_width = max(len(a["dtype"]) for a in arrays)
         for a in arrays:
             dims = [str(d) for d in a["shape"]]
@@ -312,7 +325,7 @@ class _LocalBackend:
             return "absent"
         if not self.root.is_dir():
             return "file"
-        return "nonempty" if any(self.root.iterdir()) else "empty"
+        return "nonempty" if any(not _COMMIT_TMP.fullmatch(n) for n in os.listdir(self.root)) else "empty"
 
     def read(self, key: str) -> bytes | None:
         try:
@@ -340,7 +353,7 @@ class _LocalBackend:
     def write_atomic(self, key: str, data: bytes) -> None:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        tmp = path.with_name(_commit_tmp_name(path.name))
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -348,6 +361,10 @@ class _LocalBackend:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        # A process killed between writing and renaming leaves its temporary file behind.
+        for name in os.listdir(path.parent):
+            if _COMMIT_TMP.fullmatch(name) and name.startswith(f".{path.name}."):
+                (path.parent / name).unlink(missing_ok=True)
 
     def list_dir(self, key: str) -> list[str]:
         try:
@@ -356,10 +373,8 @@ class _LocalBackend:
             return []
 
     def delete_tree(self, key: str) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(self.root / key)
-        except FileNotFoundError:
-            pass
 
     def zarr_store(self) -> LocalStore:
         return LocalStore(self.root, read_only=True)
@@ -386,7 +401,8 @@ class _FsspecBackend:
             return "absent"
         if not self.fs.isdir(self.root):
             return "file"
-        return "nonempty" if self.fs.ls(self.root, detail=False) else "empty"
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.root, detail=False)]
+        return "nonempty" if any(not _COMMIT_TMP.fullmatch(n) for n in names) else "empty"
 
     def read(self, key: str) -> bytes | None:
         try:
@@ -397,15 +413,12 @@ class _FsspecBackend:
     def read_many(self, keys: list[str]) -> list[bytes | None]:
         if not keys:
             return []
-        full = [self._full(key) for key in keys]
-        # One call, so async file systems (s3, gcs, ...) fetch concurrently.
-        found = self.fs.cat(full, on_error="return")
-        if not isinstance(found, dict):  # a single path comes back as bytes
-            found = {full[0]: found}
+        # One call, so async file systems (s3, gcs, ...) fetch concurrently. cat_ranges, unlike
+        # cat, returns results in order and never treats "[" or "*" in a path as a glob.
+        found = self.fs.cat_ranges([self._full(key) for key in keys], None, None, on_error="return")
         out: list[bytes | None] = []
-        for path in full:
-            value = found.get(self.fs._strip_protocol(path), found.get(path))
-            if isinstance(value, (FileNotFoundError, IsADirectoryError, NotADirectoryError)) or value is None:
+        for value in found:
+            if isinstance(value, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
                 out.append(None)
             elif isinstance(value, BaseException):
                 raise value
@@ -441,7 +454,7 @@ class _FsspecBackend:
             return
         # File systems with directories (sftp, hdfs, ...): write aside, then rename over.
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = f"{posixpath.dirname(path)}/.{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp"
+        tmp = f"{posixpath.dirname(path)}/{_commit_tmp_name(posixpath.basename(path))}"
         self.fs.pipe_file(tmp, data)
         self.fs.mv(tmp, path)
 
@@ -459,13 +472,15 @@ class _FsspecBackend:
             for file in self.fs.find(path):
                 self.fs.rm_file(file)
             return
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.fs.rm(path, recursive=True)
-        except FileNotFoundError:
-            pass
 
     def zarr_store(self) -> FsspecStore:
         return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=True)
+
+
+def _commit_tmp_name(name: str) -> str:
+    return f".{name}.{uuid.uuid4().hex}.tmp"
 
 
 def _write_file(path: str, parts: list[Any]) -> None:
@@ -566,7 +581,7 @@ def _decode_json(value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         return value
     if len(value) == 1:
-        (tag, payload), = value.items()
+        ((tag, payload),) = value.items()
         if tag.startswith("$"):
             return _decode_tag(tag, payload, where)
     elif any(k.startswith("$") for k in value):
@@ -587,7 +602,12 @@ def _decode_tag(tag: str, payload: Any, where: str) -> Any:
                 raise ValueError(payload)
             return tuple(_decode_json(v, where) for v in payload)
         if tag == "$dict":
-            return {k: _decode_json(v, where) for k, v in payload}
+            out = {}
+            for k, v in payload:
+                if not isinstance(k, str):
+                    raise ValueError(f"key {k!r}")
+                out[k] = _decode_json(v, where)
+            return out
         if tag == "$numpy":
             dtype_str, hex_bytes = payload
             dtype = np.dtype(dtype_str)
@@ -597,9 +617,9 @@ def _decode_tag(tag: str, payload: Any, where: str) -> Any:
     except (ValueError, TypeError, IndexError) as exc:
         raise InvalidCheckpointError(
             f"{where}: malformed tagged JSON value {{{tag!r}: {payload!r}}} ({exc}); "
-            "the checkpoint is corrupted"
+            f"{_CORRUPTED}"
         ) from exc
-    raise InvalidCheckpointError(f"{where}: unknown tagged JSON value {tag!r}; the checkpoint is corrupted")
+    raise InvalidCheckpointError(f"{where}: unknown tagged JSON value {tag!r}; {_CORRUPTED}")
 
 
 def _unsupported_type_message(value: Any, where: str) -> str:
@@ -799,7 +819,7 @@ def _parse_manifest(doc: Any, where: str) -> _Manifest:
     """Turn the manifest JSON of a version group back into nodes, validating as we go."""
 
     def bad(msg: str) -> InvalidCheckpointError:
-        return InvalidCheckpointError(f"{where}: malformed manifest ({msg}); the checkpoint is corrupted")
+        return InvalidCheckpointError(f"{where}: malformed manifest ({msg}); {_CORRUPTED}")
 
     def node_path(raw: Any, *, root: bool = False) -> str:
         if root and raw == "":
@@ -890,9 +910,11 @@ class _ArrayTemplate:
 def _array_template(ndim: int, dtype_str: str) -> _ArrayTemplate:
     """Ask zarr for the metadata and chunk bytes of a small sample array of this ndim and dtype."""
     dtype = np.dtype(dtype_str)
-    sample_shape = (2,) * ndim
-    # Distinct nonzero values, so the chunk is written and a byte-order mistake would show.
-    sample = (np.arange(1, 2**ndim + 1) % 100).astype(dtype).reshape(sample_shape)
+    # Small whatever ndim is, with first and last axes of different lengths so that C and Fortran
+    # order differ; distinct nonzero values so the chunk is written and byte order would show.
+    sample_shape = () if ndim == 0 else (3,) if ndim == 1 else (2, *(1,) * (ndim - 2), 3)
+    size = int(np.prod(sample_shape, dtype=np.int64))
+    sample = np.arange(1, size + 1).astype(dtype).reshape(sample_shape)
     store: dict[str, Any] = {}
     try:
         array = zarr.create_array(
@@ -959,11 +981,11 @@ def _decode_chunk(raw: bytes, leaf: _ArrayLeaf, where: str) -> np.ndarray:
     if len(raw) != leaf.nbytes + 4:
         raise InvalidCheckpointError(
             f"{where}: array data has {len(raw)} bytes, expected {leaf.nbytes + 4} for "
-            f"{leaf.dtype} {leaf.shape}; the checkpoint is corrupted"
+            f"{leaf.dtype} {leaf.shape}; {_CORRUPTED}"
         )
     data = np.frombuffer(raw, dtype=np.uint8)[:-4]  # no copy; google_crc32c takes numpy buffers
     if google_crc32c.value(data) != int.from_bytes(raw[-4:], "little"):
-        raise InvalidCheckpointError(f"{where}: checksum mismatch in array data; the checkpoint is corrupted")
+        raise InvalidCheckpointError(f"{where}: checksum mismatch in array data; {_CORRUPTED}")
     # astype copies, so the result is writable and owns its memory rather than viewing the bytes read.
     le_view = data.view(leaf.dtype.newbyteorder("<")).reshape(leaf.shape)
     return le_view.astype(leaf.dtype, copy=True)
@@ -978,7 +1000,8 @@ def _parse_json(raw: bytes, key: str, where: str) -> Any:
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidCheckpointError(f"{where!r}: {key} is not valid JSON ({exc}); the checkpoint is corrupted") from exc
+        message = f"{where!r}: {key} is not valid JSON ({exc}); {_CORRUPTED}"
+        raise InvalidCheckpointError(message) from exc
 
 
 @dataclass
@@ -1012,7 +1035,7 @@ def _probe_root(backend: _Backend) -> _RootState:
     version = attrs.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise InvalidCheckpointError(
-            f"{backend.display!r}: invalid format_version {version!r} in zarr.json; the checkpoint is corrupted"
+            f"{backend.display!r}: invalid format_version {version!r} in zarr.json; {_CORRUPTED}"
         )
     return _RootState("ours", attrs=attrs)
 
@@ -1052,10 +1075,10 @@ def _read_committed_root(backend: _Backend) -> _CommittedRoot:
             "data) or restore from another checkpoint."
         )
     if not isinstance(version, str) or not _VERSION_ID.fullmatch(version):
-        raise InvalidCheckpointError(f"{where!r}: invalid committed_version {version!r}; the checkpoint is corrupted")
+        raise InvalidCheckpointError(f"{where!r}: invalid committed_version {version!r}; {_CORRUPTED}")
     metadata = attrs.get("metadata")
     if not isinstance(metadata, dict):
-        raise InvalidCheckpointError(f"{where!r}: metadata is missing from zarr.json; the checkpoint is corrupted")
+        raise InvalidCheckpointError(f"{where!r}: metadata is missing from zarr.json; {_CORRUPTED}")
     committed_at = attrs.get("committed_at")
     return _CommittedRoot(
         format_version=attrs["format_version"],
@@ -1072,13 +1095,13 @@ def _read_manifest(backend: _Backend, root: _CommittedRoot) -> _Manifest:
     if raw is None:
         raise InvalidCheckpointError(
             f"{where!r}: the committed version {root.version} is missing ({key} not found); "
-            "the checkpoint is corrupted"
+            f"{_CORRUPTED}"
         )
     doc = _parse_json(raw, key, where)
     attributes = doc.get("attributes") if isinstance(doc, dict) else None
     attrs = attributes.get(ATTRS_KEY) if isinstance(attributes, dict) else None
     if not isinstance(attrs, dict) or "tree" not in attrs:
-        raise InvalidCheckpointError(f"{where!r}: {key} has no manifest; the checkpoint is corrupted")
+        raise InvalidCheckpointError(f"{where!r}: {key} has no manifest; {_CORRUPTED}")
     return _parse_manifest(attrs["tree"], f"{where!r} {key}")
 
 
@@ -1186,7 +1209,7 @@ def _read_arrays(backend: _Backend, root: _CommittedRoot, manifest: _Manifest) -
         try:
             templates[sig] = _array_template(*sig)
         except TypeError as exc:
-            raise InvalidCheckpointError(f"{where}: {exc}; the checkpoint is corrupted") from exc
+            raise InvalidCheckpointError(f"{where}: {exc}; {_CORRUPTED}") from exc
     # Every array's zarr.json and chunk in one batch, so remote stores fetch them concurrently.
     keys: list[str] = []
     for leaf in leaves:
@@ -1196,7 +1219,9 @@ def _read_arrays(backend: _Backend, root: _CommittedRoot, manifest: _Manifest) -
     arrays: dict[str, np.ndarray | np.generic] = {}
     for i, leaf in enumerate(leaves):
         node = f"{version_dir}/{leaf.node}"
-        data = _decode_array(backend, node, leaf, templates[leaf.signature], blobs[2 * i], blobs[2 * i + 1], where)
+        data = _decode_array(
+            backend, node, leaf, templates[leaf.signature], meta_raw=blobs[2 * i], chunk=blobs[2 * i + 1], where=where
+        )
         arrays[leaf.node] = data[()] if leaf.numpy_scalar else data
     return arrays
 
@@ -1206,21 +1231,22 @@ def _decode_array(
     node: str,
     leaf: _ArrayLeaf,
     template: _ArrayTemplate,
+    *,
     meta_raw: bytes | None,
     chunk: bytes | None,
     where: str,
 ) -> np.ndarray:
     if meta_raw is None:
-        raise InvalidCheckpointError(f"{where}: array {node} is missing; the checkpoint is corrupted")
-    meta = _parse_json(meta_raw, f"{node}/{_ZARR_JSON}", where)
+        raise InvalidCheckpointError(f"{where}: array {node} is missing; {_CORRUPTED}")
+    meta = _parse_json(meta_raw, f"{node}/{_ZARR_JSON}", backend.display)
     if not isinstance(meta, dict):
-        raise InvalidCheckpointError(f"{where}: {node}/zarr.json is not a JSON object; the checkpoint is corrupted")
+        raise InvalidCheckpointError(f"{where}: {node}/zarr.json is not a JSON object; {_CORRUPTED}")
     meta = {k: v for k, v in meta.items() if k != "attributes"}
     expected = template.doc_for(leaf.shape)
     if meta.get("shape") != expected["shape"] or meta.get("data_type") != expected["data_type"]:
         raise InvalidCheckpointError(
             f"{where}: array {node} has shape {meta.get('shape')} and data type {meta.get('data_type')!r}, "
-            f"but the manifest says {list(leaf.shape)} and {expected['data_type']!r}; the checkpoint is corrupted"
+            f"but the manifest says {list(leaf.shape)} and {expected['data_type']!r}; {_CORRUPTED}"
         )
     if meta != expected:
         # Re-encoded with zarr (other chunking, compression, another zarr's metadata): the raw
@@ -1229,7 +1255,7 @@ def _decode_array(
     if not leaf.nbytes:
         return np.empty(leaf.shape, dtype=leaf.dtype)
     if chunk is None:
-        raise InvalidCheckpointError(f"{where}: the data of array {node} is missing; the checkpoint is corrupted")
+        raise InvalidCheckpointError(f"{where}: the data of array {node} is missing; {_CORRUPTED}")
     return _decode_chunk(chunk, leaf, f"{where}: array {node}")
 
 
@@ -1239,7 +1265,7 @@ def _read_array_with_zarr(backend: _Backend, node: str, leaf: _ArrayLeaf, where:
         data = np.asarray(array[...])
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         raise InvalidCheckpointError(
-            f"{where}: array {node} cannot be read by zarr ({exc}); the checkpoint is corrupted"
+            f"{where}: array {node} cannot be read by zarr ({exc}); {_CORRUPTED}"
         ) from exc
     if data.shape != leaf.shape:
         raise InvalidCheckpointError(f"{where}: array {node} has shape {data.shape}, expected {leaf.shape}")

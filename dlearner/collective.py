@@ -2,10 +2,20 @@
 
 The Learner only sees this small interface; who forms the process group (the Dask plumbing in
 :mod:`dlearner.dask_backend`) is not its business.
+
+Two kinds of group are supported:
+
+* a group registered with ``torch.distributed`` (``group=None`` is the default group), used through
+  the ``torch.distributed`` functions;
+* a standalone backend object (``ProcessGroupGloo`` / ``ProcessGroupNCCL`` built from a ``TCPStore``
+  and a ``PrefixStore``), made with :meth:`TorchCollective.from_process_group`. The LearnerGroup uses
+  this kind: it never touches the process-global default group, so two groups on one cluster, or a
+  group re-formed after a failure, never fight over it.
 """
 
 from __future__ import annotations
 
+import pickle
 from typing import Any, List, Optional
 
 import torch
@@ -21,10 +31,43 @@ class TorchCollective:
 
     def __init__(self, group: Optional[Any] = None, device: Optional[torch.device] = None):
         self.group = group
+        self._standalone = False
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
         self.device = device or torch.device("cpu")
+
+    @classmethod
+    def from_process_group(cls, process_group: Any, device: Optional[torch.device] = None) -> "TorchCollective":
+        """Wrap a standalone c10d backend (e.g. ``ProcessGroupGloo(store, rank, size, opts)``).
+
+        Such a group is not registered with ``torch.distributed``, so its own ``allreduce`` /
+        ``allgather`` methods are called directly.
+        """
+        self = cls.__new__(cls)
+        self.group = process_group
+        self._standalone = True
+        self.rank = process_group.rank()
+        self.world_size = process_group.size()
+        self.backend = process_group.name().lower()
+        self.device = device or torch.device("cpu")
+        return self
+
+    def close(self) -> None:
+        """Forget the process group (standalone groups only).
+
+        Dropping the last reference to a gloo backend closes its sockets, so peers blocked in a
+        collective with this rank fail at once ("Connection closed by peer") instead of waiting for
+        the collective timeout. NCCL communicators are aborted explicitly.
+        """
+        group, self.group = self.group, None
+        if group is not None and self._standalone and self.backend == "nccl" and hasattr(group, "abort"):
+            group.abort()
+
+    def _group(self):
+        if self.group is None and self._standalone:
+            raise RuntimeError("This collective was closed; its process group no longer exists.")
+        return self.group
 
     def _on_backend_device(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.backend == "nccl" and tensor.device.type != "cuda":
@@ -35,7 +78,12 @@ class TorchCollective:
 
     def _all_reduce(self, tensor: torch.Tensor, op) -> None:
         work = self._on_backend_device(tensor)
-        dist.all_reduce(work, op=op, group=self.group)
+        if self._standalone:
+            opts = dist.AllreduceOptions()
+            opts.reduceOp = op
+            self._group().allreduce([work], opts).wait()
+        else:
+            dist.all_reduce(work, op=op, group=self.group)
         if work is not tensor:
             tensor.copy_(work)
 
@@ -49,9 +97,29 @@ class TorchCollective:
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         """Every rank's ``obj`` (small, picklable Python objects only), in rank order."""
-        out: List[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
+        if not self._standalone:
+            out: List[Any] = [None] * self.world_size
+            dist.all_gather_object(out, obj, group=self.group)
+            return out
+        # Standalone groups: gather the sizes first, then the pickles padded to the largest one.
+        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+        size = torch.tensor([payload.numel()], dtype=torch.int64)
+        sizes = self._all_gather_tensor(size)
+        longest = int(max(int(s) for s in sizes))
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        chunks = self._all_gather_tensor(padded)
+        return [pickle.loads(bytes(c[: int(n)].cpu().numpy())) for c, n in zip(chunks, sizes)]
+
+    def _all_gather_tensor(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        work = self._on_backend_device(tensor)
+        outputs = [torch.empty_like(work) for _ in range(self.world_size)]
+        self._group().allgather([outputs], [work]).wait()
+        return outputs
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        if self._standalone:
+            # A one-element all-reduce is a barrier every backend supports without extra options.
+            self.all_reduce_sum(torch.zeros(1, device=self.device if self.backend == "nccl" else "cpu"))
+        else:
+            dist.barrier(group=self.group)

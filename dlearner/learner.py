@@ -258,7 +258,12 @@ class Learner:
         larger batch; ``minibatch_size`` then still counts rows of the whole batch.
         """
         self._check_is_built()
-        local = validate_batch(batch, self.batch_specs())
+        if shard is not None and isinstance(batch, Mapping) and len(batch) == 0:
+            # A shard may be empty (fewer rows than learners): this learner still takes part in
+            # every collective of the update, or the others would wait for it forever.
+            local: MultiBatch = {}
+        else:
+            local = validate_batch(batch, self.batch_specs())
         timesteps = _validate_timesteps(timesteps)
         num_epochs = self._resolve(num_epochs, "num_epochs", 1)
         minibatch_size = self._resolve(minibatch_size, "minibatch_size", None)

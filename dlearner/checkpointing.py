@@ -1,0 +1,194 @@
+"""What goes into a checkpoint for each kind of object, on top of the Zarr store in :mod:`dlearner.checkpoint`.
+
+Every checkpoint holds the module specs (class paths, spaces, model config) in its metadata, so a
+bare :class:`~dlearner.rl_module.RLModule` can be rebuilt from any of them for inference. Restoring
+checks the stored modules against the target's before changing anything, and only imports module
+classes that dlearner ships or that the caller trusts: nothing in a store can make us run its code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
+
+from dlearner.checkpoint import load_state_tree, read_metadata, save_state_tree
+from dlearner.columns import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
+from dlearner.rl_module import MultiRLModuleSpec, RLModule, RLModuleSpec, class_path, import_class
+
+KIND_MODULE = "RLModule"
+KIND_LEARNER = "Learner"
+KIND_LEARNER_GROUP = "LearnerGroup"
+KIND_ALGORITHM = "Algorithm"
+_LEARNER_KINDS = (KIND_LEARNER, KIND_LEARNER_GROUP, KIND_ALGORITHM)
+
+
+# --------------------------------------------------------------------------------------- writing
+def module_specs_json(spec: MultiRLModuleSpec) -> Dict[str, Any]:
+    return {mid: s.to_json() for mid, s in spec.rl_module_specs.items()}
+
+
+def learner_metadata(kind: str, learner_class: type, config: Any, module_spec: MultiRLModuleSpec) -> Dict[str, Any]:
+    return {
+        "kind": kind,
+        "learner_class": class_path(learner_class),
+        "config": config.to_dict() if config is not None else None,
+        "module_specs": module_specs_json(module_spec),
+    }
+
+
+def save_module(module: RLModule, path, *, storage_options: Optional[dict] = None, module_id: str = DEFAULT_MODULE_ID) -> str:
+    """Write one module's spec and weights."""
+    tree = {COMPONENT_RL_MODULE: {module_id: module.get_state()}}
+    metadata = {"kind": KIND_MODULE, "module_specs": {module_id: module.get_spec().to_json()}}
+    return save_state_tree(path, tree, metadata=metadata, storage_options=storage_options)
+
+
+def save_learner(learner, path, *, storage_options: Optional[dict] = None, kind: str = KIND_LEARNER) -> str:
+    """Write a learner's full state (weights, optimizers, counters, generators, algorithm state)."""
+    return save_learner_state(
+        learner.get_state(), path, learner_class=type(learner), config=learner.config,
+        module_spec=learner.module_spec, kind=kind, storage_options=storage_options,
+    )
+
+
+def save_learner_state(
+    state: Mapping[str, Any], path, *, learner_class: type, config: Any, module_spec: MultiRLModuleSpec,
+    kind: str = KIND_LEARNER, extra_tree: Optional[Mapping[str, Any]] = None,
+    extra_metadata: Optional[Mapping[str, Any]] = None, storage_options: Optional[dict] = None,
+) -> str:
+    """Write a learner state that is already in this process (the driver's copy of rank 0's)."""
+    tree = {COMPONENT_LEARNER: dict(state), **(extra_tree or {})}
+    metadata = {**learner_metadata(kind, learner_class, config, module_spec), **(extra_metadata or {})}
+    return save_state_tree(path, tree, metadata=metadata, storage_options=storage_options)
+
+
+def save_learner_group_state(state: Mapping[str, Any], module_spec: MultiRLModuleSpec, config: Any, path,
+                             *, storage_options: Optional[dict] = None) -> str:
+    """Write ``LearnerGroup.get_state()`` (``{COMPONENT_LEARNER: learner_state}``) from the driver."""
+    return save_learner_state(
+        state[COMPONENT_LEARNER], path, learner_class=config.get_learner_class(), config=config,
+        module_spec=module_spec, kind=KIND_LEARNER_GROUP, storage_options=storage_options,
+    )
+
+
+# --------------------------------------------------------------------------------------- reading
+def load_learner_state(path, *, storage_options: Optional[dict] = None) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(learner_state, metadata)`` from a Learner, LearnerGroup or Algorithm checkpoint."""
+    tree, metadata = load_state_tree(path, storage_options=storage_options)
+    if metadata.get("kind") not in _LEARNER_KINDS:
+        raise ValueError(
+            f"{path} is a dlearner {metadata.get('kind')!r} checkpoint, which holds no learner state; "
+            f"a learner restores from one of {list(_LEARNER_KINDS)}."
+        )
+    return tree[COMPONENT_LEARNER], metadata
+
+
+def load_learner_group_state(path, *, storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """``{COMPONENT_LEARNER: learner_state}`` for ``LearnerGroup.set_state``."""
+    state, _ = load_learner_state(path, storage_options=storage_options)
+    return {COMPONENT_LEARNER: state}
+
+
+def check_module_specs(stored: Mapping[str, Any], current: MultiRLModuleSpec, path) -> None:
+    """Raise ``ValueError`` saying how the stored modules differ from the target's."""
+    ours = module_specs_json(current)
+    if set(stored) != set(ours):
+        raise ValueError(
+            f"Checkpoint {path} has modules {sorted(stored)} but the target has {sorted(ours)}."
+        )
+    for mid in stored:
+        for field in ("observation_space", "action_space", "model_config", "module_class"):
+            if stored[mid].get(field) != ours[mid].get(field):
+                raise ValueError(
+                    f"Module {mid!r} in checkpoint {path} differs in {field}: stored {stored[mid].get(field)!r}, "
+                    f"target {ours[mid].get(field)!r}."
+                )
+
+
+def restore_learner(learner, path, *, storage_options: Optional[dict] = None) -> None:
+    """Restore a learner from any checkpoint holding learner state; nothing changes on error."""
+    state, metadata = load_learner_state(path, storage_options=storage_options)
+    check_module_specs(metadata["module_specs"], learner.module_spec, path)
+    learner.set_state(state)
+
+
+# ---------------------------------------------------------------------------------------- modules
+def _trusted_class(path: str, trusted: Iterable[type]) -> type:
+    for cls in trusted:
+        if class_path(cls) == path:
+            return cls
+    if not path.startswith("dlearner."):
+        raise ValueError(
+            f"The checkpoint names module class {path!r}, which dlearner does not ship; importing it would run "
+            f"code chosen by the store. Pass trusted_classes=[{path.rpartition('.')[2]}] if you trust it."
+        )
+    return import_class(path)
+
+
+def module_from_checkpoint(path, *, module_id: str = DEFAULT_MODULE_ID, storage_options: Optional[dict] = None,
+                           trusted_classes: Iterable[type] = ()) -> RLModule:
+    """Rebuild one module with its weights from any dlearner checkpoint (module, learner, group, algorithm)."""
+    tree, metadata = load_state_tree(path, storage_options=storage_options)
+    specs = metadata.get("module_specs") or {}
+    if module_id not in specs:
+        raise ValueError(f"Checkpoint {path} has no module {module_id!r}; it has {sorted(specs)}.")
+    spec_json = specs[module_id]
+    spec = RLModuleSpec.from_json(spec_json, module_class=_trusted_class(spec_json["module_class"], trusted_classes))
+    module = spec.build()
+    module.set_state(_module_weights(tree, metadata, module_id))
+    return module
+
+
+def restore_module(module: RLModule, path, *, storage_options: Optional[dict] = None, module_id: Optional[str] = None) -> None:
+    """Load weights into an existing module (architecture must match)."""
+    tree, metadata = load_state_tree(path, storage_options=storage_options)
+    specs = metadata.get("module_specs") or {}
+    if module_id is None:
+        if len(specs) != 1:
+            raise ValueError(f"Checkpoint {path} holds modules {sorted(specs)}; pass module_id= to pick one.")
+        module_id = next(iter(specs))
+    if module_id not in specs:
+        raise ValueError(f"Checkpoint {path} has no module {module_id!r}; it has {sorted(specs)}.")
+    check_module_specs({module_id: specs[module_id]}, MultiRLModuleSpec(rl_module_specs={module_id: module.get_spec()}), path)
+    module.set_state(_module_weights(tree, metadata, module_id))
+
+
+def _module_weights(tree: Mapping[str, Any], metadata: Mapping[str, Any], module_id: str) -> Dict[str, np.ndarray]:
+    if metadata.get("kind") == KIND_MODULE:
+        return tree[COMPONENT_RL_MODULE][module_id]
+    return tree[COMPONENT_LEARNER][COMPONENT_RL_MODULE][module_id]
+
+
+# -------------------------------------------------------------------------------------- algorithm
+def save_algorithm(algo, path, *, storage_options: Optional[dict] = None) -> str:
+    """Learner state (rank 0's), env-runner states and the algorithm's counters in one store."""
+    group = algo.learner_group
+    runners = algo.env_runner_group.get_state()
+    return save_learner_state(
+        group.get_state()[COMPONENT_LEARNER], path,
+        learner_class=algo.config.get_learner_class(), config=algo.config, module_spec=algo.module_spec,
+        kind=KIND_ALGORITHM,
+        extra_tree={"env_runners": {str(i): s for i, s in enumerate(runners)}, "algorithm": algo.get_counters()},
+        extra_metadata={"algorithm_class": class_path(type(algo)), "counters": {
+            k: v for k, v in algo.get_counters().items() if not k.startswith("recent_")}},
+        storage_options=storage_options,
+    )
+
+
+def restore_algorithm(algo, path, *, storage_options: Optional[dict] = None) -> None:
+    """Restore learners, env runners and counters; checks everything before changing anything."""
+    tree, metadata = load_state_tree(path, storage_options=storage_options)
+    if metadata.get("kind") != KIND_ALGORITHM:
+        raise ValueError(f"{path} is a dlearner {metadata.get('kind')!r} checkpoint, not an Algorithm checkpoint.")
+    check_module_specs(metadata["module_specs"], algo.module_spec, path)
+    runner_states = [tree["env_runners"][k] for k in sorted(tree["env_runners"], key=int)]
+    algo.learner_group.set_state({COMPONENT_LEARNER: tree[COMPONENT_LEARNER]})
+    # Runners pair up by index; with more runners than stored, the extra ones keep fresh generators.
+    algo.env_runner_group.set_state(runner_states)
+    algo.set_counters(tree["algorithm"])
+
+
+def checkpoint_metadata(path, *, storage_options: Optional[dict] = None) -> Dict[str, Any]:
+    """The metadata of any dlearner checkpoint (kind, config, module specs, counters)."""
+    return read_metadata(path, storage_options=storage_options)

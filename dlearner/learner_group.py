@@ -1,0 +1,530 @@
+"""LearnerGroup: one local Learner, or N data-parallel Learner actors on Dask, behind one API.
+
+Example::
+
+    import gymnasium as gym
+    from dlearner import PPOConfig
+
+    config = PPOConfig().learners(num_learners=2).rl_module(model_config={"fcnet_hiddens": [64, 64]})
+    with config.build_learner_group(env=gym.make("CartPole-v1")) as learner_group:
+        results = learner_group.update(batch, timesteps={"num_env_steps_sampled_lifetime": 4000})
+        future = learner_group.update_async(batch)       # a distributed.Future
+        print(future.result()["default_policy"]["total_loss"])
+
+The group validates a batch in the driver (a bad batch raises here, before any learner sees it, so
+no learner ever enters a collective that another skips), splits it into one shard per learner and
+sends each shard straight to its learner; the learners average gradients among themselves and all
+return the same reduced result, of which the group returns one. It knows nothing about algorithms:
+anything algorithm-specific lives in the Learner class. The Dask side is in
+:mod:`dlearner.dask_backend`; ``docs/cluster.md`` explains where learners run.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import os
+import secrets
+import uuid
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from dlearner.batch import MultiBatch, shard_batch, validate_batch
+from dlearner.columns import COMPONENT_LEARNER
+from dlearner.learner import Learner, _validate_timesteps, batch_specs_for
+from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
+
+ResultDict = Dict[str, Dict[str, Any]]
+
+__all__ = ["LearnerGroup"]
+
+
+# Operations run on every learner (module-level functions: they travel to workers by reference).
+def _update_op(learner: Learner, batch: MultiBatch, shard, timesteps, options) -> ResultDict:
+    return learner.update(batch, timesteps, shard=shard, **options)
+
+
+def _get_state_op(learner: Learner, components, not_components) -> Dict[str, Any]:
+    return learner.get_state(components, not_components=not_components)
+
+
+def _set_state_op(learner: Learner, state) -> None:
+    learner.set_state(state)
+
+
+def _get_weights_op(learner: Learner, module_ids) -> Dict[str, Dict[str, np.ndarray]]:
+    return learner.module.get_state(module_ids)
+
+
+def _set_weights_op(learner: Learner, weights) -> None:
+    learner.module.set_state(weights)
+
+
+def _foreach_op(learner: Learner, fn: Callable[..., Any], kwargs: Dict[str, Any]) -> Any:
+    return fn(learner, **kwargs)
+
+
+def _add_module_op(learner: Learner, module_id, module_spec, config_overrides) -> MultiRLModuleSpec:
+    return learner.add_module(module_id=module_id, module_spec=module_spec, config_overrides=config_overrides)
+
+
+def _remove_module_op(learner: Learner, module_id) -> MultiRLModuleSpec:
+    return learner.remove_module(module_id)
+
+
+def _save_op(learner: Learner, path: str) -> str:
+    return learner.save_to_path(path)
+
+
+def _restore_op(learner: Learner, path: str) -> None:
+    learner.restore_from_path(path)
+
+
+@dataclasses.dataclass
+class _AsyncRequest:
+    future: concurrent.futures.Future  # resolves to the list of per-learner values
+    report: bool  # True: reported by update(async_update=True); False: an update_async future owns it
+
+
+class _LocalLearnerPool:
+    """``num_learners=0``: one Learner in this process.
+
+    Blocking calls run inline. Async requests (and, once one was made, every later call, so order
+    is kept) run on one background thread; their futures are ``concurrent.futures.Future`` objects.
+    """
+
+    num_learners = 1
+    metrics_topic = None
+    backend = None
+
+    def __init__(self, learner_config: Any, module_spec: MultiRLModuleSpec, learner_class: type):
+        self.learner = learner_class(config=learner_config, module_spec=module_spec)
+        self.learner.build()
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def submit(self, target: Callable, args_per_rank: Sequence[tuple], *, wait: bool = False, **_: Any) -> concurrent.futures.Future:
+        (args,) = args_per_rank
+        if wait and self._executor is None:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                future.set_result([target(self.learner, *args)])
+            except Exception as err:  # delivered through the future, as for remote learners
+                future.set_exception(err)
+            return future
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="dlearner-local-learner",
+                # torch's thread count is per thread: give the background thread the learner's.
+                initializer=self.learner._set_torch_threads,
+            )
+        return self._executor.submit(lambda: [target(self.learner, *args)])
+
+    def call(self, target: Callable, args_per_rank: Sequence[tuple], **kwargs: Any) -> List[Any]:
+        return self.submit(target, args_per_rank, wait=True, **kwargs).result()
+
+    def ensure_process_group(self) -> None:
+        pass
+
+    def dead_error(self) -> None:
+        return None
+
+    def live_ranks(self) -> List[int]:
+        return [0]
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self.learner = None
+
+
+class LearnerGroup:
+    """Coordinates ``config.num_learners`` learners: 0 = one local Learner, N = N Dask actors.
+
+    Build it with ``config.build_learner_group(env=env)``. With N learners, each update's batch is
+    split into N shards (one per learner), gradients are averaged over all learners every step, and
+    all learners hold identical weights after every update; the result equals, to floating-point
+    tolerance, that of one learner on the whole batch (batch sizes are global).
+
+    Async updates: ``update(batch, async_update=True)`` returns at once with the results of earlier
+    async requests that finished since the last call; ``update_async(batch)`` returns a
+    ``distributed.Future`` (a ``concurrent.futures.Future`` for a local group). At most
+    ``config.max_requests_in_flight_per_learner`` requests are in flight: a new async request
+    **waits for the oldest one to finish** (nothing is dropped). Every learner runs requests in the
+    order they were made.
+
+    A LearnerGroup is used from one driver thread at a time.
+    """
+
+    def __init__(self, *, config: Any, module_spec: Union[MultiRLModuleSpec, RLModuleSpec], collective_timeout_s: float = 600.0):
+        """``collective_timeout_s`` bounds one collective call (a rank that hangs without dying)."""
+        config.validate()
+        if isinstance(module_spec, RLModuleSpec):
+            from dlearner.columns import DEFAULT_MODULE_ID
+
+            module_spec = MultiRLModuleSpec(rl_module_specs={DEFAULT_MODULE_ID: module_spec})
+        self.config = config
+        self.group_id = uuid.uuid4().hex[:8]
+        self._learner_class: type = config.get_learner_class()
+        self._module_spec = MultiRLModuleSpec(rl_module_specs=dict(module_spec.rl_module_specs))
+        self._max_in_flight = int(config.max_requests_in_flight_per_learner)
+        self._in_flight: Deque[_AsyncRequest] = collections.deque()
+        self._closed = False
+        self._pool: Any = None
+        learner_config = config.copy_for_learner()
+        if config.num_learners == 0:
+            self._pool = _LocalLearnerPool(learner_config, self._module_spec, self._learner_class)
+            return
+        if learner_config.seed is None:
+            # Every learner must draw the same shuffling permutation and initial weights.
+            learner_config.seed = secrets.randbits(31)
+        from dlearner.dask_backend import DaskLearnerPool
+
+        self._pool = DaskLearnerPool(
+            config=config,
+            learner_config=learner_config,
+            module_spec=self._module_spec,
+            learner_class=self._learner_class,
+            group_id=self.group_id,
+            num_learners=int(config.num_learners),
+            collective_timeout_s=collective_timeout_s,
+        )
+
+    # ------------------------------------------------------------------------------------ facts
+    @property
+    def num_learners(self) -> int:
+        """``config.num_learners``: 0 for a local group."""
+        return int(self.config.num_learners)
+
+    @property
+    def is_local(self) -> bool:
+        return self.num_learners == 0
+
+    @property
+    def is_remote(self) -> bool:
+        return not self.is_local
+
+    @property
+    def module_spec(self) -> MultiRLModuleSpec:
+        """Specs of the learners' current modules (kept in step with add/remove_module)."""
+        return self._module_spec
+
+    @property
+    def client(self):
+        """The ``distributed.Client`` the learners run through (``None`` for a local group)."""
+        return None if self.is_local else self._pool.connection.client
+
+    @property
+    def dashboard_link(self) -> Optional[str]:
+        return None if self.is_local else self.client.dashboard_link
+
+    @property
+    def learner_workers(self) -> List[str]:
+        """The Dask worker address of each learner, by rank (empty for a local group)."""
+        return [] if self.is_local else [s.worker for s in self._pool.slots]
+
+    @property
+    def learner_keys(self) -> List[str]:
+        """The Dask keys of the learner actors (``learner-<rank>-<group id>``), by rank."""
+        return [] if self.is_local else [s.key for s in self._pool.slots]
+
+    @property
+    def metrics_topic(self) -> Optional[str]:
+        """Dask event topic where rank 0 logs each update's results: ``client.get_events(topic)``."""
+        return self._pool.metrics_topic
+
+    @property
+    def collective_backend(self) -> Optional[str]:
+        """``"gloo"`` or ``"nccl"`` for 2+ learners, else ``None``."""
+        return self._pool.backend
+
+    def __repr__(self) -> str:
+        where = "local" if self.is_local else f"{self.num_learners} Dask learners on {self.learner_workers}"
+        return f"<LearnerGroup {self.group_id}: {where}{' (shut down)' if self._closed else ''}>"
+
+    # ---------------------------------------------------------------------------------- updates
+    def update(
+        self,
+        batch: Mapping[str, Any],
+        *,
+        timesteps: Optional[Mapping[str, Any]] = None,
+        async_update: bool = False,
+        num_epochs: Optional[int] = None,
+        minibatch_size: Optional[int] = None,
+        shuffle: bool = True,
+    ) -> Union[ResultDict, List[ResultDict]]:
+        """Train all learners on ``batch``.
+
+        Blocking (default): returns one reduced result dict. With ``async_update=True``: sends the
+        request and returns, in submission order, the results of earlier async requests that have
+        finished since the last such call (possibly ``[]``). If one of those failed, its exception
+        is raised by the call that reaches it (after the results before it were returned).
+        ``minibatch_size`` counts rows of the whole batch, over all learners.
+        """
+        if not async_update:
+            shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=False)
+            self._pool.ensure_process_group()
+            return self._pool.call(_update_op, shards, collective=True, log_topic=self._pool.metrics_topic)[0]
+        shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
+        self._wait_for_capacity()
+        self._pool.ensure_process_group()
+        future = self._pool.submit(_update_op, shards, collective=True, log_topic=self._pool.metrics_topic)
+        self._in_flight.append(_AsyncRequest(future, report=True))
+        return self._collect_finished(exclude=future)
+
+    def update_async(
+        self,
+        batch: Mapping[str, Any],
+        *,
+        timesteps: Optional[Mapping[str, Any]] = None,
+        num_epochs: Optional[int] = None,
+        minibatch_size: Optional[int] = None,
+        shuffle: bool = True,
+    ):
+        """Send an update and return a future of its reduced result dict.
+
+        With Dask learners this is a ``distributed.Future`` (``.result()``, ``distributed.wait``,
+        ``as_completed`` work); for a local group a ``concurrent.futures.Future`` run on one
+        background thread. Counts towards the in-flight bound (waits while it is full).
+
+        Example::
+
+            futures = [learner_group.update_async(b) for b in batches]
+            for future in distributed.as_completed(futures):
+                print(future.result()[ALL_MODULES]["num_env_steps_trained"])
+        """
+        shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
+        self._wait_for_capacity()
+        self._pool.ensure_process_group()
+        if self.is_local:
+            pending = self._pool.submit(_update_op, shards)
+            future: Any = _first_value(pending)
+        else:
+            pending, future = self._pool.submit_future(_update_op, shards, log_topic=self._pool.metrics_topic)
+        self._in_flight.append(_AsyncRequest(pending, report=False))
+        return future
+
+    def _prepare_update(self, batch, timesteps, num_epochs, minibatch_size, shuffle, *, copy: bool) -> List[tuple]:
+        """Validate in the driver (before anything is sent or numbered), then shard."""
+        self._check_open()
+        validated = validate_batch(batch, batch_specs_for(self._learner_class, self._module_spec))
+        if copy:
+            # Async requests are serialised later: the caller may reuse its arrays in the meantime.
+            validated = {mid: {c: np.array(a, copy=True) for c, a in cols.items()} for mid, cols in validated.items()}
+        timesteps = _validate_timesteps(timesteps)
+        options: Dict[str, Any] = {}
+        for name, value in (("num_epochs", num_epochs), ("minibatch_size", minibatch_size)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                    raise ValueError(f"{name} must be a positive int (or None), got {value!r}.")
+                options[name] = int(value)
+        if not shuffle:
+            options["shuffle"] = False
+        world = self._pool.num_learners
+        if world == 1:
+            return [(validated, None, timesteps, options)]
+        return [(shard, info, timesteps, options) for shard, info in shard_batch(validated, world)]
+
+    def _wait_for_capacity(self) -> None:
+        while True:
+            self._drop_finished_unreported()
+            running = [r.future for r in self._in_flight if not r.future.done()]
+            if len(running) < self._max_in_flight:
+                return
+            concurrent.futures.wait([running[0]])  # requests finish in order: the oldest first
+
+    def _drop_finished_unreported(self) -> None:
+        # update_async requests are owned by their futures; keep only what update() must report.
+        self._in_flight = collections.deque(r for r in self._in_flight if r.report or not r.future.done())
+
+    def _collect_finished(self, exclude: Optional[concurrent.futures.Future] = None) -> List[ResultDict]:
+        results: List[ResultDict] = []
+        while self._in_flight and self._in_flight[0].future is not exclude and self._in_flight[0].future.done():
+            request = self._in_flight[0]
+            if not request.report:
+                self._in_flight.popleft()
+                continue
+            error = request.future.exception()
+            if error is not None:
+                if results:
+                    break  # return what finished before it; the next call raises it
+                self._in_flight.popleft()
+                raise error
+            self._in_flight.popleft()
+            results.append(request.future.result()[0])
+        return results
+
+    # ------------------------------------------------------------------------------------ state
+    def get_state(
+        self, components: Optional[Union[str, Iterable[str]]] = None, *, not_components: Optional[Union[str, Iterable[str]]] = None
+    ) -> Dict[str, Any]:
+        """``{COMPONENT_LEARNER: learner_state}`` from one learner (all are identical).
+
+        ``components`` are paths in the learner's state (``"rl_module"``, ``"optimizer"``, ...) or
+        in the group's (``"learner/rl_module"``).
+        """
+        self._check_open()
+        args = (_strip_learner_prefix(components), _strip_learner_prefix(not_components))
+        rank = self._first_live_rank()
+        return {COMPONENT_LEARNER: self._pool.call(_get_state_op, [args], ranks=[rank])[0]}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Set ``state`` (as from :meth:`get_state`) on every learner."""
+        self._check_usable()
+        if not isinstance(state, Mapping) or COMPONENT_LEARNER not in state:
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"LearnerGroup.set_state needs {{'{COMPONENT_LEARNER}': learner_state}} as get_state() returns; got {keys}.")
+        self._broadcast(_set_state_op, (state[COMPONENT_LEARNER],))
+
+    def get_weights(self, module_ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, np.ndarray]]:
+        """``{module_id: {parameter name: np.ndarray}}`` of all (or the given) modules."""
+        self._check_open()
+        ids = None if module_ids is None else list(module_ids)
+        return self._pool.call(_get_weights_op, [(ids,)], ranks=[self._first_live_rank()])[0]
+
+    def set_weights(self, weights: Mapping[str, Mapping[str, Any]]) -> None:
+        """Set module weights on every learner (optimizer state untouched)."""
+        self._check_usable()
+        self._broadcast(_set_weights_op, (dict(weights),))
+
+    def foreach_learner(self, fn: Callable[..., Any], **kwargs: Any) -> List[Any]:
+        """``fn(learner, **kwargs)`` on every learner, in order with the updates; results by rank.
+
+        ``fn`` must be picklable for Dask learners (lambdas and local functions are fine).
+        """
+        self._check_usable()
+        world = self._pool.num_learners
+        return self._pool.call(_foreach_op, [(fn, kwargs)] * world, result_ranks=None)
+
+    def add_module(self, *, module_id: str, module_spec: RLModuleSpec, config_overrides: Any = None) -> MultiRLModuleSpec:
+        """Add a module (and its optimizers) on every learner; returns the new specs.
+
+        The new module starts from rank 0's randomly initialised weights on every learner.
+        """
+        self._check_usable()
+        validate_module_id(module_id)
+        if module_id in self._module_spec.rl_module_specs:
+            raise ValueError(f"Module {module_id!r} already exists; remove it first or pick another id.")
+        specs = self._broadcast(_add_module_op, (module_id, module_spec, config_overrides), result_ranks=(0,))[0]
+        if self._pool.num_learners > 1:
+            weights = self._pool.call(_get_weights_op, [([module_id],)], ranks=[0])[0]
+            others = list(range(1, self._pool.num_learners))
+            self._pool.call(_set_weights_op, [(weights,)] * len(others), ranks=others, result_ranks=())
+        self._module_spec = specs
+        return specs
+
+    def remove_module(self, module_id: str) -> MultiRLModuleSpec:
+        """Remove a module (and its optimizers) on every learner; returns the remaining specs."""
+        self._check_usable()
+        if module_id not in self._module_spec.rl_module_specs:
+            raise ValueError(f"Unknown module {module_id!r}; modules are {sorted(self._module_spec.rl_module_specs)}.")
+        self._module_spec = self._broadcast(_remove_module_op, (module_id,), result_ranks=(0,))[0]
+        return self._module_spec
+
+    def _broadcast(self, target: Callable, args: tuple, result_ranks: Optional[Sequence[int]] = ()) -> List[Any]:
+        world = self._pool.num_learners
+        return self._pool.call(target, [args] * world, result_ranks=result_ranks)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_to_path(self, path: Union[str, os.PathLike]) -> str:
+        """Write the group's state as a checkpoint at ``path``; returns the path.
+
+        ``memory://`` stores live in this process: the state comes to the driver and is written
+        here. For any other path or URL, learner rank 0 writes it directly (a relative local path
+        is made absolute first; on a multi-machine cluster it must be shared storage).
+        """
+        self._check_open()
+        path = _normalise_path(path)
+        if self.is_local:
+            return self._pool.learner.save_to_path(path)
+        if path.startswith("memory://"):
+            from dlearner import checkpointing
+
+            checkpointing.save_learner_group_state(self.get_state(), self._module_spec, self.config, path)
+            return path
+        return self._pool.call(_save_op, [(path,)], ranks=[self._first_live_rank()])[0]
+
+    def restore_from_path(self, path: Union[str, os.PathLike]) -> None:
+        """Restore every learner from a checkpoint written by ``save_to_path`` (any ``num_learners``)."""
+        self._check_usable()
+        path = _normalise_path(path)
+        if self.is_local:
+            self._pool.learner.restore_from_path(path)
+            return
+        if path.startswith("memory://"):
+            from dlearner import checkpointing
+
+            self.set_state(checkpointing.load_learner_group_state(path))
+            return
+        self._broadcast(_restore_op, (path,))
+
+    # ---------------------------------------------------------------------------------- teardown
+    def shutdown(self) -> None:
+        """Stop the learners (after requests already sent). Clusters you brought stay running; an
+        embedded cluster is closed. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def __enter__(self) -> "LearnerGroup":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    # ---------------------------------------------------------------------------------- helpers
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("This LearnerGroup was shut down; build a new one.")
+
+    def _check_usable(self) -> None:
+        """For calls that need every learner: fail at once if one is gone."""
+        self._check_open()
+        error = self._pool.dead_error()
+        if error is not None:
+            raise error
+
+    def _first_live_rank(self) -> int:
+        ranks = self._pool.live_ranks()
+        if not ranks:
+            raise self._pool.dead_error()
+        return ranks[0]
+
+
+def _strip_learner_prefix(components):
+    if components is None:
+        return None
+    items = [components] if isinstance(components, str) else list(components)
+    out = []
+    for item in items:
+        if item == COMPONENT_LEARNER:
+            return None
+        out.append(item[len(COMPONENT_LEARNER) + 1 :] if item.startswith(COMPONENT_LEARNER + "/") else item)
+    return out
+
+
+def _normalise_path(path: Union[str, os.PathLike]) -> str:
+    path = os.fspath(path)
+    if "://" in path:
+        return path
+    return os.path.abspath(path)
+
+
+def _first_value(future: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A future of ``future.result()[0]``."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(f: concurrent.futures.Future) -> None:
+        error = f.exception()
+        if error is not None:
+            out.set_exception(error)
+        else:
+            out.set_result(f.result()[0])
+
+    future.add_done_callback(done)
+    return out
