@@ -66,6 +66,11 @@ logger = logging.getLogger(__name__)
 
 #: Scheduler event topic that carries dlearner metrics from drivers to the plugin.
 EVENT_TOPIC = "dlearner-metrics"
+#: Prefix of the event topics where Dask learner groups' rank-0 learner logs each update's results
+#: (``LearnerGroup.metrics_topic`` = ``learner-metrics-<group id>``, messages
+#: ``{"learner": key, "request": n, "result": {module_id: {...}}}``). The page shows each group as a
+#: run named ``learner-group-<group id>``, so bare LearnerGroup users see their metrics too.
+LEARNER_TOPIC_PREFIX = "learner-metrics-"
 #: Name of the scheduler plugin (one per scheduler; registering again is a no-op).
 PLUGIN_NAME = "dlearner-dashboard"
 #: Path of the page under the dashboard's URL prefix.
@@ -362,8 +367,15 @@ class DashboardPlugin(SchedulerPlugin):
         """
         self.scheduler = scheduler
         self.store = MetricsStore(max_history=self.max_history, max_runs=self.max_runs)
-        for timestamp, message in scheduler.get_events(EVENT_TOPIC):
-            self.store.add(message, timestamp)
+        events = scheduler.get_events()
+        replay = sorted((
+            (timestamp, topic, message)
+            for topic, topic_events in events.items()
+            if topic == EVENT_TOPIC or topic.startswith(LEARNER_TOPIC_PREFIX)
+            for timestamp, message in topic_events
+        ), key=lambda event: event[0]) if events else []
+        for timestamp, topic, message in replay:
+            self.log_event(topic, message)
         app = getattr(scheduler, "http_application", None)
         if app is None:
             logger.warning("The scheduler runs no HTTP server; the dlearner dashboard page is not served.")
@@ -384,9 +396,19 @@ class DashboardPlugin(SchedulerPlugin):
         _APPS_WITH_ROUTES.add(app)
 
     def log_event(self, topic: str, msg: Any) -> None:
-        """Scheduler hook, called for every logged event: keep ours."""
-        if topic == EVENT_TOPIC and self.store is not None:
+        """Scheduler hook, called for every logged event: keep ours and the learner groups'."""
+        if self.store is None:
+            return
+        if topic == EVENT_TOPIC:
             self.store.add(msg)
+        elif topic.startswith(LEARNER_TOPIC_PREFIX) and isinstance(msg, Mapping):
+            request = msg.get("request")
+            self.store.add({
+                "run_id": "learner-group-" + topic[len(LEARNER_TOPIC_PREFIX):],
+                "kind": _KIND_LEARNER,
+                "result": _sanitize(msg.get("result")) if isinstance(msg.get("result"), Mapping) else None,
+                **({"step": request} if isinstance(request, int) else {}),
+            })
 
 
 def dask_setup(scheduler: Any) -> None:

@@ -1,0 +1,162 @@
+"""Checkpoints of modules and learners: exact, pickle-free, refused when they don't fit."""
+
+from __future__ import annotations
+
+import pickle
+import uuid
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from conftest import SMALL_MODEL, ppo_batch
+from dlearner import DEFAULT_MODULE_ID, Columns, PPOConfig, RLModule
+from dlearner.checkpoint import inspect_checkpoint
+
+
+def make_learner(env, hiddens=SMALL_MODEL["fcnet_hiddens"], **training):
+    config = PPOConfig().training(minibatch_size=64, kl_target=1e-6, **training).rl_module(model_config={"fcnet_hiddens": hiddens}).debugging(seed=0)
+    learner = config.build_learner(env=env)
+    learner.build()
+    return learner
+
+
+def assert_states_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            assert_states_equal(a[key], b[key])
+        elif isinstance(a[key], np.ndarray):
+            assert a[key].dtype == b[key].dtype
+            np.testing.assert_array_equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.fixture(params=["local", "memory"])
+def path(request, tmp_path):
+    return str(tmp_path / "ckpt") if request.param == "local" else f"memory://dlearner-test/{uuid.uuid4().hex}"
+
+
+def test_learner_round_trip_is_bit_exact_and_the_next_update_matches(cartpole, path):
+    learner = make_learner(cartpole)
+    learner.update(ppo_batch(), timesteps={"num_env_steps_sampled_lifetime": 100})
+    assert learner.save_to_path(path) == path
+    restored = make_learner(cartpole)
+    restored.restore_from_path(path)
+    assert_states_equal(restored.get_state(), learner.get_state())
+    # KL coefficient, counters, shuffling generator and Adam moments all came back: same next update.
+    assert restored.update(ppo_batch(seed=1)) == learner.update(ppo_batch(seed=1))
+    assert_states_equal(restored.get_state(), learner.get_state())
+
+
+def test_all_zero_tensors_restore_exactly(cartpole, tmp_path):
+    learner = make_learner(cartpole)
+    with torch.no_grad():
+        for p in learner.module[DEFAULT_MODULE_ID].parameters():
+            p.zero_()
+    learner.save_to_path(tmp_path / "zeros")
+    other = make_learner(cartpole)
+    other.restore_from_path(tmp_path / "zeros")
+    assert all((v == 0).all() for v in other.module[DEFAULT_MODULE_ID].get_state().values())
+
+
+def test_store_is_plain_zarr_without_pickles(cartpole, tmp_path, monkeypatch):
+    learner = make_learner(cartpole)
+    learner.update(ppo_batch())
+    learner.save_to_path(tmp_path / "ckpt")
+    group = zarr.open_group(str(tmp_path / "ckpt"), mode="r")
+    assert group.attrs["dlearner"]["format"] == "dlearner-checkpoint"
+    for file in (tmp_path / "ckpt").rglob("*"):
+        if file.is_file():
+            assert not file.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"), file
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("restore must not unpickle")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    other = make_learner(cartpole)
+    other.restore_from_path(tmp_path / "ckpt")
+    assert_states_equal(other.get_state(), learner.get_state())
+
+
+def test_module_restores_for_inference_without_a_learner(cartpole, path):
+    learner = make_learner(cartpole)
+    learner.update(ppo_batch())
+    learner.save_to_path(path)
+    module = RLModule.from_checkpoint(path)
+    obs = torch.randn(7, 4)
+    with torch.no_grad():
+        expected = learner.module[DEFAULT_MODULE_ID].forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+        got = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_module_save_and_restore(cartpole, tmp_path):
+    module = make_learner(cartpole).module[DEFAULT_MODULE_ID]
+    module.save_to_path(tmp_path / "module")
+    other = make_learner(cartpole, hiddens=SMALL_MODEL["fcnet_hiddens"]).module[DEFAULT_MODULE_ID]
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    other.restore_from_path(tmp_path / "module")
+    assert_states_equal(other.get_state(), module.get_state())
+
+
+def test_missing_path_raises_file_not_found(cartpole, tmp_path):
+    with pytest.raises(FileNotFoundError):
+        make_learner(cartpole).restore_from_path(tmp_path / "nothing-here")
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_refused(cartpole, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("hello")
+    with pytest.raises(ValueError, match="checkpoint"):
+        make_learner(cartpole).restore_from_path(tmp_path / "notes")
+    # ... and saving there refuses to touch the user's files.
+    with pytest.raises(ValueError):
+        make_learner(cartpole).save_to_path(tmp_path / "notes")
+    assert (tmp_path / "notes" / "readme.txt").read_text() == "hello"
+
+
+def test_another_architecture_is_refused_saying_what_differs(cartpole, tmp_path):
+    make_learner(cartpole, hiddens=[8]).save_to_path(tmp_path / "small")
+    learner = make_learner(cartpole, hiddens=[16])
+    before = learner.get_state()
+    with pytest.raises(ValueError, match="model_config"):
+        learner.restore_from_path(tmp_path / "small")
+    assert_states_equal(learner.get_state(), before)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(cartpole, tmp_path, monkeypatch):
+    learner = make_learner(cartpole)
+    learner.save_to_path(tmp_path / "ckpt")
+    saved = learner.get_state()
+    learner.update(ppo_batch())
+
+    import dlearner.checkpoint as store
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(store._LocalBackend, "write_many", broken, raising=True)
+    with pytest.raises(OSError, match="injected"):
+        learner.save_to_path(tmp_path / "ckpt")
+    monkeypatch.undo()
+    fresh = make_learner(cartpole)
+    fresh.restore_from_path(tmp_path / "ckpt")
+    assert_states_equal(fresh.get_state(), saved)
+
+
+def test_inspect_lists_modules_shapes_and_timesteps(cartpole, tmp_path):
+    learner = make_learner(cartpole)
+    learner.update(ppo_batch(), timesteps={"num_env_steps_sampled_lifetime": 512})
+    learner.save_to_path(tmp_path / "ckpt")
+    summary = inspect_checkpoint(tmp_path / "ckpt")
+    assert summary["metadata"]["kind"] == "Learner"
+    assert DEFAULT_MODULE_ID in summary["metadata"]["module_specs"]
+    shapes = {tuple(a["keys"]): tuple(a["shape"]) for a in summary["arrays"]}
+    assert shapes[("learner", "rl_module", DEFAULT_MODULE_ID, "pi.0.weight")] == (32, 4)
