@@ -14,7 +14,7 @@ import numpy as np
 
 from dlearner.checkpoint import load_state_tree, read_metadata, save_state_tree
 from dlearner.columns import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
-from dlearner.rl_module import MultiRLModuleSpec, RLModule, RLModuleSpec, class_path, import_class
+from dlearner.rl_module import MultiRLModuleSpec, RLModule, RLModuleSpec, class_path, import_dlearner_class
 
 KIND_MODULE = "RLModule"
 KIND_LEARNER = "Learner"
@@ -114,18 +114,6 @@ def restore_learner(learner, path, *, storage_options: Optional[dict] = None) ->
 
 
 # ---------------------------------------------------------------------------------------- modules
-def _trusted_class(path: str, trusted: Iterable[type]) -> type:
-    for cls in trusted:
-        if class_path(cls) == path:
-            return cls
-    if not path.startswith("dlearner."):
-        raise ValueError(
-            f"The checkpoint names module class {path!r}, which dlearner does not ship; importing it would run "
-            f"code chosen by the store. Pass trusted_classes=[{path.rpartition('.')[2]}] if you trust it."
-        )
-    return import_class(path)
-
-
 def module_from_checkpoint(path, *, module_id: str = DEFAULT_MODULE_ID, storage_options: Optional[dict] = None,
                            trusted_classes: Iterable[type] = ()) -> RLModule:
     """Rebuild one module with its weights from any dlearner checkpoint (module, learner, group, algorithm)."""
@@ -134,7 +122,7 @@ def module_from_checkpoint(path, *, module_id: str = DEFAULT_MODULE_ID, storage_
     if module_id not in specs:
         raise ValueError(f"Checkpoint {path} has no module {module_id!r}; it has {sorted(specs)}.")
     spec_json = specs[module_id]
-    spec = RLModuleSpec.from_json(spec_json, module_class=_trusted_class(spec_json["module_class"], trusted_classes))
+    spec = RLModuleSpec.from_json(spec_json, module_class=import_dlearner_class(spec_json["module_class"], "module", trusted_classes))
     module = spec.build()
     module.set_state(_module_weights(tree, metadata, module_id))
     return module

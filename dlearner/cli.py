@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from dlearner.algorithms import PPOConfig
 from dlearner.config import AlgorithmConfig
@@ -186,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--metrics-file", default=None, metavar="PATH",
                      help=f"JSON-lines metrics file (default: DIR/{METRICS_FILENAME} with --checkpoint)")
     out.add_argument("--plot", default=None, metavar="PNG",
-                     help=f"learning-curve PNG written at the end (default: {CURVE_FILENAME} beside the metrics file)")
+                     help=f"learning-curve PNG written at the end (default: DIR/{CURVE_FILENAME} with --checkpoint, "
+                          "else beside the metrics file)")
     out.add_argument("--run-name", default=None, metavar="NAME",
                      help="name of the run on the dashboard page (default: the checkpoint directory's name)")
     out.add_argument("--no-dashboard", action="store_true", help="do not add the dlearner page to the Dask dashboard")
@@ -254,72 +256,7 @@ def _flag(name: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- configs
-def config_from_dict(data: Mapping[str, Any]) -> AlgorithmConfig:
-    """Rebuild a config from :meth:`AlgorithmConfig.to_dict` output (as stored in checkpoint metadata).
-
-    Only classes that dlearner ships are imported (config, learner and module classes): importing a
-    class named by a file would run code chosen by whoever wrote it.
-
-    Raises:
-        ValueError: the dict names a class outside dlearner, a setting this version does not know,
-            or an environment given as a Python callable (which a checkpoint cannot store).
-    """
-    if not isinstance(data, Mapping) or not isinstance(data.get("config_class"), str):
-        raise ValueError("The stored config has no 'config_class'; it was not written by AlgorithmConfig.to_dict().")
-    config_cls = _dlearner_class(data["config_class"], "config")
-    if not issubclass(config_cls, AlgorithmConfig):
-        raise ValueError(f"{data['config_class']!r} is not an AlgorithmConfig subclass.")
-    config = config_cls()
-    settings = {k: v for k, v in data.items() if k != "config_class"}
-    unknown = sorted(set(settings) - set(vars(config)))
-    if unknown:
-        raise ValueError(
-            f"The stored config has settings {unknown} that {config_cls.__name__} does not know; "
-            "it was probably written by a newer dlearner."
-        )
-    for key, value in settings.items():
-        if key == "env" and isinstance(value, str) and value.startswith("<callable"):
-            raise ValueError(
-                f"The run's environment was a Python callable ({value}), which a checkpoint cannot store; "
-                "rebuild the config in Python with .environment(your_env_creator)."
-            )
-        if key == "learner_class" and value is not None:
-            value = _dlearner_class(value, "learner")
-        elif key == "rl_module_spec" and value is not None:
-            value = _spec_from_json(value)
-        setattr(config, key, copy.deepcopy(value))
-    config.validate()
-    return config
-
-
-def _dlearner_class(path: str, what: str) -> type:
-    from dlearner.rl_module import import_class
-
-    if not path.startswith("dlearner."):
-        raise ValueError(
-            f"The checkpoint names the {what} class {path!r}, which dlearner does not ship; importing it would run "
-            "code chosen by the checkpoint. Rebuild the config in Python and call algo.restore_from_path()."
-        )
-    return import_class(path)
-
-
-def _spec_from_json(data: Mapping[str, Any]) -> Any:
-    """Inverse of ``dlearner.config._spec_to_json``: one partial RLModuleSpec, or one per module id."""
-    from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec
-    from dlearner.spaces import space_from_json
-
-    def one(spec: Mapping[str, Any]) -> RLModuleSpec:
-        return RLModuleSpec(
-            module_class=_dlearner_class(spec["module_class"], "module") if spec.get("module_class") else None,
-            observation_space=space_from_json(spec["observation_space"]) if spec.get("observation_space") else None,
-            action_space=space_from_json(spec["action_space"]) if spec.get("action_space") else None,
-            model_config=dict(spec["model_config"]) if spec.get("model_config") is not None else None,
-        )
-
-    single_keys = {"module_class", "observation_space", "action_space", "model_config"}
-    if set(data) == single_keys:
-        return one(data)
-    return MultiRLModuleSpec(rl_module_specs={mid: one(spec) for mid, spec in data.items()})
+config_from_dict = AlgorithmConfig.from_dict
 
 
 def _algo_name(config: AlgorithmConfig) -> str:
@@ -449,6 +386,10 @@ def _check_train_args(args: argparse.Namespace) -> None:
             f"argument --scheduler-file: {args.scheduler_file!r} does not exist; pass the file the scheduler wrote "
             "(dask scheduler --scheduler-file PATH)."
         )
+    if args.plot is not None and args.checkpoint is None and args.metrics_file is None:
+        raise UsageError(
+            "argument --plot: the curve is drawn from the metrics file; pass --checkpoint DIR or --metrics-file PATH."
+        )
     if args.checkpoint is not None and _is_url(args.checkpoint) and _local_dir(args.checkpoint) is None \
             and args.metrics_file is None:
         raise UsageError(
@@ -457,7 +398,7 @@ def _check_train_args(args: argparse.Namespace) -> None:
         )
 
 
-def _make_config(args: argparse.Namespace) -> tuple:
+def _make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Dict[str, Any]]]:
     """``(config, metadata of the checkpoint to resume or None)`` from the flags."""
     metadata = None
     if args.resume:
@@ -473,7 +414,9 @@ def _make_config(args: argparse.Namespace) -> tuple:
             config = config_from_dict(metadata["config"])
         stored_algo = _algo_name(config)
         if args.algo is not None and args.algo != stored_algo:
-            raise UsageError(f"argument --algo: the checkpoint {args.checkpoint!r} was trained with {stored_algo}, not {args.algo}.")
+            raise UsageError(
+                f"argument --algo: the checkpoint {args.checkpoint!r} was trained with {stored_algo}, not {args.algo}."
+            )
         if args.env is not None and args.env != config.env:
             raise UsageError(
                 f"argument --env: the checkpoint {args.checkpoint!r} was trained on {config.env!r}, not {args.env!r}; "
@@ -503,14 +446,16 @@ def _make_config(args: argparse.Namespace) -> tuple:
     return config, metadata
 
 
-def _output_paths(args: argparse.Namespace) -> tuple:
+def _output_paths(args: argparse.Namespace) -> Tuple[Optional[Path], Optional[Path]]:
     """``(metrics file or None, learning-curve PNG or None)``."""
+    local = _local_dir(args.checkpoint) if args.checkpoint is not None else None
     metrics = Path(args.metrics_file) if args.metrics_file else None
-    if metrics is None and args.checkpoint is not None:
-        local = _local_dir(args.checkpoint)
-        metrics = local / METRICS_FILENAME if local is not None else None
+    if metrics is None and local is not None:
+        metrics = local / METRICS_FILENAME
     if args.plot:
         png = Path(args.plot)
+    elif local is not None:
+        png = local / CURVE_FILENAME
     elif metrics is not None:
         png = metrics.with_name(CURVE_FILENAME)
     else:
@@ -531,33 +476,17 @@ def _describe_setup(name: str, config: AlgorithmConfig) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``dlearner train``: see the module docstring and ``dlearner train --help``."""
-    from dlearner.reporting import MetricsWriter, ProgressDisplay, plot_learning_curve
+    from dlearner.reporting import MetricsWriter, ProgressDisplay
 
     _check_train_args(args)
-    config, resume_metadata = _make_config(args)
+    config, resume_metadata = _make_config(args)  # every flag is checked before any cluster starts
     name = _algo_name(config)
     metrics_path, png_path = _output_paths(args)
-    run_name = args.run_name or (
-        Path(urllib.parse.urlsplit(args.checkpoint).path if _is_url(args.checkpoint) else args.checkpoint).name
-        if args.checkpoint else f"{name.lower()}-{config.env}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
     progress = ProgressDisplay()
     progress.message(f"dlearner: {_describe_setup(name, config)}")
-
-    own_client = None
-    algo = None
-    writer = None
+    own_client = algo = writer = None
     try:
-        if args.address is not None or args.scheduler_file is not None:
-            own_client = _connect(args)
-            with _flag("--address" if args.address else "--scheduler-file"):
-                config.cluster(client=own_client)
-            if config.num_learners == 0 and config.num_env_runners == 0:
-                print(
-                    "dlearner: warning: --num-learners and --num-env-runners are 0, so only the dashboard page uses "
-                    "the cluster; pass --num-learners N or --num-env-runners N to train on it.",
-                    file=sys.stderr,
-                )
+        own_client = _attach(args, config)
         algo = config.build_algo()
         if resume_metadata is not None:
             algo.restore_from_path(args.checkpoint)
@@ -569,51 +498,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Save before anything else is written there: the directory is a checkpoint from the start,
             # so the metrics file and the curve can live beside the store (and --resume works at once).
             algo.save_to_path(args.checkpoint)
-
-        client = own_client if own_client is not None else _algo_client(algo)
-        if client is not None:
-            progress.message(f"dlearner: Dask dashboard {client.dashboard_link}")
-            if not args.no_dashboard:
-                url = _register_dashboard(client)
-                if url:
-                    progress.message(f"dlearner: training page {url}  (run {run_name!r})")
-
+        dashboard = _Dashboard(args, own_client if own_client is not None else _algo_client(algo), name, config, progress)
         stop = _StopConditions(args, start_iteration=algo.iteration)
         progress.message(f"dlearner: stopping at {stop.describe()}")
         if metrics_path is not None:
             writer = MetricsWriter(metrics_path, resume_after_iteration=algo.iteration if resume_metadata else None)
-        progress.begin(algo.num_env_steps_sampled_lifetime)
-        reason = stop.reached(algo.iteration, algo.num_env_steps_sampled_lifetime, None)
-        last_saved = algo.iteration if args.checkpoint else None
-        result: Optional[Dict[str, Any]] = None
-        interrupted = False
-        try:
-            while reason is None:
-                result = algo.train()
-                if writer is not None:
-                    writer.write(result)
-                progress.update(result)
-                if client is not None and not args.no_dashboard:
-                    from dlearner.dashboard import publish_metrics
-
-                    publish_metrics(client, run_name, result)
-                iteration = int(result["training_iteration"])
-                if args.checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
-                    algo.save_to_path(args.checkpoint)
-                    last_saved = iteration
-                reason = stop.reached(
-                    iteration, int(result["num_env_steps_sampled_lifetime"]),
-                    result["env_runners"].get("episode_return_mean"),
-                )
-        except KeyboardInterrupt:
-            interrupted = True
-            reason = "interrupted (Ctrl-C)"
+        result, reason, interrupted, last_saved = _train_loop(args, algo, stop, writer, progress, dashboard)
         progress.close()
-        if result is not None and client is not None and not args.no_dashboard:
-            from dlearner.dashboard import publish_metrics
-
-            publish_metrics(client, run_name, result, wait=True)  # the last one must arrive before we close
-        if args.checkpoint and last_saved != algo.iteration:
+        if result is not None:
+            dashboard.publish(result, last=True)
+        if args.checkpoint and algo.iteration != last_saved:
             algo.save_to_path(args.checkpoint)
         progress.message(f"dlearner: stopped: {reason}")
         if args.checkpoint:
@@ -624,18 +518,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if writer is not None:
             writer.close()
             progress.message(f"dlearner: metrics {metrics_path}")
-            if png_path is not None:
-                try:
-                    plot_learning_curve(metrics_path, png_path, title=f"{name} on {config.env} ({run_name})")
-                except ValueError as err:  # no finished episode yet: training itself succeeded
-                    print(f"dlearner: warning: learning curve not drawn: {err}", file=sys.stderr)
-                else:
-                    progress.message(f"dlearner: learning curve {png_path}")
+            _draw_curve(metrics_path, png_path, f"{name} on {config.env} ({dashboard.run_name})", progress)
         elif result is not None:
-            print(
-                "dlearner: note: no --checkpoint or --metrics-file, so no metrics file or learning curve was written.",
-                file=sys.stderr,
-            )
+            print("dlearner: note: no --checkpoint or --metrics-file, so no metrics file or learning curve was written.",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED if interrupted else EXIT_OK
     finally:
         progress.close()
@@ -645,6 +531,121 @@ def cmd_train(args: argparse.Namespace) -> int:
             algo.stop()
         if own_client is not None:
             own_client.close()  # only our connection: the cluster we attached to keeps running
+
+
+def _train_loop(
+    args: argparse.Namespace, algo: Any, stop: "_StopConditions", writer: Any, progress: Any, dashboard: "_Dashboard"
+) -> Tuple[Optional[Dict[str, Any]], str, bool, Optional[int]]:
+    """Train until a stop condition (or Ctrl-C/SIGTERM); returns ``(last result, why it stopped,
+    interrupted?, iteration of the last checkpoint saved or None)``."""
+    progress.begin(algo.num_env_steps_sampled_lifetime)
+    reason = stop.reached(algo.iteration, algo.num_env_steps_sampled_lifetime, None)
+    last_saved = algo.iteration if args.checkpoint else None
+    result: Optional[Dict[str, Any]] = None
+    restore_sigterm = _sigterm_interrupts()
+    try:
+        while reason is None:
+            result = algo.train()
+            if writer is not None:
+                writer.write(result)
+            progress.update(result)
+            dashboard.publish(result)
+            iteration = int(result["training_iteration"])
+            if args.checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+                algo.save_to_path(args.checkpoint)
+                last_saved = iteration
+            reason = stop.reached(
+                iteration, int(result["num_env_steps_sampled_lifetime"]), result["env_runners"].get("episode_return_mean")
+            )
+    except KeyboardInterrupt:
+        return result, "interrupted (Ctrl-C or SIGTERM)", True, last_saved
+    finally:
+        restore_sigterm()
+    return result, reason, False, last_saved
+
+
+class _Dashboard:
+    """Prints the dashboard links and feeds the dlearner page (a no-op without a cluster or with --no-dashboard)."""
+
+    def __init__(self, args: argparse.Namespace, client: Any, name: str, config: AlgorithmConfig, progress: Any):
+        self.client = client
+        self.enabled = client is not None and not args.no_dashboard
+        if args.run_name:
+            self.run_name = args.run_name
+        elif args.checkpoint:
+            # The checkpoint directory's name: a resumed run continues its curve on the page.
+            path = urllib.parse.urlsplit(args.checkpoint).path if _is_url(args.checkpoint) else args.checkpoint
+            self.run_name = Path(path).name
+        else:
+            self.run_name = f"{name.lower()}-{config.env}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if client is None:
+            return
+        progress.message(f"dlearner: Dask dashboard {client.dashboard_link}")
+        if not self.enabled:
+            return
+        from dlearner.dashboard import register_dashboard
+
+        try:
+            url = register_dashboard(client)
+        except RuntimeError as err:
+            # The page is an extra: training goes on without it, but say why it is missing.
+            print(f"dlearner: warning: no training page on the dashboard: {err}", file=sys.stderr)
+            self.enabled = False
+            return
+        if url:
+            progress.message(f"dlearner: training page {url}  (run {self.run_name!r})")
+
+    def publish(self, result: Mapping[str, Any], *, last: bool = False) -> None:
+        """Send ``result`` to the page; the ``last`` one waits until it has arrived (the client closes next)."""
+        if not self.enabled:
+            return
+        from dlearner.dashboard import publish_metrics
+
+        try:
+            publish_metrics(self.client, self.run_name, result, wait=last)
+        except OSError as err:  # the scheduler went away: the run's own outputs are unaffected
+            print(f"dlearner: warning: could not send the last metrics to the dashboard: {err}", file=sys.stderr)
+
+
+def _draw_curve(metrics_path: Path, png_path: Optional[Path], title: str, progress: Any) -> None:
+    from dlearner.reporting import plot_learning_curve
+
+    if png_path is None:
+        return
+    try:
+        plot_learning_curve(metrics_path, png_path, title=title)
+    except ValueError as err:  # no finished episode yet: training itself succeeded
+        print(f"dlearner: warning: learning curve not drawn: {err}", file=sys.stderr)
+    else:
+        progress.message(f"dlearner: learning curve {png_path}")
+
+
+def _attach(args: argparse.Namespace, config: AlgorithmConfig) -> Any:
+    """With ``--address``/``--scheduler-file``: connect, point ``config`` at the cluster, return the client."""
+    if args.address is None and args.scheduler_file is None:
+        return None
+    client = _connect(args)
+    config.cluster(client=client)
+    if config.num_learners == 0 and config.num_env_runners == 0:
+        print(
+            "dlearner: warning: --num-learners and --num-env-runners are 0, so only the dashboard page uses the "
+            "cluster; pass --num-learners N or --num-env-runners N to train on it.",
+            file=sys.stderr,
+        )
+    return client
+
+
+def _sigterm_interrupts() -> Callable[[], None]:
+    """Make SIGTERM (``kill``, SLURM's time limit, ``scancel``) stop training like Ctrl-C, so the run
+    saves its checkpoint; returns a function that restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def _connect(args: argparse.Namespace) -> Any:
@@ -665,17 +666,6 @@ def _connect(args: argparse.Namespace) -> Any:
 def _algo_client(algo: Any) -> Any:
     """The Dask client the algorithm's actors run through, or ``None`` when everything runs in this process."""
     return algo.learner_group.client
-
-
-def _register_dashboard(client: Any) -> str:
-    from dlearner.dashboard import register_dashboard
-
-    try:
-        return register_dashboard(client)
-    except RuntimeError as err:
-        # The page is an extra: training goes on without it, but say why it is missing.
-        print(f"dlearner: warning: no training page on the dashboard: {err}", file=sys.stderr)
-        return ""
 
 
 # ------------------------------------------------------------------------------- evaluate

@@ -22,12 +22,12 @@ from __future__ import annotations
 import copy
 import math
 import numbers
-from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import gymnasium as gym
 
 from dlearner.columns import DEFAULT_MODULE_ID
-from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, class_path, validate_model_config
+from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, class_path, import_dlearner_class, validate_model_config
 from dlearner.schedules import PiecewiseSchedule
 
 
@@ -402,6 +402,41 @@ class AlgorithmConfig:
             out[key] = value
         return out
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AlgorithmConfig":
+        """Rebuild a config from :meth:`to_dict` output (as stored in checkpoint metadata).
+
+        Only classes that dlearner ships are imported (config, learner and module classes): importing a
+        class named by a file would run code chosen by whoever wrote it. Raises ``ValueError`` for a class
+        outside dlearner, a setting this version does not know, or an environment given as a callable.
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("config_class"), str):
+            raise ValueError("The stored config has no 'config_class'; it was not written by AlgorithmConfig.to_dict().")
+        config_cls = import_dlearner_class(data["config_class"], "config")
+        if not issubclass(config_cls, cls):
+            raise ValueError(f"{data['config_class']!r} is not a {cls.__name__} subclass.")
+        config = config_cls()
+        settings = {k: v for k, v in data.items() if k != "config_class"}
+        unknown = sorted(set(settings) - set(vars(config)))
+        if unknown:
+            raise ValueError(
+                f"The stored config has settings {unknown} that {config_cls.__name__} does not know; "
+                "it was probably written by a newer dlearner."
+            )
+        for key, value in settings.items():
+            if key == "env" and isinstance(value, str) and value.startswith("<callable"):
+                raise ValueError(
+                    f"The run's environment was a Python callable ({value}), which a checkpoint cannot store; "
+                    "rebuild the config in Python with .environment(your_env_creator)."
+                )
+            if key == "learner_class" and value is not None:
+                value = import_dlearner_class(value, "learner")
+            elif key == "rl_module_spec" and value is not None:
+                value = _spec_from_json(value)
+            setattr(config, key, copy.deepcopy(value))
+        config.validate()
+        return config
+
 
 def _spec_to_json(spec):
     if spec is None:
@@ -420,3 +455,20 @@ def _partial_spec_json(spec: RLModuleSpec):
         "action_space": space_to_json(spec.action_space) if spec.action_space else None,
         "model_config": spec.model_config,
     }
+
+
+def _spec_from_json(data: Mapping[str, Any]) -> Union[RLModuleSpec, MultiRLModuleSpec]:
+    """Inverse of :func:`_spec_to_json`: one partial RLModuleSpec, or one per module id."""
+    from dlearner.spaces import space_from_json
+
+    def one(spec: Mapping[str, Any]) -> RLModuleSpec:
+        return RLModuleSpec(
+            module_class=import_dlearner_class(spec["module_class"], "module") if spec.get("module_class") else None,
+            observation_space=space_from_json(spec["observation_space"]) if spec.get("observation_space") else None,
+            action_space=space_from_json(spec["action_space"]) if spec.get("action_space") else None,
+            model_config=dict(spec["model_config"]) if spec.get("model_config") is not None else None,
+        )
+
+    if set(data) == {"module_class", "observation_space", "action_space", "model_config"}:
+        return one(data)
+    return MultiRLModuleSpec(rl_module_specs={mid: one(spec) for mid, spec in data.items()})

@@ -46,7 +46,7 @@ import numbers
 import time
 import urllib.parse
 import weakref
-from typing import Any, Deque, Dict, List, Mapping, MutableMapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
@@ -247,9 +247,10 @@ class _RunRecord:
         return "update", "total loss (mean over modules)"
 
     def add_point(self, step: int, x: Optional[float], y: Optional[float]) -> None:
+        late = bool(self.history) and step < next(reversed(self.history))
         self.history[step] = (x, y)
-        if len(self.history) > 1 and step < next(reversed(self.history)):
-            self.history = collections.OrderedDict(sorted(self.history.items()))  # a late message
+        if late:  # messages may overtake each other: keep the curve in step order
+            self.history = collections.OrderedDict(sorted(self.history.items()))
         while len(self.history) > self.max_history:
             self.history.popitem(last=False)
 
@@ -296,7 +297,7 @@ class MetricsStore:
             while len(self.runs) > self.max_runs:
                 self.runs.popitem(last=False)  # the run that was updated longest ago
         self.runs.move_to_end(run_id)
-        run.updated = float(message.get("time") or received or time.time())
+        run.updated = float(message.get("time") or received or time.time())  # the sender's clock if it has one
         run.kind = kind
         if kind == _KIND_TRAIN:
             self._add_train(run, result)
@@ -375,7 +376,7 @@ class DashboardPlugin(SchedulerPlugin):
             for timestamp, message in topic_events
         ), key=lambda event: event[0]) if events else []
         for timestamp, topic, message in replay:
-            self.log_event(topic, message)
+            self._handle(topic, message, timestamp)
         app = getattr(scheduler, "http_application", None)
         if app is None:
             logger.warning("The scheduler runs no HTTP server; the dlearner dashboard page is not served.")
@@ -397,18 +398,22 @@ class DashboardPlugin(SchedulerPlugin):
 
     def log_event(self, topic: str, msg: Any) -> None:
         """Scheduler hook, called for every logged event: keep ours and the learner groups'."""
+        self._handle(topic, msg, time.time())
+
+    def _handle(self, topic: str, msg: Any, timestamp: float) -> None:
         if self.store is None:
             return
         if topic == EVENT_TOPIC:
-            self.store.add(msg)
+            self.store.add(msg, timestamp)
         elif topic.startswith(LEARNER_TOPIC_PREFIX) and isinstance(msg, Mapping):
-            request = msg.get("request")
+            # The message's request number also counts non-update requests, so the page numbers the
+            # updates it receives instead.
             self.store.add({
                 "run_id": "learner-group-" + topic[len(LEARNER_TOPIC_PREFIX):],
                 "kind": _KIND_LEARNER,
+                "time": timestamp,
                 "result": _sanitize(msg.get("result")) if isinstance(msg.get("result"), Mapping) else None,
-                **({"step": request} if isinstance(request, int) else {}),
-            })
+            }, timestamp)
 
 
 def dask_setup(scheduler: Any) -> None:

@@ -616,9 +616,10 @@ class TorchLearner(Learner):
         self._collective.all_reduce_sum(flat)
         gradients: ParamDict = {}
         offset = 0
-        for i, p in enumerate(params):
+        # The flags as Python numbers in one conversion (not one tensor comparison per parameter).
+        for p, has_grad in zip(params, flat[-len(params):].tolist()):
             n = p.numel()
-            if flat[-len(params) + i] > 0:
+            if has_grad > 0:
                 p.grad = flat[offset : offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(flat[offset : offset + n].view_as(p))
                 gradients[p] = p.grad
             offset += n

@@ -166,7 +166,7 @@ class LearnerGroup:
             from dlearner.columns import DEFAULT_MODULE_ID
 
             module_spec = MultiRLModuleSpec(rl_module_specs={DEFAULT_MODULE_ID: module_spec})
-        self.config = config
+        self.config = config.copy()  # later changes to the caller's config do not reach a running group
         self.group_id = uuid.uuid4().hex[:8]
         self._learner_class: type = config.get_learner_class()
         self._module_spec = MultiRLModuleSpec(rl_module_specs=dict(module_spec.rl_module_specs))
@@ -175,7 +175,7 @@ class LearnerGroup:
         self._closed = False
         self._pool: Any = None
         learner_config = config.copy_for_learner()
-        if config.num_learners == 0:
+        if self.config.num_learners == 0:
             self._pool = _LocalLearnerPool(learner_config, self._module_spec, self._learner_class)
             return
         if learner_config.seed is None:
@@ -184,12 +184,12 @@ class LearnerGroup:
         from dlearner.dask_backend import DaskLearnerPool
 
         self._pool = DaskLearnerPool(
-            config=config,
+            config=self.config,
             learner_config=learner_config,
             module_spec=self._module_spec,
             learner_class=self._learner_class,
             group_id=self.group_id,
-            num_learners=int(config.num_learners),
+            num_learners=int(self.config.num_learners),
             collective_timeout_s=collective_timeout_s,
         )
 
@@ -306,6 +306,15 @@ class LearnerGroup:
             pending, future = self._pool.submit_future(_update_op, shards, log_topic=self._pool.metrics_topic)
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
+
+    def drain_async_results(self) -> List[ResultDict]:
+        """Wait for every async request in flight; return the results ``update(async_update=True)``
+        has not reported yet, in submission order (e.g. at the end of training). A failed request
+        is raised once the results submitted before it were returned."""
+        self._check_open()
+        concurrent.futures.wait([r.future for r in self._in_flight])
+        # If a request failed, the results before it come back now and the next call raises it.
+        return self._collect_finished()
 
     def _prepare_update(self, batch, timesteps, num_epochs, minibatch_size, shuffle, *, copy: bool) -> List[tuple]:
         """Validate in the driver (before anything is sent or numbered), then shard."""

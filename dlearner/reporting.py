@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, TextIO, Union
+from typing import Any, Dict, List, Mapping, Optional, TextIO, Union
 
 __all__ = [
     "RETURN_KEY",
@@ -310,9 +310,3 @@ class ProgressDisplay:
 def _clock(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def summarize_rows(rows: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
-    """Best and last mean return of a metrics file's rows (for the end-of-training summary)."""
-    returns = [row[RETURN_KEY] for row in rows if _is_real(row.get(RETURN_KEY))]
-    return {"best_return": max(returns) if returns else None, "last_return": returns[-1] if returns else None}

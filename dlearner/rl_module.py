@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any, Dict, Iterator, Mapping, Optional, Type
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Type
 
 import gymnasium as gym
 import numpy as np
@@ -74,6 +74,23 @@ def import_class(path: str) -> type:
     if not isinstance(obj, type):
         raise ValueError(f"{path!r} is not a class.")
     return obj
+
+
+def import_dlearner_class(path: str, what: str, trusted: Iterable[type] = ()) -> type:
+    """Import a class named in a checkpoint, but only one dlearner ships or the caller trusts.
+
+    Importing an arbitrary module path would run code chosen by whoever wrote the file.
+    """
+    for cls in trusted:
+        if class_path(cls) == path:
+            return cls
+    if not isinstance(path, str) or not path.startswith("dlearner."):
+        raise ValueError(
+            f"The checkpoint names the {what} class {path!r}, which dlearner does not ship; importing it would run "
+            f"code chosen by the checkpoint. Pass trusted_classes=[{str(path).rpartition('.')[2]}] (or rebuild the "
+            "config in Python) if you trust it."
+        )
+    return import_class(path)
 
 
 class RLModule(nn.Module):

@@ -1,0 +1,334 @@
+"""The `dlearner` command, run as users run it (the installed console script, in a subprocess), plus
+the reporting helpers it uses (metrics file, progress display, learning curve) and config round trips."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dlearner import PPOConfig, RLModuleSpec
+from dlearner.cli import config_from_dict, main
+from dlearner.reporting import MetricsWriter, ProgressDisplay, flatten_result, plot_learning_curve, read_metrics
+
+# The console script of the environment running the tests (CI runs .venv/bin/python without activating
+# the venv, so PATH may not have it); PATH as a fallback.
+_BESIDE_PYTHON = Path(sys.executable).with_name("dlearner")
+DLEARNER = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.is_file() else shutil.which("dlearner")
+# Small and fast: a tiny model, small batches, everything in the driver unless a test says otherwise.
+FAST = [
+    "--fcnet-hiddens", "16,16", "--train-batch-size", "256", "--minibatch-size", "128", "--num-epochs", "1",
+    "--num-envs-per-env-runner", "4", "--seed", "0",
+]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def dlearner(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    assert DLEARNER is not None, "the `dlearner` console script is not installed (pip install -e .)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *names: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for name in names:
+        assert name in proc.stderr, (name, proc.stderr)
+
+
+def assert_real_plot(path: Path) -> None:
+    import matplotlib.image
+
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE)
+    assert len(data) > 10_000, len(data)
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
+    colours = np.unique(image.reshape(-1, image.shape[-1]).round(2), axis=0)
+    assert len(colours) > 20, "the PNG is (nearly) a single colour"
+
+
+# ------------------------------------------------------------------------------ user errors
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["train", "--env", "CartPole-v1", "--num-learnerz", "2"], ["--num-learnerz"]),
+        (["train", "--env", "CartPole-v1", "--lr", "-0.1"], ["--lr"]),
+        (["train", "--env", "CartPole-v1", "--scheduler-file", "/no/such/sched.json"],
+         ["--scheduler-file", "/no/such/sched.json"]),
+    ],
+)
+def test_bad_flags_exit_non_zero_naming_the_flag(args, names):
+    assert_user_error(dlearner(*args), *names)
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["train", "--env", "CartPole-v1", "--num-learners", "two"], ["--num-learners", "two"]),
+        (["train", "--env", "NoSuchEnv-v0", "--stop-iters", "1"], ["--env", "NoSuchEnv-v0"]),
+        (["train", "--stop-iters", "1"], ["--env"]),
+        (["train", "--env", "CartPole-v1", "--resume"], ["--resume", "--checkpoint"]),
+        (["train", "--env", "CartPole-v1", "--algo", "BC"], ["--algo", "BC"]),
+        (["train", "--env", "CartPole-v1", "--minibatch-size", "4096"], ["--minibatch-size", "4096"]),
+        (["train", "--env", "CartPole-v1", "--env-config", "[1]"], ["--env-config"]),
+        (["plot", "metrics.jsonl", "--bogus"], ["--bogus"]),
+    ],
+)
+def test_more_bad_flags_in_process(args, names, capsys):
+    # The same main() the console script calls, without a subprocess per case.
+    try:
+        status = main(args)
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    for name in names:
+        assert name in err, (name, err)
+
+
+def test_missing_checkpoint_paths_are_named(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-run")
+    for args in (["evaluate", missing], ["inspect", missing]):
+        proc = dlearner(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert_user_error(proc, missing)
+    for args in (["train", "--checkpoint", missing, "--resume"], ["plot", missing + "/metrics.jsonl"]):
+        assert main(args) == 2
+        assert missing in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- train, resume, inspect, evaluate
+def test_train_resume_inspect_evaluate_and_plot(tmp_path, capsys):
+    run = tmp_path / "cartpole"
+    first = dlearner("train", "--algo", "PPO", "--env", "CartPole-v1", "--num-learners", "0",
+                     "--num-env-runners", "0", "--stop-iters", "2", "--checkpoint", str(run), *FAST)
+    assert first.returncode == 0, first.stderr
+    assert "Traceback" not in first.stderr
+    # Not a terminal: one progress line per iteration.
+    progress = [line.split("|")[0].strip() for line in first.stdout.splitlines() if line.startswith("iter")]
+    assert progress == ["iter    1", "iter    2"]
+    assert (run / "zarr.json").is_file()
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["training_iteration"] for r in rows] == [1, 2]
+    steps_after_2 = rows[-1]["num_env_steps_sampled_lifetime"]
+    assert steps_after_2 >= 512
+    assert isinstance(rows[-1]["learners/default_policy/total_loss"], float)
+
+    # Starting again in the same directory without --resume would overwrite the run: refused.
+    again = dlearner("train", "--env", "CartPole-v1", "--checkpoint", str(run), "--stop-iters", "1", *FAST)
+    assert_user_error(again, "--resume", str(run))
+
+    # --resume continues the counters; the settings come from the checkpoint.
+    second = dlearner("train", "--checkpoint", str(run), "--resume", "--stop-iters", "4")
+    assert second.returncode == 0, second.stderr
+    assert "resumed" in second.stdout and "iteration 2" in second.stdout
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4]
+    steps = [r["num_env_steps_sampled_lifetime"] for r in rows]
+    assert steps[2] > steps_after_2 and steps == sorted(steps)
+    assert steps[3] - steps[2] == steps[1] - steps[0]  # same settings: same steps per iteration
+    assert_real_plot(run / "learning_curve.png")
+
+    inspected = dlearner("inspect", str(run))
+    assert inspected.returncode == 0, inspected.stderr
+    assert "Algorithm" in inspected.stdout and "default_policy" in inspected.stdout
+    assert "CartPole-v1" in inspected.stdout
+    assert main(["inspect", str(run), "--json"]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert as_json["metadata"]["counters"]["iteration"] == 4
+    assert as_json["metadata"]["config"]["model_config"] == {"fcnet_hiddens": [16, 16]}
+
+    evaluated = dlearner("evaluate", str(run), "--episodes", "2")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert len([line for line in evaluated.stdout.splitlines() if line.startswith("episode")]) == 2
+    assert "mean return over 2 greedy episodes" in evaluated.stdout
+    assert main(["evaluate", str(run), "--episodes", "2", "--seed", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_episodes"] == 2 and out["iteration"] == 4 and out["episode_return_mean"] > 0
+
+    curve = tmp_path / "curve.png"
+    assert main(["plot", str(run / "metrics.jsonl"), "-o", str(curve)]) == 0
+    assert capsys.readouterr().out.strip() == str(curve)
+    assert_real_plot(curve)
+
+
+def test_train_attaches_with_a_scheduler_file_and_leaves_the_cluster_running(tmp_path):
+    from distributed import Client, LocalCluster
+
+    scheduler_file = tmp_path / "scheduler.json"
+    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster:
+        with Client(cluster) as client:
+            client.write_scheduler_file(str(scheduler_file))
+            proc = dlearner("train", "--env", "CartPole-v1", "--num-learners", "1", "--num-env-runners", "0",
+                            "--stop-iters", "2", "--scheduler-file", str(scheduler_file),
+                            "--checkpoint", str(tmp_path / "attached"), "--run-name", "attached-run", *FAST)
+            assert proc.returncode == 0, proc.stderr
+            assert "Traceback" not in proc.stderr
+            page = client.dashboard_link.replace("/status", "/dlearner")
+            assert page in proc.stdout  # the dashboard link is printed at start
+            # The cluster is still there and usable, with its worker.
+            assert cluster.status.name == "running"
+            assert len(client.scheduler_info()["workers"]) == 1
+            assert client.submit(sum, [1, 2]).result() == 3
+            # The run's metrics reached the page on the cluster's own dashboard port.
+            with urllib.request.urlopen(page + "/metrics.json?run=attached-run", timeout=30) as response:
+                (run,) = json.loads(response.read())["runs"]
+            assert run["step"] == 2 and "total_loss" in run["learners"]["default_policy"]
+    assert [r["training_iteration"] for r in read_metrics(tmp_path / "attached" / "metrics.jsonl")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_train_on_an_embedded_cluster_prints_the_dashboard_link(tmp_path):
+    proc = dlearner("train", "--env", "CartPole-v1", "--num-learners", "1", "--stop-iters", "1",
+                    "--metrics-file", str(tmp_path / "m.jsonl"), *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "Dask dashboard http://" in proc.stdout and "/dlearner" in proc.stdout
+    assert (tmp_path / "learning_curve.png").is_file()
+
+
+# --------------------------------------------------------------------------- config round trip
+def test_config_from_dict_round_trips_the_stored_config():
+    config = (
+        PPOConfig().environment("CartPole-v1", env_config={"render_mode": None})
+        .training(lr=[[0, 1e-3], [1000, 1e-4]], entropy_coeff=0.01, train_batch_size=512)
+        .rl_module(model_config={"fcnet_hiddens": [8]}).learners(num_learners=2).debugging(seed=7)
+    )
+    rebuilt = config_from_dict(json.loads(json.dumps(config.to_dict())))
+    assert type(rebuilt) is PPOConfig
+    assert rebuilt.to_dict() == json.loads(json.dumps(config.to_dict()))
+
+
+def test_config_from_dict_rebuilds_module_specs_and_refuses_foreign_classes(cartpole):
+    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space,
+                        model_config={"fcnet_hiddens": [8]})
+    config = PPOConfig().environment("CartPole-v1").rl_module(rl_module_spec=spec)
+    rebuilt = config_from_dict(config.to_dict())
+    assert rebuilt.rl_module_spec.observation_space == cartpole.observation_space
+    assert rebuilt.get_multi_rl_module_spec().rl_module_specs["default_policy"].model_config == {"fcnet_hiddens": [8]}
+
+    foreign = {**config.to_dict(), "config_class": "os.system"}
+    with pytest.raises(ValueError, match="does not ship"):
+        config_from_dict(foreign)
+    with pytest.raises(ValueError, match="does not know"):
+        config_from_dict({**config.to_dict(), "warp_drive": True})
+    with pytest.raises(ValueError, match="callable"):
+        config_from_dict({**config.to_dict(), "env": "<callable make_env>"})
+
+
+# ------------------------------------------------------------------------------------ reporting
+def test_flatten_result_gives_plain_json_values():
+    flat = flatten_result({
+        "training_iteration": np.int64(3),
+        "env_runners": {"episode_return_mean": np.float32(1.5), "episode_len_mean": float("nan")},
+        "learners": {"default_policy": {"total_loss": np.float64(0.25)}},
+        "returns": np.array([1.0, float("inf")]),
+    })
+    assert flat == {
+        "training_iteration": 3,
+        "env_runners/episode_return_mean": 1.5,
+        "env_runners/episode_len_mean": None,
+        "learners/default_policy/total_loss": 0.25,
+        "returns": [1.0, None],
+    }
+    assert type(flat["training_iteration"]) is int and type(flat["env_runners/episode_return_mean"]) is float
+    with pytest.raises(TypeError, match="bad"):
+        flatten_result({"bad": object()})
+
+
+def test_metrics_writer_appends_and_resumes_after_the_checkpoint(tmp_path):
+    path = tmp_path / "run" / "metrics.jsonl"
+    with MetricsWriter(path) as writer:
+        for i in range(1, 6):
+            writer.write({"training_iteration": i, "num_env_steps_sampled_lifetime": 10 * i,
+                          "env_runners": {"episode_return_mean": float(i)}})
+    with path.open("a") as f:
+        f.write('{"training_iteration": 6, "num_env')  # a line torn by a crash
+    assert [r["training_iteration"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    # Resuming from a checkpoint of iteration 3 drops the rows written after it.
+    with MetricsWriter(path, resume_after_iteration=3) as writer:
+        writer.write({"training_iteration": 4, "num_env_steps_sampled_lifetime": 40})
+    assert [r["training_iteration"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    for line in path.read_text().splitlines():
+        assert "NaN" not in line
+    with MetricsWriter(path) as writer:  # a new run starts a new file
+        pass
+    assert read_metrics(path) == []
+
+
+def test_plot_learning_curve_draws_a_real_plot_and_explains_an_empty_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsWriter(path) as writer:
+        writer.write({"training_iteration": 1, "num_env_steps_sampled_lifetime": 100,
+                      "env_runners": {"episode_return_mean": float("nan")}})
+    with pytest.raises(ValueError, match="nothing to plot"):
+        plot_learning_curve(path, tmp_path / "empty.png")
+    with MetricsWriter(path) as writer:
+        for i in range(1, 30):
+            writer.write({"training_iteration": i, "num_env_steps_sampled_lifetime": 1000 * i,
+                          "env_runners": {"episode_return_mean": 10.0 + i * i / 2,
+                                          "episode_return_min": 5.0, "episode_return_max": 20.0 + i * i}})
+    png = tmp_path / "curve.png"
+    assert plot_learning_curve(path, png, title="test") == str(png)
+    assert_real_plot(png)
+
+
+def test_progress_display_lines_and_live_mode():
+    result = {"training_iteration": 2, "num_env_steps_sampled_lifetime": 4000, "time_this_iter_s": 0.5,
+              "env_runners": {"episode_return_mean": 42.25}}
+    plain = io.StringIO()
+    display = ProgressDisplay(plain, start_env_steps=2000)
+    assert display.live is False  # a StringIO is not a terminal
+    text = display.update(result)
+    assert plain.getvalue() == text + "\n"
+    assert "iter    2" in text and "4,000" in text and "42.2" in text and "4,000 steps/s" in text and "elapsed" in text
+    display.update({**result, "env_runners": {"episode_return_mean": float("nan")}})
+    assert "return     n/a" in plain.getvalue()
+
+    live = io.StringIO()
+    display = ProgressDisplay(live, live=True)
+    display.update(result)
+    display.update({**result, "training_iteration": 3})
+    display.message("done")
+    assert live.getvalue().count("\r") == 2 and live.getvalue().endswith("\ndone\n")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "term"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([DLEARNER, "train", "--env", "CartPole-v1", "--checkpoint", str(run),
+                             "--checkpoint-every", "0", "--stop-iters", "100000", *FAST],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "metrics.jsonl").is_file() or not read_metrics(run / "metrics.jsonl"):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stdout
+    done = read_metrics(run / "metrics.jsonl")[-1]["training_iteration"]
+    from dlearner.checkpoint import read_metadata
+
+    assert read_metadata(str(run))["counters"]["iteration"] == done  # saved on the way out
