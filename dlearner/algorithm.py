@@ -8,6 +8,7 @@ core class.
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -69,10 +70,15 @@ class Algorithm:
             raise ValueError("No environment configured: call config.environment('CartPole-v1') before build_algo().")
         self.config = config.copy()
         self.module_spec = self.config.get_multi_rl_module_spec()
+        self.algo_id = uuid.uuid4().hex[:8]
+        #: Name of this run on the dashboard page; ``None`` stops :meth:`train` from publishing there.
+        self.dashboard_run_name: Optional[str] = f"{type(self).__name__.lower()}-{self.config.env}-{self.algo_id}"
+        self._connection = None
         self._learner_group = None
         self._env_runner_group = None
         try:
-            self._learner_group = self.config.build_learner_group()
+            self._connection = self._connect()
+            self._learner_group = self._group_config().build_learner_group()
             self._env_runner_group = self._build_env_runner_group()
             self._env_runner_group.sync_weights(self._learner_group.get_weights())
         except BaseException:
@@ -85,12 +91,36 @@ class Algorithm:
         self.num_episodes_lifetime = 0
         self.time_total_s = 0.0
 
+    def _connect(self):
+        """One cluster for learners and env runners: attached as configured, or an embedded
+        ``LocalCluster`` this algorithm owns, with a worker process per learner and per env runner."""
+        num_workers = self.config.num_learners + self.config.num_env_runners
+        if num_workers == 0:
+            return None
+        from dlearner.dask_backend import connect
+
+        return connect(self.config, num_workers)
+
+    def _group_config(self):
+        """The config the LearnerGroup gets: attached to this algorithm's client, so it never owns a cluster."""
+        if self._connection is None:
+            return self.config
+        group_config = self.config.copy()
+        group_config.address = group_config.scheduler_file = None
+        group_config.client = self._connection.client
+        return group_config
+
     def _build_env_runner_group(self):
         if self.config.num_env_runners == 0:
             return LocalEnvRunnerGroup(self.config, self.module_spec)
         from dlearner.dask_backend import DaskEnvRunnerGroup
 
-        return DaskEnvRunnerGroup(self.config, self.module_spec, learner_group=self._learner_group)
+        return DaskEnvRunnerGroup(self.config, self.module_spec, connection=self._connection, run_id=self.algo_id)
+
+    @property
+    def client(self):
+        """The ``distributed.Client`` the actors run through, or ``None`` when everything is in this process."""
+        return None if self._connection is None else self._connection.client
 
     @property
     def learner_group(self):
@@ -113,7 +143,7 @@ class Algorithm:
             self.num_episodes_lifetime += len(metrics["episode_returns"])
         elapsed = time.perf_counter() - start
         self.time_total_s += elapsed
-        return {
+        result = {
             "training_iteration": self.iteration,
             "env_runners": {**self.episode_stats.summary(), "num_episodes_lifetime": self.num_episodes_lifetime},
             "learners": learner_results,
@@ -123,6 +153,11 @@ class Algorithm:
             "time_total_s": self.time_total_s,
             "env_steps_per_s": num_sampled / elapsed if elapsed > 0 else float("nan"),
         }
+        if self.client is not None and self.dashboard_run_name is not None:
+            from dlearner.dashboard import publish_metrics
+
+            publish_metrics(self.client, self.dashboard_run_name, result)  # fire-and-forget
+        return result
 
     def training_step(self):
         """Sample, learn and sync once; returns ``(learner results, env steps sampled)``. Algorithms override."""
@@ -185,13 +220,17 @@ class Algorithm:
         self._env_runner_group.sync_weights(self._learner_group.get_weights())
 
     def stop(self) -> None:
-        """Stop env runners and learners (and an embedded cluster)."""
+        """Stop env runners and learners, and close the embedded cluster if this algorithm started one.
+        A cluster you attached to keeps running."""
         if self._env_runner_group is not None:
             self._env_runner_group.stop()
             self._env_runner_group = None
         if self._learner_group is not None:
             self._learner_group.shutdown()
             self._learner_group = None
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
     def __enter__(self) -> "Algorithm":
         return self

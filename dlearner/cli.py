@@ -488,6 +488,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         own_client = _attach(args, config)
         algo = config.build_algo()
+        algo.dashboard_run_name = None  # this command publishes under its own run name (below)
         if resume_metadata is not None:
             algo.restore_from_path(args.checkpoint)
             progress.message(
@@ -498,7 +499,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             # Save before anything else is written there: the directory is a checkpoint from the start,
             # so the metrics file and the curve can live beside the store (and --resume works at once).
             algo.save_to_path(args.checkpoint)
-        dashboard = _Dashboard(args, own_client if own_client is not None else _algo_client(algo), name, config, progress)
+        dashboard = _Dashboard(args, own_client if own_client is not None else algo.client, name, config, progress)
         stop = _StopConditions(args, start_iteration=algo.iteration)
         progress.message(f"dlearner: stopping at {stop.describe()}")
         if metrics_path is not None:
@@ -661,11 +662,6 @@ def _connect(args: argparse.Namespace) -> Any:
         raise UsageError(f"argument {flag}: cannot reach the Dask scheduler of {target!r}: {err}") from err
     except ValueError as err:  # e.g. a scheduler file that is not JSON, or a malformed address
         raise UsageError(f"argument {flag}: {target!r}: {err}") from err
-
-
-def _algo_client(algo: Any) -> Any:
-    """The Dask client the algorithm's actors run through, or ``None`` when everything runs in this process."""
-    return algo.learner_group.client
 
 
 # ------------------------------------------------------------------------------- evaluate

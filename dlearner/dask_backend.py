@@ -129,7 +129,23 @@ class ClusterConnection:
 
 def connect(config: Any, num_learners: int) -> ClusterConnection:
     """Connect to the cluster named by ``config.client`` / ``.address`` / ``.scheduler_file``, or
-    start an embedded ``LocalCluster`` with ``num_learners`` worker processes."""
+    start an embedded ``LocalCluster`` with ``num_learners`` worker processes; either way the
+    dlearner page is registered on the cluster's dashboard."""
+    connection = _connect(config, num_learners)
+    from dlearner.dashboard import register_dashboard
+
+    try:
+        register_dashboard(connection.client)
+    except RuntimeError as err:
+        # The page is an extra: training works without it, but say why it is missing.
+        logger.warning("dlearner page not added to the Dask dashboard: %s", err)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _connect(config: Any, num_learners: int) -> ClusterConnection:
     timeout = float(config.learner_startup_timeout_s)
     if config.client is not None:
         client = config.client
@@ -1306,3 +1322,111 @@ def _get_full_state(learner) -> Dict[str, Any]:
 
 def _set_full_state(learner, state) -> None:
     learner.set_state(state)
+
+
+# ===================================================================================== env runners
+def env_runner_actor_key(index: int, run_id: str) -> str:
+    """Dashboard-readable key of an env-runner actor (contains ``env-runner``)."""
+    return f"env-runner-{index}-{run_id}"
+
+
+def place_env_runners(connection: ClusterConnection, num_runners: int, timeout_s: float) -> List[str]:
+    """One worker process per env runner, preferring workers that host no learner.
+
+    Env runners are synchronous actors: two on one worker would share its single actor thread
+    and sample one after the other, so each gets its own worker while there are enough.
+    """
+    client = connection.client
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        if len(workers) >= num_runners or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)
+    if not workers:
+        raise ClusterResourceError(
+            f"The Dask cluster ({connection.description}) has no workers after {timeout_s:g} s; "
+            f"num_env_runners={num_runners} needs worker processes."
+        )
+    identities = client.run(_worker_identity, workers=list(workers), on_error="return")
+    free = [a for a in sorted(workers) if isinstance(identities.get(a), dict) and not identities[a].get("learner")]
+    busy = [a for a in sorted(workers) if a not in free]
+    order = free + busy
+    return [order[i % len(order)] for i in range(num_runners)]
+
+
+class DaskEnvRunnerGroup:
+    """``num_env_runners=N>=1``: N :class:`~dlearner.env_runner.EnvRunner` actors sampling in parallel.
+
+    Each runner samples ``ceil(num_timesteps / N)`` steps per call; the calls run concurrently and
+    the fragments come back as a list. New weights go to every runner once per sync, as one message
+    per runner sent to all runners concurrently (not a round trip per runner and array).
+    """
+
+    def __init__(self, config: Any, module_spec: Any, *, connection: ClusterConnection, run_id: str):
+        from dlearner.env_runner import EnvRunner
+
+        self.connection = connection
+        self.run_id = run_id
+        client = connection.client
+        num = int(config.num_env_runners)
+        workers = place_env_runners(connection, num, float(config.learner_startup_timeout_s))
+        runner_config = config.copy_for_learner()
+        futures = [
+            client.submit(
+                EnvRunner, runner_config, module_spec=module_spec, worker_index=i + 1,
+                workers=[address], allow_other_workers=False, actor=True, pure=False,
+                key=env_runner_actor_key(i, run_id),
+            )
+            for i, address in enumerate(workers)
+        ]
+        try:
+            self.runners = [f.result(timeout=float(config.learner_startup_timeout_s)) for f in futures]
+        except TimeoutError as err:
+            raise ClusterResourceError(
+                f"{num} env runner actor(s) did not start within {config.learner_startup_timeout_s:g} s on "
+                f"{connection.description}."
+            ) from err
+        self._creation_futures = futures
+        self.workers = workers
+
+    @property
+    def num_runners(self) -> int:
+        return len(self.runners)
+
+    def _all(self, method: str, *args_per_runner) -> List[Any]:
+        calls = [getattr(runner, method)(*args) for runner, args in zip(self.runners, args_per_runner)]
+        return [call.result() for call in calls]
+
+    def sample(self, num_timesteps: int) -> List[Dict[str, Any]]:
+        per_runner = math.ceil(num_timesteps / self.num_runners)
+        return self._all("sample", *[(per_runner,)] * self.num_runners)
+
+    def sync_weights(self, weights) -> None:
+        self._all("set_weights", *[(weights,)] * self.num_runners)
+
+    def get_metrics(self) -> List[Dict[str, Any]]:
+        return self._all("get_metrics", *[()] * self.num_runners)
+
+    def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
+        return self.runners[0].evaluate(num_episodes, seed=seed).result()
+
+    def get_state(self) -> List[Dict[str, Any]]:
+        return self._all("get_state", *[()] * self.num_runners)
+
+    def set_state(self, states: Sequence[Dict[str, Any]]) -> None:
+        pairs = list(zip(self.runners, states))
+        for call in [runner.set_state(state) for runner, state in pairs]:
+            call.result()
+
+    def stop(self) -> None:
+        calls = [runner.stop() for runner in self.runners]
+        for call in calls:
+            try:
+                call.result(timeout=10)
+            except (OSError, TimeoutError, CommClosedError) as err:
+                logger.warning("env runner did not stop cleanly: %s", err)
+        # Releasing the creation futures removes the actors from the workers.
+        for future in self._creation_futures:
+            future.release()
+        self.runners = []

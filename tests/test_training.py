@@ -61,3 +61,44 @@ def test_train_result_has_the_promised_keys():
 def test_build_algo_without_an_environment_says_what_to_do():
     with pytest.raises(ValueError, match="environment"):
         PPOConfig().build_algo()
+
+
+@pytest.mark.slow
+def test_ppo_solves_cartpole_with_env_runner_and_learner_actors_on_a_local_cluster():
+    config = (
+        PPOConfig().environment("CartPole-v1")
+        .env_runners(num_env_runners=1, num_envs_per_env_runner=8)
+        .learners(num_learners=1)
+        .debugging(seed=0)
+    )
+    with config.build_algo() as algo:
+        cluster_client = algo.client
+        assert cluster_client is not None
+        actor_keys = [str(k) for k in cluster_client.run_on_scheduler(lambda dask_scheduler: list(dask_scheduler.tasks))]
+        assert any("env-runner" in k for k in actor_keys) and any("learner" in k for k in actor_keys)
+        returns = train_until(algo, stop_return=450, max_env_steps=80_000)
+        assert returns[-1] >= 450, returns
+    assert cluster_client.status == "closed"  # the algorithm's embedded cluster is gone
+
+
+@pytest.mark.slow
+def test_algorithm_checkpoint_continues_counters_and_weights(tmp_path):
+    config = (
+        PPOConfig().environment("CartPole-v1").env_runners(num_env_runners=1, num_envs_per_env_runner=4)
+        .training(train_batch_size=512, minibatch_size=128, num_epochs=1).rl_module(model_config={"fcnet_hiddens": [16]})
+        .debugging(seed=0)
+    )
+    with config.build_algo() as algo:
+        algo.train()
+        algo.train()
+        algo.save_to_path(tmp_path / "run")
+        weights = algo.learner_group.get_weights()
+    with config.build_algo() as resumed:
+        resumed.restore_from_path(tmp_path / "run")
+        assert resumed.iteration == 2
+        restored = resumed.learner_group.get_weights()
+        for name, value in weights["default_policy"].items():
+            np.testing.assert_array_equal(restored["default_policy"][name], value)
+        result = resumed.train()
+        assert result["training_iteration"] == 3
+        assert result["num_env_steps_sampled_lifetime"] >= 3 * 512
