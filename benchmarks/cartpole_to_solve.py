@@ -24,7 +24,7 @@ STOP_RETURN = 475.0
 
 def solve(seed: int, actors: bool, max_steps: int = 100_000) -> dict:
     start = time.perf_counter()
-    config = PPOConfig().environment("CartPole-v1").env_runners(num_envs_per_env_runner=8).debugging(seed=seed)
+    config = PPOConfig().environment("CartPole-v1").debugging(seed=seed)
     if actors:
         config.env_runners(num_env_runners=1).learners(num_learners=1)
     with config.build_algo() as algo:

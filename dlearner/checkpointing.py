@@ -44,11 +44,15 @@ def save_module(module: RLModule, path, *, storage_options: Optional[dict] = Non
     return save_state_tree(path, tree, metadata=metadata, storage_options=storage_options)
 
 
-def save_learner(learner, path, *, storage_options: Optional[dict] = None, kind: str = KIND_LEARNER) -> str:
-    """Write a learner's full state (weights, optimizers, counters, generators, algorithm state)."""
+def save_learner(learner, path, *, storage_options: Optional[dict] = None, kind: str = KIND_LEARNER,
+                 extra_metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """Write a learner's full state (weights, optimizers, counters, generators, algorithm state).
+
+    ``extra_metadata`` is merged over the standard metadata (an Algorithm stores its counters there).
+    """
     return save_learner_state(
         learner.get_state(), path, learner_class=type(learner), config=learner.config,
-        module_spec=learner.module_spec, kind=kind, storage_options=storage_options,
+        module_spec=learner.module_spec, kind=kind, extra_metadata=extra_metadata, storage_options=storage_options,
     )
 
 
@@ -64,11 +68,12 @@ def save_learner_state(
 
 
 def save_learner_group_state(state: Mapping[str, Any], module_spec: MultiRLModuleSpec, config: Any, path,
-                             *, storage_options: Optional[dict] = None) -> str:
+                             *, storage_options: Optional[dict] = None, kind: str = KIND_LEARNER_GROUP,
+                             extra_metadata: Optional[Mapping[str, Any]] = None) -> str:
     """Write ``LearnerGroup.get_state()`` (``{COMPONENT_LEARNER: learner_state}``) from the driver."""
     return save_learner_state(
         state[COMPONENT_LEARNER], path, learner_class=config.get_learner_class(), config=config,
-        module_spec=module_spec, kind=KIND_LEARNER_GROUP, storage_options=storage_options,
+        module_spec=module_spec, kind=kind, extra_metadata=extra_metadata, storage_options=storage_options,
     )
 
 
@@ -150,31 +155,36 @@ def _module_weights(tree: Mapping[str, Any], metadata: Mapping[str, Any], module
 
 # -------------------------------------------------------------------------------------- algorithm
 def save_algorithm(algo, path, *, storage_options: Optional[dict] = None) -> str:
-    """Learner state (rank 0's), env-runner states and the algorithm's counters in one store."""
-    group = algo.learner_group
-    runners = algo.env_runner_group.get_state()
-    return save_learner_state(
-        group.get_state()[COMPONENT_LEARNER], path,
-        learner_class=algo.config.get_learner_class(), config=algo.config, module_spec=algo.module_spec,
-        kind=KIND_ALGORITHM,
-        extra_tree={"env_runners": {str(i): s for i, s in enumerate(runners)}, "algorithm": algo.get_counters()},
-        extra_metadata={"algorithm_class": class_path(type(algo)), "counters": {
-            k: v for k, v in algo.get_counters().items() if not k.startswith("recent_")}},
-        storage_options=storage_options,
-    )
+    """The learner state plus the algorithm's counters and env-runner states, in one store.
+
+    The learner state is written where the learners are (rank 0 writes straight to ``path`` when
+    learners are remote); counters and env-runner states are small and travel as JSON metadata.
+    """
+    runners = [_json_runner_state(s) for s in algo.env_runner_group.get_state()]
+    extra = {
+        "kind": KIND_ALGORITHM,
+        "algorithm_class": class_path(type(algo)),
+        "counters": {k: v for k, v in algo.get_counters().items() if not k.startswith("recent_")},
+        "algorithm_state": algo.get_counters(),
+        "env_runners": runners,
+    }
+    return algo.learner_group.save_to_path(path, metadata=extra, storage_options=storage_options)
 
 
 def restore_algorithm(algo, path, *, storage_options: Optional[dict] = None) -> None:
-    """Restore learners, env runners and counters; checks everything before changing anything."""
-    tree, metadata = load_state_tree(path, storage_options=storage_options)
+    """Restore learners, env runners and counters; checks the checkpoint before changing anything."""
+    metadata = read_metadata(path, storage_options=storage_options)
     if metadata.get("kind") != KIND_ALGORITHM:
         raise ValueError(f"{path} is a dlearner {metadata.get('kind')!r} checkpoint, not an Algorithm checkpoint.")
     check_module_specs(metadata["module_specs"], algo.module_spec, path)
-    runner_states = [tree["env_runners"][k] for k in sorted(tree["env_runners"], key=int)]
-    algo.learner_group.set_state({COMPONENT_LEARNER: tree[COMPONENT_LEARNER]})
+    algo.learner_group.restore_from_path(path, storage_options=storage_options)
     # Runners pair up by index; with more runners than stored, the extra ones keep fresh generators.
-    algo.env_runner_group.set_state(runner_states)
-    algo.set_counters(tree["algorithm"])
+    algo.env_runner_group.set_state(metadata["env_runners"])
+    algo.set_counters(metadata["algorithm_state"])
+
+
+def _json_runner_state(state: Mapping[str, Any]) -> Dict[str, Any]:
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in state.items()}
 
 
 def checkpoint_metadata(path, *, storage_options: Optional[dict] = None) -> Dict[str, Any]:

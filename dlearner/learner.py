@@ -284,8 +284,11 @@ class Learner:
                 self._gradient_step(tensors, step, layout)
             local_rows = sum(len(next(iter(cols.values()))) for cols in local.values())
             self.metrics.log_value((ALL_MODULES, "num_env_steps_trained"), local_rows * num_epochs, reduce="sum")
-            for mid, cols in local.items():
-                self.metrics.log_value((mid, "num_module_steps_trained"), len(next(iter(cols.values()))) * num_epochs, reduce="sum")
+            for mid in layout.global_rows:
+                # Logged for every module of the global batch, even one missing from this shard, so all
+                # learners reduce the same metric keys.
+                rows = len(next(iter(local[mid].values()))) if mid in local else 0
+                self.metrics.log_value((mid, "num_module_steps_trained"), rows * num_epochs, reduce="sum")
             self.metrics.all_reduce(self._collective)
             self.after_gradient_based_update(timesteps=timesteps)
         except BaseException:

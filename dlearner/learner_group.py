@@ -74,12 +74,14 @@ def _remove_module_op(learner: Learner, module_id) -> MultiRLModuleSpec:
     return learner.remove_module(module_id)
 
 
-def _save_op(learner: Learner, path: str) -> str:
-    return learner.save_to_path(path)
+def _save_op(learner: Learner, path: str, options: Dict[str, Any]) -> str:
+    from dlearner import checkpointing
+
+    return checkpointing.save_learner(learner, path, **options)
 
 
-def _restore_op(learner: Learner, path: str) -> None:
-    learner.restore_from_path(path)
+def _restore_op(learner: Learner, path: str, storage_options: Optional[dict]) -> None:
+    learner.restore_from_path(path, storage_options=storage_options)
 
 
 @dataclasses.dataclass
@@ -438,37 +440,46 @@ class LearnerGroup:
         return self._pool.call(target, [args] * world, result_ranks=result_ranks)
 
     # ------------------------------------------------------------------------------ checkpoints
-    def save_to_path(self, path: Union[str, os.PathLike]) -> str:
+    def save_to_path(
+        self,
+        path: Union[str, os.PathLike],
+        *,
+        metadata: Optional[Mapping[str, Any]] = None,
+        storage_options: Optional[dict] = None,
+    ) -> str:
         """Write the group's state as a checkpoint at ``path``; returns the path.
 
         ``memory://`` stores live in this process: the state comes to the driver and is written
         here. For any other path or URL, learner rank 0 writes it directly (a relative local path
         is made absolute first; on a multi-machine cluster it must be shared storage).
+        ``metadata`` (JSON) is stored with it; the Algorithm keeps its counters there.
         """
+        from dlearner import checkpointing
+
         self._check_open()
         path = _normalise_path(path)
+        kind = (metadata or {}).get("kind", checkpointing.KIND_LEARNER_GROUP)
+        options = dict(kind=kind, extra_metadata=metadata, storage_options=storage_options)
         if self.is_local:
-            return self._pool.learner.save_to_path(path)
+            return checkpointing.save_learner(self._pool.learner, path, **options)
         if path.startswith("memory://"):
-            from dlearner import checkpointing
-
-            checkpointing.save_learner_group_state(self.get_state(), self._module_spec, self.config, path)
+            checkpointing.save_learner_group_state(self.get_state(), self._module_spec, self.config, path, **options)
             return path
-        return self._pool.call(_save_op, [(path,)], ranks=[self._first_live_rank()])[0]
+        return self._pool.call(_save_op, [(path, options)], ranks=[self._first_live_rank()])[0]
 
-    def restore_from_path(self, path: Union[str, os.PathLike]) -> None:
+    def restore_from_path(self, path: Union[str, os.PathLike], *, storage_options: Optional[dict] = None) -> None:
         """Restore every learner from a checkpoint written by ``save_to_path`` (any ``num_learners``)."""
         self._check_usable()
         path = _normalise_path(path)
         if self.is_local:
-            self._pool.learner.restore_from_path(path)
+            self._pool.learner.restore_from_path(path, storage_options=storage_options)
             return
         if path.startswith("memory://"):
             from dlearner import checkpointing
 
-            self.set_state(checkpointing.load_learner_group_state(path))
+            self.set_state(checkpointing.load_learner_group_state(path, storage_options=storage_options))
             return
-        self._broadcast(_restore_op, (path,))
+        self._broadcast(_restore_op, (path, storage_options))
 
     # ---------------------------------------------------------------------------------- teardown
     def shutdown(self) -> None:

@@ -203,7 +203,12 @@ class RLModule(nn.Module):
 
     @classmethod
     def from_checkpoint(
-        cls, path, *, module_id: str = DEFAULT_MODULE_ID, storage_options: Optional[dict] = None
+        cls,
+        path,
+        *,
+        module_id: str = DEFAULT_MODULE_ID,
+        storage_options: Optional[dict] = None,
+        trusted_classes: Iterable[type] = (),
     ) -> "RLModule":
         """Build a module for inference from any dlearner checkpoint, no Learner needed.
 
@@ -211,10 +216,14 @@ class RLModule(nn.Module):
 
             module = RLModule.from_checkpoint("runs/cartpole")
             action = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].argmax(-1)
+
+        A module class outside dlearner is only imported when listed in ``trusted_classes``.
         """
         from dlearner import checkpointing
 
-        return checkpointing.module_from_checkpoint(path, module_id=module_id, storage_options=storage_options)
+        return checkpointing.module_from_checkpoint(
+            path, module_id=module_id, storage_options=storage_options, trusted_classes=trusted_classes
+        )
 
 
 def _action_dist_cls(action_space: gym.Space) -> Type[TorchDistribution]:

@@ -160,3 +160,20 @@ def test_inspect_lists_modules_shapes_and_timesteps(cartpole, tmp_path):
     assert DEFAULT_MODULE_ID in summary["metadata"]["module_specs"]
     shapes = {tuple(a["keys"]): tuple(a["shape"]) for a in summary["arrays"]}
     assert shapes[("learner", "rl_module", DEFAULT_MODULE_ID, "pi.0.weight")] == (32, 4)
+
+
+class WideModule(__import__("dlearner.rl_module", fromlist=["DefaultActorCriticRLModule"]).DefaultActorCriticRLModule):
+    """A user's module class: not shipped by dlearner."""
+
+
+def test_module_classes_outside_dlearner_need_the_callers_trust(cartpole, tmp_path):
+    from dlearner import RLModuleSpec
+
+    module = RLModuleSpec(module_class=WideModule, observation_space=cartpole.observation_space,
+                          action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]}).build()
+    module.save_to_path(tmp_path / "custom")
+    with pytest.raises(ValueError, match="trusted_classes"):
+        RLModule.from_checkpoint(tmp_path / "custom")
+    restored = RLModule.from_checkpoint(tmp_path / "custom", trusted_classes=[WideModule])
+    assert type(restored) is WideModule
+    assert_states_equal(restored.get_state(), module.get_state())

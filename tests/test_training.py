@@ -102,3 +102,15 @@ def test_algorithm_checkpoint_continues_counters_and_weights(tmp_path):
         result = resumed.train()
         assert result["training_iteration"] == 3
         assert result["num_env_steps_sampled_lifetime"] >= 3 * 512
+
+
+def test_the_ppo_cartpole_example_runs():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "ppo_cartpole.py"
+    spec = importlib.util.spec_from_file_location("ppo_cartpole", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main(max_iters=2, stop_return=1e9)
+    assert result["training_iteration"] == 2
