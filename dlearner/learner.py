@@ -640,17 +640,17 @@ class TorchLearner(Learner):
             grads = [module_gradients_dict[p] for p in reg.params if p in module_gradients_dict]
             if not grads:
                 continue
+            # The norm before clipping is reported in every mode, so clipping shows in the results.
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), norm)
             if clip_by == "value":
                 for g in grads:
                     g.clamp_(-clip, clip)
             elif clip_by == "norm":
                 for g in grads:
-                    norm = torch.linalg.vector_norm(g)
-                    g.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+                    g.mul_(torch.clamp(clip / (torch.linalg.vector_norm(g) + 1e-6), max=1.0))
             else:
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
                 torch._foreach_mul_(grads, torch.clamp(clip / (norm + 1e-6), max=1.0))
-                self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), norm)
         return module_gradients_dict
 
     def apply_gradients(self, gradients: ParamDict) -> None:

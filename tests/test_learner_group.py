@@ -428,3 +428,21 @@ def test_a_dead_worker_makes_calls_fail_fast_naming_the_learner():
                 lg.update(ppo_batch(32), timesteps={"sleep_s": 5})
             assert time.perf_counter() - started < 4
             killer.join()
+
+
+def test_a_two_learner_checkpoint_restores_into_one_dask_learner_and_a_local_one(client, tmp_path):
+    path = str(tmp_path / "two-learners")
+    with config().cluster(client=client).build_learner_group(spaces=SPACES) as two:
+        two.update(ppo_batch(96), timesteps={"num_env_steps_sampled_lifetime": 96})
+        two.save_to_path(path)
+        saved = two.get_state()
+        expected = two.update(ppo_batch(96, seed=5))
+    for num_learners in (1, 0):
+        with config(num_learners=num_learners).cluster(client=client).build_learner_group(spaces=SPACES) as other:
+            other.restore_from_path(path)
+            state = other.get_state()[COMPONENT_LEARNER]
+            assert_same_weights(state["rl_module"], saved[COMPONENT_LEARNER]["rl_module"])
+            assert state["learner_state"] == saved[COMPONENT_LEARNER]["learner_state"]  # counters, RNG, KL coefficient
+            result = other.update(ppo_batch(96, seed=5))
+            # Same next update, up to the order in which two learners' gradients are summed.
+            assert result[DEFAULT_MODULE_ID]["total_loss"] == pytest.approx(expected[DEFAULT_MODULE_ID]["total_loss"], rel=1e-4)
