@@ -30,6 +30,7 @@ from dlearner.batch import (
     ShardInfo,
     default_allowed_columns,
     minibatch_plan,
+    num_steps_per_epoch,
     validate_batch,
 )
 from dlearner.columns import (
@@ -279,9 +280,6 @@ class Learner:
         self._apply_lr_schedules(self._last_timestep)
         try:
             self.before_gradient_based_update(timesteps=timesteps)
-            rng = self._rng if shuffle else None
-            for step in minibatch_plan(layout.global_rows, minibatch_size, num_epochs, rng):
-                self._gradient_step(tensors, step, layout)
             local_rows = sum(len(next(iter(cols.values()))) for cols in local.values())
             self.metrics.log_value((ALL_MODULES, "num_env_steps_trained"), local_rows * num_epochs, reduce="sum")
             for mid in layout.global_rows:
@@ -289,6 +287,10 @@ class Learner:
                 # learners reduce the same metric keys.
                 rows = len(next(iter(local[mid].values()))) if mid in local else 0
                 self.metrics.log_value((mid, "num_module_steps_trained"), rows * num_epochs, reduce="sum")
+            rng = self._rng if shuffle else None
+            num_steps = num_epochs * num_steps_per_epoch(layout.global_rows, minibatch_size)
+            for i, step in enumerate(minibatch_plan(layout.global_rows, minibatch_size, num_epochs, rng)):
+                self._gradient_step(tensors, step, layout, last=i == num_steps - 1)
             self.metrics.all_reduce(self._collective)
             self.after_gradient_based_update(timesteps=timesteps)
         except BaseException:
@@ -324,7 +326,7 @@ class Learner:
     def _to_tensors(self, batch: MultiBatch) -> Dict[str, Any]:
         raise NotImplementedError
 
-    def _gradient_step(self, tensors, step: Mapping[str, np.ndarray], layout: ShardInfo) -> None:
+    def _gradient_step(self, tensors, step: Mapping[str, np.ndarray], layout: ShardInfo, last: bool = False) -> None:
         raise NotImplementedError
 
     def _apply_lr_schedules(self, timestep: int) -> None:
@@ -550,7 +552,7 @@ class TorchLearner(Learner):
             out[mid] = _ModuleTensors(rows, tensors)
         return out
 
-    def _gradient_step(self, tensors, step: Mapping[str, np.ndarray], layout: ShardInfo) -> None:
+    def _gradient_step(self, tensors, step: Mapping[str, np.ndarray], layout: ShardInfo, last: bool = False) -> None:
         minibatch: Dict[str, Dict[str, torch.Tensor]] = {}
         scale: Dict[str, float] = {}
         weights: Dict[str, float] = {}
@@ -584,7 +586,9 @@ class TorchLearner(Learner):
         module_ids = sorted(step)
         gradients = self.compute_gradients(losses, module_ids=module_ids)
         if self._collective is not None and self._collective.world_size > 1:
-            gradients = self._all_reduce_gradients(module_ids)
+            # The last step's all-reduce also checks that all learners logged the same metric keys,
+            # which saves the metrics reduction a collective of its own.
+            gradients = self._all_reduce_gradients(module_ids, check_metric_keys=last)
         gradients = self.postprocess_gradients(gradients)
         self.apply_gradients(gradients)
         self._counters["num_gradient_steps"] += 1
@@ -606,17 +610,22 @@ class TorchLearner(Learner):
             total.backward()
         return {p: p.grad for reg in regs for p in reg.params if p.grad is not None}
 
-    def _all_reduce_gradients(self, module_ids: Sequence[str]) -> ParamDict:
+    def _all_reduce_gradients(self, module_ids: Sequence[str], *, check_metric_keys: bool = False) -> ParamDict:
         """Average the gradients over all learners with ONE all-reduce of a flat buffer.
 
         The buffer ends with one has-gradient flag per parameter, so a parameter that got no gradient
-        on any learner keeps ``grad=None`` (exactly as on a single learner).
+        on any learner keeps ``grad=None`` (exactly as on a single learner); with
+        ``check_metric_keys`` it also carries the metrics logger's key-agreement probe.
         """
         params = [p for reg in self._step_optimizers(module_ids) for p in reg.params]
         pieces = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device, dtype=p.dtype) for p in params]
         flags = torch.tensor([p.grad is not None for p in params], dtype=pieces[0].dtype, device=pieces[0].device)
-        flat = torch.cat(pieces + [flags])
+        probe = self.metrics.key_probe().to(flags) if check_metric_keys else flags[:0]
+        flat = torch.cat(pieces + [flags, probe])
         self._collective.all_reduce_sum(flat)
+        if check_metric_keys:
+            self.metrics.accept_key_probe(flat[len(flat) - len(probe):].cpu(), self._collective.world_size)
+            flat = flat[: len(flat) - len(probe)]
         gradients: ParamDict = {}
         offset = 0
         # The flags as Python numbers in one conversion (not one tensor comparison per parameter).

@@ -32,6 +32,7 @@ class MetricsLogger:
     def __init__(self) -> None:
         self._entries: Dict[Tuple[str, str], Tuple[str, List[Any], List[float]]] = {}
         self._reduced: Dict[Tuple[str, str], float] = {}
+        self._keys_agreed = False
         self.default_weight: float = 1.0
 
     @staticmethod
@@ -103,9 +104,13 @@ class MetricsLogger:
         Every learner must call this at the same point of an update. Keys any learner lacks count as
         zero weight there. ``"last"`` values are taken locally (they must be the same everywhere).
         """
-        keys = sorted((k, e[0]) for k, e in self._entries.items() if e[0] != "last")
+        keys = self._reducible_keys()
         if collective is not None and collective.world_size > 1:
-            keys = _agree_on_keys(keys, collective)
+            if not self._keys_agreed:
+                keys = _agree_on_keys(keys, collective)
+            # else: the key sets were compared in the last gradient all-reduce (see key_probe); keys
+            # logged since then come from post-all-reduce code that is identical on every learner.
+            self._keys_agreed = False
             sums = torch.zeros(2 * len(keys), dtype=torch.float64)
             for i, (k, _) in enumerate(keys):
                 if k in self._entries:
@@ -120,6 +125,28 @@ class MetricsLogger:
                 self._reduced[k] = self._local_reduce(k)[0]
         for k, _ in keys:
             self._entries.pop(k, None)
+
+    def _reducible_keys(self) -> List[Tuple[Tuple[str, str], str]]:
+        return sorted((k, e[0]) for k, e in self._entries.items() if e[0] != "last")
+
+    def key_probe(self) -> torch.Tensor:
+        """A fingerprint of the keys logged so far, to be summed over all learners (see :meth:`accept_key_probe`).
+
+        Seven 8-bit pieces and their squares: sums of both equal ``world_size`` times one learner's
+        values only if every learner has the same pieces (zero variance), and stay exact in float32.
+        """
+        digest = hashlib.blake2b(repr(self._reducible_keys()).encode(), digest_size=7).digest()
+        pieces = torch.tensor(list(digest), dtype=torch.float64)
+        self._probe = pieces
+        return torch.cat([pieces, pieces * pieces])
+
+    def accept_key_probe(self, summed: torch.Tensor, world_size: int) -> None:
+        """Record whether all learners' key fingerprints agreed (the next :meth:`all_reduce` then skips its check)."""
+        summed = summed.to(torch.float64)
+        n = len(self._probe)
+        self._keys_agreed = bool(
+            torch.equal(summed[:n], self._probe * world_size) and torch.equal(summed[n:], self._probe * self._probe * world_size)
+        )
 
     def reduce(self) -> Dict[str, Dict[str, float]]:
         """Everything logged in this update as ``{module_id: {name: float}}``; then starts afresh."""
@@ -136,6 +163,7 @@ class MetricsLogger:
         """Drop everything logged (used when an update fails)."""
         self._entries.clear()
         self._reduced.clear()
+        self._keys_agreed = False
 
 
 def _to_float(value: Any) -> float:
