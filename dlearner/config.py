@@ -80,7 +80,6 @@ class AlgorithmConfig:
         # env runners
         self.num_env_runners = 0
         self.num_envs_per_env_runner = 1
-        self.rollout_fragment_length: Union[int, str] = "auto"
         # learners
         self.num_learners = 0
         self.num_gpus_per_learner: float = 0
@@ -129,18 +128,14 @@ class AlgorithmConfig:
         *,
         num_env_runners: int = NotProvided,
         num_envs_per_env_runner: int = NotProvided,
-        rollout_fragment_length: Union[int, str] = NotProvided,
     ) -> "AlgorithmConfig":
         """Sampling: ``num_env_runners`` Dask actors (0 = sample in the driver), each stepping
-        ``num_envs_per_env_runner`` vectorised environments."""
+        ``num_envs_per_env_runner`` vectorised environments. Each iteration the runners together
+        sample ``train_batch_size`` env steps."""
         if num_env_runners is not NotProvided:
             self.num_env_runners = _positive_int("num_env_runners", num_env_runners, allow_zero=True)
         if num_envs_per_env_runner is not NotProvided:
             self.num_envs_per_env_runner = _positive_int("num_envs_per_env_runner", num_envs_per_env_runner)
-        if rollout_fragment_length is not NotProvided:
-            if rollout_fragment_length != "auto":
-                _positive_int("rollout_fragment_length", rollout_fragment_length)
-            self.rollout_fragment_length = rollout_fragment_length
         return self
 
     def learners(
