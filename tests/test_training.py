@@ -85,6 +85,7 @@ def test_ppo_solves_cartpole_with_env_runner_and_learner_actors_on_a_local_clust
 def test_algorithm_checkpoint_continues_counters_and_weights(tmp_path):
     config = (
         PPOConfig().environment("CartPole-v1").env_runners(num_env_runners=1, num_envs_per_env_runner=4)
+        .learners(num_learners=1)  # the learner actor writes its state straight to the store
         .training(train_batch_size=512, minibatch_size=128, num_epochs=1).rl_module(model_config={"fcnet_hiddens": [16]})
         .debugging(seed=0)
     )
