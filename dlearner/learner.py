@@ -270,10 +270,10 @@ class Learner:
         minibatch_size = self._resolve(minibatch_size, "minibatch_size", None)
         layout = shard if shard is not None else ShardInfo.whole(local)
         self._check_layout(local, layout)
-        if self._collective is None and shard is not None and any(
-            layout.global_rows[m] != len(next(iter(local.get(m, {None: []}).values()))) for m in layout.global_rows
-        ):
-            raise ValueError("A shard of a larger batch needs a collective to train with the other shards.")
+        if self._collective is None and shard is not None:
+            local_rows = {m: len(next(iter(cols.values()))) for m, cols in local.items()}
+            if local_rows != dict(layout.global_rows):
+                raise ValueError("A shard of a larger batch needs a collective to train with the other shards.")
 
         tensors = self._to_tensors(local)
         self._last_timestep = int(timesteps.get(TIMESTEP_KEY, self._last_timestep))

@@ -298,3 +298,12 @@ def test_one_torch_thread_per_learner_by_default(cartpole):
     torch.set_num_threads(2)
     make_learner(cartpole)
     assert torch.get_num_threads() == 1
+
+
+def test_a_shard_of_a_larger_batch_needs_the_other_learners(cartpole, batch):
+    from dlearner.batch import shard_batch, validate_batch
+
+    learner = make_learner(cartpole)
+    (first, layout), _ = shard_batch(validate_batch(batch, learner.batch_specs()), 2)
+    with pytest.raises(ValueError, match="collective"):
+        learner.update(first, shard=layout)
