@@ -111,7 +111,8 @@ def to_tensors(batch: Dict[str, np.ndarray]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def median_time(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> float:
+def sample_times(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> List[float]:
+    """Seconds per call of ``fn`` over ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -119,7 +120,11 @@ def median_time(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> f
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], *, repeats: int, warmup: int = 2) -> float:
+    return statistics.median(sample_times(fn, repeats=repeats, warmup=warmup))
 
 
 def print_table(title: str, rows: List[tuple], header=("run", "median", "ratio", "vs")) -> None:

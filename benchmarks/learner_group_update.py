@@ -44,7 +44,7 @@ from torch import nn
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, to_tensors  # noqa: E402
+from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, sample_times, to_tensors  # noqa: E402
 
 from dlearner import PPOConfig  # noqa: E402
 from dlearner.dask_backend import connect  # noqa: E402
@@ -229,14 +229,7 @@ def main() -> None:
     times: Dict[str, List[float]] = {k: [] for k in ("plain", "local", "dask1", "ddp", "dask2")}
 
     def timed(fn, n: int, warmup: int = 1) -> List[float]:
-        for _ in range(warmup):
-            fn()
-        out = []
-        for _ in range(n):
-            start = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - start)
-        return out
+        return sample_times(fn, repeats=n, warmup=warmup)
 
     try:
         for _ in range(args.rounds):
