@@ -84,8 +84,9 @@ class AlgorithmConfig:
         self.num_learners = 0
         self.num_gpus_per_learner: float = 0
         self.num_cpus_per_learner: int = 1
-        self.max_requests_in_flight_per_learner = 3
-        self.learner_startup_timeout_s = 60.0
+        # None: taken from dask.config ("dlearner.learner-group..." / "dlearner.cluster...") when used.
+        self.max_requests_in_flight_per_learner: Optional[int] = None
+        self.learner_startup_timeout_s: Optional[float] = None
         # training
         self.lr: Union[float, list] = 3e-4
         self.gamma = 0.99
@@ -287,6 +288,28 @@ class AlgorithmConfig:
             )
         if self.grad_clip is not None and self.grad_clip_by not in ("value", "norm", "global_norm"):
             raise ValueError(f"grad_clip_by={self.grad_clip_by!r} is not supported.")
+
+    # ---------------------------------------------------------------- settings from dask.config
+    def resolved_startup_timeout_s(self) -> float:
+        """``learner_startup_timeout_s``, or dask config ``dlearner.cluster.startup-timeout`` when unset:
+        how long to wait for workers to join and for learner / env-runner actors to start."""
+        if self.learner_startup_timeout_s is not None:
+            return float(self.learner_startup_timeout_s)
+        from dlearner import settings
+
+        return _positive("dask config dlearner.cluster.startup-timeout", settings.seconds("cluster.startup-timeout"))
+
+    def resolved_max_requests_in_flight(self) -> int:
+        """``max_requests_in_flight_per_learner``, or dask config
+        ``dlearner.learner-group.max-requests-in-flight-per-learner`` when unset."""
+        if self.max_requests_in_flight_per_learner is not None:
+            return int(self.max_requests_in_flight_per_learner)
+        from dlearner import settings
+
+        return _positive_int(
+            "dask config dlearner.learner-group.max-requests-in-flight-per-learner",
+            settings.get("learner-group.max-requests-in-flight-per-learner"),
+        )
 
     # ------------------------------------------------------------------------------- building
     def get_learner_class(self) -> type:

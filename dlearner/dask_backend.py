@@ -72,6 +72,7 @@ from distributed.core import rpc as direct_rpc
 from distributed.protocol import to_serialize
 
 from dlearner.collective import TorchCollective
+from dlearner.errors import ClusterResourceError, LearnerDiedError, LearnerGroupError, ProcessGroupError, RemoteLearnerError
 
 logger = logging.getLogger(__name__)
 
@@ -85,26 +86,6 @@ PUBLISHED_RESULTS_KEPT = 256
 
 
 # ============================================================================================ errors
-class LearnerGroupError(RuntimeError):
-    """A problem of the Dask side of a LearnerGroup (cluster, placement, learners, process group)."""
-
-
-class ClusterResourceError(LearnerGroupError):
-    """The cluster lacks the workers or resources the group asked for."""
-
-
-class ProcessGroupError(LearnerGroupError):
-    """The learners' ``torch.distributed`` process group could not be formed."""
-
-
-class LearnerDiedError(LearnerGroupError):
-    """A learner's worker died or cannot be reached; the group cannot train any more."""
-
-
-class RemoteLearnerError(LearnerGroupError):
-    """An exception raised inside a learner whose type cannot be rebuilt in the driver."""
-
-
 class _ProcessGroupClosed(RuntimeError):
     """Raised on a learner whose process group was dropped after an earlier failed update."""
 
@@ -146,7 +127,7 @@ def connect(config: Any, num_learners: int) -> ClusterConnection:
 
 
 def _connect(config: Any, num_learners: int) -> ClusterConnection:
-    timeout = float(config.learner_startup_timeout_s)
+    timeout = config.resolved_startup_timeout_s()
     if config.client is not None:
         client = config.client
         if not isinstance(client, Client):
@@ -245,7 +226,7 @@ def place_learners(connection: ClusterConnection, config: Any, num_learners: int
     """
     client = connection.client
     gpus = float(config.num_gpus_per_learner or 0)
-    timeout = float(config.learner_startup_timeout_s)
+    timeout = config.resolved_startup_timeout_s()
     deadline = time.monotonic() + timeout
     while True:
         workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -924,7 +905,7 @@ class DaskLearnerPool:
         self._config = config
         self._learner_config = learner_config
         self._collective_timeout_s = float(collective_timeout_s)
-        self._startup_timeout_s = float(config.learner_startup_timeout_s)
+        self._startup_timeout_s = config.resolved_startup_timeout_s()
         self._lock = threading.Lock()
         self._channel_lock = threading.Lock()
         self._closed = False
@@ -1370,7 +1351,7 @@ class DaskEnvRunnerGroup:
         self.run_id = run_id
         client = connection.client
         num = int(config.num_env_runners)
-        workers = place_env_runners(connection, num, float(config.learner_startup_timeout_s))
+        workers = place_env_runners(connection, num, config.resolved_startup_timeout_s())
         runner_config = config.copy_for_learner()
         futures = [
             client.submit(
@@ -1381,10 +1362,10 @@ class DaskEnvRunnerGroup:
             for i, address in enumerate(workers)
         ]
         try:
-            self.runners = [f.result(timeout=float(config.learner_startup_timeout_s)) for f in futures]
+            self.runners = [f.result(timeout=config.resolved_startup_timeout_s()) for f in futures]
         except TimeoutError as err:
             raise ClusterResourceError(
-                f"{num} env runner actor(s) did not start within {config.learner_startup_timeout_s:g} s on "
+                f"{num} env runner actor(s) did not start within {config.resolved_startup_timeout_s():g} s on "
                 f"{connection.description}."
             ) from err
         self._creation_futures = futures

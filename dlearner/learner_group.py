@@ -172,7 +172,7 @@ class LearnerGroup:
         self.group_id = uuid.uuid4().hex[:8]
         self._learner_class: type = config.get_learner_class()
         self._module_spec = MultiRLModuleSpec(rl_module_specs=dict(module_spec.rl_module_specs))
-        self._max_in_flight = int(config.max_requests_in_flight_per_learner)
+        self._max_in_flight = config.resolved_max_requests_in_flight()
         self._in_flight: Deque[_AsyncRequest] = collections.deque()
         self._closed = False
         self._pool: Any = None

@@ -27,7 +27,7 @@ import pytest
 from conftest import SMALL_MODEL, ppo_batch
 from dlearner import ALL_MODULES, COMPONENT_LEARNER, DEFAULT_MODULE_ID, LearnerGroup, PPOConfig, RLModuleSpec
 from dlearner.algorithms.ppo import PPOTorchLearner
-from dlearner.dask_backend import ClusterResourceError, LearnerDiedError, ProcessGroupError
+from dlearner.errors import ClusterResourceError, LearnerDiedError, ProcessGroupError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPACES = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete(2))
