@@ -47,7 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, sample_times, to_tensors  # noqa: E402
 
 from dlearner import PPOConfig  # noqa: E402
-from dlearner.dask_backend import connect  # noqa: E402
+from dlearner.backends.dask.cluster import connect  # noqa: E402
 
 TIMESTEPS = {"num_env_steps_sampled_lifetime": 4000}
 

@@ -13,43 +13,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
-from dlearner.env_runner import EnvRunner, EpisodeStats
-
-TIMESTEP_KEY = "num_env_steps_sampled_lifetime"
-
-
-class LocalEnvRunnerGroup:
-    """``num_env_runners=0``: one :class:`EnvRunner` in the driver process."""
-
-    def __init__(self, config: Any, module_spec):
-        self.runners = [EnvRunner(config, module_spec=module_spec, worker_index=0)]
-
-    @property
-    def num_runners(self) -> int:
-        return len(self.runners)
-
-    def sample(self, num_timesteps: int) -> List[Dict[str, np.ndarray]]:
-        return [self.runners[0].sample(num_timesteps)]
-
-    def sync_weights(self, weights) -> None:
-        self.runners[0].set_weights(weights)
-
-    def get_metrics(self) -> List[Dict[str, Any]]:
-        return [self.runners[0].get_metrics()]
-
-    def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
-        return self.runners[0].evaluate(num_episodes, seed=seed)
-
-    def get_state(self) -> List[Dict[str, Any]]:
-        return [r.get_state() for r in self.runners]
-
-    def set_state(self, states: List[Mapping[str, Any]]) -> None:
-        for runner, state in zip(self.runners, states):
-            runner.set_state(state)
-
-    def stop(self) -> None:
-        for runner in self.runners:
-            runner.stop()
+from dlearner.columns import TIMESTEP_KEY
+from dlearner.env_runner import EpisodeStats
 
 
 class Algorithm:
@@ -78,7 +43,7 @@ class Algorithm:
         self._env_runner_group = None
         try:
             self._connection = self._connect()
-            self._learner_group = self._group_config().build_learner_group()
+            self._learner_group = self._build_learner_group()
             self._env_runner_group = self._build_env_runner_group()
             self._env_runner_group.sync_weights(self._learner_group.get_weights())
         except BaseException:
@@ -97,23 +62,23 @@ class Algorithm:
         num_workers = self.config.num_learners + self.config.num_env_runners
         if num_workers == 0:
             return None
-        from dlearner.dask_backend import connect
+        from dlearner.backends.dask.cluster import connect
 
         return connect(self.config, num_workers)
 
-    def _group_config(self):
-        """The config the LearnerGroup gets: attached to this algorithm's client, so it never owns a cluster."""
-        if self._connection is None:
-            return self.config
-        group_config = self.config.copy()
-        group_config.address = group_config.scheduler_file = None
-        group_config.client = self._connection.client
-        return group_config
+    def _build_learner_group(self):
+        """The LearnerGroup, on this algorithm's connection (so it never owns a cluster of its own)."""
+        from dlearner.learner_group import LearnerGroup
+
+        self.config.validate()
+        return LearnerGroup(config=self.config, module_spec=self.module_spec, connection=self._connection)
 
     def _build_env_runner_group(self):
         if self.config.num_env_runners == 0:
+            from dlearner.backends.local import LocalEnvRunnerGroup
+
             return LocalEnvRunnerGroup(self.config, self.module_spec)
-        from dlearner.dask_backend import DaskEnvRunnerGroup
+        from dlearner.backends.dask.env_runners import DaskEnvRunnerGroup
 
         return DaskEnvRunnerGroup(self.config, self.module_spec, connection=self._connection, run_id=self.algo_id)
 
@@ -208,15 +173,15 @@ class Algorithm:
 
     def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
         """Learners, env-runner state and counters in one Zarr v3 store; returns ``path``."""
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        return checkpointing.save_algorithm(self, path, storage_options=storage_options)
+        return objects.save_algorithm(self, path, storage_options=storage_options)
 
     def restore_from_path(self, path, *, storage_options: Optional[dict] = None) -> None:
         """Continue from a checkpoint written by :meth:`save_to_path`."""
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        checkpointing.restore_algorithm(self, path, storage_options=storage_options)
+        objects.restore_algorithm(self, path, storage_options=storage_options)
         self._env_runner_group.sync_weights(self._learner_group.get_weights())
 
     def stop(self) -> None:

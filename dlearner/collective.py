@@ -1,7 +1,10 @@
 """The collective operations a Learner needs for data-parallel training, over ``torch.distributed``.
 
-The Learner only sees this small interface; who forms the process group (the Dask plumbing in
-:mod:`dlearner.dask_backend`) is not its business.
+The Learner only sees :class:`TorchCollective`, a small interface; :func:`open_store` and
+:func:`form_process_group` are how the learner actors (:mod:`dlearner.backends.dask.actor`) form a
+group: rank 0 opens a ``TCPStore`` on a port the OS picks, then every rank builds a standalone
+``ProcessGroupGloo`` (``ProcessGroupNCCL`` when every learner has its own GPU) under a prefix named
+after the group and a generation number, concurrently.
 
 Two kinds of group are supported:
 
@@ -15,6 +18,7 @@ Two kinds of group are supported:
 
 from __future__ import annotations
 
+import datetime
 import pickle
 from typing import Any, List, Optional
 
@@ -123,3 +127,66 @@ class TorchCollective:
             self.all_reduce_sum(torch.zeros(1, device=self.device if self.backend == "nccl" else "cpu"))
         else:
             dist.barrier(group=self.group)
+
+
+# ================================================================================ forming a group
+def open_store(host: str, world_size: int, timeout_s: float) -> Any:
+    """Rank 0: start a ``TCPStore`` server on ``host`` (the learner's own interface, never all of
+    them) and a port the OS picks now; the store's ``.port`` is what the other ranks connect to."""
+    return dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+
+
+def form_process_group(
+    *,
+    rank: int,
+    world_size: int,
+    prefix: str,
+    backend: str,
+    host: str,
+    store: Any = None,
+    store_host: Optional[str] = None,
+    store_port: Optional[int] = None,
+    store_timeout_s: float = 60.0,
+    op_timeout_s: float = 600.0,
+    device: Optional[torch.device] = None,
+) -> TorchCollective:
+    """Build this rank's part of a standalone process group (all ranks call it concurrently).
+
+    Rank 0 passes the ``store`` it opened with :func:`open_store`; the others pass its
+    ``store_host`` / ``store_port``. ``prefix`` (group id and generation) keeps groups on one store
+    apart, so a group can be re-formed after a failure. ``host`` is the interface gloo talks over
+    (the one Dask reaches this worker on). A half-formed group fails here, in a one-element check,
+    not in the first update.
+    """
+    if store is None:
+        if store_host is None or store_port is None:
+            raise ValueError("form_process_group needs the rank-0 store, or its store_host and store_port.")
+        store = dist.TCPStore(
+            store_host, store_port, world_size, is_master=False, timeout=datetime.timedelta(seconds=store_timeout_s)
+        )
+    prefixed = dist.PrefixStore(prefix, store)
+    op_timeout = datetime.timedelta(seconds=op_timeout_s)
+    if backend == "nccl":
+        from torch.distributed import ProcessGroupNCCL  # only in CUDA builds of torch
+
+        nccl_options = ProcessGroupNCCL.Options()
+        nccl_options._timeout = op_timeout
+        group = ProcessGroupNCCL(prefixed, rank, world_size, nccl_options)
+    elif backend == "gloo":
+        from torch.distributed import ProcessGroupGloo
+
+        gloo_options = ProcessGroupGloo._Options()
+        gloo_options._devices = [ProcessGroupGloo.create_device(hostname=host)]
+        gloo_options._timeout = op_timeout
+        group = ProcessGroupGloo(prefixed, rank, world_size, gloo_options)
+    else:
+        raise ValueError(f"Unknown collective backend {backend!r}; use 'gloo' or 'nccl'.")
+    collective = TorchCollective.from_process_group(group, device=device)
+    probe = torch.ones(1)
+    collective.all_reduce_sum(probe)
+    if int(probe.item()) != world_size:
+        collective.close()
+        raise RuntimeError(f"Process group check summed to {probe.item()}, expected {world_size}.")
+    return collective

@@ -15,8 +15,10 @@ The group validates a batch in the driver (a bad batch raises here, before any l
 no learner ever enters a collective that another skips), splits it into one shard per learner and
 sends each shard straight to its learner; the learners average gradients among themselves and all
 return the same reduced result, of which the group returns one. It knows nothing about algorithms:
-anything algorithm-specific lives in the Learner class. The Dask side is in
-:mod:`dlearner.dask_backend`; ``docs/cluster.md`` explains where learners run.
+anything algorithm-specific lives in the Learner class. Where the learners run is a
+:class:`~dlearner.backends.interface.LearnerPool`: :mod:`dlearner.backends.local` (one learner in
+this process) or :mod:`dlearner.backends.dask` (actors on a cluster); ``docs/cluster.md`` explains
+the Dask side.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import dataclasses
 import os
 import secrets
 import uuid
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -35,6 +37,10 @@ from dlearner.batch import MultiBatch, shard_batch, validate_batch
 from dlearner.columns import COMPONENT_LEARNER
 from dlearner.learner import Learner, _validate_timesteps, batch_specs_for
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
+
+if TYPE_CHECKING:
+    from dlearner.backends.dask.cluster import ClusterConnection
+    from dlearner.backends.interface import LearnerPool
 
 ResultDict = Dict[str, Dict[str, Any]]
 
@@ -75,9 +81,9 @@ def _remove_module_op(learner: Learner, module_id) -> MultiRLModuleSpec:
 
 
 def _save_op(learner: Learner, path: str, options: Dict[str, Any]) -> str:
-    from dlearner import checkpointing
+    from dlearner.checkpoint import objects
 
-    return checkpointing.save_learner(learner, path, **options)
+    return objects.save_learner(learner, path, **options)
 
 
 def _restore_op(learner: Learner, path: str, storage_options: Optional[dict]) -> None:
@@ -88,59 +94,6 @@ def _restore_op(learner: Learner, path: str, storage_options: Optional[dict]) ->
 class _AsyncRequest:
     future: concurrent.futures.Future  # resolves to the list of per-learner values
     report: bool  # True: reported by update(async_update=True); False: an update_async future owns it
-
-
-class _LocalLearnerPool:
-    """``num_learners=0``: one Learner in this process.
-
-    Blocking calls run inline. Async requests (and, once one was made, every later call, so order
-    is kept) run on one background thread; their futures are ``concurrent.futures.Future`` objects.
-    """
-
-    num_learners = 1
-    metrics_topic = None
-    backend = None
-
-    def __init__(self, learner_config: Any, module_spec: MultiRLModuleSpec, learner_class: type):
-        self.learner = learner_class(config=learner_config, module_spec=module_spec)
-        self.learner.build()
-        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
-
-    def submit(self, target: Callable, args_per_rank: Sequence[tuple], *, wait: bool = False, **_: Any) -> concurrent.futures.Future:
-        (args,) = args_per_rank
-        if wait and self._executor is None:
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            try:
-                future.set_result([target(self.learner, *args)])
-            except Exception as err:  # delivered through the future, as for remote learners
-                future.set_exception(err)
-            return future
-        if self._executor is None:
-            self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1,
-                thread_name_prefix="dlearner-local-learner",
-                # torch's thread count is per thread: give the background thread the learner's.
-                initializer=self.learner._set_torch_threads,
-            )
-        return self._executor.submit(lambda: [target(self.learner, *args)])
-
-    def call(self, target: Callable, args_per_rank: Sequence[tuple], **kwargs: Any) -> List[Any]:
-        return self.submit(target, args_per_rank, wait=True, **kwargs).result()
-
-    def ensure_process_group(self) -> None:
-        pass
-
-    def dead_error(self) -> None:
-        return None
-
-    def live_ranks(self) -> List[int]:
-        return [0]
-
-    def shutdown(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-        self.learner = None
 
 
 class LearnerGroup:
@@ -161,8 +114,18 @@ class LearnerGroup:
     A LearnerGroup is used from one driver thread at a time.
     """
 
-    def __init__(self, *, config: Any, module_spec: Union[MultiRLModuleSpec, RLModuleSpec], collective_timeout_s: float = 600.0):
-        """``collective_timeout_s`` bounds one collective call (a rank that hangs without dying)."""
+    def __init__(
+        self,
+        *,
+        config: Any,
+        module_spec: Union[MultiRLModuleSpec, RLModuleSpec],
+        collective_timeout_s: Optional[float] = None,
+        connection: Optional["ClusterConnection"] = None,
+    ):
+        """``collective_timeout_s`` bounds one collective call (a rank that hangs without dying;
+        default: dask config ``dlearner.learner-group.collective-timeout``). ``connection``: an open
+        :class:`~dlearner.backends.dask.cluster.ClusterConnection` to run on (the Algorithm shares
+        its own); the group leaves it open on shutdown."""
         config.validate()
         if isinstance(module_spec, RLModuleSpec):
             from dlearner.columns import DEFAULT_MODULE_ID
@@ -175,15 +138,17 @@ class LearnerGroup:
         self._max_in_flight = config.resolved_max_requests_in_flight()
         self._in_flight: Deque[_AsyncRequest] = collections.deque()
         self._closed = False
-        self._pool: Any = None
+        self._pool: Optional[LearnerPool] = None
         learner_config = config.copy_for_learner()
         if self.config.num_learners == 0:
-            self._pool = _LocalLearnerPool(learner_config, self._module_spec, self._learner_class)
+            from dlearner.backends.local import LocalLearnerPool
+
+            self._pool = LocalLearnerPool(learner_config, self._module_spec, self._learner_class)
             return
         if learner_config.seed is None:
             # Every learner must draw the same shuffling permutation and initial weights.
             learner_config.seed = secrets.randbits(31)
-        from dlearner.dask_backend import DaskLearnerPool
+        from dlearner.backends.dask.pool import DaskLearnerPool
 
         self._pool = DaskLearnerPool(
             config=self.config,
@@ -193,6 +158,7 @@ class LearnerGroup:
             group_id=self.group_id,
             num_learners=int(self.config.num_learners),
             collective_timeout_s=collective_timeout_s,
+            connection=connection,
         )
 
     # ------------------------------------------------------------------------------------ facts
@@ -217,7 +183,7 @@ class LearnerGroup:
     @property
     def client(self):
         """The ``distributed.Client`` the learners run through (``None`` for a local group)."""
-        return None if self.is_local else self._pool.connection.client
+        return self._pool.client
 
     @property
     def dashboard_link(self) -> Optional[str]:
@@ -226,12 +192,12 @@ class LearnerGroup:
     @property
     def learner_workers(self) -> List[str]:
         """The Dask worker address of each learner, by rank (empty for a local group)."""
-        return [] if self.is_local else [s.worker for s in self._pool.slots]
+        return list(self._pool.learner_workers)
 
     @property
     def learner_keys(self) -> List[str]:
         """The Dask keys of the learner actors (``learner-<rank>-<group id>``), by rank."""
-        return [] if self.is_local else [s.key for s in self._pool.slots]
+        return list(self._pool.learner_keys)
 
     @property
     def metrics_topic(self) -> Optional[str]:
@@ -268,11 +234,11 @@ class LearnerGroup:
         """
         if not async_update:
             shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=False)
-            self._pool.ensure_process_group()
+            self._pool.ensure_ready()
             return self._pool.call(_update_op, shards, collective=True, log_topic=self._pool.metrics_topic)[0]
         shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
-        self._pool.ensure_process_group()
+        self._pool.ensure_ready()
         future = self._pool.submit(_update_op, shards, collective=True, log_topic=self._pool.metrics_topic)
         self._in_flight.append(_AsyncRequest(future, report=True))
         return self._collect_finished(exclude=future)
@@ -288,24 +254,21 @@ class LearnerGroup:
     ):
         """Send an update and return a future of its reduced result dict.
 
-        With Dask learners this is a ``distributed.Future`` (``.result()``, ``distributed.wait``,
-        ``as_completed`` work); for a local group a ``concurrent.futures.Future`` run on one
-        background thread. Counts towards the in-flight bound (waits while it is full).
+        With Dask learners this is a ``distributed.Future`` (``.result()``, ``distributed.wait`` and
+        ``distributed.as_completed`` work); for a local group a ``concurrent.futures.Future`` run on
+        one background thread (``.result()`` and ``concurrent.futures.as_completed`` work). Counts
+        towards the in-flight bound (waits while it is full). Updates run in the order they were sent.
 
-        Example::
+        Example (any ``num_learners``)::
 
             futures = [learner_group.update_async(b) for b in batches]
-            for future in distributed.as_completed(futures):
+            for future in futures:
                 print(future.result()[ALL_MODULES]["num_env_steps_trained"])
         """
         shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
-        self._pool.ensure_process_group()
-        if self.is_local:
-            pending = self._pool.submit(_update_op, shards)
-            future: Any = _first_value(pending)
-        else:
-            pending, future = self._pool.submit_future(_update_op, shards, log_topic=self._pool.metrics_topic)
+        self._pool.ensure_ready()
+        pending, future = self._pool.submit_update_future(_update_op, shards, log_topic=self._pool.metrics_topic)
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
 
@@ -454,16 +417,14 @@ class LearnerGroup:
         is made absolute first; on a multi-machine cluster it must be shared storage).
         ``metadata`` (JSON) is stored with it; the Algorithm keeps its counters there.
         """
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
         self._check_open()
         path = _normalise_path(path)
-        kind = (metadata or {}).get("kind", checkpointing.KIND_LEARNER_GROUP)
+        kind = (metadata or {}).get("kind", objects.KIND_LEARNER_GROUP)
         options = dict(kind=kind, extra_metadata=metadata, storage_options=storage_options)
-        if self.is_local:
-            return checkpointing.save_learner(self._pool.learner, path, **options)
-        if path.startswith("memory://"):
-            checkpointing.save_learner_group_state(self.get_state(), self._module_spec, self.config, path, **options)
+        if not self.is_local and path.startswith("memory://"):
+            objects.save_learner_group_state(self.get_state(), self._module_spec, self.config, path, **options)
             return path
         return self._pool.call(_save_op, [(path, options)], ranks=[self._first_live_rank()])[0]
 
@@ -471,13 +432,10 @@ class LearnerGroup:
         """Restore every learner from a checkpoint written by ``save_to_path`` (any ``num_learners``)."""
         self._check_usable()
         path = _normalise_path(path)
-        if self.is_local:
-            self._pool.learner.restore_from_path(path, storage_options=storage_options)
-            return
-        if path.startswith("memory://"):
-            from dlearner import checkpointing
+        if not self.is_local and path.startswith("memory://"):
+            from dlearner.checkpoint import objects
 
-            self.set_state(checkpointing.load_learner_group_state(path, storage_options=storage_options))
+            self.set_state(objects.load_learner_group_state(path, storage_options=storage_options))
             return
         self._broadcast(_restore_op, (path, storage_options))
 
@@ -533,18 +491,3 @@ def _normalise_path(path: Union[str, os.PathLike]) -> str:
     if "://" in path:
         return path
     return os.path.abspath(path)
-
-
-def _first_value(future: concurrent.futures.Future) -> concurrent.futures.Future:
-    """A future of ``future.result()[0]``."""
-    out: concurrent.futures.Future = concurrent.futures.Future()
-
-    def done(f: concurrent.futures.Future) -> None:
-        error = f.exception()
-        if error is not None:
-            out.set_exception(error)
-        else:
-            out.set_result(f.result()[0])
-
-    future.add_done_callback(done)
-    return out

@@ -388,7 +388,7 @@ def test_attach_to_a_scheduler_and_workers_started_from_the_command_line(tmp_pat
 # ---------------------------------------------------------------------------- embedded cluster, deaths
 def test_shutdown_closes_the_embedded_cluster():
     lg = config(num_learners=1).cluster(cluster_kwargs={"silence_logs": logging.ERROR}).build_learner_group(spaces=SPACES)
-    cluster = lg._pool.connection.cluster
+    cluster = lg.client.cluster
     assert cluster is not None  # no cluster named: the group started its own
     try:
         assert lg.update(ppo_batch(32))[ALL_MODULES]["num_env_steps_trained"] == 64

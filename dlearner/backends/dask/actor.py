@@ -1,0 +1,320 @@
+"""The learner side: :class:`LearnerActor`, the Dask actor that hosts one Learner.
+
+Requests carry a per-learner sequence number and run strictly in that order on a dedicated compute
+thread (:class:`OrderedExecutor`), so every rank makes the same collective calls in the same order
+(collectives deadlock otherwise). The actor's methods are ``async`` and only hand work to that
+thread: the worker's event loop is never blocked, and the worker's single actor thread is never
+used for waiting.
+
+A rank whose collective request fails drops its process group, which closes its sockets, so peers
+blocked in a collective with it fail at once instead of hanging; the driver re-forms the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import logging
+import os
+import socket
+import sys
+import threading
+import weakref
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from distributed import get_worker
+from distributed.comm import get_address_host
+
+from dlearner import settings
+from dlearner.backends.dask.protocol import Failed, Ok, Reply, Request
+from dlearner.collective import TorchCollective, form_process_group, open_store
+from dlearner.errors import LearnerGroupError, ProcessGroupError
+
+logger = logging.getLogger(__name__)
+
+_HOSTED: Optional["weakref.ref[LearnerActor]"] = None
+_HOSTED_LOCK = threading.Lock()
+
+
+def learner_actor_key(rank: int, group_id: str) -> str:
+    """The Dask key of learner ``rank`` of a group, readable in the dashboard: ``learner-<rank>-<group id>``."""
+    return f"learner-{rank}-{group_id}"
+
+
+def hosted_learner_key(worker: Any) -> Optional[str]:
+    """The actor key of the learner living in this worker process, if any."""
+    actor = _HOSTED() if _HOSTED is not None else None
+    if actor is None or actor.closed:
+        return None
+    if actor.key not in worker.state.actors:
+        # Dask released the actor without the group closing it (its driver went away): free the
+        # process for the next learner.
+        actor.abandon()
+        return None
+    return actor.key
+
+
+class ProcessGroupClosed(RuntimeError):
+    """Raised on a learner whose process group was dropped after an earlier failed update."""
+
+
+class OrderedExecutor:
+    """One dedicated thread that runs submitted work strictly in sequence-number order.
+
+    Requests may arrive out of order (several connections); request ``n`` waits until ``n - 1`` ran.
+    """
+
+    def __init__(self, name: str, first_seq: int = 0):
+        self._cond = threading.Condition()
+        self._pending: Dict[int, Tuple[Callable[[], Any], concurrent.futures.Future]] = {}
+        self._next = first_seq
+        self._closing = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: int, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run ``fn`` as number ``seq``; a future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("This learner was shut down.")
+            if seq < self._next or seq in self._pending:
+                raise RuntimeError(f"Request number {seq} was already received by this learner.")
+            self._pending[seq] = (fn, future)
+            self._cond.notify()
+        return future
+
+    def stop(self) -> None:
+        """Stop after the work that is running; queued work fails with ``RuntimeError``."""
+        with self._cond:
+            self._closing = True
+            for _, future in self._pending.values():
+                future.set_exception(RuntimeError("This learner was shut down."))
+            self._pending.clear()
+            self._cond.notify()
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and self._next not in self._pending:
+                    self._cond.wait()
+                if self._closing:
+                    return
+                fn, future = self._pending.pop(self._next)
+                self._next += 1
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as err:  # noqa: B036 - delivered to the caller, never swallowed
+                future.set_exception(err)
+
+
+class LearnerActor:
+    """The Dask actor hosting one Learner (rank ``rank`` of ``world_size``).
+
+    Created by the pool with ``client.submit(LearnerActor, ..., actor=True, workers=[address],
+    key="learner-<rank>-<group id>")``. Refuses to start in a process that already hosts a learner.
+    """
+
+    def __init__(
+        self,
+        *,
+        group_id: str,
+        rank: int,
+        world_size: int,
+        config: Any,
+        module_spec: Any,
+        learner_class: type,
+        device: Optional[str],
+    ):
+        global _HOSTED
+        self.group_id, self.rank, self.world_size = group_id, rank, world_size
+        self.key = learner_actor_key(rank, group_id)
+        self.closed = False
+        worker = get_worker()
+        self._worker = worker
+        self.address = worker.address
+        self.host = get_address_host(worker.address)
+        with _HOSTED_LOCK:
+            other = hosted_learner_key(worker)
+            if other is not None:
+                raise LearnerGroupError(
+                    f"Worker {self.address} (pid {os.getpid()}) already hosts learner {other}; two learners never "
+                    "share a worker process. Give each learner its own worker process."
+                )
+            _HOSTED = weakref.ref(self)
+        _tune_allocator()
+        self._executor = OrderedExecutor(name=f"dlearner-{self.key}")
+        weakref.finalize(self, self._executor.stop)
+        self._collective: Optional[TorchCollective] = None
+        self._collective_broken: Optional[str] = None
+        self._store: Any = None  # rank 0: the TCPStore server of the process group
+        self._published: Dict[int, asyncio.Future] = {}
+        self._published_kept = int(settings.get("learner-group.published-results-kept"))
+        self.learner: Any = None
+        try:
+            # Build on the compute thread: torch's thread settings are per thread.
+            self._executor.submit(0, lambda: self._build(config, module_spec, learner_class, device)).result()
+        except BaseException:
+            self.closed = True
+            self._executor.stop()
+            raise
+
+    def _build(self, config: Any, module_spec: Any, learner_class: type, device: Optional[str]) -> None:
+        learner = learner_class(config=config, module_spec=module_spec, device=device)
+        learner.build()
+        self.learner = learner
+
+    # -- requests ---------------------------------------------------------------------------------
+    async def run(self, seq: int, request: Request) -> Reply:
+        """Run ``request`` as this learner's request number ``seq`` (>= 1); its typed reply."""
+        published = self._published_future(seq) if request.publish else None
+        try:
+            future = self._executor.submit(seq, lambda: self._execute(seq, request))
+        except RuntimeError as err:
+            reply: Reply = self._failed(err)
+        else:
+            reply = await asyncio.wrap_future(future)
+        if published is not None and not published.done():
+            published.set_result(reply)
+        if request.log_topic and isinstance(reply, Ok):
+            # Training metrics for the dashboard / ``client.get_events(topic)``.
+            self._worker.log_event(request.log_topic, {"learner": self.key, "request": seq, "result": reply.value})
+        return reply
+
+    async def wait_published(self, seq: int) -> Reply:
+        """The reply of request ``seq`` (sent with ``publish=True``), waiting for it if needed."""
+        return await asyncio.shield(self._published_future(seq))
+
+    def _published_future(self, seq: int) -> asyncio.Future:
+        future = self._published.get(seq)
+        if future is None:
+            future = self._published[seq] = asyncio.get_running_loop().create_future()
+            if len(self._published) > self._published_kept:
+                for old in sorted(self._published)[: len(self._published) - self._published_kept]:
+                    if self._published[old].done():
+                        del self._published[old]
+        return future
+
+    def _execute(self, seq: int, request: Request) -> Reply:
+        try:
+            if request.collective and self._collective_broken:
+                raise ProcessGroupClosed(self._collective_broken)
+            if isinstance(request.target, str):
+                value = getattr(self, "op_" + request.target)(*request.args)
+            else:
+                value = request.target(self.learner, *request.args)
+        except Exception as err:  # noqa: BLE001 - every failure becomes this request's reply
+            secondary = isinstance(err, ProcessGroupClosed) or _is_peer_failure(err)
+            if request.collective and self.world_size > 1:
+                # Peers may be blocked in a collective with us: closing our sockets frees them now.
+                self._drop_process_group(
+                    f"The process group was closed after request {seq} failed on learner rank {self.rank}; "
+                    "the LearnerGroup re-forms it before its next update."
+                )
+            return self._failed(err, secondary=secondary)
+        return Ok(value if request.want_result else None)
+
+    def _failed(self, err: BaseException, *, secondary: bool = False) -> Failed:
+        return Failed.from_exception(err, rank=self.rank, worker=self.address, secondary=secondary)
+
+    # -- the pool's own operations (run on the compute thread, in order) ---------------------------
+    def op_device_info(self) -> Dict[str, Any]:
+        """Where this learner computes: host, torch device and the GPU's UUID (NCCL needs distinct GPUs)."""
+        device = self.learner.device
+        uuid = None
+        if device.type == "cuda":
+            uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", device.index))
+        return {"host": socket.gethostname(), "device": str(device), "gpu_uuid": uuid}
+
+    def op_open_store(self, timeout_s: float) -> int:
+        """Rank 0: start the group's TCPStore on this worker's interface; returns its port."""
+        if self._store is None:
+            self._store = open_store(self.host, self.world_size, timeout_s)
+        return int(self._store.port)
+
+    def op_form_group(self, store_host: str, port: int, generation: int, backend: str, store_timeout_s: float, op_timeout_s: float) -> str:
+        """Build this rank's part of process group ``generation`` (all ranks call this concurrently)."""
+        self._drop_process_group(None)
+        try:
+            collective = form_process_group(
+                rank=self.rank,
+                world_size=self.world_size,
+                prefix=f"dlearner/{self.group_id}/{generation}",
+                backend=backend,
+                host=self.host,
+                store=self._store if self.rank == 0 else None,
+                store_host=store_host,
+                store_port=port,
+                store_timeout_s=store_timeout_s,
+                op_timeout_s=op_timeout_s,
+                device=self.learner.device,
+            )
+        except RuntimeError as err:
+            raise ProcessGroupError(f"Learner rank {self.rank} could not join process group {generation}: {err}") from err
+        self._collective, self._collective_broken = collective, None
+        self.learner.set_collective(collective)
+        return collective.backend
+
+    def op_close_group(self) -> None:
+        """Leave the process group (the pool re-forms it)."""
+        self._drop_process_group(None)
+
+    def op_close(self) -> None:
+        """Tear down: process group, store, learner; then stop the compute thread."""
+        self._drop_process_group(None)
+        self._store = None
+        self.learner = None
+        self._release(stop_from_other_thread=True)
+
+    def abandon(self) -> None:
+        """Free this process from a learner whose group never closed it (any thread)."""
+        logger.warning("Learner %s was released by Dask without being closed; stopping it.", self.key)
+        self._release(stop_from_other_thread=False)
+        self._drop_process_group(None)
+
+    def _release(self, *, stop_from_other_thread: bool) -> None:
+        global _HOSTED
+        self.closed = True
+        with _HOSTED_LOCK:
+            if _HOSTED is not None and _HOSTED() is self:
+                _HOSTED = None
+        if stop_from_other_thread:
+            # Called on the compute thread itself: it exits after the current request.
+            threading.Thread(target=self._executor.stop, daemon=True).start()
+        else:
+            self._executor.stop()
+
+    def _drop_process_group(self, reason: Optional[str]) -> None:
+        collective, self._collective = self._collective, None
+        self._collective_broken = reason
+        if self.learner is not None:
+            self.learner.set_collective(None)
+        if collective is not None:
+            collective.close()
+
+
+def _is_peer_failure(err: BaseException) -> bool:
+    text = str(err)
+    return "Connection closed by peer" in text or "Connection reset by peer" in text
+
+
+def _tune_allocator() -> None:
+    """Undo ``MALLOC_TRIM_THRESHOLD_`` (set by Dask's nanny) in a learner's worker process.
+
+    With it, glibc stops adapting its mmap threshold and every tensor above 128 KiB is mmap'ed and
+    unmapped again: updates get 30-40 % slower. The limits set here are glibc's own adaptive maxima.
+    The worker is dedicated to the learner, so the process-wide change is its to make.
+    """
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl...): nothing to undo
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 64 * 2**20)

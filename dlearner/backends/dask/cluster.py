@@ -1,0 +1,292 @@
+"""Connecting to a Dask cluster, and choosing the worker processes that learners and env runners run on.
+
+One client-creation path for everything dlearner starts (the LearnerGroup, the Algorithm and the
+``dlearner`` command line): an existing ``distributed.Client``, a scheduler ``address``, a
+``scheduler_file`` (HPC jobs, dask-jobqueue, dask-mpi), or an embedded ``LocalCluster`` of worker
+processes that the connection owns. TLS and the other ``distributed.comm`` settings of the client
+apply to everything sent through it.
+
+Placement: one learner per worker *process*, chosen explicitly. Dask releases a task's
+``resources`` as soon as the task that created an actor finishes, so resources alone would let two
+learners land in one worker; the pool therefore checks the workers' ``GPU`` resource up front,
+picks distinct worker processes itself and pins each actor to its worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+import dask
+import distributed
+from distributed import Client, LocalCluster
+
+from dlearner.errors import ClusterResourceError, LearnerGroupError
+
+logger = logging.getLogger(__name__)
+
+#: How often a wait for workers says what it is waiting for.
+_WAIT_REPORT_EVERY_S = 10.0
+
+
+@dataclasses.dataclass
+class ClusterConnection:
+    """The client dlearner talks through, and what it must close when done."""
+
+    client: Client
+    cluster: Optional[LocalCluster]
+    owns_client: bool
+    description: str
+
+    def close(self) -> None:
+        """Close what this connection opened (its own client, an embedded cluster), nothing else."""
+        if self.owns_client:
+            self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def connect(config: Any, num_workers: int) -> ClusterConnection:
+    """Connect to the cluster named by ``config.client`` / ``.address`` / ``.scheduler_file``, or start
+    an embedded ``LocalCluster`` with ``num_workers`` worker processes; the dlearner page is added to
+    the cluster's dashboard (once per scheduler).
+
+    Example::
+
+        connection = connect(PPOConfig().cluster(scheduler_file="sched.json"), num_workers=2)
+        print(connection.client.dashboard_link)
+        connection.close()   # closes only what connect() opened
+    """
+    connection = _open(config, num_workers)
+    from dlearner.dashboard import register_dashboard
+
+    try:
+        register_dashboard(connection.client)
+    except RuntimeError as err:
+        # The page is an extra: training works without it, but say why it is missing.
+        logger.warning("dlearner page not added to the Dask dashboard: %s", err)
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+def _open(config: Any, num_workers: int) -> ClusterConnection:
+    timeout = config.resolved_startup_timeout_s()
+    if config.client is not None:
+        client = config.client
+        if not isinstance(client, Client):
+            raise ValueError(f"config.client must be a distributed.Client, got {type(client).__name__}.")
+        if client.asynchronous:
+            raise ValueError("dlearner needs a synchronous distributed.Client (asynchronous=False).")
+        if client.status not in ("running", "connecting", "newly-created"):
+            raise LearnerGroupError(f"The Dask client given in .cluster(client=...) is {client.status!r}, not running.")
+        return ClusterConnection(client, None, owns_client=False, description=f"client of {client.scheduler.address}")
+    if config.address is not None:
+        return _attach(dict(address=config.address), f"scheduler {config.address}", f"address={config.address!r}", timeout)
+    if config.scheduler_file is not None:
+        if not os.path.exists(config.scheduler_file):
+            raise FileNotFoundError(f"scheduler_file={config.scheduler_file!r} does not exist.")
+        return _attach(
+            dict(scheduler_file=config.scheduler_file),
+            f"scheduler file {config.scheduler_file}",
+            f"scheduler_file={config.scheduler_file!r}",
+            timeout,
+        )
+    return _start_embedded_cluster(config, num_workers)
+
+
+def _attach(where: Dict[str, Any], description: str, named: str, timeout: float) -> ClusterConnection:
+    try:
+        client = Client(**where, set_as_default=_no_default_client(), timeout=timeout)
+    except (OSError, TimeoutError) as err:
+        raise LearnerGroupError(f"Cannot reach the Dask scheduler of {named} within {timeout:g} s: {err}") from err
+    return ClusterConnection(client, None, owns_client=True, description=description)
+
+
+def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
+    gpus = float(config.num_gpus_per_learner or 0)
+    kwargs: Dict[str, Any] = dict(
+        n_workers=num_workers,
+        threads_per_worker=max(1, int(config.num_cpus_per_learner)),
+        processes=True,  # learners need their own processes (and their own GIL)
+        dashboard_address=":0",  # a free port: several groups (or tests) can run side by side
+        silence_logs=logging.WARNING,
+    )
+    if gpus > 0:
+        available = cuda_device_count()
+        needed = math.ceil(config.num_learners * gpus - 1e-9)
+        if available < needed:
+            raise ClusterResourceError(
+                f"num_learners={config.num_learners} with num_gpus_per_learner={gpus:g} needs {needed} GPU(s) for the "
+                f"embedded LocalCluster, but torch sees {available} CUDA device(s) on this machine. Set "
+                "num_gpus_per_learner=0, or attach to a cluster whose workers declare the resource 'GPU'."
+            )
+        kwargs["resources"] = {"GPU": gpus}
+    kwargs.update(config.cluster_kwargs or {})
+    # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in new workers, which makes glibc mmap/munmap every
+    # tensor above 128 KiB: 30-40 % slower updates. Learner workers go without it.
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
+    environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        cluster = LocalCluster(**kwargs)
+    try:
+        client = Client(cluster, set_as_default=_no_default_client())
+    except BaseException:
+        cluster.close()
+        raise
+    return ClusterConnection(client, cluster, owns_client=True, description="embedded LocalCluster")
+
+
+def _no_default_client() -> bool:
+    """A client dlearner opens becomes the default one only if there is none yet, so that
+    ``distributed.wait`` / ``as_completed`` work on ``update_async`` futures without touching a
+    default client the user already has."""
+    try:
+        distributed.default_client()
+    except ValueError:
+        return True
+    return False
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch sees in this process (0 without a CUDA build or device)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+# ======================================================================================== placement
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one learner runs: its rank, worker address and torch device (``None``: the worker's default)."""
+
+    rank: int
+    worker: str
+    device: Optional[str]
+
+
+def wait_for_workers(connection: ClusterConnection, count: int, timeout_s: float, purpose: str) -> Dict[str, Any]:
+    """The scheduler's worker table once it has ``count`` workers, or whatever it has after
+    ``timeout_s`` (workers of an HPC job or an autoscaler may still be joining).
+
+    Says what it waits for (logger ``dlearner``, INFO) every few seconds, so a job that waits for
+    workers that never come does not wait in silence.
+    """
+    client = connection.client
+    start = time.monotonic()
+    deadline = start + timeout_s
+    next_report = start
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        now = time.monotonic()
+        if len(workers) >= count or now >= deadline:
+            return workers
+        if now >= next_report:
+            logger.info(
+                "Waiting for Dask workers: %s needs %d, the cluster (%s) has %d; giving up in %.0f s "
+                "(learner_startup_timeout_s / dask config dlearner.cluster.startup-timeout).",
+                purpose, count, connection.description, len(workers), deadline - now,
+            )
+            next_report = now + _WAIT_REPORT_EVERY_S
+        time.sleep(0.2)
+
+
+def _worker_identity(dask_worker: Any) -> Dict[str, Any]:
+    """Runs on every worker (``client.run``): which process it is and whether it hosts a learner."""
+    from dlearner.backends.dask.actor import hosted_learner_key
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "learner": hosted_learner_key(dask_worker)}
+
+
+def _identities(connection: ClusterConnection, workers: Dict[str, Any]) -> Dict[str, Any]:
+    return connection.client.run(_worker_identity, workers=list(workers), on_error="return")
+
+
+def place_learners(connection: ClusterConnection, config: Any, num_learners: int) -> List[Placement]:
+    """Pick ``num_learners`` distinct worker processes that have the resources a learner needs.
+
+    Fails within the startup timeout with a :class:`ClusterResourceError` naming what is missing;
+    fails at once when the cluster already has enough workers but not enough eligible ones.
+    """
+    gpus = float(config.num_gpus_per_learner or 0)
+    timeout = config.resolved_startup_timeout_s()
+    workers = wait_for_workers(connection, num_learners, timeout, f"num_learners={num_learners}")
+    if not workers:
+        raise ClusterResourceError(
+            f"The Dask cluster ({connection.description}) has no workers after {timeout:g} s; "
+            f"num_learners={num_learners} needs {num_learners} worker process(es)."
+        )
+    identities = _identities(connection, workers)
+    eligible: List[str] = []
+    reasons: Dict[str, str] = {}
+    seen_processes: Dict[Any, str] = {}
+    for address in sorted(workers, key=lambda a: (workers[a].get("host", ""), a)):
+        info, ident = workers[address], identities.get(address, {})
+        have = float((info.get("resources") or {}).get("GPU", 0))
+        if not isinstance(ident, dict):
+            reasons[address] = f"did not answer ({ident!r})"
+            continue
+        process = (ident.get("host"), ident.get("pid"))
+        if gpus > 0 and have + 1e-9 < gpus:
+            reasons[address] = f"resource GPU={have:g} < {gpus:g}"
+        elif ident.get("learner"):
+            reasons[address] = f"already hosts learner {ident['learner']}"
+        elif process in seen_processes:
+            reasons[address] = f"shares its process with worker {seen_processes[process]}"
+        else:
+            seen_processes[process] = address
+            eligible.append(address)
+    if len(eligible) < num_learners:
+        missing_gpu = gpus > 0 and any("GPU" in r for r in reasons.values())
+        hint = (
+            f" The learners need the Dask worker resource 'GPU' >= {gpus:g} each: start workers with "
+            "`dask worker ... --resources GPU=1` (or LocalCluster(resources={'GPU': 1})), or set "
+            "num_gpus_per_learner=0."
+            if missing_gpu
+            else " Add workers (one worker process per learner; two learners never share a process), lower "
+            "num_learners, or wait longer for workers to join (learner_startup_timeout_s)."
+        )
+        details = "; ".join(f"{a}: {r}" for a, r in reasons.items()) or "none ineligible"
+        raise ClusterResourceError(
+            f"num_learners={num_learners} needs {num_learners} eligible Dask worker process(es), but the cluster "
+            f"({connection.description}) has {len(eligible)} of {len(workers)} eligible ({details}).{hint}"
+        )
+    chosen = eligible[:num_learners]
+    return [Placement(rank, address, device_for(rank, gpus, connection)) for rank, address in enumerate(chosen)]
+
+
+def device_for(rank: int, gpus: float, connection: ClusterConnection) -> Optional[str]:
+    """The torch device of learner ``rank`` that asks for ``gpus`` GPUs."""
+    if gpus <= 0:
+        return "cpu"
+    if connection.cluster is not None:
+        # Embedded cluster: every worker sees every GPU of this machine, so spread ranks explicitly
+        # (with 0.5 GPU per learner, ranks 0 and 1 share cuda:0).
+        return f"cuda:{int(rank * gpus + 1e-9) % max(1, cuda_device_count())}"
+    # Attached cluster: the launcher (e.g. dask-cuda) gives each worker its GPU as device 0.
+    return None
+
+
+def place_env_runners(connection: ClusterConnection, num_runners: int, timeout_s: float) -> List[str]:
+    """One worker process per env runner, preferring workers that host no learner.
+
+    Env runners are synchronous actors: two on one worker would share its single actor thread and
+    sample one after the other, so each gets its own worker while there are enough.
+    """
+    workers = wait_for_workers(connection, num_runners, timeout_s, f"num_env_runners={num_runners}")
+    if not workers:
+        raise ClusterResourceError(
+            f"The Dask cluster ({connection.description}) has no workers after {timeout_s:g} s; "
+            f"num_env_runners={num_runners} needs worker processes."
+        )
+    identities = _identities(connection, workers)
+    free = [a for a in sorted(workers) if isinstance(identities.get(a), dict) and not identities[a].get("learner")]
+    busy = [a for a in sorted(workers) if a not in free]
+    order = free + busy
+    return [order[i % len(order)] for i in range(num_runners)]

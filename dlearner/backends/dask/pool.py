@@ -1,0 +1,440 @@
+"""The driver side: :class:`DaskLearnerPool`, the handle on ``num_learners`` learner actors.
+
+It numbers requests per learner (every learner runs its requests in the order they were made),
+sends each request straight to the learner's worker over Dask's comms (one direct RPC per learner,
+never a scheduler round trip; a batch shard travels once), watches for worker deaths through the
+scheduler's ``remove-worker`` events and broken connections (one death path: both end in
+:meth:`DaskLearnerPool._mark_dead`), forms and re-forms the learners' process group, and builds the
+``distributed.Future`` of ``update_async`` from a small ``async`` task.
+
+Failure policy (see ``docs/cluster.md``): an exception inside a learner comes back as a
+:class:`~dlearner.backends.dask.protocol.Failed` reply and is re-raised in the driver with the
+remote traceback. A failed *update* makes the failed ranks drop their process group, so peers
+blocked in a collective with them fail at once; the pool re-forms the group before the next update
+(and, if ranks ended the update in different states, copies the state of one that finished to the
+others). A learner whose worker dies makes every later call raise :class:`LearnerDiedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from distributed import Future, get_worker
+from distributed.comm import get_address_host
+
+from dlearner import settings
+from dlearner.backends.dask.actor import LearnerActor, learner_actor_key
+from dlearner.backends.dask.cluster import ClusterConnection, connect, place_learners
+from dlearner.backends.dask.protocol import ABANDONED, Died, Failed, Ok, Reply, Request, values_or_raise
+from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor, worker_rpc
+from dlearner.errors import LearnerDiedError, LearnerGroupError, ProcessGroupError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Slot:
+    """The pool's bookkeeping for one learner."""
+
+    rank: int
+    worker: str
+    key: str
+    device: Optional[str]
+    future: Optional[Future] = None
+    next_seq: int = 1
+    died: Optional[str] = None
+    death: Optional[asyncio.Future] = None  # resolved (on the client's loop) when the learner is gone
+
+
+@dataclasses.dataclass(frozen=True)
+class _Send:
+    slot: _Slot
+    seq: int
+    request: Request
+
+
+class DaskLearnerPool:
+    """``num_learners`` learner actors on a Dask cluster (implements
+    :class:`~dlearner.backends.interface.LearnerPool`).
+
+    :meth:`submit` returns a ``concurrent.futures.Future`` of the per-rank values (blocking callers
+    use :meth:`call`); :meth:`submit_update_future` also returns a ``distributed.Future``.
+    """
+
+    is_local = False
+
+    def __init__(
+        self,
+        *,
+        config: Any,
+        learner_config: Any,
+        module_spec: Any,
+        learner_class: type,
+        group_id: str,
+        num_learners: int,
+        collective_timeout_s: Optional[float] = None,
+        connection: Optional[ClusterConnection] = None,
+    ):
+        """``config`` says where to run (it may hold the user's client); ``learner_config`` is what
+        the learners get (no client, and the shared seed filled in). ``connection``: an open
+        connection to use (the pool then leaves it open on shutdown)."""
+        self.group_id = group_id
+        self.num_learners = num_learners
+        self.metrics_topic: Optional[str] = f"learner-metrics-{group_id}"
+        self.backend: Optional[str] = None
+        self._config = config
+        self._learner_config = learner_config
+        self._collective_timeout_s = float(
+            collective_timeout_s if collective_timeout_s is not None else settings.seconds("learner-group.collective-timeout")
+        )
+        self._death_confirm_s = settings.seconds("learner-group.death-confirm")
+        self._startup_timeout_s = config.resolved_startup_timeout_s()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._generation = 0
+        self._pg_broken = False
+        self._resync_from: Optional[int] = None
+        self._store_port: Optional[int] = None
+        self._updates_submitted = 0
+        self.slots: List[_Slot] = []
+        self._owns_connection = connection is None
+        self.connection = connection if connection is not None else connect(config, num_learners)
+        try:
+            client = self.connection.client
+            self._aloop = client.loop.asyncio_loop
+            placements = place_learners(self.connection, config, num_learners)
+            self.slots = [_Slot(p.rank, p.worker, learner_actor_key(p.rank, group_id), p.device) for p in placements]
+            self._run_on_loop(self._init_events())
+            for slot in self.slots:
+                # Pushed by the scheduler when the worker leaves: later calls fail at once.
+                client.subscribe_topic(slot.worker, self._worker_event_handler(slot))
+            self._start_actors(module_spec, learner_class)
+            if num_learners > 1:
+                self.backend = self._choose_backend()
+                self._form_process_group()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def client(self) -> Any:
+        """The ``distributed.Client`` the learners run through."""
+        return self.connection.client
+
+    @property
+    def learner_workers(self) -> List[str]:
+        """The worker address of each learner, by rank."""
+        return [s.worker for s in self.slots]
+
+    @property
+    def learner_keys(self) -> List[str]:
+        """The Dask key of each learner actor, by rank."""
+        return [s.key for s in self.slots]
+
+    # -- start-up -----------------------------------------------------------------------------------
+    async def _init_events(self) -> None:
+        loop = asyncio.get_running_loop()
+        for slot in self.slots:
+            slot.death = loop.create_future()
+
+    def _start_actors(self, module_spec: Any, learner_class: type) -> None:
+        client = self.connection.client
+        gpus = float(self._config.num_gpus_per_learner or 0)
+        for slot in self.slots:
+            slot.future = client.submit(
+                LearnerActor,
+                group_id=self.group_id,
+                rank=slot.rank,
+                world_size=self.num_learners,
+                config=self._learner_config,
+                module_spec=module_spec,
+                learner_class=learner_class,
+                device=slot.device,
+                actor=True,
+                key=slot.key,
+                workers=[slot.worker],
+                allow_other_workers=False,  # placement is the pool's decision, not the scheduler's
+                resources={"GPU": gpus} if gpus > 0 else None,
+                pure=False,
+            )
+        deadline = time.monotonic() + self._startup_timeout_s
+        for slot in self.slots:
+            try:
+                slot.future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError as err:
+                late = [f"rank {s.rank} on {s.worker} ({s.future.status})" for s in self.slots if not s.future.done()]
+                raise LearnerGroupError(
+                    f"Learners did not start within learner_startup_timeout_s={self._startup_timeout_s:g} s: "
+                    f"{', '.join(late)}."
+                ) from err
+            except Exception as err:  # the learner's own error, with the worker's traceback
+                err.add_note(f"Raised while starting learner rank {slot.rank} on Dask worker {slot.worker}.")
+                raise
+
+    def _choose_backend(self) -> str:
+        gpus = float(self._config.num_gpus_per_learner or 0)
+        if gpus < 1:
+            return "gloo"
+        infos = self.call("device_info", [()] * self.num_learners, result_ranks=None)
+        ids = {(i["host"], i["gpu_uuid"]) for i in infos}
+        if all(i["gpu_uuid"] for i in infos) and len(ids) == self.num_learners:
+            return "nccl"
+        logger.warning("Learners share GPUs (%s); using gloo instead of NCCL.", infos)
+        return "gloo"
+
+    def _form_process_group(self) -> None:
+        """(Re-)form the process group on all learners: rank 0's store, then every rank at once."""
+        self._generation += 1
+        timeout = self._startup_timeout_s
+        store_host = get_address_host(self.slots[0].worker)
+        try:
+            if self._store_port is None:
+                self._store_port = self.call("open_store", [(timeout,)], ranks=[0])[0]
+            args = (store_host, self._store_port, self._generation, self.backend, timeout, self._collective_timeout_s)
+            self.submit("form_group", [args] * self.num_learners, result_ranks=None).result(timeout=timeout + 30)
+        except concurrent.futures.TimeoutError as err:
+            self._pg_broken = True
+            raise ProcessGroupError(
+                f"The learners' torch.distributed process group ({self.backend}, store {self._store_port}) did not form "
+                f"within {timeout:g} s."
+            ) from err
+        except LearnerDiedError:
+            raise
+        except Exception as err:
+            self._pg_broken = True
+            where = f"learner rank {err.learner_rank} on {err.learner_worker}" if hasattr(err, "learner_rank") else "a learner"
+            raise ProcessGroupError(
+                f"The learners could not form their torch.distributed process group ({self.backend}) through the "
+                f"store on {store_host}:{self._store_port}: {where} failed with {type(err).__name__}: {err}"
+            ) from err
+        self._pg_broken = False
+
+    # -- deaths -------------------------------------------------------------------------------------
+    def _worker_event_handler(self, slot: _Slot) -> Callable[[Any], None]:
+        def handler(event: Any) -> None:
+            _, msg = event
+            if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+                self._mark_dead(slot, f"its worker left the cluster ({'retired' if msg.get('expected') else 'died'})")
+
+        return handler
+
+    def _mark_dead(self, slot: _Slot, why: str) -> None:
+        """The one place a learner is declared gone (runs on the client's event loop)."""
+        if slot.died is None:
+            slot.died = (
+                f"Learner rank {slot.rank} ({slot.key}) on Dask worker {slot.worker} is gone: {why}. The group "
+                "cannot train without it; get_state()/get_weights() still read a surviving learner. Shut the group "
+                "down and build a new one, restoring the last checkpoint."
+            )
+            logger.error(slot.died)
+            if slot.future is not None:
+                slot.future.release()  # so the scheduler never re-creates the actor elsewhere
+        if slot.death is not None and not slot.death.done():
+            slot.death.set_result(None)
+
+    def dead_error(self) -> Optional[LearnerDiedError]:
+        """A :class:`LearnerDiedError` if any learner is gone, else ``None``."""
+        dead = [s for s in self.slots if s.died]
+        if not dead:
+            return None
+        return LearnerDiedError(" ".join(s.died for s in dead if s.died))
+
+    def live_ranks(self) -> List[int]:
+        """Ranks whose learner is not known to be gone."""
+        return [s.rank for s in self.slots if not s.died]
+
+    # -- requests -----------------------------------------------------------------------------------
+    def _run_on_loop(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._aloop).result()
+
+    def submit(
+        self,
+        target: Any,
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+        publish: bool = False,
+    ) -> concurrent.futures.Future:
+        """Send ``target(learner, *args_per_rank[i])`` to learner ``ranks[i]``; a future of the values.
+
+        ``result_ranks``: ranks whose value is sent back (others reply ``None``; ``None`` = all).
+        Errors are raised by the future's ``result()``, rebuilt with the remote traceback.
+        """
+        sends, generation = self._number(target, args_per_rank, ranks, collective, result_ranks, publish, log_topic)
+        future = asyncio.run_coroutine_threadsafe(self._dispatch(sends, collective, generation), self._aloop)
+        future.seqs = [s.seq for s in sends]  # type: ignore[attr-defined]
+        return future
+
+    def call(
+        self,
+        target: Any,
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+    ) -> List[Any]:
+        """Like :meth:`submit`, but wait: the values by rank, or the rebuilt remote exception."""
+        return self.submit(
+            target, args_per_rank, ranks=ranks, collective=collective, result_ranks=result_ranks, log_topic=log_topic
+        ).result()
+
+    def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None) -> Tuple[concurrent.futures.Future, Future]:
+        """Like :meth:`submit` for a collective request on all learners, plus a ``distributed.Future``
+        of rank 0's value, computed by an ``async`` task named ``learner-update-<group id>-<n>``."""
+        pending = self.submit(target, args_per_rank, collective=True, publish=True, log_topic=log_topic)
+        self._updates_submitted += 1
+        targets = tuple((s.rank, s.worker, s.key, seq) for s, seq in zip(self.slots, pending.seqs))  # type: ignore[attr-defined]
+        dask_future = self.connection.client.submit(
+            gather_published, targets, key=f"learner-update-{self.group_id}-{self._updates_submitted}", pure=False
+        )
+        return pending, dask_future
+
+    def _number(self, target, args_per_rank, ranks, collective, result_ranks, publish, log_topic) -> Tuple[List[_Send], int]:
+        """The requests for ``ranks`` with their request numbers, handed out in call order."""
+        if self._closed:
+            raise LearnerGroupError("This LearnerGroup was shut down.")
+        ranks = list(range(self.num_learners)) if ranks is None else list(ranks)
+        if len(args_per_rank) != len(ranks):
+            raise ValueError(f"{len(args_per_rank)} argument tuples for {len(ranks)} learners.")
+        with self._lock:
+            sends = []
+            for rank, args in zip(ranks, args_per_rank):
+                slot = self.slots[rank]
+                request = Request(
+                    target=target,
+                    args=tuple(args),
+                    collective=collective,
+                    want_result=result_ranks is None or rank in result_ranks,
+                    publish=publish,
+                    log_topic=log_topic if rank == 0 else None,
+                )
+                sends.append(_Send(slot, slot.next_seq, request))
+                slot.next_seq += 1
+            return sends, self._generation
+
+    async def _dispatch(self, sends: List[_Send], collective: bool, generation: int) -> List[Any]:
+        calls = [asyncio.ensure_future(self._call(s)) for s in sends]
+        pending = set(calls)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(isinstance(c.result(), Died) for c in done):
+                break  # a learner is gone: fail now, without waiting for the others to notice
+        replies: List[Reply] = [c.result() if c.done() else ABANDONED for c in calls]
+        for call in calls:
+            if not call.done():
+                call.cancel()
+        self._note_failures(sends, replies, collective, generation)
+        return values_or_raise(replies)
+
+    def _note_failures(self, sends: List[_Send], replies: List[Reply], collective: bool, generation: int) -> None:
+        if collective and any(not isinstance(r, Ok) for r in replies) and generation == self._generation:
+            # Failed ranks dropped their process group: re-form before the next update. If some ranks
+            # finished the update and others did not, their states may differ: copy a finisher's.
+            self._pg_broken = True
+            finished = [s.slot.rank for s, r in zip(sends, replies) if isinstance(r, Ok)]
+            if finished and self._resync_from is None:
+                self._resync_from = finished[0]
+
+    async def _call(self, send: _Send) -> Reply:
+        slot = send.slot
+        if slot.died:
+            return Died(slot.rank, slot.worker, slot.died)
+        remote = worker_rpc(self.connection.client, slot.worker)
+        call = asyncio.ensure_future(call_actor(remote, slot.key, "run", (send.seq, send.request)))
+        await asyncio.wait({call, slot.death}, return_when=asyncio.FIRST_COMPLETED)
+        if not call.done():
+            call.cancel()
+            return Died(slot.rank, slot.worker, slot.died or "its worker left the cluster")
+        err = call.exception()
+        if err is None:
+            return call.result()
+        if not isinstance(err, UNREACHABLE + (ActorMissing,)):
+            # The actor answered but the call itself failed (e.g. the request could not be unpickled).
+            return Failed.from_exception(err, rank=slot.rank, worker=slot.worker)
+        # Lost contact while the request was in flight: the request stream of this learner is broken,
+        # so it is given up. Wait briefly for the scheduler to confirm why, for a precise message.
+        try:
+            await asyncio.wait_for(asyncio.shield(slot.death), self._death_confirm_s)
+        except asyncio.TimeoutError:
+            self._mark_dead(slot, f"lost contact with it ({err!r})")
+        return Died(slot.rank, slot.worker, slot.died or repr(err))
+
+    # -- process group upkeep ---------------------------------------------------------------------
+    def ensure_ready(self) -> None:
+        """Before an update: raise if a learner is gone; re-form the process group if a failed
+        update broke it (and copy one learner's state to the others if they diverged)."""
+        error = self.dead_error()
+        if error is not None:
+            raise error
+        if self.num_learners > 1 and self._pg_broken:
+            self._form_process_group()
+            if self._resync_from is not None:
+                source, self._resync_from = self._resync_from, None
+                state = self.call(_get_full_state, [()], ranks=[source])[0]
+                others = [r for r in range(self.num_learners) if r != source]
+                self.call(_set_full_state, [(state,)] * len(others), ranks=others, result_ranks=())
+
+    # -- teardown -------------------------------------------------------------------------------------
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Release the actors (after the requests already sent), then close what the pool opened."""
+        if self._closed:
+            return
+        live = [s for s in self.slots if not s.died and s.future is not None and s.future.status == "finished"]
+        if live:
+            try:
+                closing = self.submit("close", [()] * len(live), ranks=[s.rank for s in live], result_ranks=())
+                closing.result(timeout=timeout_s)
+            except (concurrent.futures.TimeoutError, LearnerGroupError, OSError) as err:
+                logger.warning("LearnerGroup %s: closing the learners failed (%r); releasing them anyway.", self.group_id, err)
+        self._closed = True
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            return
+        client = connection.client
+        futures = [s.future for s in self.slots if s.future is not None]
+        if client.status == "running":
+            for slot in self.slots:
+                client.unsubscribe_topic(slot.worker)
+            if futures:
+                # The scheduler forgets the actors now, so the workers are free for a new group.
+                client.cancel(futures, force=True)
+        if self._owns_connection:
+            connection.close()
+
+
+def _get_full_state(learner: Any) -> Dict[str, Any]:
+    return learner.get_state()
+
+
+def _set_full_state(learner: Any, state: Dict[str, Any]) -> None:
+    learner.set_state(state)
+
+
+async def gather_published(targets: Tuple[Tuple[int, str, str, int], ...]) -> Any:
+    """The task behind an ``update_async`` future: wait for every rank's reply, return rank 0's value.
+
+    ``targets`` holds ``(rank, worker address, actor key, request number)`` per learner. Runs as an
+    ``async`` task on any worker, so it occupies no thread while the learners work.
+    """
+    worker = get_worker()
+
+    async def one(rank: int, address: str, key: str, seq: int) -> Reply:
+        try:
+            return await call_actor(worker.rpc(address), key, "wait_published", (seq,))
+        except UNREACHABLE + (ActorMissing,) as err:
+            return Died(rank, address, f"Learner rank {rank} ({key}) on Dask worker {address} cannot be reached: {err!r}")
+
+    replies = await asyncio.gather(*(one(*t) for t in targets))
+    return values_or_raise(replies)[0]

@@ -1,0 +1,105 @@
+"""The two interfaces the LearnerGroup and the Algorithm program against.
+
+A :class:`LearnerPool` runs operations on the learners (one local Learner, or N Dask actors); an
+:class:`EnvRunnerGroup` samples with env runners (one in the driver, or N Dask actors). The
+LearnerGroup and the Algorithm know nothing else about where things run: each backend is one
+implementation of these (``dlearner.backends.local``, ``dlearner.backends.dask``), the way
+dask-jobqueue's batch systems each implement one core class.
+
+Operations are plain functions ``fn(learner, *args)`` (module-level, so they travel to workers by
+reference); every learner runs the operations sent to it in the order they were sent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+
+from dlearner.errors import LearnerDiedError
+
+
+@runtime_checkable
+class LearnerPool(Protocol):
+    """The learners of one LearnerGroup."""
+
+    #: ``True`` for the one local Learner (``num_learners=0``).
+    is_local: bool
+    #: Learners that take part in every update (1 for a local pool).
+    num_learners: int
+    #: ``"gloo"`` / ``"nccl"`` for 2+ learners, else ``None``.
+    backend: Optional[str]
+    #: Dask event topic where rank 0 logs each update's results (``None`` for a local pool).
+    metrics_topic: Optional[str]
+    #: The ``distributed.Client`` the learners run through (``None`` for a local pool).
+    client: Any
+    #: Worker address and actor key of each learner, by rank (empty for a local pool).
+    learner_workers: List[str]
+    learner_keys: List[str]
+
+    def submit(
+        self,
+        target: Any,
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+    ) -> concurrent.futures.Future:
+        """Run ``target(learner, *args)`` on each rank; a future of the values of ``result_ranks``
+        (others ``None``), or of the learners' exception."""
+
+    def call(
+        self,
+        target: Any,
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+    ) -> List[Any]:
+        """:meth:`submit` and wait: the values by rank, or the learners' exception raised here."""
+
+    def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None) -> Tuple[concurrent.futures.Future, Any]:
+        """A collective request on all learners: ``(future of the values, user-facing future of rank 0's value)``."""
+
+    def ensure_ready(self) -> None:
+        """Before an update: raise if a learner is gone, repair what an earlier failure broke."""
+
+    def dead_error(self) -> Optional[LearnerDiedError]:
+        """The error to raise if a learner is gone, else ``None``."""
+
+    def live_ranks(self) -> List[int]:
+        """Ranks whose learner is not known to be gone."""
+
+    def shutdown(self) -> None:
+        """Stop the learners after the requests already sent; close what the pool opened."""
+
+
+@runtime_checkable
+class EnvRunnerGroup(Protocol):
+    """The env runners of one Algorithm."""
+
+    num_runners: int
+
+    def sample(self, num_timesteps: int) -> List[Dict[str, Any]]:
+        """About ``num_timesteps`` env steps over all runners: one fragment per runner."""
+
+    def sync_weights(self, weights: Any) -> None:
+        """Give every runner the learners' current module weights."""
+
+    def get_metrics(self) -> List[Dict[str, Any]]:
+        """Each runner's episode statistics since the last call."""
+
+    def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
+        """Greedy evaluation episodes."""
+
+    def get_state(self) -> List[Dict[str, Any]]:
+        """Each runner's state (for checkpoints)."""
+
+    def set_state(self, states: Sequence[Dict[str, Any]]) -> None:
+        """Restore each runner's state."""
+
+    def stop(self) -> None:
+        """Stop and release every runner; never raises for a runner that is already gone."""

@@ -1,0 +1,122 @@
+"""Everything in the calling process: one local Learner (``num_learners=0``) and one env runner
+(``num_env_runners=0``)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dlearner.env_runner import EnvRunner
+
+
+class LocalLearnerPool:
+    """``num_learners=0``: one Learner in this process (implements :class:`~dlearner.backends.interface.LearnerPool`).
+
+    Blocking calls run inline. Async requests (and, once one was made, every later call, so order
+    is kept) run on one background thread; their futures are ``concurrent.futures.Future`` objects.
+    """
+
+    is_local = True
+    num_learners = 1
+    backend: Optional[str] = None
+    metrics_topic: Optional[str] = None
+    client: Any = None
+    learner_workers: List[str] = []
+    learner_keys: List[str] = []
+
+    def __init__(self, learner_config: Any, module_spec: Any, learner_class: type):
+        self.learner = learner_class(config=learner_config, module_spec=module_spec)
+        self.learner.build()
+        self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
+    def submit(self, target: Callable, args_per_rank: Sequence[tuple], *, wait: bool = False, **_: Any) -> concurrent.futures.Future:
+        (args,) = args_per_rank
+        if wait and self._executor is None:
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                future.set_result([target(self.learner, *args)])
+            except Exception as err:  # noqa: BLE001 - delivered through the future, as for remote learners
+                future.set_exception(err)
+            return future
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1,
+                thread_name_prefix="dlearner-local-learner",
+                # torch's thread count is per thread: give the background thread the learner's.
+                initializer=self.learner._set_torch_threads,
+            )
+        return self._executor.submit(lambda: [target(self.learner, *args)])
+
+    def call(self, target: Callable, args_per_rank: Sequence[tuple], **kwargs: Any) -> List[Any]:
+        return self.submit(target, args_per_rank, wait=True, **kwargs).result()
+
+    def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], **_: Any) -> Tuple[concurrent.futures.Future, concurrent.futures.Future]:
+        pending = self.submit(target, args_per_rank)
+        return pending, _first_value(pending)
+
+    def ensure_ready(self) -> None:
+        pass
+
+    def dead_error(self) -> None:
+        return None
+
+    def live_ranks(self) -> List[int]:
+        return [0]
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self.learner = None
+
+
+def _first_value(future: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A future of ``future.result()[0]``."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(f: concurrent.futures.Future) -> None:
+        error = f.exception()
+        if error is not None:
+            out.set_exception(error)
+        else:
+            out.set_result(f.result()[0])
+
+    future.add_done_callback(done)
+    return out
+
+
+class LocalEnvRunnerGroup:
+    """``num_env_runners=0``: one :class:`EnvRunner` in the driver process (implements
+    :class:`~dlearner.backends.interface.EnvRunnerGroup`)."""
+
+    def __init__(self, config: Any, module_spec: Any):
+        self.runners = [EnvRunner(config, module_spec=module_spec, worker_index=0)]
+
+    @property
+    def num_runners(self) -> int:
+        return len(self.runners)
+
+    def sample(self, num_timesteps: int) -> List[Dict[str, np.ndarray]]:
+        return [self.runners[0].sample(num_timesteps)]
+
+    def sync_weights(self, weights: Any) -> None:
+        self.runners[0].set_weights(weights)
+
+    def get_metrics(self) -> List[Dict[str, Any]]:
+        return [self.runners[0].get_metrics()]
+
+    def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
+        return self.runners[0].evaluate(num_episodes, seed=seed)
+
+    def get_state(self) -> List[Dict[str, Any]]:
+        return [r.get_state() for r in self.runners]
+
+    def set_state(self, states: Sequence[Mapping[str, Any]]) -> None:
+        for runner, state in zip(self.runners, states):
+            runner.set_state(state)
+
+    def stop(self) -> None:
+        for runner in self.runners:
+            runner.stop()
