@@ -139,8 +139,9 @@ def _validate_module_columns(module_id: str, columns: Mapping[str, Any], spec: M
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).reshape(n, -1).any(axis=1).sum())
             raise ValueError(f"Column {column!r} of {where} has non-finite values (NaN or inf) in {bad} row(s).")
-    _check_shape(arrays, Columns.OBS, spec.observation_space.shape, where, "the observation space")
-    _check_shape(arrays, Columns.NEXT_OBS, spec.observation_space.shape, where, "the observation space")
+    obs_shape, obs_what = _observation_row_shape(spec.observation_space)
+    _check_shape(arrays, Columns.OBS, obs_shape, where, obs_what)
+    _check_shape(arrays, Columns.NEXT_OBS, obs_shape, where, obs_what)
     _check_actions(arrays, spec.action_space, where)
     if spec.action_dist_inputs_dim is not None:
         _check_shape(arrays, Columns.ACTION_DIST_INPUTS, (spec.action_dist_inputs_dim,), where, "the action distribution")
@@ -150,6 +151,14 @@ def _validate_module_columns(module_id: str, columns: Mapping[str, Any], spec: M
     if Columns.LOSS_MASK in arrays and arrays[Columns.LOSS_MASK].dtype != np.bool_:
         raise TypeError(f"Column {Columns.LOSS_MASK!r} of {where} must be bool, got {arrays[Columns.LOSS_MASK].dtype}.")
     return arrays
+
+
+def _observation_row_shape(space: gym.Space) -> Tuple[Tuple[int, ...], str]:
+    from dlearner.spaces import needs_flattening, observation_row_shape
+
+    if needs_flattening(space):
+        return observation_row_shape(space), f"the flattened observation space {space} (gymnasium's spaces.flatten)"
+    return tuple(space.shape), "the observation space"
 
 
 def _check_shape(arrays, column, row_shape, where, what) -> None:
@@ -168,9 +177,13 @@ def _check_actions(arrays, action_space, where) -> None:
         _check_shape(arrays, Columns.ACTIONS, (), where, f"the action space {action_space}")
         if not (np.issubdtype(actions.dtype, np.integer) or actions.dtype == np.bool_):
             raise TypeError(f"Column 'actions' of {where} has dtype {actions.dtype}; Discrete actions must be integers.")
+        # Batches carry the env's own action values: Discrete(n, start=s) actions are s .. s+n-1.
         low, high = int(action_space.start), int(action_space.start + action_space.n)
         if actions.min() < low or actions.max() >= high:
-            raise ValueError(f"Column 'actions' of {where} has values outside [{low}, {high - 1}] of {action_space}.")
+            raise ValueError(
+                f"Column 'actions' of {where} has values outside [{low}, {high - 1}] of {action_space}; "
+                "actions are the environment's own values (for Discrete(n, start=s): s .. s+n-1)."
+            )
     elif isinstance(action_space, gym.spaces.Box):
         _check_shape(arrays, Columns.ACTIONS, action_space.shape, where, f"the action space {action_space}")
 

@@ -18,6 +18,14 @@ COMPONENT_OPTIMIZER = "optimizer"
 DEFAULT_OPTIMIZER = "default_optimizer"
 """Name of the optimizer that :meth:`Learner.configure_optimizers_for_module` registers by default."""
 
+TIMESTEP_KEY = "num_env_steps_sampled_lifetime"
+"""Key of the ``timesteps`` dict that drives learning-rate schedules (the env steps sampled so far).
+
+Example::
+
+    learner.update(batch, timesteps={TIMESTEP_KEY: 4000})
+"""
+
 
 class Columns:
     """Column names of a training batch.

@@ -72,6 +72,8 @@ class AlgorithmConfig:
     default_learner_class: Optional[type] = None
     #: The Algorithm class ``build_algo`` creates.
     algo_class_path: Optional[str] = None
+    #: Settings earlier versions stored that this one no longer has; :meth:`from_dict` drops them.
+    retired_settings: frozenset = frozenset()
 
     def __init__(self) -> None:
         # environment
@@ -80,6 +82,7 @@ class AlgorithmConfig:
         # env runners
         self.num_env_runners = 0
         self.num_envs_per_env_runner = 1
+        self.gym_env_vectorize_mode = "sync"
         # learners
         self.num_learners = 0
         self.num_gpus_per_learner: float = 0
@@ -129,14 +132,30 @@ class AlgorithmConfig:
         *,
         num_env_runners: int = NotProvided,
         num_envs_per_env_runner: int = NotProvided,
+        gym_env_vectorize_mode: str = NotProvided,
     ) -> "AlgorithmConfig":
         """Sampling: ``num_env_runners`` Dask actors (0 = sample in the driver), each stepping
         ``num_envs_per_env_runner`` vectorised environments. Each iteration the runners together
-        sample ``train_batch_size`` env steps."""
+        sample ``train_batch_size`` env steps.
+
+        ``gym_env_vectorize_mode`` (RLlib's name): ``"sync"`` (default) steps
+        ``num_envs_per_env_runner`` copies of the env in one ``SyncVectorEnv``;
+        ``"vector_entry_point"`` builds the env's own vector implementation with
+        ``gymnasium.make_vec`` (a registered env id with a vector entry point, e.g. CartPole-v1).
+        """
         if num_env_runners is not NotProvided:
             self.num_env_runners = _positive_int("num_env_runners", num_env_runners, allow_zero=True)
         if num_envs_per_env_runner is not NotProvided:
             self.num_envs_per_env_runner = _positive_int("num_envs_per_env_runner", num_envs_per_env_runner)
+        if gym_env_vectorize_mode is not NotProvided:
+            modes = ("sync", "vector_entry_point")
+            mode = getattr(gym_env_vectorize_mode, "value", gym_env_vectorize_mode)
+            if mode not in modes:
+                raise ValueError(
+                    f"gym_env_vectorize_mode={gym_env_vectorize_mode!r} is not supported; use one of {list(modes)} "
+                    "('async' would start subprocesses, which Dask's daemonic workers cannot)."
+                )
+            self.gym_env_vectorize_mode = mode
         return self
 
     def learners(
@@ -434,7 +453,7 @@ class AlgorithmConfig:
         if not issubclass(config_cls, cls):
             raise ValueError(f"{data['config_class']!r} is not a {cls.__name__} subclass.")
         config = config_cls()
-        settings = {k: v for k, v in data.items() if k != "config_class"}
+        settings = {k: v for k, v in data.items() if k != "config_class" and k not in config_cls.retired_settings}
         unknown = sorted(set(settings) - set(vars(config)))
         if unknown:
             raise ValueError(

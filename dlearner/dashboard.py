@@ -41,7 +41,6 @@ import collections
 import html
 import json
 import logging
-import math
 import numbers
 import time
 import urllib.parse
@@ -50,6 +49,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from distributed.diagnostics.plugin import SchedulerPlugin
 from tornado import web
+
+from dlearner.jsonsafe import json_safe
 
 __all__ = [
     "EVENT_TOPIC",
@@ -80,7 +81,7 @@ _MESSAGE_VERSION = 1
 _KIND_TRAIN = "train"
 _KIND_LEARNER = "learner_update"
 _ALL_MODULES = "__all_modules__"  # dlearner.columns.ALL_MODULES; not imported so the scheduler needs no torch
-_MAX_STRING = 200  # strings in results are labels; anything longer is not a metric
+_MAX_STRING = 200  # longest string the page keeps
 
 
 # ------------------------------------------------------------------------------ driver side
@@ -128,7 +129,9 @@ def publish_metrics(client: Any, run_id: str, result: Mapping[str, Any], *, wait
 
     ``result`` is the nested result dict (``result["learners"][module_id][metric]``,
     ``result["env_runners"]["episode_return_mean"]``, ``result["num_env_steps_sampled_lifetime"]``,
-    ``result["training_iteration"]``, ...). Non-numeric entries (lists, arrays) are left out.
+    ``result["training_iteration"]``, ...). Numbers follow :func:`dlearner.jsonsafe.json_safe` (NaN and
+    infinities arrive as ``None``); lists and arrays are left out; a value that is not a number,
+    string or ``None`` raises ``TypeError`` naming its key.
 
     By default this returns at once and the message is sent from the client's event loop; a failed
     send is logged, never raised, so the dashboard cannot slow down or break training. With
@@ -189,37 +192,19 @@ async def _send_in_background(client: Any, message: Dict[str, Any]) -> None:
         logger.warning("Could not send dlearner metrics of run %r to the scheduler: %s", message["run_id"], err)
 
 
-def _sanitize(value: Any, depth: int = 0) -> Any:
-    """Nested dicts of plain scalars: msgpack- and JSON-safe; NaN/inf become None, lists are dropped."""
-    if isinstance(value, Mapping):
-        if depth > 4:  # results are at most three levels deep; deeper means something that is not a metric
-            return None
-        out = {}
-        for key, item in value.items():
-            clean = _sanitize(item, depth + 1)
-            if clean is not None or _is_number(item):
-                out[str(key)] = clean
-        return out
-    if isinstance(value, bool) or value is None:
-        return value
-    if _is_number(value):
-        number = value.item() if hasattr(value, "item") else value
-        if isinstance(number, numbers.Integral):
-            return int(number)
-        number = float(number)
-        return number if math.isfinite(number) else None
+def _sanitize(result: Mapping[str, Any]) -> Dict[str, Any]:
+    """A result as the page keeps it: JSON-safe numbers by :func:`dlearner.jsonsafe.json_safe` (the policy
+    the metrics file follows: NaN/inf become None, numpy/torch scalars plain numbers, a value that is
+    not a metric ``TypeError``), then without lists (curves, not metrics) and with strings cut short."""
+    return _drop_lists(json_safe(result, name="result"))
+
+
+def _drop_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_lists(v) for k, v in value.items() if not isinstance(v, list)}
     if isinstance(value, str):
-        return value[:_MAX_STRING]
-    return None
-
-
-def _is_number(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, numbers.Number) and not isinstance(value, complex):
-        return True
-    # numpy / torch scalars
-    return getattr(value, "ndim", None) == 0 and hasattr(value, "item") and isinstance(value.item(), (int, float))
+        return value[:_MAX_STRING]  # strings in results are labels; anything longer is not a metric
+    return value
 
 
 # --------------------------------------------------------------------------- scheduler side
@@ -408,11 +393,16 @@ class DashboardPlugin(SchedulerPlugin):
         elif topic.startswith(LEARNER_TOPIC_PREFIX) and isinstance(msg, Mapping):
             # The message's request number also counts non-update requests, so the page numbers the
             # updates it receives instead.
+            try:
+                result = _sanitize(msg.get("result")) if isinstance(msg.get("result"), Mapping) else None
+            except (TypeError, ValueError) as err:  # not metrics: the store logs and ignores the message
+                logger.warning("Ignoring a %r event whose result is not metrics: %s", topic, err)
+                result = None
             self.store.add({
                 "run_id": "learner-group-" + topic[len(LEARNER_TOPIC_PREFIX):],
                 "kind": _KIND_LEARNER,
                 "time": timestamp,
-                "result": _sanitize(msg.get("result")) if isinstance(msg.get("result"), Mapping) else None,
+                "result": result,
             }, timestamp)
 
 

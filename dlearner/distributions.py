@@ -7,7 +7,8 @@ of every gradient step, where argument validation and object creation would cost
 from __future__ import annotations
 
 import math
-from typing import Optional
+import re
+from typing import Dict, Optional, Type
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +51,24 @@ class TorchDistribution:
 class TorchCategorical(TorchDistribution):
     """Categorical distribution over ``n`` discrete actions, parameterised by unnormalised logits.
 
+    Actions are the environment's own values: for ``Discrete(n, start=s)`` they run from ``s`` to
+    ``s + n - 1`` while the logits are indexed from 0. :meth:`for_space` gives the class for a space;
+    the plain class has ``start = 0``.
+
     Example::
 
         dist = TorchCategorical.from_logits(torch.zeros(3, 2))
         dist.logp(torch.tensor([0, 1, 1]))   # tensor([-0.6931, -0.6931, -0.6931])
+        TorchCategorical.for_space(gym.spaces.Discrete(2, start=-1)).from_logits(logits).sample()  # -1 or 0
     """
+
+    #: The action value of logit 0 (``Discrete.start``).
+    start: int = 0
+
+    @classmethod
+    def for_space(cls, action_space) -> Type["TorchCategorical"]:
+        """The categorical class whose actions are ``action_space``'s values (``Discrete``, any ``start``)."""
+        return categorical_with_start(int(action_space.start))
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
@@ -69,7 +83,7 @@ class TorchCategorical(TorchDistribution):
         return int(action_space.n)
 
     def logp(self, actions: torch.Tensor) -> torch.Tensor:
-        return self.log_probs.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
+        return self.log_probs.gather(-1, (actions.long() - self.start).unsqueeze(-1)).squeeze(-1)
 
     def entropy(self) -> torch.Tensor:
         return -(self.log_probs.exp() * self.log_probs).sum(-1)
@@ -79,12 +93,39 @@ class TorchCategorical(TorchDistribution):
 
     def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         probs = self.log_probs.exp().reshape(-1, self.logits.shape[-1])
-        return torch.multinomial(probs, 1, generator=generator).reshape(
-            self.logits.shape[:-1]
-        )
+        index = torch.multinomial(probs, 1, generator=generator).reshape(self.logits.shape[:-1])
+        return index + self.start
 
     def deterministic_sample(self) -> torch.Tensor:
-        return self.logits.argmax(-1)
+        return self.logits.argmax(-1) + self.start
+
+
+_CATEGORICALS: Dict[int, Type[TorchCategorical]] = {0: TorchCategorical}
+
+
+def categorical_with_start(start: int) -> Type[TorchCategorical]:
+    """``TorchCategorical`` for actions ``start, start + 1, ...`` (one class per start, so ``is`` checks hold)."""
+    start = int(start)
+    if start not in _CATEGORICALS:
+        name = _categorical_name(start)
+        cls = type(name, (TorchCategorical,), {"start": start, "__module__": __name__, "__qualname__": name})
+        _CATEGORICALS[start] = cls
+    return _CATEGORICALS[start]
+
+
+def _categorical_name(start: int) -> str:
+    return f"TorchCategoricalStart{start}" if start >= 0 else f"TorchCategoricalStartMinus{-start}"
+
+
+def __getattr__(name: str):
+    # The classes above are made on demand; this lets pickle find them by name in another process.
+    match = re.fullmatch(r"TorchCategoricalStart(Minus)?(\d+)", name)
+    if match is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    start = int(match.group(2)) * (-1 if match.group(1) else 1)
+    if _categorical_name(start) != name:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return categorical_with_start(start)
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)

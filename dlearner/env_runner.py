@@ -3,6 +3,14 @@
 An :class:`EnvRunner` knows nothing about Dask either: the driver runs one itself when
 ``num_env_runners=0``, and the Dask plumbing wraps it as an actor otherwise. Sampling keeps its
 environments and partial episodes between calls, like RLlib's env runners.
+
+What a fragment holds, in gymnasium's terms:
+
+* ``obs``: a ``Box`` space's observations as the env returns them; any other observation space
+  (``Dict``, ``Tuple``, ``Discrete``, ...) flattened as gymnasium's ``spaces.flatten`` does, float32.
+* ``actions``: the env's own action values (``Discrete(n, start=s)``: ``s .. s+n-1``); for a ``Box``
+  the sampled action, while the env receives it clipped to the bounds.
+* Episode returns and lengths come from gymnasium's vector ``RecordEpisodeStatistics``.
 """
 
 from __future__ import annotations
@@ -14,22 +22,96 @@ from typing import Any, Deque, Dict, List, Mapping, Optional
 import gymnasium as gym
 import numpy as np
 import torch
+from gymnasium.envs.registration import VectorizeMode
+from gymnasium.vector import AutoresetMode
 
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.rl_module import MultiRLModuleSpec, RLModule
+from dlearner.spaces import check_flattenable, flatten_observations, needs_flattening, observation_row_shape
 
 #: Column of sampled fragments holding V(s_{t+1}) (bootstrap values; consumed by GAE, not trained on).
 NEXT_VF_PREDS = "next_vf_preds"
 
+# Per-row value of the final observation on truncation (0 elsewhere); internal to sampling.
+_FINAL_VF = "_final_vf"
+_FRAGMENT_COLUMNS = (
+    Columns.OBS, Columns.ACTIONS, Columns.ACTION_LOGP, Columns.ACTION_DIST_INPUTS, Columns.VF_PREDS,
+    Columns.REWARDS, Columns.TERMINATEDS, Columns.TRUNCATEDS, _FINAL_VF,
+)
+_VECTORIZE_MODES = (VectorizeMode.SYNC.value, VectorizeMode.VECTOR_ENTRY_POINT.value)
+
+
+def make_vector_env(config: Any, num_envs: int) -> gym.vector.VectorEnv:
+    """The vector env an :class:`EnvRunner` samples, wrapped in gymnasium's ``RecordEpisodeStatistics``.
+
+    ``config.gym_env_vectorize_mode`` (RLlib's name; ``"sync"`` when unset) picks it:
+
+    * ``"sync"``: a ``SyncVectorEnv`` of ``num_envs`` envs from ``config.make_env()`` (any env id or
+      creator), resetting finished sub-envs in the same step (``AutoresetMode.SAME_STEP``).
+    * ``"vector_entry_point"``: the env's own vector implementation, ``gymnasium.make_vec(id,
+      num_envs, vectorization_mode="vector_entry_point", **env_config)`` (e.g. ``CartPole-v1``'s
+      ``CartPoleVectorEnv``); needs a registered env id with a ``vector_entry_point``.
+
+    ``"async"`` is refused: env runners often live in Dask worker processes, which are daemonic and
+    cannot start the subprocesses ``AsyncVectorEnv`` needs; use more env runners instead.
+    """
+    mode = getattr(config, "gym_env_vectorize_mode", None) or VectorizeMode.SYNC
+    mode = mode.value if isinstance(mode, VectorizeMode) else str(mode).lower()
+    if mode not in _VECTORIZE_MODES:
+        raise ValueError(
+            f"gym_env_vectorize_mode={mode!r} is not supported; use one of {list(_VECTORIZE_MODES)} "
+            "(for parallel sampling, use more env runners instead of 'async')."
+        )
+    if mode == VectorizeMode.VECTOR_ENTRY_POINT.value:
+        env_id = config.env
+        if not isinstance(env_id, str):
+            raise ValueError(
+                "gym_env_vectorize_mode='vector_entry_point' needs a registered gymnasium env id in "
+                f".environment(...), got {env_id!r}; use gym_env_vectorize_mode='sync' for env creators."
+            )
+        try:
+            spec = gym.spec(env_id)
+        except gym.error.Error as err:
+            raise ValueError(f"Cannot find environment {env_id!r}: {err}") from err
+        if spec.vector_entry_point is None:
+            raise ValueError(
+                f"Environment {env_id!r} has no vector entry point, so gym_env_vectorize_mode='vector_entry_point' "
+                "cannot build it; use gym_env_vectorize_mode='sync'."
+            )
+        try:
+            env = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point", **config.env_config)
+        except gym.error.Error as err:
+            raise ValueError(f"Cannot make the vector environment {env_id!r}: {err}") from err
+    else:
+        env = gym.vector.SyncVectorEnv(
+            [config.make_env for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP
+        )
+    autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
+    if autoreset not in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP):
+        env.close()
+        raise ValueError(
+            f"The vector env {env} uses autoreset mode {autoreset}; env runners need sub-envs that reset "
+            "themselves (AutoresetMode.SAME_STEP or NEXT_STEP)."
+        )
+    if "autoreset_mode" not in env.metadata:
+        # Gymnasium's documented default; saying so keeps RecordEpisodeStatistics from warning.
+        env.metadata = {**env.metadata, "autoreset_mode": AutoresetMode.NEXT_STEP}
+    return gym.wrappers.vector.RecordEpisodeStatistics(env)
+
 
 class EnvRunner:
-    """Samples ``num_envs_per_env_runner`` environments (a gymnasium ``SyncVectorEnv``) with one RLModule.
+    """Samples ``num_envs_per_env_runner`` environments (a gymnasium vector env) with one RLModule.
 
     Example::
 
         runner = EnvRunner(PPOConfig().environment("CartPole-v1"), module_spec=spec)
         fragment = runner.sample(num_timesteps=512)       # time-major arrays, shape (T, num_envs, ...)
         runner.get_metrics()                              # returns and lengths of finished episodes
+
+    The vector env comes from :func:`make_vector_env`. Sub-envs that reset themselves in the step
+    after an episode ends (``AutoresetMode.NEXT_STEP``, as env-provided vector envs do) are handled
+    too: that reset step is not a transition, so it never appears in a fragment; a sub-env that lost
+    rows to resets steps a little longer, and rows it sampled beyond ``T`` open the next fragment.
     """
 
     def __init__(
@@ -44,12 +126,20 @@ class EnvRunner:
         self.worker_index = worker_index
         self.module_id = module_id
         torch.set_num_threads(max(1, int(getattr(config, "torch_num_threads", None) or 1)))
-        num_envs = config.num_envs_per_env_runner
-        self.env = gym.vector.SyncVectorEnv(
-            [lambda i=i: config.make_env() for i in range(num_envs)],
-            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
-        )
         spec = module_spec.rl_module_specs[module_id]
+        self._observation_space: gym.Space = spec.observation_space
+        self._action_space: gym.Space = spec.action_space
+        self._flatten = needs_flattening(spec.observation_space)
+        if self._flatten:
+            check_flattenable(spec.observation_space)
+        num_envs = config.num_envs_per_env_runner
+        self.env = make_vector_env(config, num_envs)
+        try:
+            _check_env_spaces(self.env, spec.observation_space, spec.action_space)
+        except ValueError:
+            self.env.close()
+            raise
+        self._next_step_autoreset = self.env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
         seed = getattr(config, "seed", None)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -64,9 +154,12 @@ class EnvRunner:
         self._is_box = isinstance(spec.action_space, gym.spaces.Box)
         self._action_low = getattr(spec.action_space, "low", None)
         self._action_high = getattr(spec.action_space, "high", None)
-        self._obs, _ = self.env.reset(seed=_runner_seed(seed, worker_index))
-        self._episode_returns = np.zeros(num_envs, dtype=np.float64)
-        self._episode_lengths = np.zeros(num_envs, dtype=np.int64)
+        obs, _ = self.env.reset(seed=_runner_seed(seed, worker_index))
+        self._obs = self._prepare_obs(obs)
+        # NEXT_STEP autoreset: sub-envs whose next step is a reset (their action is ignored).
+        self._resetting = np.zeros(num_envs, dtype=bool)
+        # Rows a sub-env sampled beyond the last fragment's length (NEXT_STEP only), per sub-env.
+        self._carry: List[Optional[Dict[str, np.ndarray]]] = [None] * num_envs
         self._finished_returns: List[float] = []
         self._finished_lengths: List[int] = []
         self.num_env_steps_sampled_lifetime = 0
@@ -78,9 +171,21 @@ class EnvRunner:
         self.module.set_state(weights[self.module_id])
 
     def get_weights(self) -> Dict[str, Dict[str, np.ndarray]]:
+        """The module's weights as ``{module_id: {name: np.ndarray}}``."""
         return {self.module_id: self.module.get_state()}
 
     # ------------------------------------------------------------------------------- sampling
+    def _prepare_obs(self, obs: Any) -> np.ndarray:
+        """A batch of observations as the module takes them (flattened unless the space is a Box)."""
+        if self._flatten:
+            return flatten_observations(self._observation_space, obs)
+        return np.asarray(obs)
+
+    def _prepare_single_obs(self, obs: Any) -> np.ndarray:
+        if self._flatten:
+            return np.asarray(gym.spaces.flatten(self._observation_space, obs), dtype=np.float32)
+        return np.asarray(obs)
+
     @torch.no_grad()
     def _act(self, obs: np.ndarray, *, explore: bool = True):
         out = self.module.forward_train({Columns.OBS: torch.from_numpy(np.asarray(obs, dtype=np.float32))})
@@ -104,59 +209,104 @@ class EnvRunner:
         if self._is_box:
             # The policy's Gaussian is unbounded; the env gets the clipped action, the learner the sampled one.
             return np.clip(actions, self._action_low, self._action_high)
-        return actions
+        # Already the env's values (the distribution adds Discrete.start); only the dtype may differ.
+        return actions.astype(self._action_space.dtype, copy=False)
 
     def sample(self, num_timesteps: int) -> Dict[str, np.ndarray]:
-        """Step every environment ``ceil(num_timesteps / num_envs)`` times; returns time-major arrays.
+        """Sample ``T = ceil(num_timesteps / num_envs)`` transitions per sub-env; returns time-major arrays.
 
         Columns: ``obs, actions, action_logp, action_dist_inputs, vf_preds, rewards, terminateds,
         truncateds`` and ``next_vf_preds`` (the value of the observation after each step: of the final
-        observation on truncation, 0 on termination), each of shape ``(T, num_envs, ...)``.
+        observation on truncation, 0 on termination), each of shape ``(T, num_envs, ...)``. Each
+        column ``[:, i]`` is consecutive transitions of sub-env ``i``.
         """
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")
         num_envs = self.env.num_envs
         steps = math.ceil(num_timesteps / num_envs)
         columns: Dict[str, List[np.ndarray]] = collections.defaultdict(list)
-        bootstrap: Dict[tuple, float] = {}
-        for t in range(steps):
+        valid_steps: List[np.ndarray] = []
+        have = np.array([0 if c is None else len(c[Columns.OBS]) for c in self._carry])
+        has_values = True
+        while have.min() < steps:
+            valid = ~self._resetting
             actions, logp, inputs, vf = self._act(self._obs)
-            next_obs, rewards, terminateds, truncateds, infos = self.env.step(self._env_actions(actions))
+            has_values = vf is not None
+            raw_next, rewards, terminateds, truncateds, infos = self.env.step(self._env_actions(actions))
+            next_obs = self._prepare_obs(raw_next)
+            terminateds = np.asarray(terminateds, dtype=bool)
+            truncateds = np.asarray(truncateds, dtype=bool)
+            final_vf = np.zeros(num_envs, np.float32)
+            cut = np.flatnonzero(truncateds & ~terminateds & valid)
+            if len(cut) and has_values:
+                if self._next_step_autoreset:
+                    final = next_obs[cut]  # NEXT_STEP returns the final observation itself
+                else:
+                    final = np.stack([self._prepare_single_obs(infos["final_obs"][i]) for i in cut])
+                final_vf[cut] = self._values(final)
             columns[Columns.OBS].append(self._obs)
             columns[Columns.ACTIONS].append(actions.numpy())
             columns[Columns.ACTION_LOGP].append(logp.numpy())
             columns[Columns.ACTION_DIST_INPUTS].append(inputs.numpy())
-            columns[Columns.VF_PREDS].append(vf.numpy() if vf is not None else np.zeros(num_envs, np.float32))
+            columns[Columns.VF_PREDS].append(vf.numpy() if has_values else np.zeros(num_envs, np.float32))
             columns[Columns.REWARDS].append(np.asarray(rewards, dtype=np.float32))
-            columns[Columns.TERMINATEDS].append(np.asarray(terminateds, dtype=bool))
-            columns[Columns.TRUNCATEDS].append(np.asarray(truncateds, dtype=bool))
-            self._track_episodes(rewards, terminateds | truncateds)
-            cut = np.flatnonzero(truncateds & ~terminateds)
-            if len(cut) and vf is not None:
-                final = np.stack([infos["final_obs"][i] for i in cut])
-                for i, value in zip(cut, self._values(final)):
-                    bootstrap[(t, int(i))] = float(value)
+            columns[Columns.TERMINATEDS].append(terminateds)
+            columns[Columns.TRUNCATEDS].append(truncateds)
+            columns[_FINAL_VF].append(final_vf)
+            valid_steps.append(valid)
+            self._record_episodes(infos)
+            if self._next_step_autoreset:
+                self._resetting = (terminateds | truncateds) & valid
+            have += valid
             self._obs = next_obs
-        out = {k: np.stack(v) for k, v in columns.items()}
-        vf_preds = out[Columns.VF_PREDS]
-        last = self._values(self._obs) if vf_preds.any() else np.zeros(num_envs, np.float32)
-        next_vf = np.concatenate([vf_preds[1:], last[None]], axis=0)
-        next_vf[out[Columns.TERMINATEDS] | out[Columns.TRUNCATEDS]] = 0.0
-        for (t, i), value in bootstrap.items():
-            next_vf[t, i] = value
-        out[NEXT_VF_PREDS] = next_vf.astype(np.float32)
+        stacked = {k: np.stack(v) for k, v in columns.items()}
+        out = self._cut_fragment(stacked, np.stack(valid_steps), steps)
+        out[NEXT_VF_PREDS] = self._next_values(out, has_values)
         self.num_env_steps_sampled_lifetime += steps * num_envs
         return out
 
-    def _track_episodes(self, rewards: np.ndarray, dones: np.ndarray) -> None:
-        self._episode_returns += rewards
-        self._episode_lengths += 1
-        for i in np.flatnonzero(dones):
-            self._finished_returns.append(float(self._episode_returns[i]))
-            self._finished_lengths.append(int(self._episode_lengths[i]))
-            self._episode_returns[i] = 0.0
-            self._episode_lengths[i] = 0
-        self.num_episodes_lifetime += int(dones.sum())
+    def _cut_fragment(self, stacked: Dict[str, np.ndarray], valid: np.ndarray, steps: int) -> Dict[str, np.ndarray]:
+        """The first ``steps`` valid rows of every sub-env (carried rows first); later ones are carried."""
+        if valid.all() and len(valid) == steps and all(c is None for c in self._carry):
+            return {k: stacked[k] for k in _FRAGMENT_COLUMNS}  # SAME_STEP: every row is a transition
+        per_env = []
+        for i in range(valid.shape[1]):
+            rows = {k: stacked[k][valid[:, i], i] for k in _FRAGMENT_COLUMNS}
+            carried = self._carry[i]
+            if carried is not None:
+                rows = {k: np.concatenate([carried[k], rows[k]]) for k in _FRAGMENT_COLUMNS}
+            per_env.append({k: v[:steps] for k, v in rows.items()})
+            self._carry[i] = {k: v[steps:] for k, v in rows.items()} if len(rows[Columns.OBS]) > steps else None
+        return {k: np.stack([env_rows[k] for env_rows in per_env], axis=1) for k in _FRAGMENT_COLUMNS}
+
+    def _next_values(self, out: Dict[str, np.ndarray], has_values: bool) -> np.ndarray:
+        """V(s_{t+1}) per row: the next row's value, the final observation's on truncation, 0 on termination."""
+        final_vf = out.pop(_FINAL_VF)
+        vf_preds = out[Columns.VF_PREDS]
+        num_envs = vf_preds.shape[1]
+        if has_values:
+            last = self._values(self._obs)
+            for i, carried in enumerate(self._carry):
+                if carried is not None:
+                    last[i] = carried[Columns.VF_PREDS][0]  # the next transition is already sampled
+        else:
+            last = np.zeros(num_envs, np.float32)
+        next_vf = np.concatenate([vf_preds[1:], last[None]], axis=0)
+        terminateds, truncateds = out[Columns.TERMINATEDS], out[Columns.TRUNCATEDS]
+        next_vf[terminateds | truncateds] = 0.0
+        next_vf = np.where(truncateds & ~terminateds, final_vf, next_vf)
+        return next_vf.astype(np.float32)
+
+    def _record_episodes(self, infos: Mapping[str, Any]) -> None:
+        # RecordEpisodeStatistics reports each finished episode's return and length under "episode".
+        finished = infos.get("_episode")
+        if finished is None or not np.any(finished):
+            return
+        stats = infos["episode"]
+        for i in np.flatnonzero(finished):
+            self._finished_returns.append(float(stats["r"][i]))
+            self._finished_lengths.append(int(stats["l"][i]))
+        self.num_episodes_lifetime += int(np.count_nonzero(finished))
 
     def get_metrics(self) -> Dict[str, Any]:
         """Returns and lengths of episodes finished since the last call, and lifetime counters."""
@@ -172,20 +322,18 @@ class EnvRunner:
     @torch.no_grad()
     def evaluate(self, num_episodes: int, *, seed: Optional[int] = None) -> Dict[str, Any]:
         """Run ``num_episodes`` greedy episodes on a fresh environment; returns their returns and lengths."""
-        env = self.config.make_env()
+        env = gym.wrappers.RecordEpisodeStatistics(self.config.make_env())
         returns, lengths = [], []
         try:
             for episode in range(num_episodes):
                 obs, _ = env.reset(seed=None if seed is None else seed + episode)
-                done, total, length = False, 0.0, 0
-                while not done:
-                    actions, _, _, _ = self._act(np.asarray(obs)[None], explore=False)
-                    obs, reward, terminated, truncated, _ = env.step(self._env_actions(actions)[0])
-                    total += float(reward)
-                    length += 1
-                    done = terminated or truncated
-                returns.append(total)
-                lengths.append(length)
+                while True:
+                    actions, _, _, _ = self._act(self._prepare_single_obs(obs)[None], explore=False)
+                    obs, _, terminated, truncated, info = env.step(self._env_actions(actions)[0])
+                    if terminated or truncated:
+                        break
+                returns.append(float(info["episode"]["r"]))
+                lengths.append(int(info["episode"]["l"]))
         finally:
             env.close()
         return {"episode_returns": returns, "episode_lengths": lengths}
@@ -200,13 +348,32 @@ class EnvRunner:
         }
 
     def set_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`get_state` returned."""
         self.num_env_steps_sampled_lifetime = int(state["num_env_steps_sampled_lifetime"])
         self.num_episodes_lifetime = int(state["num_episodes_lifetime"])
         if "torch_rng" in state:
             self._torch_rng.set_state(torch.from_numpy(np.asarray(state["torch_rng"], dtype=np.uint8).copy()))
 
     def stop(self) -> None:
+        """Close the environments."""
         self.env.close()
+
+
+def _check_env_spaces(env: gym.vector.VectorEnv, observation_space: gym.Space, action_space: gym.Space) -> None:
+    """The sub-envs' spaces must fit the module's (same flat observation size, same discrete actions)."""
+    env_obs, env_act = env.single_observation_space, env.single_action_space
+    if type(env_obs) is not type(observation_space) or observation_row_shape(env_obs) != observation_row_shape(observation_space):
+        raise ValueError(
+            f"The environment's observation space {env_obs} does not fit the module's {observation_space}; "
+            "build the module from this environment (config.environment(...)) or give it a matching space."
+        )
+    if isinstance(action_space, gym.spaces.Discrete) and not (
+        isinstance(env_act, gym.spaces.Discrete) and env_act.n == action_space.n and env_act.start == action_space.start
+    ):
+        raise ValueError(
+            f"The environment's action space {env_act} does not match the module's {action_space}: a Discrete "
+            "module's actions are the env's values, so n and start must agree."
+        )
 
 
 def _runner_seed(seed: Optional[int], worker_index: int) -> Optional[int]:

@@ -38,6 +38,7 @@ from dlearner.columns import (
     COMPONENT_OPTIMIZER,
     COMPONENT_RL_MODULE,
     DEFAULT_OPTIMIZER,
+    TIMESTEP_KEY,
     Columns,
 )
 from dlearner.metrics import MetricsLogger
@@ -45,7 +46,6 @@ from dlearner.rl_module import MultiRLModule, MultiRLModuleSpec, RLModule, RLMod
 from dlearner.schedules import PiecewiseSchedule, ScheduleLike
 
 COMPONENT_LEARNER_STATE = "learner_state"
-TIMESTEP_KEY = "num_env_steps_sampled_lifetime"
 ParamDict = Dict[torch.nn.Parameter, torch.Tensor]
 
 
@@ -507,15 +507,15 @@ class Learner:
     # ---------------------------------------------------------------------------- checkpoints
     def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
         """Write the full state as a Zarr v3 checkpoint at ``path`` (a directory or fsspec URL); returns it."""
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        return checkpointing.save_learner(self, path, storage_options=storage_options)
+        return objects.save_learner(self, path, storage_options=storage_options)
 
     def restore_from_path(self, path, *, storage_options: Optional[dict] = None) -> None:
         """Restore the state written by :meth:`save_to_path` (or a LearnerGroup's or Algorithm's)."""
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        checkpointing.restore_learner(self, path, storage_options=storage_options)
+        objects.restore_learner(self, path, storage_options=storage_options)
 
 
 class TorchLearner(Learner):

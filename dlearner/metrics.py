@@ -78,6 +78,25 @@ class MetricsLogger:
             raise KeyError(f"No metric {k} has been logged in this update.")
         return self._local_reduce(k)[0]
 
+    def pop(self, key: MetricKey) -> float:
+        """Take ``key`` out of this update's results and return its reduced value (``KeyError`` if not logged).
+
+        For statistics that only feed a derived metric: after the reduction (in
+        ``after_gradient_based_update``), read them over all learners, log the derived value with
+        ``reduce="last"`` and leave the ingredients out of the result dict. PPO's ``vf_explained_var``
+        is made this way from the row means of the value targets and the errors.
+
+        Example (inside a Learner's ``after_gradient_based_update``)::
+
+            total, count = self.metrics.pop((mid, "_hits")), self.metrics.pop((mid, "_tries"))
+            self.metrics.log_value((mid, "hit_rate"), total / count, reduce="last")
+        """
+        value = self.peek(key)
+        k = self._key(key)
+        self._reduced.pop(k, None)
+        self._entries.pop(k, None)
+        return value
+
     def _local_sums(self, k) -> Tuple[float, float]:
         reduce, values, weights = self._entries[k]
         if reduce == "last":

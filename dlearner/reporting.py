@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, TextIO, Union
+
+from dlearner.jsonsafe import json_safe
 
 __all__ = [
     "RETURN_KEY",
@@ -46,10 +47,10 @@ ITERATION_KEY = "training_iteration"
 def flatten_result(result: Mapping[str, Any], *, sep: str = "/") -> Dict[str, Any]:
     """Flatten a nested result dict into ``{"a/b/c": value}`` with JSON-safe values.
 
-    Numbers become Python ``int``/``float`` (numpy and torch scalars included), NaN and infinities
-    become ``None`` (JSON has neither), ``bool``/``str``/``None`` stay, and lists of numbers become
-    lists of plain numbers. Anything else raises ``TypeError`` naming its key, so a metric is never
-    silently dropped.
+    Values follow :func:`dlearner.jsonsafe.json_safe`: numbers become Python ``int``/``float``
+    (numpy and torch scalars included), NaN and infinities become ``None`` (JSON has neither),
+    ``bool``/``str``/``None`` stay, and lists and arrays become lists of plain values. Anything else
+    raises ``TypeError`` naming its key, so a metric is never silently dropped.
     """
     flat: Dict[str, Any] = {}
     _flatten_into(flat, result, "", sep)
@@ -66,18 +67,7 @@ def _flatten_into(flat: Dict[str, Any], value: Mapping[str, Any], prefix: str, s
 
 
 def _json_value(value: Any, name: str) -> Any:
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # numpy / torch scalars
-        return _json_value(value.item(), name)
-    if isinstance(value, (list, tuple)) or getattr(value, "ndim", None) == 1:
-        return [_json_value(v, f"{name}[{i}]") for i, v in enumerate(list(value))]
-    raise TypeError(f"Cannot write metric {name!r} of type {type(value).__name__} as JSON.")
+    return json_safe(value, name=name)  # dlearner.jsonsafe: the one policy the dashboard follows too
 
 
 # ------------------------------------------------------------------------------- metrics file

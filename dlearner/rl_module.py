@@ -100,6 +100,11 @@ class RLModule(nn.Module):
     ``forward_inference`` and ``forward_exploration`` default to it. Outputs are dicts keyed by
     :class:`Columns`, with at least ``Columns.ACTION_DIST_INPUTS``.
 
+    ``batch[Columns.OBS]`` holds a ``Box`` space's observations as they are, and observations of any
+    other space flattened (see :func:`dlearner.spaces.flatten_observations`). Discrete actions are
+    the env's own values (``Discrete(n, start=s)``: ``s .. s+n-1``); the action distribution class
+    maps them to logit indices.
+
     Example::
 
         module = RLModuleSpec(observation_space=env.observation_space,
@@ -191,15 +196,15 @@ class RLModule(nn.Module):
 
     def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
         """Write this module's spec and weights as a Zarr v3 checkpoint; returns ``path``."""
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        return checkpointing.save_module(self, path, storage_options=storage_options)
+        return objects.save_module(self, path, storage_options=storage_options)
 
     def restore_from_path(self, path, *, storage_options: Optional[dict] = None) -> None:
         """Load weights from a module, learner, group or algorithm checkpoint written by dlearner."""
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        checkpointing.restore_module(self, path, storage_options=storage_options)
+        objects.restore_module(self, path, storage_options=storage_options)
 
     @classmethod
     def from_checkpoint(
@@ -215,20 +220,23 @@ class RLModule(nn.Module):
         Example::
 
             module = RLModule.from_checkpoint("runs/cartpole")
-            action = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS].argmax(-1)
+            logits = module.forward_inference({Columns.OBS: obs})[Columns.ACTION_DIST_INPUTS]
+            action = module.get_inference_action_dist_cls().from_logits(logits).deterministic_sample()
+            # the env's action value (Discrete start included); obs of non-Box spaces are flattened first
 
         A module class outside dlearner is only imported when listed in ``trusted_classes``.
         """
-        from dlearner import checkpointing
+        from dlearner.checkpoint import objects
 
-        return checkpointing.module_from_checkpoint(
+        return objects.module_from_checkpoint(
             path, module_id=module_id, storage_options=storage_options, trusted_classes=trusted_classes
         )
 
 
 def _action_dist_cls(action_space: gym.Space) -> Type[TorchDistribution]:
     if isinstance(action_space, gym.spaces.Discrete):
-        return TorchCategorical
+        # Actions stay the env's values (start..start+n-1); the class maps them to logit indices.
+        return TorchCategorical.for_space(action_space)
     if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) == 1:
         return TorchDiagGaussian
     raise ValueError(
@@ -238,12 +246,11 @@ def _action_dist_cls(action_space: gym.Space) -> Type[TorchDistribution]:
 
 
 def _obs_dim(observation_space: gym.Space) -> int:
-    if isinstance(observation_space, gym.spaces.Box):
-        return int(math.prod(observation_space.shape))
-    raise ValueError(
-        f"Observation space {observation_space} is not supported by the default modules; use a Box space "
-        "(flatten or wrap other spaces with gymnasium wrappers), or write an RLModule subclass."
-    )
+    """Input size of the default MLPs: a Box's elements, or the flat size of any other space."""
+    from dlearner.spaces import observation_row_shape
+
+    # Non-Box observations arrive flattened (gymnasium's spaces.flatten); unflattenable ones raise here.
+    return int(math.prod(observation_row_shape(observation_space)))
 
 
 def _mlp(in_dim: int, hiddens, activation: str, out_dim: Optional[int], out_gain: float) -> nn.Sequential:
@@ -364,7 +371,7 @@ class RLModuleSpec:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, module_class: Optional[type] = None) -> "RLModuleSpec":
-        """Inverse of :meth:`to_json`. The caller resolves and checks the class path (see ``checkpointing``)."""
+        """Inverse of :meth:`to_json`. The caller resolves and checks the class path (see ``checkpoint.objects``)."""
         from dlearner.spaces import space_from_json
 
         return cls(

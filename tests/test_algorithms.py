@@ -1,9 +1,11 @@
-"""PPO's loss, KL adaptation and GAE, and behaviour cloning, checked against hand computations."""
+"""PPO's loss, diagnostics, KL adaptation and GAE, and behaviour cloning, checked against hand computations."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.util
 import pathlib
+import threading
 
 import numpy as np
 import pytest
@@ -11,8 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from conftest import SMALL_MODEL, ppo_batch
-from dlearner import DEFAULT_MODULE_ID, BCConfig, Columns, PPOConfig
+from dlearner import DEFAULT_MODULE_ID, AlgorithmConfig, BCConfig, Columns, PPOConfig
 from dlearner.algorithms.ppo import compute_gae
+from dlearner.batch import as_multi_batch, shard_batch
+from dlearner.collective import TorchCollective
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -56,6 +60,118 @@ def test_ppo_honours_the_loss_mask(cartpole, batch):
     full = build(config, cartpole).update({k: v[:100] for k, v in batch.items()})
     with_mask = build(config, cartpole).update(masked)
     assert with_mask[DEFAULT_MODULE_ID]["total_loss"] == pytest.approx(full[DEFAULT_MODULE_ID]["total_loss"], rel=1e-5)
+
+
+def on_policy_batch(learner, rows: int = 256, seed: int = 0):
+    """A PPO batch sampled by the learner's own policy (ratio exactly 1 before the first step), and
+    the module's value predictions on it."""
+    batch = ppo_batch(rows, seed)
+    with torch.no_grad():
+        out = learner.module[DEFAULT_MODULE_ID].forward_train({Columns.OBS: torch.from_numpy(batch[Columns.OBS])})
+    logits = out[Columns.ACTION_DIST_INPUTS].numpy()
+    logp = F.log_softmax(torch.from_numpy(logits), -1).numpy()
+    batch[Columns.ACTION_DIST_INPUTS] = logits
+    batch[Columns.ACTION_LOGP] = logp[np.arange(rows), batch[Columns.ACTIONS]]
+    return batch, out[Columns.VF_PREDS].numpy()
+
+
+def numpy_explained_variance(targets, predictions) -> float:
+    """As CleanRL and Stable-Baselines3 compute it."""
+    return float(1.0 - np.var(targets - predictions) / np.var(targets))
+
+
+def test_ppo_reports_no_clipped_rows_on_the_first_step_where_the_ratio_is_one(cartpole):
+    learner = build(PPOConfig().training(minibatch_size=None, num_epochs=1), cartpole)
+    batch, _ = on_policy_batch(learner)
+    assert learner.update(batch)[DEFAULT_MODULE_ID]["clip_fraction"] == 0.0
+
+
+def test_ppo_clip_fraction_is_the_share_of_rows_whose_ratio_left_the_clip_range(cartpole):
+    # A learning rate too small to move the policy keeps every ratio where the batch puts it, over
+    # 8 minibatches and 2 epochs: the fraction is over all rows, whatever the minibatching.
+    config = PPOConfig().training(clip_param=0.2, lr=1e-12, minibatch_size=32, num_epochs=2)
+    learner = build(config, cartpole)
+    batch, _ = on_policy_batch(learner)
+    batch[Columns.ACTION_LOGP][:64] += np.log(2.0)    # ratio 0.5: below 1 - 0.2, clipped
+    batch[Columns.ACTION_LOGP][64:96] -= np.log(1.1)  # ratio 1.1: inside the range, not clipped
+    assert learner.update(batch)[DEFAULT_MODULE_ID]["clip_fraction"] == pytest.approx(64 / 256)
+
+
+def test_ppo_explained_variance_equals_numpy_on_a_one_minibatch_update(cartpole):
+    learner = build(PPOConfig().training(minibatch_size=None, num_epochs=1), cartpole)
+    batch, values = on_policy_batch(learner)
+    result = learner.update(batch)[DEFAULT_MODULE_ID]
+    expected = numpy_explained_variance(batch[Columns.VALUE_TARGETS], values)
+    assert result["vf_explained_var"] == pytest.approx(expected, rel=1e-5)
+    assert not [name for name in result if name.startswith("_")]  # its ingredients are not reported
+
+
+def test_ppo_explained_variance_is_pooled_over_all_rows_not_averaged_per_minibatch(cartpole):
+    # With the weights (nearly) fixed, 8 minibatches of 32 rows must report the explained variance of
+    # the whole batch; a mean of per-minibatch ratios would not.
+    learner = build(PPOConfig().training(lr=1e-12, minibatch_size=32, num_epochs=1), cartpole)
+    batch, values = on_policy_batch(learner)
+    reported = learner.update(batch)[DEFAULT_MODULE_ID]["vf_explained_var"]
+    assert reported == pytest.approx(numpy_explained_variance(batch[Columns.VALUE_TARGETS], values), rel=1e-5)
+
+
+def test_ppo_explained_variance_is_nan_when_the_targets_do_not_vary(cartpole):
+    learner = build(PPOConfig().training(minibatch_size=None, num_epochs=1), cartpole)
+    batch, _ = on_policy_batch(learner)
+    batch[Columns.VALUE_TARGETS][:] = 1.5
+    assert np.isnan(learner.update(batch)[DEFAULT_MODULE_ID]["vf_explained_var"])
+
+
+def update_on_two_learners(config, env, batch):
+    """One update of ``batch`` split over two learners in threads of this process, joined by a gloo group."""
+    store = torch.distributed.HashStore()
+    shards = shard_batch(as_multi_batch(batch), 2)
+    learners = [build(config, env) for _ in shards]
+    results = [None, None]
+
+    def run(rank):
+        options = torch.distributed.ProcessGroupGloo._Options()
+        options._devices = [torch.distributed.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
+        options._timeout = datetime.timedelta(seconds=60)
+        group = torch.distributed.ProcessGroupGloo(torch.distributed.PrefixStore("test", store), rank, 2, options)
+        learners[rank].set_collective(TorchCollective.from_process_group(group))
+        shard, layout = shards[rank]
+        results[rank] = learners[rank].update(shard, shard=layout)
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert None not in results, "a learner thread failed"
+    return results
+
+
+def test_ppo_diagnostics_on_two_learners_equal_those_of_one_learner_on_the_whole_batch(cartpole):
+    # The batch's behaviour logits are not the module's, so a small clip range clips some rows.
+    config = PPOConfig().training(clip_param=0.05, minibatch_size=64, num_epochs=2)
+    batch = ppo_batch(250)
+    expected = build(config, cartpole).update(batch)[DEFAULT_MODULE_ID]
+    assert 0.0 < expected["clip_fraction"] < 1.0
+    for result in update_on_two_learners(config, cartpole, batch):
+        for name in ("clip_fraction", "vf_explained_var"):
+            assert result[DEFAULT_MODULE_ID][name] == pytest.approx(expected[name], abs=1e-6), name
+
+
+def test_ppo_config_has_no_settings_that_nothing_reads():
+    config = PPOConfig()
+    assert not hasattr(config, "use_gae") and not hasattr(config, "use_critic")
+    with pytest.raises(TypeError, match="use_gae"):
+        config.training(use_gae=False)
+
+
+def test_a_stored_config_with_the_retired_use_gae_and_use_critic_still_loads():
+    # Checkpoints written before these settings were removed store them; GAE and the critic were
+    # always on, so dropping them restores exactly what those runs trained with.
+    stored = {**PPOConfig().training(lr=5e-4).to_dict(), "use_gae": True, "use_critic": False}
+    config = AlgorithmConfig.from_dict(stored)
+    assert isinstance(config, PPOConfig) and config.lr == 5e-4
+    assert not hasattr(config, "use_gae") and not hasattr(config, "use_critic")
 
 
 @pytest.mark.parametrize("target,expected_factor", [(1e-6, 1.5), (1e3, 0.5)])

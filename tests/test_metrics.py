@@ -1,11 +1,18 @@
-"""The metrics logger: weighted means, sums, last values, and the key-agreement probe."""
+"""The metrics logger (weighted means, sums, last values, the key-agreement probe) and the one
+policy that turns metrics into JSON for the metrics file and the dashboard."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
+from dlearner.dashboard import _sanitize as dashboard_sanitize
+from dlearner.jsonsafe import json_safe
 from dlearner.metrics import MetricsLogger
+from dlearner.reporting import flatten_result
 
 
 def test_means_are_weighted_by_rows_sums_add_and_last_keeps_the_latest():
@@ -48,3 +55,61 @@ def test_bad_keys_and_reductions_are_refused():
         metrics.log_value(("a", "b", "c"), 1.0)
     with pytest.raises(KeyError):
         metrics.peek("never")
+
+
+def test_pop_takes_a_reduced_ingredient_out_of_the_results():
+    metrics = MetricsLogger()
+    metrics.log_value(("m", "_hits"), 3, reduce="sum")
+    metrics.log_value(("m", "_tries"), 4, reduce="sum")
+    metrics.all_reduce()
+    rate = metrics.pop(("m", "_hits")) / metrics.pop(("m", "_tries"))
+    metrics.log_value(("m", "hit_rate"), rate, reduce="last")
+    assert metrics.reduce() == {"m": {"hit_rate": 0.75}}
+    with pytest.raises(KeyError):
+        metrics.pop(("m", "_hits"))
+
+
+# ------------------------------------------------------------------------------ JSON-safe values
+def test_json_safe_gives_plain_numbers_and_none_for_non_finite_ones():
+    value = {
+        "np_float": np.float32(1.5), "np_int": np.int64(3), "np_bool": np.bool_(True),
+        "torch": torch.tensor(0.25), "nan": float("nan"), "inf": np.float64("-inf"),
+        "array": np.array([[1.0, np.inf]]), "tensor": torch.tensor([1, 2]), "tuple": (1, None, "a"),
+        7: {"nested": [np.float16(0.5)]},
+    }
+    safe = json_safe(value)
+    assert safe == {
+        "np_float": 1.5, "np_int": 3, "np_bool": True, "torch": 0.25, "nan": None, "inf": None,
+        "array": [[1.0, None]], "tensor": [1, 2], "tuple": [1, None, "a"], "7": {"nested": [0.5]},
+    }
+    assert type(safe["np_float"]) is float and type(safe["np_int"]) is int and type(safe["np_bool"]) is bool
+    assert json.loads(json.dumps(safe, allow_nan=False)) == safe
+
+
+def test_json_safe_names_what_is_not_a_metric_and_bounds_the_depth():
+    with pytest.raises(TypeError, match="result/learners/bad"):
+        json_safe({"learners": {"bad": object()}}, name="result")
+    deep = {}
+    level = deep
+    for _ in range(10):
+        level["k"] = level = {}
+    with pytest.raises(ValueError, match="deeper"):
+        json_safe(deep, max_depth=8)
+    assert json_safe(deep, max_depth=11) == deep  # eleven dicts deep
+
+
+def test_the_metrics_file_and_the_dashboard_turn_numbers_into_json_alike():
+    result = {"learners": {"default_policy": {"total_loss": np.float32(0.5), "vf_explained_var": float("nan")}},
+              "training_iteration": np.int64(2), "env_runners": {"episode_returns": [1.0, float("inf")]}}
+    flat = flatten_result(result)
+    page = dashboard_sanitize(result)
+    assert flat["learners/default_policy/total_loss"] == page["learners"]["default_policy"]["total_loss"] == 0.5
+    assert flat["learners/default_policy/vf_explained_var"] is page["learners"]["default_policy"]["vf_explained_var"] is None
+    assert flat["training_iteration"] == page["training_iteration"] == 2
+    assert flat["env_runners/episode_returns"] == [1.0, None]  # the file keeps lists ...
+    assert page["env_runners"] == {}  # ... the page shows metrics, not curves
+    for bad in ({"x": object()}, {"x": {1, 2}}):
+        with pytest.raises(TypeError, match="x"):
+            flatten_result(bad)
+        with pytest.raises(TypeError, match="x"):
+            dashboard_sanitize(bad)

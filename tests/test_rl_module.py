@@ -95,3 +95,42 @@ def test_diag_gaussian_matches_torch_distributions():
     generator = torch.Generator().manual_seed(0)
     assert ours.sample(generator=generator).shape == (6, 2)
     torch.testing.assert_close(ours.deterministic_sample(), inputs[:, :2])
+
+
+def test_discrete_start_actions_are_env_values_mapped_to_logit_indices():
+    space = gym.spaces.Discrete(3, start=-1)
+    dist_cls = RLModuleSpec(observation_space=gym.spaces.Box(-1, 1, (2,)), action_space=space).build().get_train_action_dist_cls()
+    logits = torch.randn(6, 3)
+    dist, ref = dist_cls.from_logits(logits), Categorical(logits=logits)
+    actions = torch.tensor([-1, 0, 1, 1, 0, -1])
+    torch.testing.assert_close(dist.logp(actions), ref.log_prob(actions + 1))  # logit 0 is action -1
+    torch.testing.assert_close(dist.deterministic_sample(), logits.argmax(-1) - 1)
+    samples = dist_cls.from_logits(torch.zeros(1000, 3)).sample(generator=torch.Generator().manual_seed(0))
+    assert set(samples.tolist()) == {-1, 0, 1}
+
+
+def test_categorical_class_for_a_start_is_one_class_and_pickles_by_name():
+    import pickle
+
+    cls = TorchCategorical.for_space(gym.spaces.Discrete(4, start=5))
+    assert cls is TorchCategorical.for_space(gym.spaces.Discrete(2, start=5)) and cls.start == 5
+    assert TorchCategorical.for_space(gym.spaces.Discrete(2)) is TorchCategorical
+    assert pickle.loads(pickle.dumps(cls)) is cls
+    negative = TorchCategorical.for_space(gym.spaces.Discrete(2, start=-3))
+    assert pickle.loads(pickle.dumps(negative)) is negative
+
+
+def test_default_module_takes_dict_observations_flattened():
+    obs_space = gym.spaces.Dict({"pos": gym.spaces.Box(-1, 1, (3,)), "mode": gym.spaces.Discrete(4)})
+    module = RLModuleSpec(observation_space=obs_space, action_space=gym.spaces.Discrete(2),
+                          model_config={"fcnet_hiddens": [8]}).build()
+    assert module.pi[0].in_features == gym.spaces.flatdim(obs_space) == 7
+    assert module.forward_train({Columns.OBS: torch.zeros(5, 7)})[Columns.ACTION_DIST_INPUTS].shape == (5, 2)
+
+
+def test_module_spec_json_round_trip_keeps_discrete_start():
+    spec = RLModuleSpec(observation_space=gym.spaces.Box(-1, 1, (2,)), action_space=gym.spaces.Discrete(3, start=-2),
+                        model_config={"fcnet_hiddens": [8]})
+    restored = RLModuleSpec.from_json(spec.to_json(), module_class=DefaultActorCriticRLModule)
+    assert restored.action_space == gym.spaces.Discrete(3, start=-2)
+    assert restored.build().get_train_action_dist_cls().start == -2

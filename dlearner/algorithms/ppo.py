@@ -2,11 +2,22 @@
 
 The loss, per minibatch row, with ratio ``r = pi(a|s) / pi_old(a|s)`` and advantage ``A``::
 
-    L_clip    = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)
-    L_vf      = min((V(s) - V_target)^2, vf_clip_param)        # clamped as RLlib does
+    L_clip    = -min(r * A, clip(r, 1 - eps, 1 + eps) * A)       # eps = clip_param
+    L_vf      = min((V(s) - V_target)^2, vf_clip_param)          # the squared error clamped, as RLlib does
     L_entropy = -H(pi(.|s))
-    L_kl      = KL(pi_old || pi)                               # optional, adaptive coefficient
+    L_kl      = KL(pi_old || pi)                                 # optional, adaptive coefficient
     loss      = mean(L_clip + vf_loss_coeff * L_vf + entropy_coeff * L_entropy) + kl_coeff * mean(L_kl)
+
+The value "clip" is RLlib's: it clamps the *squared error* at ``vf_clip_param`` (rows beyond it give
+no value gradient), not the value prediction around the old one as in OpenAI's PPO2 / CleanRL.
+
+Besides the losses each module reports two diagnostics, as RLlib, CleanRL and Stable-Baselines3 do:
+
+* ``clip_fraction``: the fraction of rows whose ratio lay outside ``[1 - eps, 1 + eps]`` (so was
+  clipped), over every row of every minibatch and epoch of the update, on all learners;
+* ``vf_explained_var``: ``1 - Var[y - V] / Var[y]`` with ``y`` the value targets and ``V`` the value
+  predictions the loss saw, pooled over the same rows (NaN when the targets do not vary). 1 is a
+  perfect critic, 0 one no better than a constant, negative one worse than that.
 """
 
 from __future__ import annotations
@@ -39,50 +50,70 @@ class PPOTorchLearner(TorchLearner):
         self.curr_kl_coeffs: Dict[str, float] = {mid: float(self.config.kl_coeff) for mid in self.module.keys()}
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
-        module = self.module[module_id]
-        dist_cls = module.get_train_action_dist_cls()
+        """PPO's loss on one minibatch, term by term as in the paper (see the module docstring)."""
+        mean = _masked_mean(batch.get(Columns.LOSS_MASK))  # over the rows the loss counts
+        dist_cls = self.module[module_id].get_train_action_dist_cls()
         curr_dist = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
-        mean = _masked_mean(batch.get(Columns.LOSS_MASK))
-
-        logp_ratio = torch.exp(curr_dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP])
         advantages = batch[Columns.ADVANTAGES]
+
+        # Probability ratio r = pi(a|s) / pi_old(a|s) of the sampled actions.
+        logp_ratio = torch.exp(curr_dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP])
+
+        # Clipped surrogate objective L^CLIP (paper, eq. 7), negated into a loss.
         surrogate = torch.min(
             advantages * logp_ratio,
             advantages * torch.clamp(logp_ratio, 1 - config.clip_param, 1 + config.clip_param),
         )
         policy_loss = -mean(surrogate)
 
-        vf_error = torch.pow(fwd_out[Columns.VF_PREDS] - batch[Columns.VALUE_TARGETS], 2.0)
-        vf_loss = mean(torch.clamp(vf_error, 0, config.vf_clip_param))
+        # Value loss: the squared error, clamped at vf_clip_param as RLlib does.
+        values, targets = fwd_out[Columns.VF_PREDS], batch[Columns.VALUE_TARGETS]
+        vf_loss = mean(torch.clamp(torch.pow(values - targets, 2.0), 0, config.vf_clip_param))
 
+        # Entropy bonus (paper, eq. 9).
         entropy = mean(curr_dist.entropy())
 
         total_loss = policy_loss + config.vf_loss_coeff * vf_loss - config.entropy_coeff * entropy
-        metrics = {"policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy}
+
+        # Adaptive KL penalty (paper, section 4) on top of clipping, as RLlib does.
         if config.use_kl_loss:
             prev_dist = dist_cls.from_logits(batch[Columns.ACTION_DIST_INPUTS])
             mean_kl = mean(prev_dist.kl(curr_dist))
             total_loss = total_loss + self.curr_kl_coeffs[module_id] * mean_kl
-            metrics["mean_kl_loss"] = mean_kl
-        for name, value in metrics.items():
-            self.metrics.log_value((module_id, name), value)
+            self.metrics.log_value((module_id, "mean_kl_loss"), mean_kl)
+
+        self.metrics.log_dict({"policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy}, module_id=module_id)
+        self._log_diagnostics(module_id, config, mean, logp_ratio, values, targets)
         return total_loss
 
+    def _log_diagnostics(self, module_id, config, mean, logp_ratio, values, targets) -> None:
+        """``clip_fraction`` directly; for ``vf_explained_var`` the row means it is made of (see
+        :meth:`after_gradient_based_update`), weighted by rows and reduced over all learners like every metric."""
+        with torch.no_grad():
+            clipped = (torch.abs(logp_ratio - 1.0) > config.clip_param).to(torch.float32)
+            self.metrics.log_value((module_id, "clip_fraction"), mean(clipped))
+            y = targets.detach().to(torch.float64)
+            error = y - values.detach().to(torch.float64)
+            for name, value in zip(_VF_MOMENTS, (y, y * y, error, error * error)):
+                self.metrics.log_value((module_id, name), mean(value))
+
     def after_gradient_based_update(self, *, timesteps):
-        """Adapt each module's KL coefficient from its mean KL over all learners' rows."""
+        """Per module: the explained variance from its reduced row means, and the KL coefficient adapted
+        from the mean KL over all learners' rows (so learners stay identical)."""
         super().after_gradient_based_update(timesteps=timesteps)
-        if not self.config.use_kl_loss:
-            return
         for module_id in self.module.keys():
             try:
-                mean_kl = self.metrics.peek((module_id, "mean_kl_loss"))
+                moments = [self.metrics.pop((module_id, name)) for name in _VF_MOMENTS]
             except KeyError:
                 continue  # the module was not in this update
-            if mean_kl > 2.0 * self.config.kl_target:
-                self.curr_kl_coeffs[module_id] *= 1.5
-            elif mean_kl < 0.5 * self.config.kl_target:
-                self.curr_kl_coeffs[module_id] *= 0.5
-            self.metrics.log_value((module_id, "curr_kl_coeff"), self.curr_kl_coeffs[module_id], reduce="last")
+            self.metrics.log_value((module_id, "vf_explained_var"), _explained_variance(*moments), reduce="last")
+            if self.config.use_kl_loss:
+                mean_kl = self.metrics.peek((module_id, "mean_kl_loss"))
+                if mean_kl > 2.0 * self.config.kl_target:
+                    self.curr_kl_coeffs[module_id] *= 1.5
+                elif mean_kl < 0.5 * self.config.kl_target:
+                    self.curr_kl_coeffs[module_id] *= 0.5
+                self.metrics.log_value((module_id, "curr_kl_coeff"), self.curr_kl_coeffs[module_id], reduce="last")
 
     def add_module(self, *, module_id, module_spec, config_overrides=None):
         specs = super().add_module(module_id=module_id, module_spec=module_spec, config_overrides=config_overrides)
@@ -103,6 +134,19 @@ class PPOTorchLearner(TorchLearner):
         super().set_learner_state(state)
         if "curr_kl_coeffs" in state:
             self.curr_kl_coeffs.update({mid: float(v) for mid, v in state["curr_kl_coeffs"].items()})
+
+
+# Row means of y, y^2, e and e^2 (y: value targets, e = y - V): the explained variance's ingredients.
+_VF_MOMENTS = ("_vf_target_mean", "_vf_target_sq_mean", "_vf_error_mean", "_vf_error_sq_mean")
+
+
+def _explained_variance(y_mean: float, y_sq_mean: float, e_mean: float, e_sq_mean: float) -> float:
+    """``1 - Var[e] / Var[y]`` from first and second moments (NaN when ``y`` does not vary)."""
+    var_y = y_sq_mean - y_mean * y_mean
+    var_e = max(e_sq_mean - e_mean * e_mean, 0.0)
+    if not var_y > 1e-12 * max(y_sq_mean, 1e-300):  # constant targets (up to rounding): undefined
+        return float("nan")
+    return 1.0 - var_e / var_y
 
 
 def _masked_mean(mask: Optional[torch.Tensor]):
@@ -163,6 +207,9 @@ class PPOConfig(AlgorithmConfig):
 
     default_learner_class = PPOTorchLearner
     algo_class_path = "dlearner.algorithms.ppo.PPO"
+    #: Settings that earlier versions stored in checkpoints although nothing read them (GAE and the
+    #: critic were always on); ``AlgorithmConfig.from_dict`` drops them, so those checkpoints still load.
+    retired_settings = frozenset({"use_gae", "use_critic"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,8 +221,6 @@ class PPOConfig(AlgorithmConfig):
         self.minibatch_size = 128
         self.num_epochs = 6
         self.lambda_ = 0.95
-        self.use_gae = True
-        self.use_critic = True
         self.use_kl_loss = True
         self.kl_coeff = 0.2
         self.kl_target = 0.01
