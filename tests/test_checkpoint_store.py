@@ -1,4 +1,4 @@
-"""Tests of the checkpoint storage layer (dlearner.checkpoint) on real Zarr stores.
+"""Tests of the checkpoint storage layer (dlearner.checkpoint.store, .encoding, .inspect) on real Zarr stores.
 
 Most behavioural tests run both on a local directory (pytest's tmp_path) and on fsspec's process-global
 ``memory://`` file system under a unique name.
@@ -25,15 +25,17 @@ import numpy as np
 import pytest
 import zarr
 
-from dlearner import checkpoint
+from dlearner.checkpoint import encoding, store
 from dlearner.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    RUN_STORE_DIRNAME,
     InvalidCheckpointError,
     format_inspection,
     inspect_checkpoint,
     load_state_tree,
     read_metadata,
+    resolve_checkpoint_path,
     save_state_tree,
 )
 
@@ -261,31 +263,6 @@ def test_memory_store_is_process_global() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _doc_example() -> str:
-    text = (REPO_ROOT / "docs" / "checkpoint-format.md").read_text()
-    match = re.search(r"<!-- example: read-with-zarr.*?-->\s*```python\n(.*?)```", text, re.S)
-    assert match, "the read-with-zarr example is missing from docs/checkpoint-format.md"
-    return match.group(1)
-
-
-def test_docs_example_reads_checkpoint_with_plain_zarr(location: str, capsys: pytest.CaptureFixture[str]) -> None:
-    tree = _learner_like_tree()
-    tree["optimizer"]["default_policy_default_optimizer"]["param_groups"][0]["betas"] = [0.9, 0.999]
-    save_state_tree(location, tree, metadata=METADATA)
-    namespace: dict[str, Any] = {"path": location}
-    exec(compile(_doc_example(), "docs/checkpoint-format.md", "exec"), namespace)
-    assert "Learner dlearner.algorithms.ppo.PPOTorchLearner" in capsys.readouterr().out
-    # Without tags in the JSON leaves, plain zarr rebuilds exactly the saved tree.
-    rebuilt = namespace["tree"]
-    for key in ("pi.0.weight", "pi.0.bias"):
-        expected = tree["rl_module"]["default_policy"][key]
-        np.testing.assert_array_equal(rebuilt["rl_module"]["default_policy"][key], expected)
-    assert rebuilt["optimizer"]["default_policy_default_optimizer"]["param_groups"] == [
-        {"lr": 3e-4, "betas": [0.9, 0.999], "params": [0]}
-    ]
-    np.testing.assert_array_equal(namespace["weights"], tree["rl_module"]["default_policy"]["pi.0.weight"])
-
-
 def test_plain_zarr_reads_every_array_identically(location: str) -> None:
     tree = _full_tree()
     save_state_tree(location, tree, metadata=METADATA)
@@ -305,6 +282,33 @@ def test_plain_zarr_reads_every_array_identically(location: str) -> None:
         assert np.asarray(data).astype(np.asarray(expected).dtype).tobytes() == np.asarray(expected).tobytes(), entry
         assert array.attrs["dlearner"]["key"] == entry["keys"][-1]
     assert version.attrs["dlearner"]["tree"]["type"] == "dict"
+
+
+def test_arrays_have_unique_dimension_names_that_zarr_reads(location: str) -> None:
+    tree = {"layer": {"weight": np.ones((3, 2), np.float32), "bias": np.zeros(3, np.float32)}, "step": np.int64(4)}
+    save_state_tree(location, tree, metadata=METADATA)
+    version = zarr.open_group(location, mode="r")["versions"][_root_attrs(location)["committed_version"]]
+    assert version["layer/weight"].metadata.dimension_names == ("weight.dim_0", "weight.dim_1")
+    assert version["layer/bias"].metadata.dimension_names == ("bias.dim_0",)
+    assert version["step"].metadata.dimension_names is None  # 0-d: none, as zarr writes it
+    np.testing.assert_array_equal(version["layer/weight"][...], tree["layer"]["weight"])
+
+
+def test_arrays_without_dimension_names_still_load_directly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As written before dimension names were added: the chunk is still decoded by dlearner, not zarr.
+    path = tmp_path / "ckpt"
+    tree = {"w": np.arange(6.0).reshape(2, 3)}
+    save_state_tree(path, tree, metadata={})
+    (meta_file,) = path.glob("versions/*/w/zarr.json")
+    meta = json.loads(meta_file.read_text())
+    del meta["dimension_names"]
+    meta_file.write_text(json.dumps(meta))
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the array was read through zarr, not decoded directly")
+
+    monkeypatch.setattr(store, "_read_array_with_zarr", refuse)
+    _assert_same(load_state_tree(path)[0], tree)
 
 
 def test_no_pickle_in_store_and_loading_never_unpickles(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -339,7 +343,7 @@ def test_no_pickle_in_store_and_loading_never_unpickles(location: str, monkeypat
 def _fail_after(monkeypatch: pytest.MonkeyPatch, n_arrays: int) -> list[int]:
     """Make the array writer raise once ``n_arrays`` arrays have been handed to the store."""
     calls = [0]
-    original = checkpoint._array_files
+    original = store._array_files
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         if calls[0] >= n_arrays:
@@ -347,7 +351,7 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, n_arrays: int) -> list[int]:
         calls[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(checkpoint, "_array_files", failing)
+    monkeypatch.setattr(store, "_array_files", failing)
     return calls
 
 
@@ -375,7 +379,7 @@ def test_failed_save_keeps_previous_checkpoint(location: str, monkeypatch: pytes
 def test_failed_commit_keeps_previous_checkpoint(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
     old = _learner_like_tree(1.0)
     save_state_tree(location, old, metadata={"step": 1})
-    for backend in (checkpoint._LocalBackend, checkpoint._FsspecBackend):
+    for backend in (store._LocalBackend, store._FsspecBackend):
         def refuse(self: Any, key: str, data: bytes) -> None:
             raise OSError("injected failure at commit")
 
@@ -448,16 +452,16 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from dlearner import checkpoint
+    from dlearner.checkpoint import store
 
-    original = checkpoint._array_files
+    original = store._array_files
     def slow(*args, **kwargs):
         time.sleep(0.002)  # keep the save running long enough to be killed midway
         return original(*args, **kwargs)
-    checkpoint._array_files = slow
+    store._array_files = slow
     tree = {"layers": {str(i): {"w": np.full((32,), 2.0, np.float32)} for i in range(3000)}}
     print("saving", flush=True)
-    checkpoint.save_state_tree(sys.argv[1], tree, metadata={"step": 2})
+    store.save_state_tree(sys.argv[1], tree, metadata={"step": 2})
     print("finished", flush=True)
     """
 )
@@ -501,6 +505,57 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     save_state_tree(path, new_tree, metadata={"step": 3})
     _assert_same(load_state_tree(path)[0], new_tree)
     assert _versions(path) == {_root_attrs(path)["committed_version"]}  # ... until the next save
+
+
+# --------------------------------------------------------------------------------------------------
+# 3b. Run folders: a store, or a folder that keeps it in checkpoint/ (dlearner train --checkpoint DIR)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_readers_accept_a_run_folder_and_find_its_store(location: str) -> None:
+    store_path = f"{location}/{RUN_STORE_DIRNAME}"
+    tree = _learner_like_tree()
+    save_state_tree(store_path, tree, metadata=METADATA)
+    _pipe(location, "metrics.jsonl", b'{"training_iteration": 1}\n')  # beside the store, as the CLI writes it
+    assert resolve_checkpoint_path(location) == store_path
+    _assert_same(load_state_tree(location)[0], tree)
+    assert read_metadata(location) == METADATA
+    assert inspect_checkpoint(location)["path"] == store_path  # the nodes it lists are relative to the store
+
+
+def test_a_store_resolves_to_itself(location: str) -> None:
+    save_state_tree(location, {"a": np.ones(2)}, metadata={})
+    assert resolve_checkpoint_path(location) == location
+    assert resolve_checkpoint_path(location, new_run=True) == location
+
+
+def test_a_new_run_puts_its_store_in_the_checkpoint_subfolder(location: str) -> None:
+    assert resolve_checkpoint_path(location) == location  # nothing there: readers name the path as given
+    assert resolve_checkpoint_path(location, new_run=True) == f"{location}/{RUN_STORE_DIRNAME}"
+
+
+def test_an_empty_directory_is_a_new_run_folder(tmp_path: Path) -> None:
+    assert resolve_checkpoint_path(tmp_path, new_run=True) == str(tmp_path / RUN_STORE_DIRNAME)
+
+
+def test_saving_to_a_run_folder_updates_its_store(location: str) -> None:
+    store_path = f"{location}/{RUN_STORE_DIRNAME}"
+    save_state_tree(store_path, {"a": np.ones(2)}, metadata={"step": 1})
+    _pipe(location, "metrics.jsonl", b"{}\n")
+    save_state_tree(location, {"a": np.zeros(2)}, metadata={"step": 2})
+    assert read_metadata(store_path) == {"step": 2}
+    assert "zarr.json" not in _keys(location) and "metrics.jsonl" in _keys(location)
+
+
+def test_a_folder_that_is_neither_a_store_nor_a_run_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("precious")
+    (tmp_path / RUN_STORE_DIRNAME).mkdir()  # an empty checkpoint/ is no store
+    assert resolve_checkpoint_path(tmp_path) == str(tmp_path)
+    for reader in (load_state_tree, read_metadata, inspect_checkpoint):
+        with pytest.raises(ValueError, match=r"not a dlearner checkpoint.*notes.txt.*run folder.*checkpoint/"):
+            reader(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        read_metadata(tmp_path / "no-such-run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -708,10 +763,10 @@ def test_inspect_and_format(location: str) -> None:
 def test_key_encoding_is_injective_and_case_safe() -> None:
     keys = ["a", "A", "%41", "%", "a/b", "a%2Fb", "__x", "_%5F_x", ".", "%2E", "..", "zarr.json",
             "zarr%2Ejson", "x" * 300, "x" * 301, "é", "e\u0301", "🙂"]
-    names = [checkpoint._encode_key(k) for k in keys]
+    names = [encoding.encode_key(k) for k in keys]
     assert len(set(names)) == len(keys)
     assert len({n.lower() for n in names}) == len(keys)
-    assert checkpoint._encode_key("pi.0.weight") == "pi.0.weight"
-    assert checkpoint._encode_key("rl_module/x") == "rl_module%2Fx"
-    assert checkpoint._encode_key("Adam") == "%41dam"
+    assert encoding.encode_key("pi.0.weight") == "pi.0.weight"
+    assert encoding.encode_key("rl_module/x") == "rl_module%2Fx"
+    assert encoding.encode_key("Adam") == "%41dam"
     assert max(len(n) for n in names) <= 200

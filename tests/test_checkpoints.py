@@ -1,10 +1,14 @@
-"""Checkpoints of modules and learners: exact, pickle-free, refused when they don't fit."""
+"""Checkpoints of modules, learners, groups and algorithms: exact, pickle-free, refused when they don't fit,
+read from a store or a run folder, and readable as the docs show."""
 
 from __future__ import annotations
 
+import pathlib
 import pickle
+import re
 import uuid
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -12,7 +16,7 @@ import zarr
 
 from conftest import SMALL_MODEL, ppo_batch
 from dlearner import DEFAULT_MODULE_ID, Columns, PPOConfig, RLModule
-from dlearner.checkpoint import inspect_checkpoint
+from dlearner.checkpoint import RUN_STORE_DIRNAME, inspect_checkpoint
 
 
 def make_learner(env, hiddens=SMALL_MODEL["fcnet_hiddens"], **training):
@@ -137,7 +141,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(cartpole, tmp_path, monkeyp
     saved = learner.get_state()
     learner.update(ppo_batch())
 
-    import dlearner.checkpoint as store
+    from dlearner.checkpoint import store
 
     def broken(*args, **kwargs):
         raise OSError("disk full (injected)")
@@ -177,3 +181,134 @@ def test_module_classes_outside_dlearner_need_the_callers_trust(cartpole, tmp_pa
     restored = RLModule.from_checkpoint(tmp_path / "custom", trusted_classes=[WideModule])
     assert type(restored) is WideModule
     assert_states_equal(restored.get_state(), module.get_state())
+
+
+# ------------------------------------------------------------------------- real checkpoints of each kind
+DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "checkpoint-format.md"
+
+
+def small_ppo_config():
+    return (
+        PPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
+        .learners(num_learners=0)
+        .training(train_batch_size=64, minibatch_size=32, num_epochs=1)
+        .rl_module(model_config=SMALL_MODEL)
+        .debugging(seed=0)
+    )
+
+
+@pytest.fixture(params=["Learner", "LearnerGroup", "Algorithm"])
+def saved(request, cartpole, path):
+    """``(kind, path)`` of a checkpoint that ``save_to_path`` of a real object of that kind wrote."""
+    if request.param == "Learner":
+        learner = make_learner(cartpole)
+        learner.update(ppo_batch())
+        learner.save_to_path(path)
+    elif request.param == "LearnerGroup":
+        with small_ppo_config().build_learner_group(env=cartpole) as group:
+            group.update(ppo_batch())
+            group.save_to_path(path)
+    else:
+        algo = small_ppo_config().build_algo()
+        try:
+            algo.train()
+            algo.save_to_path(path)
+        finally:
+            algo.stop()
+    return request.param, path
+
+
+def docs_examples() -> list:
+    """Every ``python`` block of docs/checkpoint-format.md, with the name of its example marker."""
+    text = DOCS.read_text()
+    blocks = re.findall(r"(?:<!-- example: (\S+) -->\s*)?```python\n(.*?)```", text, re.S)
+    assert blocks, "docs/checkpoint-format.md has no python examples"
+    return [pytest.param(code, id=name or f"block{i}") for i, (name, code) in enumerate(blocks)]
+
+
+@pytest.mark.parametrize("code", docs_examples())
+def test_docs_examples_run_on_real_checkpoints(saved, code, capsys):
+    kind, path = saved
+    namespace = {"path": path}
+    exec(compile(code, str(DOCS), "exec"), namespace)
+    assert kind in capsys.readouterr().out
+
+
+def test_docs_plain_zarr_example_rebuilds_the_saved_weights(cartpole, path):
+    learner = make_learner(cartpole)
+    learner.save_to_path(path)
+    (code,) = [p.values[0] for p in docs_examples() if p.id == "read-with-zarr"]
+    namespace = {"path": path}
+    exec(compile(code, str(DOCS), "exec"), namespace)
+    expected = learner.get_state()["rl_module"][DEFAULT_MODULE_ID]["pi.0.weight"]
+    np.testing.assert_array_equal(namespace["weights"], expected)
+    np.testing.assert_array_equal(namespace["tree"]["learner"]["rl_module"][DEFAULT_MODULE_ID]["pi.0.weight"], expected)
+
+
+def test_weights_carry_dimension_names_that_zarr_reads(cartpole, path):
+    make_learner(cartpole).save_to_path(path)
+    node = next(a["node"] for a in inspect_checkpoint(path)["arrays"] if a["keys"][-1] == "pi.0.weight")
+    array = zarr.open_group(path, mode="r")[node]
+    assert array.metadata.dimension_names == ("pi.0.weight.dim_0", "pi.0.weight.dim_1")
+    assert array.shape == (32, 4)
+
+
+# ---------------------------------------------------------------------------------------- run folders
+def run_folder_with(path, save):
+    """A run folder as ``dlearner train`` lays it out: the store in checkpoint/, other files beside it."""
+    store_path = f"{path}/{RUN_STORE_DIRNAME}"
+    save(store_path)
+    fs, root = fsspec.core.url_to_fs(path)
+    fs.pipe_file(f"{root}/metrics.jsonl", b'{"training_iteration": 1}\n')
+    return path
+
+
+def test_learner_restores_from_a_run_folder(cartpole, path):
+    learner = make_learner(cartpole)
+    learner.update(ppo_batch())
+    run = run_folder_with(path, learner.save_to_path)
+    restored = make_learner(cartpole)
+    restored.restore_from_path(run)
+    assert_states_equal(restored.get_state(), learner.get_state())
+
+
+def test_learner_group_restores_from_a_run_folder(cartpole, path):
+    with small_ppo_config().build_learner_group(env=cartpole) as group:
+        group.update(ppo_batch())
+        run = run_folder_with(path, group.save_to_path)
+        with small_ppo_config().build_learner_group(env=cartpole) as other:
+            other.restore_from_path(run)
+            assert_states_equal(other.get_state(), group.get_state())
+
+
+def test_algorithm_restores_from_a_run_folder_or_its_store(path):
+    algo = small_ppo_config().build_algo()
+    try:
+        algo.train()
+        run = run_folder_with(path, algo.save_to_path)
+        for where in (run, f"{run}/{RUN_STORE_DIRNAME}"):
+            other = small_ppo_config().build_algo()
+            try:
+                other.restore_from_path(where)
+                assert other.iteration == algo.iteration == 1
+                assert_states_equal(other.learner_group.get_state(), algo.learner_group.get_state())
+            finally:
+                other.stop()
+    finally:
+        algo.stop()
+
+
+def test_module_from_checkpoint_accepts_a_run_folder(cartpole, path):
+    learner = make_learner(cartpole)
+    run = run_folder_with(path, learner.save_to_path)
+    module = RLModule.from_checkpoint(run)
+    assert_states_equal(module.get_state(), learner.module[DEFAULT_MODULE_ID].get_state())
+
+
+def test_a_folder_without_a_store_names_both_layouts(cartpole, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")  # a run folder whose store is gone
+    with pytest.raises(ValueError, match=r"not a dlearner checkpoint.*metrics.jsonl.*run folder"):
+        make_learner(cartpole).restore_from_path(tmp_path / "run")

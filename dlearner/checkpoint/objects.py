@@ -1,4 +1,4 @@
-"""What goes into a checkpoint for each kind of object, on top of the Zarr store in :mod:`dlearner.checkpoint`.
+"""What goes into a checkpoint for each kind of object, on top of the store in :mod:`dlearner.checkpoint.store`.
 
 Every checkpoint holds the module specs (class paths, spaces, model config) in its metadata, so a
 bare :class:`~dlearner.rl_module.RLModule` can be rebuilt from any of them for inference. Restoring
@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
-from dlearner.checkpoint import load_state_tree, read_metadata, save_state_tree
+from dlearner.checkpoint.inspect import read_metadata
+from dlearner.checkpoint.store import load_state_tree, save_state_tree
 from dlearner.columns import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from dlearner.rl_module import MultiRLModuleSpec, RLModule, RLModuleSpec, class_path, import_dlearner_class
 
