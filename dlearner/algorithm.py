@@ -103,7 +103,7 @@ class Algorithm:
         learner_results, num_sampled = self.training_step()
         self.iteration += 1
         self.num_env_steps_sampled_lifetime += num_sampled
-        for metrics in self._env_runner_group.get_metrics():
+        for metrics in self.collect_episode_metrics():
             self.episode_stats.add(metrics)
             self.num_episodes_lifetime += len(metrics["episode_returns"])
         elapsed = time.perf_counter() - start
@@ -117,6 +117,13 @@ class Algorithm:
             "time_this_iter_s": elapsed,
             "time_total_s": self.time_total_s,
             "env_steps_per_s": num_sampled / elapsed if elapsed > 0 else float("nan"),
+            # Fault tolerance (config.fault_tolerance): what was lost and replaced, never hidden.
+            "num_healthy_learners": self._learner_group.num_healthy_learners,
+            "num_learner_restarts": self._learner_group.num_learner_restarts,
+            "num_healthy_env_runners": self._env_runner_group.num_healthy_env_runners,
+            "num_env_runner_restarts": self._env_runner_group.num_env_runner_restarts,
+            "num_env_steps_lost": self._env_runner_group.num_env_steps_lost,
+            **self.iteration_results(),
         }
         if self.client is not None and self.dashboard_run_name is not None:
             from dlearner.dashboard import publish_metrics
@@ -127,6 +134,14 @@ class Algorithm:
     def training_step(self):
         """Sample, learn and sync once; returns ``(learner results, env steps sampled)``. Algorithms override."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step().")
+
+    def collect_episode_metrics(self) -> List[Dict[str, Any]]:
+        """Episode statistics of the env runners since the last iteration (one dict per runner report)."""
+        return self._env_runner_group.get_metrics()
+
+    def iteration_results(self) -> Dict[str, Any]:
+        """Extra top-level entries of this iteration's result (asynchronous algorithms report policy lag here)."""
+        return {}
 
     def timesteps(self, num_sampled: int = 0) -> Dict[str, int]:
         """The ``timesteps`` dict passed to learner updates (drives learning-rate schedules)."""
@@ -187,15 +202,20 @@ class Algorithm:
     def stop(self) -> None:
         """Stop env runners and learners, and close the embedded cluster if this algorithm started one.
         A cluster you attached to keeps running."""
-        if self._env_runner_group is not None:
-            self._env_runner_group.stop()
-            self._env_runner_group = None
-        if self._learner_group is not None:
-            self._learner_group.shutdown()
-            self._learner_group = None
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        # Each step runs even if an earlier one raised (a lost worker): stop() always releases everything.
+        env_runner_group, self._env_runner_group = self._env_runner_group, None
+        learner_group, self._learner_group = self._learner_group, None
+        connection, self._connection = self._connection, None
+        try:
+            if env_runner_group is not None:
+                env_runner_group.stop()
+        finally:
+            try:
+                if learner_group is not None:
+                    learner_group.shutdown()
+            finally:
+                if connection is not None:
+                    connection.close()
 
     def __enter__(self) -> "Algorithm":
         return self

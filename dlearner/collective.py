@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import socket
 from typing import Any, List, Optional
 
 import torch
@@ -133,8 +134,19 @@ class TorchCollective:
 def open_store(host: str, world_size: int, timeout_s: float) -> Any:
     """Rank 0: start a ``TCPStore`` server on ``host`` (the learner's own interface, never all of
     them) and a port the OS picks now; the store's ``.port`` is what the other ranks connect to."""
+    # TCPStore binds every interface when it opens its own socket, whatever ``host`` says: hand it
+    # a socket bound to the worker's own interface instead.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.create_server((host, 0), family=family)
+    port = listener.getsockname()[1]
     return dist.TCPStore(
-        host, 0, world_size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False
+        host,
+        port,
+        world_size,
+        is_master=True,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+        master_listen_fd=listener.detach(),
     )
 
 

@@ -58,6 +58,12 @@ def _non_negative(name: str, value: Any) -> float:
     return float(value)
 
 
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
 def _positive(name: str, value: Any) -> float:
     value = _non_negative(name, value)
     if value == 0:
@@ -90,6 +96,12 @@ class AlgorithmConfig:
         # None: taken from dask.config ("dlearner.learner-group..." / "dlearner.cluster...") when used.
         self.max_requests_in_flight_per_learner: Optional[int] = None
         self.learner_startup_timeout_s: Optional[float] = None
+        # fault tolerance
+        self.restart_failed_learners = False
+        self.max_num_learner_restarts = 100
+        self.restart_failed_env_runners = False
+        self.max_num_env_runner_restarts = 1000
+        self.learner_restart_timeout_s = 60.0
         # training
         self.lr: Union[float, list] = 3e-4
         self.gamma = 0.99
@@ -156,6 +168,42 @@ class AlgorithmConfig:
                     "('async' would start subprocesses, which Dask's daemonic workers cannot)."
                 )
             self.gym_env_vectorize_mode = mode
+        return self
+
+    def fault_tolerance(
+        self,
+        *,
+        restart_failed_learners: bool = NotProvided,
+        max_num_learner_restarts: int = NotProvided,
+        restart_failed_env_runners: bool = NotProvided,
+        max_num_env_runner_restarts: int = NotProvided,
+        learner_restart_timeout_s: float = NotProvided,
+    ) -> "AlgorithmConfig":
+        """What happens when a learner's or env runner's worker dies (default: nothing is restarted;
+        the next call raises ``LearnerDiedError`` / ``EnvRunnerDiedError`` at once).
+
+        With ``restart_failed_learners=True`` a lost learner is replaced on a live worker (one that
+        joins within ``learner_restart_timeout_s``; until then the group goes on with the learners
+        it has, since batch sizes are global), takes its state from a survivor (or the last
+        checkpoint the group wrote), the process group re-forms and the interrupted update is
+        retried once. ``restart_failed_env_runners=True`` replaces lost env runners.
+
+        Example::
+
+            config.fault_tolerance(restart_failed_learners=True, learner_restart_timeout_s=30)
+        """
+        if restart_failed_learners is not NotProvided:
+            self.restart_failed_learners = _bool("restart_failed_learners", restart_failed_learners)
+        if max_num_learner_restarts is not NotProvided:
+            self.max_num_learner_restarts = _positive_int("max_num_learner_restarts", max_num_learner_restarts, allow_zero=True)
+        if restart_failed_env_runners is not NotProvided:
+            self.restart_failed_env_runners = _bool("restart_failed_env_runners", restart_failed_env_runners)
+        if max_num_env_runner_restarts is not NotProvided:
+            self.max_num_env_runner_restarts = _positive_int(
+                "max_num_env_runner_restarts", max_num_env_runner_restarts, allow_zero=True
+            )
+        if learner_restart_timeout_s is not NotProvided:
+            self.learner_restart_timeout_s = _non_negative("learner_restart_timeout_s", learner_restart_timeout_s)
         return self
 
     def learners(

@@ -39,3 +39,6 @@ class RemoteLearnerError(LearnerGroupError):
 
 class EnvRunnerDiedError(LearnerGroupError):
     """An env runner's worker died or cannot be reached."""
+
+    #: Which env runner of its group was lost (``None`` if unknown).
+    runner_index = None

@@ -35,6 +35,7 @@ import numpy as np
 
 from dlearner.batch import MultiBatch, shard_batch, validate_batch
 from dlearner.columns import COMPONENT_LEARNER
+from dlearner.errors import LearnerDiedError
 from dlearner.learner import Learner, _validate_timesteps, batch_specs_for
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
 
@@ -88,6 +89,15 @@ def _save_op(learner: Learner, path: str, options: Dict[str, Any]) -> str:
 
 def _restore_op(learner: Learner, path: str, storage_options: Optional[dict]) -> None:
     learner.restore_from_path(path, storage_options=storage_options)
+
+
+@dataclasses.dataclass(frozen=True)
+class _UpdateRequest:
+    """A validated update, before it is split into one shard per learner."""
+
+    batch: MultiBatch
+    timesteps: Dict[str, Any]
+    options: Dict[str, Any]
 
 
 @dataclasses.dataclass
@@ -205,6 +215,17 @@ class LearnerGroup:
         return self._pool.metrics_topic
 
     @property
+    def num_healthy_learners(self) -> int:
+        """Learners that are alive now (1 for a local group). With fault tolerance this can be below
+        ``num_learners`` for a while after a loss; without it, a loss makes the next call raise."""
+        return self._pool.num_healthy_learners
+
+    @property
+    def num_learner_restarts(self) -> int:
+        """Learners started to replace lost ones (or to grow back) since the group was built."""
+        return self._pool.num_learner_restarts
+
+    @property
     def collective_backend(self) -> Optional[str]:
         """``"gloo"`` or ``"nccl"`` for 2+ learners, else ``None``."""
         return self._pool.backend
@@ -233,13 +254,12 @@ class LearnerGroup:
         ``minibatch_size`` counts rows of the whole batch, over all learners.
         """
         if not async_update:
-            shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=False)
-            self._pool.ensure_ready()
-            return self._pool.call(_update_op, shards, collective=True, log_topic=self._pool.metrics_topic)[0]
-        shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
+            request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=False)
+            return self._blocking_update(request)
+        request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
         self._pool.ensure_ready()
-        future = self._pool.submit(_update_op, shards, collective=True, log_topic=self._pool.metrics_topic)
+        future = self._pool.submit(_update_op, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)
         self._in_flight.append(_AsyncRequest(future, report=True))
         return self._collect_finished(exclude=future)
 
@@ -265,10 +285,10 @@ class LearnerGroup:
             for future in futures:
                 print(future.result()[ALL_MODULES]["num_env_steps_trained"])
         """
-        shards = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
+        request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
         self._pool.ensure_ready()
-        pending, future = self._pool.submit_update_future(_update_op, shards, log_topic=self._pool.metrics_topic)
+        pending, future = self._pool.submit_update_future(_update_op, self._shards(request), log_topic=self._pool.metrics_topic)
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
 
@@ -281,8 +301,28 @@ class LearnerGroup:
         # If a request failed, the results before it come back now and the next call raises it.
         return self._collect_finished()
 
-    def _prepare_update(self, batch, timesteps, num_epochs, minibatch_size, shuffle, *, copy: bool) -> List[tuple]:
-        """Validate in the driver (before anything is sent or numbered), then shard."""
+    def _blocking_update(self, request: "_UpdateRequest") -> ResultDict:
+        """One blocking update. With fault tolerance, a learner lost during it is replaced and the
+        update is retried once on the re-formed group, unless the survivors had applied it already."""
+        self._pool.ensure_ready()
+        try:
+            return self._pool.call(_update_op, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)[0]
+        except LearnerDiedError as err:
+            applied, value = self._pool.recover(err)  # re-raises err without fault tolerance
+            if applied:
+                return value
+        return self._pool.call(_update_op, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)[0]
+
+    def _shards(self, request: "_UpdateRequest") -> List[tuple]:
+        """The update's arguments for each learner the pool has now (batch sizes are global, so the
+        same update can run on fewer or more learners)."""
+        world = self._pool.num_learners
+        if world == 1:
+            return [(request.batch, None, request.timesteps, request.options)]
+        return [(shard, info, request.timesteps, request.options) for shard, info in shard_batch(request.batch, world)]
+
+    def _prepare_update(self, batch, timesteps, num_epochs, minibatch_size, shuffle, *, copy: bool) -> "_UpdateRequest":
+        """Validate in the driver, before anything is sent or numbered."""
         self._check_open()
         validated = validate_batch(batch, batch_specs_for(self._learner_class, self._module_spec))
         if copy:
@@ -297,10 +337,7 @@ class LearnerGroup:
                 options[name] = int(value)
         if not shuffle:
             options["shuffle"] = False
-        world = self._pool.num_learners
-        if world == 1:
-            return [(validated, None, timesteps, options)]
-        return [(shard, info, timesteps, options) for shard, info in shard_batch(validated, world)]
+        return _UpdateRequest(validated, timesteps, options)
 
     def _wait_for_capacity(self) -> None:
         while True:
@@ -425,8 +462,11 @@ class LearnerGroup:
         options = dict(kind=kind, extra_metadata=metadata, storage_options=storage_options)
         if not self.is_local and path.startswith("memory://"):
             objects.save_learner_group_state(self.get_state(), self._module_spec, self.config, path, **options)
-            return path
-        return self._pool.call(_save_op, [(path, options)], ranks=[self._first_live_rank()])[0]
+            saved = path
+        else:
+            saved = self._pool.call(_save_op, [(path, options)], ranks=[self._first_live_rank()])[0]
+        self._pool.checkpoint_path = saved  # a fault-tolerant group's state of last resort
+        return saved
 
     def restore_from_path(self, path: Union[str, os.PathLike], *, storage_options: Optional[dict] = None) -> None:
         """Restore every learner from a checkpoint written by ``save_to_path`` (any ``num_learners``)."""

@@ -35,6 +35,12 @@ class LearnerPool(Protocol):
     #: Worker address and actor key of each learner, by rank (empty for a local pool).
     learner_workers: List[str]
     learner_keys: List[str]
+    #: Learners alive now, and learners started to replace lost ones (fault tolerance).
+    num_healthy_learners: int
+    num_learner_restarts: int
+    #: The last checkpoint the group committed (set by the group; a fault-tolerant pool restores it
+    #: when no learner survived).
+    checkpoint_path: Optional[str]
 
     def submit(
         self,
@@ -65,7 +71,13 @@ class LearnerPool(Protocol):
         """A collective request on all learners: ``(future of the values, user-facing future of rank 0's value)``."""
 
     def ensure_ready(self) -> None:
-        """Before an update: raise if a learner is gone, repair what an earlier failure broke."""
+        """Before an update: raise if a learner is gone (or replace it, with fault tolerance), repair
+        what an earlier failure broke."""
+
+    def recover(self, err: LearnerDiedError) -> Tuple[bool, Any]:
+        """After ``err`` ended a collective update: ``(True, result)`` if the surviving learners
+        applied it, ``(False, None)`` if it must be retried on the repaired group; re-raises ``err``
+        when the pool cannot recover."""
 
     def dead_error(self) -> Optional[LearnerDiedError]:
         """The error to raise if a learner is gone, else ``None``."""
@@ -82,9 +94,18 @@ class EnvRunnerGroup(Protocol):
     """The env runners of one Algorithm."""
 
     num_runners: int
+    #: Runners in service, runners started to replace lost ones, env steps lost with them.
+    num_healthy_env_runners: int
+    num_env_runner_restarts: int
+    num_env_steps_lost: int
 
     def sample(self, num_timesteps: int) -> List[Dict[str, Any]]:
         """About ``num_timesteps`` env steps over all runners: one fragment per runner."""
+
+    def sample_async(self, index: int, num_timesteps: int, *, weights: Any = None) -> concurrent.futures.Future:
+        """Start ``num_timesteps`` env steps on runner ``index`` without waiting (after loading
+        ``weights`` if given): a future of ``(fragment, episode metrics since its last report)``.
+        Asynchronous algorithms (IMPALA, APPO) keep one in flight per runner."""
 
     def sync_weights(self, weights: Any) -> None:
         """Give every runner the learners' current module weights."""

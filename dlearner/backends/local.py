@@ -25,6 +25,9 @@ class LocalLearnerPool:
     client: Any = None
     learner_workers: List[str] = []
     learner_keys: List[str] = []
+    num_healthy_learners = 1
+    num_learner_restarts = 0
+    checkpoint_path: Optional[str] = None
 
     def __init__(self, learner_config: Any, module_spec: Any, learner_class: type):
         self.learner = learner_class(config=learner_config, module_spec=module_spec)
@@ -59,6 +62,9 @@ class LocalLearnerPool:
     def ensure_ready(self) -> None:
         pass
 
+    def recover(self, err: BaseException) -> Tuple[bool, Any]:
+        raise err  # nothing to recover in this process
+
     def dead_error(self) -> None:
         return None
 
@@ -91,6 +97,10 @@ class LocalEnvRunnerGroup:
     """``num_env_runners=0``: one :class:`EnvRunner` in the driver process (implements
     :class:`~dlearner.backends.interface.EnvRunnerGroup`)."""
 
+    num_healthy_env_runners = 1
+    num_env_runner_restarts = 0
+    num_env_steps_lost = 0
+
     def __init__(self, config: Any, module_spec: Any):
         self.runners = [EnvRunner(config, module_spec=module_spec, worker_index=0)]
 
@@ -100,6 +110,16 @@ class LocalEnvRunnerGroup:
 
     def sample(self, num_timesteps: int) -> List[Dict[str, np.ndarray]]:
         return [self.runners[0].sample(num_timesteps)]
+
+    def sample_async(self, index: int, num_timesteps: int, *, weights: Any = None) -> concurrent.futures.Future:
+        """Sample in the driver now (loading ``weights`` first if given); a finished future of
+        ``(fragment, episode metrics)``, so asynchronous loops treat 0 and N env runners alike."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        try:
+            future.set_result(self.runners[index].sample_with_metrics(num_timesteps, weights))
+        except Exception as err:  # noqa: BLE001 - delivered through the future, as for remote runners
+            future.set_exception(err)
+        return future
 
     def sync_weights(self, weights: Any) -> None:
         self.runners[0].set_weights(weights)

@@ -17,13 +17,11 @@ import concurrent.futures
 import ctypes
 import logging
 import os
-import socket
 import sys
 import threading
 import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import torch
 from distributed import get_worker
 from distributed.comm import get_address_host
 
@@ -38,9 +36,10 @@ _HOSTED: Optional["weakref.ref[LearnerActor]"] = None
 _HOSTED_LOCK = threading.Lock()
 
 
-def learner_actor_key(rank: int, group_id: str) -> str:
-    """The Dask key of learner ``rank`` of a group, readable in the dashboard: ``learner-<rank>-<group id>``."""
-    return f"learner-{rank}-{group_id}"
+def learner_actor_key(rank: int, group_id: str, incarnation: int = 0) -> str:
+    """The Dask key of learner ``rank`` of a group, readable in the dashboard: ``learner-<rank>-<group id>``
+    (a learner started to replace a lost one gets ``-r<n>`` appended, as Dask keys are never reused)."""
+    return f"learner-{rank}-{group_id}" + (f"-r{incarnation}" if incarnation else "")
 
 
 def hosted_learner_key(worker: Any) -> Optional[str]:
@@ -123,6 +122,7 @@ class LearnerActor:
         self,
         *,
         group_id: str,
+        actor_key: str,
         rank: int,
         world_size: int,
         config: Any,
@@ -132,7 +132,7 @@ class LearnerActor:
     ):
         global _HOSTED
         self.group_id, self.rank, self.world_size = group_id, rank, world_size
-        self.key = learner_actor_key(rank, group_id)
+        self.key = actor_key
         self.closed = False
         worker = get_worker()
         self._worker = worker
@@ -222,14 +222,6 @@ class LearnerActor:
         return Failed.from_exception(err, rank=self.rank, worker=self.address, secondary=secondary)
 
     # -- the pool's own operations (run on the compute thread, in order) ---------------------------
-    def op_device_info(self) -> Dict[str, Any]:
-        """Where this learner computes: host, torch device and the GPU's UUID (NCCL needs distinct GPUs)."""
-        device = self.learner.device
-        uuid = None
-        if device.type == "cuda":
-            uuid = str(getattr(torch.cuda.get_device_properties(device), "uuid", device.index))
-        return {"host": socket.gethostname(), "device": str(device), "gpu_uuid": uuid}
-
     def op_open_store(self, timeout_s: float) -> int:
         """Rank 0: start the group's TCPStore on this worker's interface; returns its port."""
         if self._store is None:
@@ -262,6 +254,14 @@ class LearnerActor:
     def op_close_group(self) -> None:
         """Leave the process group (the pool re-forms it)."""
         self._drop_process_group(None)
+
+    def op_set_rank(self, rank: int, world_size: int) -> None:
+        """Take position ``rank`` of ``world_size`` in the next process group (after a learner was
+        replaced, dropped or added). A learner that stops being rank 0 closes the store it served."""
+        self._drop_process_group(None)
+        if rank != 0:
+            self._store = None
+        self.rank, self.world_size = rank, world_size
 
     def op_close(self) -> None:
         """Tear down: process group, store, learner; then stop the compute thread."""

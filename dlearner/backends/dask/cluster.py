@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import dask
 import distributed
 from distributed import Client, LocalCluster
 
+from dlearner.backends.dask.devices import device_for_rank, gpu_packing
 from dlearner.errors import ClusterResourceError, LearnerGroupError
 
 logger = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
     )
     if gpus > 0:
         available = cuda_device_count()
-        needed = math.ceil(config.num_learners * gpus - 1e-9)
+        needed = gpu_packing(gpus).gpus_needed(config.num_learners)
         if available < needed:
             raise ClusterResourceError(
                 f"num_learners={config.num_learners} with num_gpus_per_learner={gpus:g} needs {needed} GPU(s) for the "
@@ -208,6 +208,36 @@ def _identities(connection: ClusterConnection, workers: Dict[str, Any]) -> Dict[
     return connection.client.run(_worker_identity, workers=list(workers), on_error="return")
 
 
+def _eligible_learner_workers(
+    connection: ClusterConnection, config: Any, workers: Dict[str, Any], exclude: Sequence[str] = ()
+) -> Tuple[List[str], Dict[str, str]]:
+    """Worker processes that can host a learner now, in a stable order, and why the others cannot."""
+    gpus = float(config.num_gpus_per_learner or 0)
+    identities = _identities(connection, workers)
+    eligible: List[str] = []
+    reasons: Dict[str, str] = {}
+    seen_processes: Dict[Any, str] = {}
+    for address in sorted(workers, key=lambda a: (workers[a].get("host", ""), a)):
+        info, ident = workers[address], identities.get(address, {})
+        have = float((info.get("resources") or {}).get("GPU", 0))
+        if not isinstance(ident, dict):
+            reasons[address] = f"did not answer ({ident!r})"
+            continue
+        process = (ident.get("host"), ident.get("pid"))
+        if address in exclude:
+            reasons[address] = "excluded"
+        elif gpus > 0 and have + 1e-9 < gpus:
+            reasons[address] = f"resource GPU={have:g} < {gpus:g}"
+        elif ident.get("learner"):
+            reasons[address] = f"already hosts learner {ident['learner']}"
+        elif process in seen_processes:
+            reasons[address] = f"shares its process with worker {seen_processes[process]}"
+        else:
+            seen_processes[process] = address
+            eligible.append(address)
+    return eligible, reasons
+
+
 def place_learners(connection: ClusterConnection, config: Any, num_learners: int) -> List[Placement]:
     """Pick ``num_learners`` distinct worker processes that have the resources a learner needs.
 
@@ -222,26 +252,7 @@ def place_learners(connection: ClusterConnection, config: Any, num_learners: int
             f"The Dask cluster ({connection.description}) has no workers after {timeout:g} s; "
             f"num_learners={num_learners} needs {num_learners} worker process(es)."
         )
-    identities = _identities(connection, workers)
-    eligible: List[str] = []
-    reasons: Dict[str, str] = {}
-    seen_processes: Dict[Any, str] = {}
-    for address in sorted(workers, key=lambda a: (workers[a].get("host", ""), a)):
-        info, ident = workers[address], identities.get(address, {})
-        have = float((info.get("resources") or {}).get("GPU", 0))
-        if not isinstance(ident, dict):
-            reasons[address] = f"did not answer ({ident!r})"
-            continue
-        process = (ident.get("host"), ident.get("pid"))
-        if gpus > 0 and have + 1e-9 < gpus:
-            reasons[address] = f"resource GPU={have:g} < {gpus:g}"
-        elif ident.get("learner"):
-            reasons[address] = f"already hosts learner {ident['learner']}"
-        elif process in seen_processes:
-            reasons[address] = f"shares its process with worker {seen_processes[process]}"
-        else:
-            seen_processes[process] = address
-            eligible.append(address)
+    eligible, reasons = _eligible_learner_workers(connection, config, workers)
     if len(eligible) < num_learners:
         missing_gpu = gpus > 0 and any("GPU" in r for r in reasons.values())
         hint = (
@@ -261,16 +272,27 @@ def place_learners(connection: ClusterConnection, config: Any, num_learners: int
     return [Placement(rank, address, device_for(rank, gpus, connection)) for rank, address in enumerate(chosen)]
 
 
+def free_learner_workers(connection: ClusterConnection, config: Any, count: int, timeout_s: float, exclude: Sequence[str] = ()) -> List[str]:
+    """Up to ``count`` worker processes that can host a new learner, waiting up to ``timeout_s`` for
+    them to join (a nanny restarting a killed worker, an autoscaler, a batch job scaling up).
+    Returns fewer, or none, when they do not come in time; never raises for that."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = connection.client.scheduler_info(n_workers=-1)["workers"]
+        eligible, _ = _eligible_learner_workers(connection, config, workers, exclude) if workers else ([], {})
+        if len(eligible) >= count or time.monotonic() >= deadline:
+            return eligible[:count]
+        time.sleep(0.5)
+
+
 def device_for(rank: int, gpus: float, connection: ClusterConnection) -> Optional[str]:
     """The torch device of learner ``rank`` that asks for ``gpus`` GPUs."""
-    if gpus <= 0:
-        return "cpu"
-    if connection.cluster is not None:
-        # Embedded cluster: every worker sees every GPU of this machine, so spread ranks explicitly
-        # (with 0.5 GPU per learner, ranks 0 and 1 share cuda:0).
-        return f"cuda:{int(rank * gpus + 1e-9) % max(1, cuda_device_count())}"
-    # Attached cluster: the launcher (e.g. dask-cuda) gives each worker its GPU as device 0.
-    return None
+    # Embedded cluster: every worker sees every GPU of this machine, so ranks are spread explicitly
+    # (with 0.5 GPU per learner, ranks 0 and 1 share cuda:0). Attached cluster: ``None``, the
+    # launcher (e.g. dask-cuda) gave each worker its GPU as device 0. Rules: :mod:`.devices`.
+    embedded = connection.cluster is not None
+    visible = cuda_device_count() if embedded and gpus > 0 else 0
+    return device_for_rank(rank, gpus, embedded=embedded, visible_gpus=visible)
 
 
 def place_env_runners(connection: ClusterConnection, num_runners: int, timeout_s: float) -> List[str]:

@@ -10,6 +10,7 @@ Dask's default client), so a group attached with ``.cluster(client=...)``, ``add
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,53 +32,104 @@ class DaskEnvRunnerGroup:
     """Env-runner actors on Dask workers (implements :class:`~dlearner.backends.interface.EnvRunnerGroup`)."""
 
     def __init__(self, config: Any, module_spec: Any, *, connection: ClusterConnection, run_id: str):
-        from dlearner.env_runner import EnvRunner
-
         self.connection = connection
         self.run_id = run_id
-        client = connection.client
         num = int(config.num_env_runners)
-        timeout = config.resolved_startup_timeout_s()
-        self.workers = place_env_runners(connection, num, timeout)
+        self._timeout_s = config.resolved_startup_timeout_s()
+        self._runner_config = config.copy_for_learner()
+        self._module_spec = module_spec
+        self._restart = bool(getattr(config, "restart_failed_env_runners", False))
+        self._max_restarts = int(getattr(config, "max_num_env_runner_restarts", 0) or 0)
+        #: Env runners started to replace lost ones, and env steps lost with them (counted, never hidden).
+        self.num_env_runner_restarts = 0
+        self.num_env_steps_lost = 0
+        self._weights: Any = None  # the last weights synced: a replacement starts from them
+        self.workers = place_env_runners(connection, num, self._timeout_s)
         self.keys = [env_runner_actor_key(i, run_id) for i in range(num)]
-        runner_config = config.copy_for_learner()
-        self._creation_futures = [
-            client.submit(
-                EnvRunner, runner_config, module_spec=module_spec, worker_index=i + 1,
-                workers=[address], allow_other_workers=False, actor=True, pure=False, key=key,
-            )
-            for i, (address, key) in enumerate(zip(self.workers, self.keys))
-        ]
+        self._creation_futures: List[Any] = [None] * num
         try:
+            for i in range(num):
+                self._creation_futures[i] = self._submit_runner(i)
             for future in self._creation_futures:
-                future.result(timeout=timeout)
+                future.result(timeout=self._timeout_s)
         except TimeoutError as err:
             self._release()
             raise ClusterResourceError(
-                f"{num} env runner actor(s) did not start within {timeout:g} s on {connection.description}."
+                f"{num} env runner actor(s) did not start within {self._timeout_s:g} s on {connection.description}."
             ) from err
         except BaseException:
             self._release()
             raise
 
+    def _submit_runner(self, index: int) -> Any:
+        from dlearner.env_runner import EnvRunner
+
+        return self.connection.client.submit(
+            EnvRunner, self._runner_config, module_spec=self._module_spec, worker_index=index + 1,
+            workers=[self.workers[index]], allow_other_workers=False, actor=True, pure=False, key=self.keys[index],
+        )
+
+    @property
+    def num_healthy_env_runners(self) -> int:
+        """Env runners in service (lost ones are replaced before the next call, or the call raises)."""
+        return len(self.keys)
+
+    def _replace(self, index: int, err: BaseException) -> None:
+        """Start a new runner in place of runner ``index`` on a live worker, with the last synced weights."""
+        if self.num_env_runner_restarts >= self._max_restarts:
+            raise EnvRunnerDiedError(
+                f"Env runner {index} is gone ({err!r}) and max_num_env_runner_restarts={self._max_restarts} is reached."
+            ) from err
+        self.num_env_runner_restarts += 1
+        lost = self.keys[index]
+        old = self._creation_futures[index]
+        if old is not None:
+            old.release()
+        self.workers[index] = place_env_runners(self.connection, 1, self._timeout_s)[0]
+        self.keys[index] = f"{env_runner_actor_key(index, self.run_id)}-r{self.num_env_runner_restarts}"
+        self._creation_futures[index] = self._submit_runner(index)
+        self._creation_futures[index].result(timeout=self._timeout_s)
+        logger.warning("Env runner %s was lost (%r); %s replaces it on %s.", lost, err, self.keys[index], self.workers[index])
+        if self._weights is not None:
+            self._all("set_weights", [(self._weights,) if i == index else None for i in range(self.num_runners)])
+
     @property
     def num_runners(self) -> int:
         return len(self.keys)
 
-    def _all(self, method: str, args_per_runner: Sequence[tuple]) -> List[Any]:
-        """``method(*args)`` on every runner concurrently; their values in runner order."""
+    def _all(self, method: str, args_per_runner: Sequence[Optional[tuple]]) -> List[Any]:
+        """``method(*args)`` on every runner (``None`` args: skip that runner) concurrently; their
+        values in runner order. A lost runner is replaced and its call made again once (with
+        ``restart_failed_env_runners``); otherwise :class:`EnvRunnerDiedError` says what to do."""
+        try:
+            return self._call_all(method, args_per_runner)
+        except EnvRunnerDiedError as err:
+            if not self._restart or err.runner_index is None:
+                raise
+            index = err.runner_index
+            self._replace(index, err)
+            if method == "sample":
+                self.num_env_steps_lost += int(args_per_runner[index][0])  # type: ignore[index]
+            return self._call_all(method, args_per_runner)
+
+    def _call_all(self, method: str, args_per_runner: Sequence[Optional[tuple]]) -> List[Any]:
         client = self.connection.client
 
-        async def one(index: int, args: tuple) -> Any:
+        async def one(index: int, args: Optional[tuple]) -> Any:
+            if args is None:
+                return None
             address, key = self.workers[index], self.keys[index]
             try:
                 return await call_actor(worker_rpc(client, address), key, method, args)
             except UNREACHABLE + (ActorMissing,) as err:
-                raise EnvRunnerDiedError(
+                died = EnvRunnerDiedError(
                     f"Env runner {index} ({key}) on Dask worker {address} is gone ({err!r}) while calling {method}. "
                     "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
-                    "or algo.restore_from_path in a new Algorithm)."
-                ) from err
+                    "or algo.restore_from_path in a new Algorithm), or enable "
+                    "config.fault_tolerance(restart_failed_env_runners=True)."
+                )
+                died.runner_index = index
+                raise died from err
 
         async def every() -> List[Any]:
             return list(await asyncio.gather(*(one(i, args) for i, args in enumerate(args_per_runner))))
@@ -88,7 +140,35 @@ class DaskEnvRunnerGroup:
         per_runner = math.ceil(num_timesteps / self.num_runners)
         return self._all("sample", [(per_runner,)] * self.num_runners)
 
+    def sample_async(self, index: int, num_timesteps: int, *, weights: Any = None) -> concurrent.futures.Future:
+        """Start sampling ``num_timesteps`` env steps on runner ``index`` and return at once.
+
+        The runner first loads ``weights`` if given (the next fragment uses them; the runner never
+        stops for a broadcast). A ``concurrent.futures.Future`` of ``(fragment, episode metrics
+        since the runner's last report)``; ``concurrent.futures.wait`` / ``as_completed`` work on
+        it. A lost runner makes it raise :class:`EnvRunnerDiedError`.
+        """
+        if weights is not None:
+            self._weights = weights  # a replacement runner starts from them
+        client = self.connection.client
+        address, key = self.workers[index], self.keys[index]
+
+        async def one() -> Any:
+            try:
+                return await call_actor(worker_rpc(client, address), key, "sample_with_metrics", (num_timesteps, weights))
+            except UNREACHABLE + (ActorMissing,) as err:
+                died = EnvRunnerDiedError(
+                    f"Env runner {index} ({key}) on Dask worker {address} is gone ({err!r}) while sampling. "
+                    "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
+                    "or algo.restore_from_path in a new Algorithm)."
+                )
+                died.runner_index = index
+                raise died from err
+
+        return asyncio.run_coroutine_threadsafe(one(), client.loop.asyncio_loop)
+
     def sync_weights(self, weights: Any) -> None:
+        self._weights = weights
         self._all("set_weights", [(weights,)] * self.num_runners)
 
     def get_metrics(self) -> List[Dict[str, Any]]:
@@ -129,6 +209,7 @@ class DaskEnvRunnerGroup:
     def _release(self) -> None:
         # Releasing the creation futures removes the actors from the workers.
         for future in self._creation_futures:
-            future.release()
+            if future is not None:
+                future.release()
         self._creation_futures = []
         self.keys = []

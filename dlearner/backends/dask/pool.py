@@ -30,7 +30,7 @@ from distributed.comm import get_address_host
 
 from dlearner import settings
 from dlearner.backends.dask.actor import LearnerActor, learner_actor_key
-from dlearner.backends.dask.cluster import ClusterConnection, connect, place_learners
+from dlearner.backends.dask.cluster import ClusterConnection, connect, device_for, free_learner_workers, place_learners
 from dlearner.backends.dask.protocol import ABANDONED, Died, Failed, Ok, Reply, Request, values_or_raise
 from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor, worker_rpc
 from dlearner.errors import LearnerDiedError, LearnerGroupError, ProcessGroupError
@@ -59,6 +59,16 @@ class _Send:
     request: Request
 
 
+class InterruptedUpdate(LearnerDiedError):
+    """A learner died during a collective update of a fault-tolerant pool: the replies of every
+    learner are kept, so the pool knows whether the survivors applied the update."""
+
+    def __init__(self, sends: List[_Send], replies: List[Reply]):
+        dead = [r for r in replies if isinstance(r, Died)]
+        super().__init__(dead[0].message if dead else "A learner died during the update.")
+        self.sends, self.replies = sends, replies
+
+
 class DaskLearnerPool:
     """``num_learners`` learner actors on a Dask cluster (implements
     :class:`~dlearner.backends.interface.LearnerPool`).
@@ -85,7 +95,17 @@ class DaskLearnerPool:
         the learners get (no client, and the shared seed filled in). ``connection``: an open
         connection to use (the pool then leaves it open on shutdown)."""
         self.group_id = group_id
-        self.num_learners = num_learners
+        #: The number of learners asked for; with fault tolerance the pool may run with fewer for a while.
+        self.target_num_learners = num_learners
+        #: Learners replaced or added back after a loss (fault tolerance).
+        self.num_learner_restarts = 0
+        self._restart_failed_learners = bool(getattr(config, "restart_failed_learners", False))
+        self._max_restarts = int(getattr(config, "max_num_learner_restarts", 0) or 0)
+        self._restart_timeout_s = float(getattr(config, "learner_restart_timeout_s", 60.0))
+        self._module_spec = module_spec
+        self._learner_class = learner_class
+        self._incarnations = 0
+        self._next_grow_probe = 0.0
         self.metrics_topic: Optional[str] = f"learner-metrics-{group_id}"
         self.backend: Optional[str] = None
         self._config = config
@@ -99,10 +119,13 @@ class DaskLearnerPool:
         self._closed = False
         self._generation = 0
         self._pg_broken = False
-        self._resync_from: Optional[int] = None
-        self._store_port: Optional[int] = None
+        self._resync_from: Optional[_Slot] = None
+        #: Port of the process group's rendezvous store on rank 0's worker interface (2+ learners).
+        self.store_port: Optional[int] = None
         self._updates_submitted = 0
         self.slots: List[_Slot] = []
+        #: The last checkpoint the group committed (a fault-tolerant pool's state of last resort).
+        self.checkpoint_path: Optional[str] = None
         self._owns_connection = connection is None
         self.connection = connection if connection is not None else connect(config, num_learners)
         try:
@@ -124,6 +147,16 @@ class DaskLearnerPool:
 
     # -- facts -------------------------------------------------------------------------------------
     @property
+    def num_learners(self) -> int:
+        """Learners in the group now (the process group's world size)."""
+        return len(self.slots)
+
+    @property
+    def num_healthy_learners(self) -> int:
+        """Learners not known to be gone."""
+        return sum(1 for s in self.slots if not s.died)
+
+    @property
     def client(self) -> Any:
         """The ``distributed.Client`` the learners run through."""
         return self.connection.client
@@ -142,15 +175,18 @@ class DaskLearnerPool:
     async def _init_events(self) -> None:
         loop = asyncio.get_running_loop()
         for slot in self.slots:
-            slot.death = loop.create_future()
+            if slot.death is None:
+                slot.death = loop.create_future()
 
-    def _start_actors(self, module_spec: Any, learner_class: type) -> None:
+    def _start_actors(self, module_spec: Any, learner_class: type, slots: Optional[List[_Slot]] = None) -> None:
         client = self.connection.client
         gpus = float(self._config.num_gpus_per_learner or 0)
-        for slot in self.slots:
+        slots = self.slots if slots is None else slots
+        for slot in slots:
             slot.future = client.submit(
                 LearnerActor,
                 group_id=self.group_id,
+                actor_key=slot.key,
                 rank=slot.rank,
                 world_size=self.num_learners,
                 config=self._learner_config,
@@ -165,11 +201,11 @@ class DaskLearnerPool:
                 pure=False,
             )
         deadline = time.monotonic() + self._startup_timeout_s
-        for slot in self.slots:
+        for slot in slots:
             try:
                 slot.future.result(timeout=max(0.0, deadline - time.monotonic()))
             except TimeoutError as err:
-                late = [f"rank {s.rank} on {s.worker} ({s.future.status})" for s in self.slots if not s.future.done()]
+                late = [f"rank {s.rank} on {s.worker} ({s.future.status})" for s in slots if not s.future.done()]
                 raise LearnerGroupError(
                     f"Learners did not start within learner_startup_timeout_s={self._startup_timeout_s:g} s: "
                     f"{', '.join(late)}."
@@ -179,15 +215,15 @@ class DaskLearnerPool:
                 raise
 
     def _choose_backend(self) -> str:
+        """NCCL or gloo, from every learner's device facts (rules: :func:`.devices.choose_backend`)."""
+        from dlearner.backends.dask.devices import choose_backend, learner_device_facts
+
         gpus = float(self._config.num_gpus_per_learner or 0)
-        if gpus < 1:
-            return "gloo"
-        infos = self.call("device_info", [()] * self.num_learners, result_ranks=None)
-        ids = {(i["host"], i["gpu_uuid"]) for i in infos}
-        if all(i["gpu_uuid"] for i in infos) and len(ids) == self.num_learners:
-            return "nccl"
-        logger.warning("Learners share GPUs (%s); using gloo instead of NCCL.", infos)
-        return "gloo"
+        facts = self.call(learner_device_facts, [()] * self.num_learners, result_ranks=None) if gpus >= 1 else None
+        choice = choose_backend(gpus, facts)
+        if choice.fell_back:
+            logger.warning("LearnerGroup %s: %s", self.group_id, choice.reason)
+        return choice.backend
 
     def _form_process_group(self) -> None:
         """(Re-)form the process group on all learners: rank 0's store, then every rank at once."""
@@ -195,14 +231,14 @@ class DaskLearnerPool:
         timeout = self._startup_timeout_s
         store_host = get_address_host(self.slots[0].worker)
         try:
-            if self._store_port is None:
-                self._store_port = self.call("open_store", [(timeout,)], ranks=[0])[0]
-            args = (store_host, self._store_port, self._generation, self.backend, timeout, self._collective_timeout_s)
+            # Rank 0 serves the store (it opens one the first time, or after taking over rank 0).
+            self.store_port = self.call("open_store", [(timeout,)], ranks=[0])[0]
+            args = (store_host, self.store_port, self._generation, self.backend, timeout, self._collective_timeout_s)
             self.submit("form_group", [args] * self.num_learners, result_ranks=None).result(timeout=timeout + 30)
         except concurrent.futures.TimeoutError as err:
             self._pg_broken = True
             raise ProcessGroupError(
-                f"The learners' torch.distributed process group ({self.backend}, store {self._store_port}) did not form "
+                f"The learners' torch.distributed process group ({self.backend}, store {self.store_port}) did not form "
                 f"within {timeout:g} s."
             ) from err
         except LearnerDiedError:
@@ -212,7 +248,7 @@ class DaskLearnerPool:
             where = f"learner rank {err.learner_rank} on {err.learner_worker}" if hasattr(err, "learner_rank") else "a learner"
             raise ProcessGroupError(
                 f"The learners could not form their torch.distributed process group ({self.backend}) through the "
-                f"store on {store_host}:{self._store_port}: {where} failed with {type(err).__name__}: {err}"
+                f"store on {store_host}:{self.store_port}: {where} failed with {type(err).__name__}: {err}"
             ) from err
         self._pg_broken = False
 
@@ -229,9 +265,14 @@ class DaskLearnerPool:
         """The one place a learner is declared gone (runs on the client's event loop)."""
         if slot.died is None:
             slot.died = (
-                f"Learner rank {slot.rank} ({slot.key}) on Dask worker {slot.worker} is gone: {why}. The group "
-                "cannot train without it; get_state()/get_weights() still read a surviving learner. Shut the group "
-                "down and build a new one, restoring the last checkpoint."
+                f"Learner rank {slot.rank} ({slot.key}) on Dask worker {slot.worker} is gone: {why}."
+                + (
+                    " The group replaces it before the next update (fault tolerance)."
+                    if self._restart_failed_learners
+                    else " The group cannot train without it; get_state()/get_weights() still read a surviving "
+                    "learner. Shut the group down and build a new one restoring the last checkpoint, or enable "
+                    "config.fault_tolerance(restart_failed_learners=True)."
+                )
             )
             logger.error(slot.died)
             if slot.future is not None:
@@ -270,6 +311,8 @@ class DaskLearnerPool:
         ``result_ranks``: ranks whose value is sent back (others reply ``None``; ``None`` = all).
         Errors are raised by the future's ``result()``, rebuilt with the remote traceback.
         """
+        if collective and self._restart_failed_learners:
+            result_ranks = None  # every rank's result: any survivor of a lost learner can report the update
         sends, generation = self._number(target, args_per_rank, ranks, collective, result_ranks, publish, log_topic)
         future = asyncio.run_coroutine_threadsafe(self._dispatch(sends, collective, generation), self._aloop)
         future.seqs = [s.seq for s in sends]  # type: ignore[attr-defined]
@@ -329,13 +372,15 @@ class DaskLearnerPool:
         pending = set(calls)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(isinstance(c.result(), Died) for c in done):
+            if not self._restart_failed_learners and any(isinstance(c.result(), Died) for c in done):
                 break  # a learner is gone: fail now, without waiting for the others to notice
         replies: List[Reply] = [c.result() if c.done() else ABANDONED for c in calls]
         for call in calls:
             if not call.done():
                 call.cancel()
         self._note_failures(sends, replies, collective, generation)
+        if self._restart_failed_learners and collective and any(isinstance(r, Died) for r in replies):
+            raise InterruptedUpdate(sends, replies)
         return values_or_raise(replies)
 
     def _note_failures(self, sends: List[_Send], replies: List[Reply], collective: bool, generation: int) -> None:
@@ -343,7 +388,7 @@ class DaskLearnerPool:
             # Failed ranks dropped their process group: re-form before the next update. If some ranks
             # finished the update and others did not, their states may differ: copy a finisher's.
             self._pg_broken = True
-            finished = [s.slot.rank for s, r in zip(sends, replies) if isinstance(r, Ok)]
+            finished = [s.slot for s, r in zip(sends, replies) if isinstance(r, Ok)]
             if finished and self._resync_from is None:
                 self._resync_from = finished[0]
 
@@ -373,18 +418,126 @@ class DaskLearnerPool:
 
     # -- process group upkeep ---------------------------------------------------------------------
     def ensure_ready(self) -> None:
-        """Before an update: raise if a learner is gone; re-form the process group if a failed
-        update broke it (and copy one learner's state to the others if they diverged)."""
-        error = self.dead_error()
-        if error is not None:
-            raise error
+        """Before an update: replace lost learners (with fault tolerance; else raise
+        :class:`LearnerDiedError`), grow back towards ``num_learners`` when workers joined, re-form
+        the process group if a failed update broke it, and copy one learner's state to the others
+        if they diverged."""
+        if any(s.died for s in self.slots):
+            if not self._restart_failed_learners:
+                raise self.dead_error()  # type: ignore[misc]
+            self._replace_lost_learners()
+        elif self._restart_failed_learners and self.num_learners < self.target_num_learners:
+            self._grow_back()
         if self.num_learners > 1 and self._pg_broken:
             self._form_process_group()
-            if self._resync_from is not None:
-                source, self._resync_from = self._resync_from, None
-                state = self.call(_get_full_state, [()], ranks=[source])[0]
-                others = [r for r in range(self.num_learners) if r != source]
-                self.call(_set_full_state, [(state,)] * len(others), ranks=others, result_ranks=())
+        if self._resync_from is not None:
+            source, self._resync_from = self._resync_from, None
+            if not source.died and self.num_learners > 1:
+                self._copy_state(source, [s for s in self.slots if s is not source])
+
+    def recover(self, err: LearnerDiedError) -> Tuple[bool, Any]:
+        """After ``err`` ended a collective update: replace the lost learners (fault tolerance).
+
+        Returns ``(True, value)`` when surviving learners had applied the update already (its
+        reduced result; the new learners copy their state), ``(False, None)`` when no one applied
+        it: every survivor rolled back, and the caller retries the update once. Raises ``err``
+        without fault tolerance, and :class:`LearnerDiedError` when recovery is impossible.
+        """
+        if not self._restart_failed_learners:
+            raise err
+        applied = None
+        if isinstance(err, InterruptedUpdate):
+            finished = [(s.slot, r) for s, r in zip(err.sends, err.replies) if isinstance(r, Ok)]
+            if finished:
+                applied = finished[0]
+        self._replace_lost_learners(state_from=applied[0] if applied else None)
+        if applied is None:
+            return False, None
+        return True, applied[1].value
+
+    def _replace_lost_learners(self, state_from: Optional[_Slot] = None) -> None:
+        dead = [s for s in self.slots if s.died]
+        survivors = [s for s in self.slots if not s.died]
+        if not dead:
+            return
+        if self.num_learner_restarts + len(dead) > self._max_restarts:
+            raise LearnerDiedError(
+                f"{len(dead)} more learner(s) lost, but max_num_learner_restarts={self._max_restarts} is reached "
+                f"({self.num_learner_restarts} restarts so far). " + " ".join(s.died or "" for s in dead)
+            )
+        if not survivors and self.checkpoint_path is None:
+            raise LearnerDiedError(
+                "Every learner is gone and the group has no committed checkpoint to take their state from; "
+                "save checkpoints (save_to_path) during training so a fault-tolerant group can recover. "
+                + " ".join(s.died or "" for s in dead)
+            )
+        client = self.connection.client
+        for slot in dead:
+            if client.status == "running":
+                client.unsubscribe_topic(slot.worker)
+        exclude = [s.worker for s in dead]
+        addresses = free_learner_workers(self.connection, self._config, len(dead), self._restart_timeout_s, exclude=exclude)
+        if not survivors and not addresses:
+            raise LearnerDiedError(
+                f"Every learner is gone and no worker could host a new one within learner_restart_timeout_s="
+                f"{self._restart_timeout_s:g} s."
+            )
+        if len(addresses) < len(dead):
+            logger.warning(
+                "LearnerGroup %s: %d learner(s) lost, %d replaced; training goes on with %d learner(s) "
+                "(batch sizes are global, so updates mean the same) and grows back when workers join.",
+                self.group_id, len(dead), len(addresses), len(survivors) + len(addresses),
+            )
+        source = state_from if state_from is not None and not state_from.died else (survivors[0] if survivors else None)
+        self._rebuild(survivors, addresses, source)
+
+    def _grow_back(self) -> None:
+        now = time.monotonic()
+        if now < self._next_grow_probe:
+            return
+        self._next_grow_probe = now + settings.seconds("learner-group.grow-back-interval")
+        missing = self.target_num_learners - self.num_learners
+        addresses = free_learner_workers(self.connection, self._config, missing, 0.0)
+        if addresses:
+            logger.info("LearnerGroup %s: %d worker(s) joined; growing back to %d learner(s).",
+                        self.group_id, len(addresses), self.num_learners + len(addresses))
+            self._rebuild([s for s in self.slots if not s.died], addresses, self.slots[0])
+
+    def _rebuild(self, survivors: List[_Slot], addresses: List[str], source: Optional[_Slot]) -> None:
+        """New learners on ``addresses`` beside ``survivors``; ranks renumbered; the process group
+        re-formed; the new learners (or all, without a survivor) get ``source``'s state."""
+        gpus = float(self._config.num_gpus_per_learner or 0)
+        new_slots = []
+        for address in addresses:
+            self._incarnations += 1
+            rank = len(survivors) + len(new_slots)
+            key = learner_actor_key(rank, self.group_id, self._incarnations)
+            new_slots.append(_Slot(rank, address, key, device_for(rank, gpus, self.connection)))
+        self.slots = survivors + new_slots
+        for rank, slot in enumerate(self.slots):
+            slot.rank = rank
+        if survivors:
+            self.call("set_rank", [(s.rank, self.num_learners) for s in survivors], ranks=[s.rank for s in survivors], result_ranks=())
+        self._run_on_loop(self._init_events())
+        for slot in new_slots:
+            self.connection.client.subscribe_topic(slot.worker, self._worker_event_handler(slot))
+        self._start_actors(self._module_spec, self._learner_class, new_slots)
+        self.num_learner_restarts += len(new_slots)
+        if self.num_learners > 1:
+            self.backend = self.backend or self._choose_backend()
+            self._form_process_group()
+        self._resync_from = None
+        if source is not None:
+            self._copy_state(source, new_slots)
+        else:
+            self.call(_restore_from_path, [(self.checkpoint_path,)] * self.num_learners, result_ranks=())
+        logger.warning("LearnerGroup %s re-formed with %d learner(s) on %s.", self.group_id, self.num_learners, self.learner_workers)
+
+    def _copy_state(self, source: _Slot, targets: List[_Slot]) -> None:
+        if not targets:
+            return
+        state = self.call(_get_full_state, [()], ranks=[source.rank])[0]
+        self.call(_set_full_state, [(state,)] * len(targets), ranks=[s.rank for s in targets], result_ranks=())
 
     # -- teardown -------------------------------------------------------------------------------------
     def shutdown(self, timeout_s: float = 30.0) -> None:
@@ -420,6 +573,10 @@ def _get_full_state(learner: Any) -> Dict[str, Any]:
 
 def _set_full_state(learner: Any, state: Dict[str, Any]) -> None:
     learner.set_state(state)
+
+
+def _restore_from_path(learner: Any, path: str) -> None:
+    learner.restore_from_path(path)
 
 
 async def gather_published(targets: Tuple[Tuple[int, str, str, int], ...]) -> Any:

