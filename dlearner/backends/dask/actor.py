@@ -23,6 +23,7 @@ import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.comm import get_address_host
 
 from dlearner import settings
@@ -53,6 +54,21 @@ def hosted_learner_key(worker: Any) -> Optional[str]:
         actor.abandon()
         return None
     return actor.key
+
+
+class ReleaseAbandonedLearners(WorkerPlugin):
+    """Closes a learner whose Dask actor is released without its group closing it: a driver that
+    was killed or lost its connection leaves no process group, store or thread behind on a
+    long-lived cluster. Registered by every Dask learner pool (once per cluster, by name)."""
+
+    name = "dlearner-release-abandoned-learners"
+
+    def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+        if finish not in ("released", "forgotten"):
+            return
+        actor = _HOSTED() if _HOSTED is not None else None
+        if actor is not None and actor.key == key and not actor.closed:
+            actor.abandon()
 
 
 class ProcessGroupClosed(RuntimeError):
@@ -271,10 +287,13 @@ class LearnerActor:
         self._release(stop_from_other_thread=True)
 
     def abandon(self) -> None:
-        """Free this process from a learner whose group never closed it (any thread)."""
+        """Free this process from a learner whose group never closed it (its driver was killed or
+        lost): process group, store and compute thread go, so nothing keeps listening (any thread)."""
         logger.warning("Learner %s was released by Dask without being closed; stopping it.", self.key)
         self._release(stop_from_other_thread=False)
         self._drop_process_group(None)
+        self._store = None
+        self.learner = None
 
     def _release(self, *, stop_from_other_thread: bool) -> None:
         global _HOSTED

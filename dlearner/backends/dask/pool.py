@@ -29,7 +29,7 @@ from distributed import Future, get_worker
 from distributed.comm import get_address_host
 
 from dlearner import settings
-from dlearner.backends.dask.actor import LearnerActor, learner_actor_key
+from dlearner.backends.dask.actor import LearnerActor, ReleaseAbandonedLearners, learner_actor_key
 from dlearner.backends.dask.cluster import ClusterConnection, connect, device_for, free_learner_workers, place_learners
 from dlearner.backends.dask.protocol import ABANDONED, Died, Failed, Ok, Reply, Request, values_or_raise
 from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor, worker_rpc
@@ -131,6 +131,7 @@ class DaskLearnerPool:
         try:
             client = self.connection.client
             self._aloop = client.loop.asyncio_loop
+            client.register_plugin(ReleaseAbandonedLearners(), name=ReleaseAbandonedLearners.name)
             placements = place_learners(self.connection, config, num_learners)
             self.slots = [_Slot(p.rank, p.worker, learner_actor_key(p.rank, group_id), p.device) for p in placements]
             self._run_on_loop(self._init_events())
