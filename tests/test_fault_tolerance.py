@@ -201,3 +201,17 @@ def test_without_restarts_a_lost_env_runner_is_named_and_stop_still_releases_eve
     assert client.status == "running"
     wait_for_workers(client, 3)
     assert not any("learner" in key for key in client.run(lambda dask_worker: list(dask_worker.state.actors)).values() for key in key) if False else True
+
+
+def test_without_fault_tolerance_every_update_async_future_in_flight_fails_within_seconds(client):
+    config = ft_config(client, restart_failed_learners=False)
+    with config.build_learner_group(spaces=SPACES) as group:
+        futures = [group.update_async(BATCHES[0], timesteps={"sleep_s": 1}) for _ in range(3)]
+        time.sleep(0.3)
+        kill_worker(client, group.learner_workers[1])
+        started = time.monotonic()
+        for future in futures:
+            with pytest.raises(Exception, match="rank 1"):
+                future.result(timeout=60)
+        assert time.monotonic() - started < 10
+    wait_for_workers(client, 3)

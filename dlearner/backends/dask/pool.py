@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from distributed import Future, get_worker
 from distributed.comm import get_address_host
+from distributed.core import rpc
 
 from dlearner import settings
 from dlearner.backends.dask.actor import LearnerActor, ReleaseAbandonedLearners, learner_actor_key
@@ -587,12 +588,18 @@ async def gather_published(targets: Tuple[Tuple[int, str, str, int], ...]) -> An
     ``async`` task on any worker, so it occupies no thread while the learners work.
     """
     worker = get_worker()
+    # A worker that is gone refuses connections, and Dask retries a refused connect until its own
+    # (long) timeout: a short one makes futures of a lost learner fail within seconds.
+    connect_timeout = settings.seconds("learner-group.connect-timeout")
 
     async def one(rank: int, address: str, key: str, seq: int) -> Reply:
+        remote = rpc(address, timeout=connect_timeout, connection_args=worker.connection_args)
         try:
-            return await call_actor(worker.rpc(address), key, "wait_published", (seq,))
+            return await call_actor(remote, key, "wait_published", (seq,))
         except UNREACHABLE + (ActorMissing,) as err:
             return Died(rank, address, f"Learner rank {rank} ({key}) on Dask worker {address} cannot be reached: {err!r}")
+        finally:
+            await remote.close_rpc()
 
     replies = await asyncio.gather(*(one(*t) for t in targets))
     return values_or_raise(replies)[0]
