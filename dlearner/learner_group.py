@@ -226,6 +226,11 @@ class LearnerGroup:
         return self._pool.num_learner_restarts
 
     @property
+    def num_updates_retried(self) -> int:
+        """Blocking updates interrupted by a lost learner and run again on the re-formed group."""
+        return self._pool.num_updates_retried
+
+    @property
     def collective_backend(self) -> Optional[str]:
         """``"gloo"`` or ``"nccl"`` for 2+ learners, else ``None``."""
         return self._pool.backend

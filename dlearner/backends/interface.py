@@ -38,6 +38,7 @@ class LearnerPool(Protocol):
     #: Learners alive now, and learners started to replace lost ones (fault tolerance).
     num_healthy_learners: int
     num_learner_restarts: int
+    num_updates_retried: int
     #: The last checkpoint the group committed (set by the group; a fault-tolerant pool restores it
     #: when no learner survived).
     checkpoint_path: Optional[str]

@@ -27,6 +27,7 @@ class LocalLearnerPool:
     learner_keys: List[str] = []
     num_healthy_learners = 1
     num_learner_restarts = 0
+    num_updates_retried = 0
     checkpoint_path: Optional[str] = None
 
     def __init__(self, learner_config: Any, module_spec: Any, learner_class: type):

@@ -100,6 +100,8 @@ class DaskLearnerPool:
         self.target_num_learners = num_learners
         #: Learners replaced or added back after a loss (fault tolerance).
         self.num_learner_restarts = 0
+        #: Updates interrupted by a lost learner and run again on the re-formed group.
+        self.num_updates_retried = 0
         self._restart_failed_learners = bool(getattr(config, "restart_failed_learners", False))
         self._max_restarts = int(getattr(config, "max_num_learner_restarts", 0) or 0)
         self._restart_timeout_s = float(getattr(config, "learner_restart_timeout_s", 60.0))
@@ -454,6 +456,7 @@ class DaskLearnerPool:
                 applied = finished[0]
         self._replace_lost_learners(state_from=applied[0] if applied else None)
         if applied is None:
+            self.num_updates_retried += 1
             return False, None
         return True, applied[1].value
 
