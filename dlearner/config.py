@@ -492,8 +492,11 @@ class AlgorithmConfig:
         """Rebuild a config from :meth:`to_dict` output (as stored in checkpoint metadata).
 
         Only classes that dlearner ships are imported (config, learner and module classes): importing a
-        class named by a file would run code chosen by whoever wrote it. Raises ``ValueError`` for a class
-        outside dlearner, a setting this version does not know, or an environment given as a callable.
+        class named by a file would run code chosen by whoever wrote it. Settings that start processes
+        or load code are never taken from the data (:data:`CODE_LOADING_SETTINGS`: Dask cluster keyword
+        arguments can hold preloads; an env id of the ``module:Env`` form imports ``module``): they keep
+        their defaults, and the caller names them again if it trusts them. Raises ``ValueError`` for a
+        class outside dlearner, a setting this version does not know, or an environment given as a callable.
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("config_class"), str):
             raise ValueError("The stored config has no 'config_class'; it was not written by AlgorithmConfig.to_dict().")
@@ -509,6 +512,8 @@ class AlgorithmConfig:
                 "it was probably written by a newer dlearner."
             )
         for key, value in settings.items():
+            if key in CODE_LOADING_SETTINGS or (key == "env" and env_id_imports_code(value)):
+                continue  # data, never code: the caller must name these again
             if key == "env" and isinstance(value, str) and value.startswith("<callable"):
                 raise ValueError(
                     f"The run's environment was a Python callable ({value}), which a checkpoint cannot store; "
@@ -521,6 +526,16 @@ class AlgorithmConfig:
             setattr(config, key, copy.deepcopy(value))
         config.validate()
         return config
+
+
+#: Settings a checkpoint never supplies, because they start processes or load code: Dask cluster
+#: keyword arguments (``preload`` runs Python), where to connect, and a Dask client.
+CODE_LOADING_SETTINGS = ("cluster_kwargs", "address", "scheduler_file", "client")
+
+
+def env_id_imports_code(env: Any) -> bool:
+    """Whether a gymnasium env id imports a module when made (the ``"module:EnvName"`` form)."""
+    return isinstance(env, str) and ":" in env and not env.startswith("<callable")
 
 
 def _spec_to_json(spec):

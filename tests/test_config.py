@@ -93,3 +93,18 @@ def test_piecewise_schedule_interpolates_and_holds_the_last_value():
     assert [schedule.value(t) for t in (-5, 0, 5, 10, 50)] == [1.0, 1.0, 0.5, 0.0, 0.0]
     with pytest.raises(ValueError, match="pairs"):
         PiecewiseSchedule("fast")
+
+
+def test_a_stored_config_never_supplies_settings_that_start_processes_or_load_code():
+    """A checkpoint is data: Dask preloads in cluster_kwargs and `module:Env` ids would run its code."""
+    stored = PPOConfig().environment("CartPole-v1").cluster(address="tcp://10.0.0.1:8786").to_dict()
+    stored["cluster_kwargs"] = {"preload": ["import os; os.system('touch /tmp/pwned')"]}
+    stored["scheduler_file"] = "/tmp/their-scheduler.json"
+    stored["env"] = "their_module:TheirEnv"
+    config = PPOConfig.from_dict(stored)
+    assert config.cluster_kwargs == {} and config.address is None and config.scheduler_file is None
+    assert config.env is None  # the caller must name a `module:Env` id again
+
+
+def test_a_stored_config_keeps_a_plain_gymnasium_id():
+    assert PPOConfig.from_dict(PPOConfig().environment("CartPole-v1").to_dict()).env == "CartPole-v1"
