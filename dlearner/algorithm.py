@@ -58,9 +58,12 @@ class Algorithm:
 
     def _connect(self):
         """One cluster for learners and env runners: attached as configured, or an embedded
-        ``LocalCluster`` this algorithm owns, with a worker process per learner and per env runner."""
+        ``LocalCluster`` this algorithm owns, with a worker process per learner and per env runner.
+        Everything in this process and no cluster named: no cluster at all. (A named cluster is
+        attached even then: its dashboard shows the run.)"""
         num_workers = self.config.num_learners + self.config.num_env_runners
-        if num_workers == 0:
+        named = self.config.client is not None or self.config.address is not None or self.config.scheduler_file is not None
+        if num_workers == 0 and not named:
             return None
         from dlearner.backends.dask.cluster import connect
 
@@ -86,6 +89,12 @@ class Algorithm:
     def client(self):
         """The ``distributed.Client`` the actors run through, or ``None`` when everything is in this process."""
         return None if self._connection is None else self._connection.client
+
+    @property
+    def dashboard_url(self) -> Optional[str]:
+        """The dlearner page on the cluster's dashboard (``None`` without a cluster, or if the page
+        could not be added; the reason was logged)."""
+        return None if self._connection is None else self._connection.dashboard_url
 
     @property
     def learner_group(self):

@@ -10,8 +10,14 @@ Examples::
     dlearner inspect runs/cartpole
     dlearner plot runs/cartpole/metrics.jsonl -o curve.png
 
-Exit status: 0 on success, 2 for a bad flag, path or setting (the message on stderr names it),
-130 when interrupted with Ctrl-C (training saves a checkpoint first).
+Exit status: 0 on success; 2 for a bad flag, path or setting (a one-line message on stderr names
+it); 1 when training fails (a learner's exception, a lost worker, a cluster that lacks workers: a
+one-line summary on stderr, the full traceback with ``--debug``). ``train`` stopped by SIGTERM exits
+0 and by SIGINT (Ctrl-C) 130, after finishing the iteration under way and saving a checkpoint; a
+second signal abandons that iteration and exits at once (see ``dlearner train --help``).
+
+Logging: messages of the ``dlearner`` logger (e.g. what cluster start-up is waiting for) go to
+stderr at level INFO; ``-v/--verbose`` shows DEBUG, ``-q/--quiet`` only warnings and errors.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -27,16 +34,40 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
-from dlearner.algorithms import PPOConfig
-from dlearner.config import AlgorithmConfig
+# torch, dask and the algorithms are imported inside the commands, not here: importing torch alone
+# takes seconds, and `dlearner --help` or a bad flag should answer at once.
+if TYPE_CHECKING:
+    from dlearner.config import AlgorithmConfig
 
 __all__ = ["TRAINABLE_ALGORITHMS", "config_from_dict", "main"]
 
-#: Algorithms ``dlearner train --algo`` can train on an environment, by name. BC learns from a fixed
-#: dataset (offline), so it has no place here; add online algorithms as they are written.
-TRAINABLE_ALGORITHMS: Dict[str, Callable[[], AlgorithmConfig]] = {"PPO": PPOConfig}
+#: Algorithms ``dlearner train --algo`` can train on an environment: name -> ``(module, config class)``,
+#: imported when a run starts. BC learns from a fixed dataset (offline), so it has no place here; add
+#: online algorithms as they are written. ``cli.TRAINABLE_ALGORITHMS`` gives name -> config class.
+_ALGORITHMS: Dict[str, Tuple[str, str]] = {"PPO": ("dlearner.algorithms", "PPOConfig")}
+
+
+def _algorithm_classes() -> Dict[str, Callable[[], "AlgorithmConfig"]]:
+    """Name -> config class of every trainable algorithm (imports them)."""
+    import importlib
+
+    return {name: getattr(importlib.import_module(module), cls) for name, (module, cls) in _ALGORITHMS.items()}
+
+
+def config_from_dict(data: Mapping[str, Any]) -> "AlgorithmConfig":
+    """Rebuild a config from ``AlgorithmConfig.to_dict()`` output (see :meth:`AlgorithmConfig.from_dict`)."""
+    from dlearner.config import AlgorithmConfig
+
+    return AlgorithmConfig.from_dict(data)
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: ``cli.TRAINABLE_ALGORITHMS`` keeps meaning name -> config class, built on first use.
+    if name == "TRAINABLE_ALGORITHMS":
+        return _algorithm_classes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Iterations a ``train`` invocation runs when no stop flag is given.
 DEFAULT_STOP_ITERS = 100
@@ -44,6 +75,7 @@ METRICS_FILENAME = "metrics.jsonl"
 CURVE_FILENAME = "learning_curve.png"
 
 EXIT_OK = 0
+EXIT_FAILED = 1  # training (or another command) failed for a reason other than the flags
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what shells report for a command whose reader closed the pipe
@@ -83,6 +115,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
 def _hiddens(text: str) -> List[int]:
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -103,6 +142,21 @@ def _json_object(text: str) -> Dict[str, Any]:
     return value
 
 
+def _add_output_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """``-v/-q/--debug``, accepted before and after the command name (``dlearner -v train ...`` and
+    ``dlearner train -v ...``). Only the top-level parser sets defaults: a subparser's default would
+    overwrite a value given before the command name."""
+    group = parser.add_argument_group("output")
+    level = group.add_mutually_exclusive_group()
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    level.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="DEBUG",
+                       help="also show debug messages", **({"default": "INFO"} if defaults else keep))
+    level.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="WARNING",
+                       help="show only warnings and errors (no progress lines)", **keep)
+    group.add_argument("--debug", action="store_true", help="show the full traceback when a command fails",
+                       **({"default": False} if defaults else keep))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``dlearner`` argument parser (subcommands ``train``, ``evaluate``, ``inspect``, ``plot``)."""
     from dlearner import __version__
@@ -110,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dlearner",
         description="Train reinforcement-learning models with data-parallel learners on Dask.",
+        epilog="Exit status: 0 success, 1 a failure while running (e.g. in training), 2 a bad flag, path or setting.",
     )
     parser.add_argument("--version", action="version", version=f"dlearner {__version__}")
+    _add_output_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     # ---------------------------------------------------------------------------------- train
@@ -127,11 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             f"Stop flags: training stops at the first one reached; with none, it runs {DEFAULT_STOP_ITERS} "
             "iterations. --stop-iters and --stop-timesteps count from the start of the run, so after --resume "
-            "they include the iterations and steps already done."
+            "they include the iterations and steps already done. "
+            "Signals: SIGTERM (kill, scancel, a batch system's time limit) or SIGINT (Ctrl-C) lets the iteration "
+            "under way finish, saves a checkpoint (with --checkpoint) and exits with status 0 (SIGTERM) or 130 "
+            "(SIGINT); --resume then continues from that iteration. A second signal abandons the iteration at "
+            "once and exits with 128+signal without saving: the last checkpoint written stays valid. Signals "
+            "that arrive while a checkpoint is being written wait until it is complete."
         ),
     )
     what = train.add_argument_group("what to train")
-    what.add_argument("--algo", choices=sorted(TRAINABLE_ALGORITHMS), default=None,
+    what.add_argument("--algo", choices=sorted(_ALGORITHMS), default=None,
                       help="algorithm (default: PPO, or the checkpoint's with --resume)")
     what.add_argument("--env", default=None, metavar="ID",
                       help="gymnasium environment id, e.g. CartPole-v1 (required unless --resume)")
@@ -154,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="GPUs per learner; fractional values share a GPU (default: 0)")
     where.add_argument("--num-cpus-per-learner", type=_positive_int, default=None, metavar="C",
                        help="CPU threads per learner (default: 1)")
+    where.add_argument("--startup-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                       help="how long to wait for enough Dask workers and for the learner and env-runner actors "
+                            "to start (default: dask config dlearner.cluster.startup-timeout, 60s; raise it when "
+                            "workers of a batch job start late)")
 
     hyper = train.add_argument_group("hyper-parameters (default: the algorithm's)")
     hyper.add_argument("--lr", type=_finite_float, default=None, help="learning rate")
@@ -179,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     out = train.add_argument_group("checkpoints and output")
     out.add_argument("--checkpoint", default=None, metavar="DIR",
-                     help="checkpoint directory (or fsspec URL): saved periodically and at the end")
+                     help="run folder (or fsspec URL): the checkpoint store goes in DIR/checkpoint, saved "
+                          "periodically and at the end, with the metrics file and the curve beside it")
     out.add_argument("--checkpoint-every", type=_non_negative_int, default=10, metavar="N",
                      help="save every N iterations; 0 = only at the end (default: 10)")
     out.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint")
@@ -191,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--run-name", default=None, metavar="NAME",
                      help="name of the run on the dashboard page (default: the checkpoint directory's name)")
     out.add_argument("--no-dashboard", action="store_true", help="do not add the dlearner page to the Dask dashboard")
+    _add_output_options(train, defaults=False)
     train.set_defaults(func=cmd_train)
 
     # ------------------------------------------------------------------------------- evaluate
@@ -199,17 +266,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run greedy episodes with a checkpoint's policy",
         description="Rebuild the algorithm from a checkpoint's stored settings (in this process) and run greedy episodes.",
     )
-    evaluate.add_argument("checkpoint", metavar="DIR", help="a checkpoint written by `dlearner train`")
+    evaluate.add_argument("checkpoint", metavar="DIR",
+                          help="a run folder of `dlearner train` (or its checkpoint store)")
     evaluate.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run (default: 10)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=None, help="seed of the first episode's reset")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    _add_output_options(evaluate, defaults=False)
     evaluate.set_defaults(func=cmd_evaluate)
 
     # -------------------------------------------------------------------------------- inspect
     inspect = sub.add_parser("inspect", help="show what a checkpoint holds",
                              description="Show a checkpoint's modules, array shapes, counters and config.")
-    inspect.add_argument("checkpoint", metavar="DIR", help="a dlearner checkpoint")
+    inspect.add_argument("checkpoint", metavar="DIR", help="a dlearner checkpoint store, or a run folder holding one")
     inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_output_options(inspect, defaults=False)
     inspect.set_defaults(func=cmd_inspect)
 
     # ----------------------------------------------------------------------------------- plot
@@ -219,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", default=None, metavar="PNG",
                       help=f"PNG to write (default: {CURVE_FILENAME} beside the metrics file)")
     plot.add_argument("--title", default=None, help="plot title")
+    _add_output_options(plot, defaults=False)
     plot.set_defaults(func=cmd_plot)
     return parser
 
@@ -229,11 +300,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits with status 2 and argparse's message on a bad flag
     try:
-        return int(args.func(args))
+        with _logging_to_stderr(args.log_level):
+            return int(args.func(args))
     except (UsageError, FileNotFoundError, ValueError) as err:
         # User errors: say what was wrong, no traceback (the messages name the flag, path or setting).
-        print(f"dlearner: error: {err}", file=sys.stderr)
+        _report_error(err, args.debug)
         return EXIT_USAGE
+    except TrainingFailed as failure:
+        # A failure while training runs (inside a learner, a lost worker, a cluster that lacks workers):
+        # not a usage error, so status 1, and the remote error's own summary.
+        _report_error(failure.error, args.debug)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("dlearner: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -243,6 +320,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+
+
+class TrainingFailed(Exception):
+    """Wraps an exception raised while ``train`` ran (after its flags were checked): exit status 1."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _one_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (learner tracebacks ride along as notes, shown by ``--debug``)."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    name = type(err).__name__
+    if isinstance(err, (UsageError, FileNotFoundError)) or not first:
+        return first or name
+    return f"{name}: {first}"
+
+
+def _report_error(err: BaseException, debug: bool) -> None:
+    import traceback
+
+    if debug:
+        traceback.print_exception(err, file=sys.stderr)
+    hint = "" if debug or isinstance(err, UsageError) else "  (--debug shows the full traceback)"
+    print(f"dlearner: error: {_one_line(err)}{hint}", file=sys.stderr)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (pytest's capture swaps it between tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+class _CliFormatter(logging.Formatter):
+    """``dlearner: message`` for INFO, ``dlearner: warning: message`` above, the logger's name for DEBUG."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            message = f"{message}\n{record.exc_text}"
+        if record.levelno == logging.INFO:
+            return f"dlearner: {message}"
+        if record.levelno < logging.INFO:
+            return f"dlearner: debug: [{record.name}] {message}"
+        return f"dlearner: {record.levelname.lower()}: {message}"
+
+
+@contextlib.contextmanager
+def _logging_to_stderr(level: str) -> Iterator[None]:
+    """Show the ``dlearner`` logger's records at ``level`` and above on stderr while a command runs;
+    afterwards the logger is as it was (``main`` may run several times in one process, e.g. in tests)."""
+    logger = logging.getLogger("dlearner")
+    handler = _StderrHandler()
+    handler.setFormatter(_CliFormatter())
+    previous = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # our handler prints them; a root handler would print them twice
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous[0])
+        logger.propagate = previous[1]
 
 
 @contextlib.contextmanager
@@ -255,17 +402,14 @@ def _flag(name: str) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------- configs
-config_from_dict = AlgorithmConfig.from_dict
-
-
-def _algo_name(config: AlgorithmConfig) -> str:
-    for name, factory in TRAINABLE_ALGORITHMS.items():
+def _algo_name(config: "AlgorithmConfig") -> str:
+    for name, factory in _algorithm_classes().items():
         if type(config) is factory:
             return name
     return type(config).__name__.removesuffix("Config")
 
 
-def _apply_flags(config: AlgorithmConfig, args: argparse.Namespace) -> None:
+def _apply_flags(config: "AlgorithmConfig", args: argparse.Namespace) -> None:
     """Apply the settings flags the user gave (``None`` = not given) to ``config``."""
     if args.env is not None:
         with _flag("--env"):
@@ -279,6 +423,8 @@ def _apply_flags(config: AlgorithmConfig, args: argparse.Namespace) -> None:
         ("--num-learners", "num_learners", config.learners),
         ("--num-gpus-per-learner", "num_gpus_per_learner", config.learners),
         ("--num-cpus-per-learner", "num_cpus_per_learner", config.learners),
+        ("--startup-timeout", "startup_timeout", lambda startup_timeout: config.learners(
+            learner_startup_timeout_s=startup_timeout)),
         ("--lr", "lr", config.training),
         ("--gamma", "gamma", config.training),
         ("--train-batch-size", "train_batch_size", config.training),
@@ -310,6 +456,26 @@ def _local_dir(path: str) -> Optional[Path]:
     if path.startswith("file://"):
         return Path(urllib.parse.urlsplit(path).path)
     return None if _is_url(path) else Path(path)
+
+
+def _checkpoint_store(path: str) -> str:
+    """The Zarr store of ``--checkpoint DIR``: ``DIR/checkpoint`` for a run folder (a new run's too), or
+    ``DIR`` itself when it is a store."""
+    from dlearner.checkpoint import resolve_checkpoint_path
+
+    return resolve_checkpoint_path(path, new_run=True)
+
+
+def _run_dir(path: str) -> Optional[Path]:
+    """The local folder of ``--checkpoint DIR`` where the metrics file and the curve go (beside the store,
+    never inside it); ``None`` for remote URLs."""
+    from dlearner.checkpoint import RUN_STORE_DIRNAME
+
+    store = _local_dir(_checkpoint_store(path))
+    if store is None:
+        return None
+    # A store named some other way (by save_to_path, or a run from before run folders) keeps them inside.
+    return store.parent if store.name == RUN_STORE_DIRNAME else store
 
 
 def _checkpoint_metadata(path: str) -> Optional[Dict[str, Any]]:
@@ -435,7 +601,7 @@ def _make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Di
                     f"argument --checkpoint: {args.checkpoint!r} already holds a checkpoint "
                     f"(iteration {counters.get('iteration', '?')}); pass --resume to continue it, or choose a new directory."
                 )
-        config = TRAINABLE_ALGORITHMS[args.algo or "PPO"]()
+        config = _algorithm_classes()[args.algo or "PPO"]()
     _apply_flags(config, args)
     with _flag("--env"):
         # Fail here, before any cluster starts, if the environment cannot be made.
@@ -447,7 +613,7 @@ def _make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Di
 
 def _output_paths(args: argparse.Namespace) -> Tuple[Optional[Path], Optional[Path]]:
     """``(metrics file or None, learning-curve PNG or None)``."""
-    local = _local_dir(args.checkpoint) if args.checkpoint is not None else None
+    local = _run_dir(args.checkpoint) if args.checkpoint is not None else None
     metrics = Path(args.metrics_file) if args.metrics_file else None
     if metrics is None and local is not None:
         metrics = local / METRICS_FILENAME
@@ -481,93 +647,252 @@ def cmd_train(args: argparse.Namespace) -> int:
     config, resume_metadata = _make_config(args)  # every flag is checked before any cluster starts
     name = _algo_name(config)
     metrics_path, png_path = _output_paths(args)
-    progress = ProgressDisplay()
+    quiet = args.log_level == "WARNING"
+    null = open(os.devnull, "w") if quiet else None  # -q: no progress lines, no informational messages
+    progress = ProgressDisplay(null)
     progress.message(f"dlearner: {_describe_setup(name, config)}")
-    own_client = algo = writer = None
+    signals = _StopSignals()
+    state = _RunState()
+    own_connection = algo = writer = None
     try:
-        own_client = _attach(args, config)
-        algo = config.build_algo()
-        algo.dashboard_run_name = None  # this command publishes under its own run name (below)
-        if resume_metadata is not None:
-            algo.restore_from_path(args.checkpoint)
-            progress.message(
-                f"dlearner: resumed {args.checkpoint} at iteration {algo.iteration}, "
-                f"{algo.num_env_steps_sampled_lifetime:,} env steps"
-            )
-        elif args.checkpoint is not None:
-            # Save before anything else is written there: the directory is a checkpoint from the start,
-            # so the metrics file and the curve can live beside the store (and --resume works at once).
-            algo.save_to_path(args.checkpoint)
-        dashboard = _Dashboard(args, own_client if own_client is not None else algo.client, name, config, progress)
-        stop = _StopConditions(args, start_iteration=algo.iteration)
-        progress.message(f"dlearner: stopping at {stop.describe()}")
-        if metrics_path is not None:
-            writer = MetricsWriter(metrics_path, resume_after_iteration=algo.iteration if resume_metadata else None)
-        result, reason, interrupted, last_saved = _train_loop(args, algo, stop, writer, progress, dashboard)
-        progress.close()
-        if result is not None:
-            dashboard.publish(result, last=True)
-        if args.checkpoint and algo.iteration != last_saved:
-            algo.save_to_path(args.checkpoint)
-        progress.message(f"dlearner: stopped: {reason}")
-        if args.checkpoint:
-            progress.message(
-                f"dlearner: checkpoint {args.checkpoint} (iteration {algo.iteration}, "
-                f"{algo.num_env_steps_sampled_lifetime:,} env steps)"
-            )
-        if writer is not None:
-            writer.close()
-            progress.message(f"dlearner: metrics {metrics_path}")
-            _draw_curve(metrics_path, png_path, f"{name} on {config.env} ({dashboard.run_name})", progress)
-        elif result is not None:
-            print("dlearner: note: no --checkpoint or --metrics-file, so no metrics file or learning curve was written.",
-                  file=sys.stderr)
-        return EXIT_INTERRUPTED if interrupted else EXIT_OK
+        with signals.installed():
+            try:
+                own_connection = _attach(args, config)
+                algo = config.build_algo()
+                algo.dashboard_run_name = None  # this command publishes under its own run name (below)
+                if resume_metadata is not None:
+                    algo.restore_from_path(args.checkpoint)
+                    progress.message(
+                        f"dlearner: resumed {args.checkpoint} at iteration {algo.iteration}, "
+                        f"{algo.num_env_steps_sampled_lifetime:,} env steps"
+                    )
+                    state.last_saved = algo.iteration
+                elif args.checkpoint is not None:
+                    # Save before anything else is written there: the run folder holds its store from the start
+                    # (and --resume works at once). Later saves to DIR find DIR/checkpoint (save_to_path resolves).
+                    with signals.during("save"):
+                        algo.save_to_path(_checkpoint_store(args.checkpoint))
+                    state.last_saved = algo.iteration
+                dashboard = _Dashboard(args, algo.client, algo.dashboard_url, name, config, progress)
+                signals.phase = "idle"
+                stop = _StopConditions(args, start_iteration=algo.iteration)
+                progress.message(f"dlearner: stopping at {stop.describe()}")
+                if metrics_path is not None:
+                    writer = MetricsWriter(metrics_path,
+                                           resume_after_iteration=algo.iteration if resume_metadata else None)
+                _train_loop(args, algo, stop, writer, progress, dashboard, signals, state)
+                signals.phase = "finish"
+                progress.close()
+                if state.result is not None:
+                    dashboard.publish(state.result, last=True)
+                if args.checkpoint and algo.iteration != state.last_saved:
+                    with signals.during("save"):
+                        algo.save_to_path(args.checkpoint)
+                    state.last_saved = algo.iteration
+            except (UsageError, KeyboardInterrupt):
+                raise
+            except Exception as err:
+                # Raised while training ran: exit status 1 with the error's summary (main), not a usage error.
+                if args.checkpoint and state.last_saved is not None and signals.phase != "start":
+                    print(f"dlearner: the checkpoint {args.checkpoint} holds iteration {state.last_saved}; continue "
+                          f"with: {_resume_command(args)}", file=sys.stderr)
+                raise TrainingFailed(err) from err
+            progress.message(f"dlearner: stopped: {state.reason}")
+            if args.checkpoint:
+                progress.message(
+                    f"dlearner: checkpoint {args.checkpoint} (iteration {algo.iteration}, "
+                    f"{algo.num_env_steps_sampled_lifetime:,} env steps)"
+                )
+            if writer is not None:
+                writer.close()
+                progress.message(f"dlearner: metrics {metrics_path}")
+                _draw_curve(metrics_path, png_path, f"{name} on {config.env} ({dashboard.run_name})", progress)
+            elif state.result is not None and not quiet:
+                print("dlearner: note: no --checkpoint or --metrics-file, so no metrics file or learning curve was "
+                      "written.", file=sys.stderr)
+            if signals.requested is not None:
+                _notice(_signal_summary(args, signals.requested, state.last_saved))
+                return EXIT_OK if signals.requested == signal.SIGTERM else EXIT_INTERRUPTED
+            return EXIT_OK
+    except KeyboardInterrupt:
+        if signals.aborted_by is None:
+            raise  # a Ctrl-C our handler did not see (not the main thread): main reports it
+        return _aborted(args, signals, state)
     finally:
         progress.close()
         if writer is not None:
             writer.close()
-        if algo is not None:
-            algo.stop()
-        if own_client is not None:
-            own_client.close()  # only our connection: the cluster we attached to keeps running
+        try:
+            if algo is not None:
+                algo.stop()
+        finally:
+            if own_connection is not None:
+                own_connection.close()  # only our client: the cluster we attached to keeps running
+            if null is not None:
+                null.close()
+
+
+class _RunState:
+    """What ``train`` has done so far: read by the messages after a stop, a failure or an abort."""
+
+    def __init__(self) -> None:
+        self.result: Optional[Dict[str, Any]] = None  # the last iteration's result
+        self.reason: str = ""  # why training stopped
+        self.last_saved: Optional[int] = None  # iteration of the newest complete checkpoint
 
 
 def _train_loop(
-    args: argparse.Namespace, algo: Any, stop: "_StopConditions", writer: Any, progress: Any, dashboard: "_Dashboard"
-) -> Tuple[Optional[Dict[str, Any]], str, bool, Optional[int]]:
-    """Train until a stop condition (or Ctrl-C/SIGTERM); returns ``(last result, why it stopped,
-    interrupted?, iteration of the last checkpoint saved or None)``."""
+    args: argparse.Namespace, algo: Any, stop: "_StopConditions", writer: Any, progress: Any,
+    dashboard: "_Dashboard", signals: "_StopSignals", state: _RunState,
+) -> None:
+    """Train until a stop condition is reached or SIGTERM/SIGINT asks to stop; fills in ``state``.
+
+    The stop request is only looked at between iterations, so an iteration is never cut in half: the
+    checkpoint written after the loop holds the weights and counters of the same iteration.
+    """
     progress.begin(algo.num_env_steps_sampled_lifetime)
     reason = stop.reached(algo.iteration, algo.num_env_steps_sampled_lifetime, None)
-    last_saved = algo.iteration if args.checkpoint else None
-    result: Optional[Dict[str, Any]] = None
-    restore_sigterm = _sigterm_interrupts()
-    try:
-        while reason is None:
+    while reason is None and signals.requested is None:
+        signals.iteration = algo.iteration + 1
+        with signals.during("iterate"):
             result = algo.train()
-            if writer is not None:
-                writer.write(result)
-            progress.update(result)
-            dashboard.publish(result)
-            iteration = int(result["training_iteration"])
-            if args.checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+        state.result = result
+        if writer is not None:
+            writer.write(result)
+        progress.update(result)
+        dashboard.publish(result)
+        iteration = int(result["training_iteration"])
+        if args.checkpoint and args.checkpoint_every and iteration % args.checkpoint_every == 0:
+            with signals.during("save"):
                 algo.save_to_path(args.checkpoint)
-                last_saved = iteration
-            reason = stop.reached(
-                iteration, int(result["num_env_steps_sampled_lifetime"]), result["env_runners"].get("episode_return_mean")
-            )
-    except KeyboardInterrupt:
-        return result, "interrupted (Ctrl-C or SIGTERM)", True, last_saved
-    finally:
-        restore_sigterm()
-    return result, reason, False, last_saved
+            state.last_saved = iteration
+        reason = stop.reached(
+            iteration, int(result["num_env_steps_sampled_lifetime"]), result["env_runners"].get("episode_return_mean")
+        )
+    if reason is None and signals.requested is not None:
+        reason = f"{signal.Signals(signals.requested).name} received after iteration {algo.iteration}"
+    state.reason = reason or ""
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT while ``train`` runs: stop between iterations, never in the middle of one.
+
+    What a signal does depends on the phase the run is in:
+
+    * ``start`` (connecting, building, restoring): nothing is under way, so it stops at once.
+    * ``iterate`` (inside ``algo.train()``): the first signal lets the iteration finish, then the run
+      saves a checkpoint and stops; a second abandons the iteration at once (``KeyboardInterrupt``)
+      without saving, so the newest checkpoint on disk stays the last complete one.
+    * ``idle`` (metrics, progress between iterations): the iteration is complete; stop after it.
+    * ``save`` (a checkpoint is being written): never interrupted, since a half-written checkpoint
+      would leave no valid one; the run stops once the write is complete.
+    * ``finish`` (after the loop): a second signal stops the remaining clean-up at once.
+    """
+
+    def __init__(self) -> None:
+        self.phase = "start"
+        self.requested: Optional[int] = None  # the first signal: stop after the current iteration
+        self.aborted_by: Optional[int] = None  # the signal that raised KeyboardInterrupt
+        self.aborted_in: Optional[str] = None  # the phase it interrupted
+        self.iteration = 0  # the iteration under way (for the messages)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["_StopSignals"]:
+        """Handle SIGTERM and SIGINT while the block runs (only the main thread may set handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {signum: signal.signal(signum, self._handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    @contextlib.contextmanager
+    def during(self, phase: str) -> Iterator[None]:
+        """Run the block in ``phase``, then return to the phase before it."""
+        before, self.phase = self.phase, phase
+        try:
+            yield
+        finally:
+            self.phase = before
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self.phase == "start" or (self.phase in ("iterate", "finish") and self.requested is not None):
+            self.aborted_by, self.aborted_in = signum, self.phase
+            raise KeyboardInterrupt
+        if self.phase == "save":
+            self.requested = self.requested if self.requested is not None else signum
+            _notice(f"dlearner: {name} received while a checkpoint is being written: stopping once it is complete "
+                    "(SIGKILL would stop at once but could leave the checkpoint incomplete)")
+            return
+        if self.requested is not None:
+            return  # idle: already stopping after this iteration
+        self.requested = signum
+        if self.phase == "iterate":
+            _notice(f"dlearner: {name} received: finishing iteration {self.iteration}, then saving a checkpoint "
+                    f"and stopping (send {name} again to abandon the iteration and stop at once)")
+        elif self.phase == "idle":
+            _notice(f"dlearner: {name} received: stopping after iteration {self.iteration}")
+
+
+def _notice(text: str) -> None:
+    """Write a line to stderr from a signal handler too: ``os.write`` on the descriptor, since a handler
+    that runs while the main thread is inside ``sys.stderr.write`` must not re-enter the buffered stream."""
+    os.write(2, (text + "\n").encode("utf-8", "replace"))
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that continues this run (settings come from the checkpoint; cluster and stop flags do not)."""
+    import shlex
+
+    parts = ["dlearner", "train", "--checkpoint", args.checkpoint, "--resume"]
+    for flag, value in (("--address", args.address), ("--scheduler-file", args.scheduler_file),
+                        ("--stop-return", args.stop_return), ("--stop-iters", args.stop_iters),
+                        ("--stop-timesteps", args.stop_timesteps)):
+        if value is not None:
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(shlex.quote(part) for part in parts)
+
+
+def _signal_summary(args: argparse.Namespace, signum: int, last_saved: Optional[int]) -> str:
+    name = signal.Signals(signum).name
+    if not args.checkpoint:
+        return f"dlearner: stopped by {name}; no --checkpoint was given, so nothing was saved."
+    return (f"dlearner: stopped by {name}: the checkpoint {args.checkpoint} holds iteration {last_saved}. "
+            f"Continue with: {_resume_command(args)}")
+
+
+def _aborted(args: argparse.Namespace, signals: _StopSignals, state: _RunState) -> int:
+    """Exit after a signal stopped ``train`` at once (see :class:`_StopSignals`); returns the exit status."""
+    signum = signals.aborted_by
+    assert signum is not None
+    name = signal.Signals(signum).name
+    graceful = EXIT_OK if signum == signal.SIGTERM else EXIT_INTERRUPTED
+    if signals.aborted_in == "start":
+        _notice(f"dlearner: stopped by {name} before training started" + (
+            f"; the checkpoint {args.checkpoint} is unchanged" if args.checkpoint else ""))
+        return graceful
+    if signals.aborted_in == "finish":
+        # The loop had ended and its checkpoint was written: only the clean-up was cut short.
+        _notice(_signal_summary(args, signum, state.last_saved))
+        return graceful
+    where = (f"the checkpoint {args.checkpoint} holds iteration {state.last_saved} (the last one written). "
+             f"Continue with: {_resume_command(args)}") if args.checkpoint else "nothing was saved (no --checkpoint)"
+    _notice(f"dlearner: {name} again: abandoned iteration {signals.iteration} and stopped at once; {where}")
+    return 128 + signum
 
 
 class _Dashboard:
     """Prints the dashboard links and feeds the dlearner page (a no-op without a cluster or with --no-dashboard)."""
 
-    def __init__(self, args: argparse.Namespace, client: Any, name: str, config: AlgorithmConfig, progress: Any):
+    def __init__(
+        self, args: argparse.Namespace, client: Any, url: Optional[str], name: str, config: AlgorithmConfig, progress: Any
+    ):
+        """``url``: the page the connection added to the dashboard (``None`` if it could not; the
+        connection logged why)."""
         self.client = client
         self.enabled = client is not None and not args.no_dashboard
         if args.run_name:
@@ -583,13 +908,7 @@ class _Dashboard:
         progress.message(f"dlearner: Dask dashboard {client.dashboard_link}")
         if not self.enabled:
             return
-        from dlearner.dashboard import register_dashboard
-
-        try:
-            url = register_dashboard(client)
-        except RuntimeError as err:
-            # The page is an extra: training goes on without it, but say why it is missing.
-            print(f"dlearner: warning: no training page on the dashboard: {err}", file=sys.stderr)
+        if url is None:  # the page is an extra: training goes on without it (the warning said why)
             self.enabled = False
             return
         if url:
@@ -621,43 +940,31 @@ def _draw_curve(metrics_path: Path, png_path: Optional[Path], title: str, progre
 
 
 def _attach(args: argparse.Namespace, config: AlgorithmConfig) -> Any:
-    """With ``--address``/``--scheduler-file``: connect, point ``config`` at the cluster, return the client."""
+    """With ``--address``/``--scheduler-file``: connect, point ``config`` at the cluster, return the
+    connection (closed by ``train``: only the client, the cluster keeps running)."""
     if args.address is None and args.scheduler_file is None:
         return None
-    client = _connect(args)
-    config.cluster(client=client)
+    connection = _connect(args)
+    config.cluster(client=connection.client)
     if config.num_learners == 0 and config.num_env_runners == 0:
         print(
             "dlearner: warning: --num-learners and --num-env-runners are 0, so only the dashboard page uses the "
             "cluster; pass --num-learners N or --num-env-runners N to train on it.",
             file=sys.stderr,
         )
-    return client
-
-
-def _sigterm_interrupts() -> Callable[[], None]:
-    """Make SIGTERM (``kill``, SLURM's time limit, ``scancel``) stop training like Ctrl-C, so the run
-    saves its checkpoint; returns a function that restores the previous handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # signal handlers can only be set from the main thread
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    return connection
 
 
 def _connect(args: argparse.Namespace) -> Any:
-    """A client of the cluster named by ``--address`` / ``--scheduler-file``; errors name the flag."""
-    from distributed import Client
+    """A connection to the cluster named by ``--address`` / ``--scheduler-file`` (the backend's one
+    client-creation path); errors name the flag."""
+    from dlearner.backends.dask.cluster import attach
+    from dlearner.errors import LearnerGroupError
 
     flag, target = ("--address", args.address) if args.address is not None else ("--scheduler-file", args.scheduler_file)
     try:
-        if args.address is not None:
-            return Client(args.address, set_as_default=False, timeout="30s")
-        return Client(scheduler_file=args.scheduler_file, set_as_default=False, timeout="30s")
-    except (OSError, TimeoutError) as err:
+        return attach(address=args.address, scheduler_file=args.scheduler_file, timeout_s=30.0)
+    except (LearnerGroupError, OSError) as err:
         raise UsageError(f"argument {flag}: cannot reach the Dask scheduler of {target!r}: {err}") from err
     except ValueError as err:  # e.g. a scheduler file that is not JSON, or a malformed address
         raise UsageError(f"argument {flag}: {target!r}: {err}") from err

@@ -117,7 +117,7 @@ def test_train_resume_inspect_evaluate_and_plot(tmp_path, capsys):
     # Not a terminal: one progress line per iteration.
     progress = [line.split("|")[0].strip() for line in first.stdout.splitlines() if line.startswith("iter")]
     assert progress == ["iter    1", "iter    2"]
-    assert (run / "zarr.json").is_file()
+    assert (run / "checkpoint" / "zarr.json").is_file()  # the store, with metrics.jsonl beside it
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["training_iteration"] for r in rows] == [1, 2]
     steps_after_2 = rows[-1]["num_env_steps_sampled_lifetime"]
@@ -302,33 +302,102 @@ def test_progress_display_lines_and_live_mode():
     assert live.getvalue().count("\r") == 2 and live.getvalue().endswith("\ndone\n")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_sigterm_stops_training_with_a_checkpoint(tmp_path):
-    import signal
-    import time
+# ------------------------------------------------------------------- start-up time, output flags
+def test_importing_the_cli_does_not_import_torch_and_help_works():
+    # `dlearner --help` and bad flags must answer at once: torch, dask and the algorithms load inside commands.
+    probe = subprocess.run(
+        [sys.executable, "-c", "import dlearner.cli, sys; print('torch' in sys.modules, 'distributed' in sys.modules)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["False", "False"]
+    for args in (["--help"], ["train", "--help"]):
+        proc = dlearner(*args)
+        assert proc.returncode == 0, proc.stderr
+        assert "usage: dlearner" in proc.stdout
+    assert "--startup-timeout" in proc.stdout and "SIGTERM" in proc.stdout
 
-    run = tmp_path / "term"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([DLEARNER, "train", "--env", "CartPole-v1", "--checkpoint", str(run),
-                             "--checkpoint-every", "0", "--stop-iters", "100000", *FAST],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").is_file() or not read_metrics(run / "metrics.jsonl"):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
-    assert "Traceback" not in stderr
-    assert "interrupted" in stdout
-    done = read_metrics(run / "metrics.jsonl")[-1]["training_iteration"]
-    from dlearner.checkpoint import read_metadata
 
-    assert read_metadata(str(run))["counters"]["iteration"] == done  # saved on the way out
+def test_the_package_imports_its_public_names_lazily():
+    import dlearner
+
+    code = (
+        "import sys, dlearner; assert 'torch' not in sys.modules; "
+        "from dlearner import *; from dlearner import PPOConfig, Columns, LearnerGroup, DEFAULT_MODULE_ID; "
+        "import dlearner.checkpoint; print(sorted(dlearner.__all__) == sorted(n for n in dir(dlearner) if n in dlearner.__all__))"
+    )
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == "True"
+    for name in dlearner.__all__:
+        assert getattr(dlearner, name) is not None
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dlearner.no_such_name  # noqa: B018
+
+
+def test_quiet_and_verbose_set_what_is_shown(tmp_path, capsys):
+    args = ["train", "--env", "CartPole-v1", "--stop-iters", "1", "--metrics-file", str(tmp_path / "m.jsonl"), *FAST]
+    assert main(["-q", *args]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "iter" not in out.err  # no progress, no informational messages
+    assert main([*args, "--verbose"]) == 0
+    out = capsys.readouterr()
+    assert "iter    1" in out.out
+    import logging
+
+    # The logger is left as it was found (main() may run many times in one process).
+    assert not logging.getLogger("dlearner").handlers
+
+
+def test_startup_timeout_must_be_a_positive_number(capsys):
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["train", "--env", "CartPole-v1", "--startup-timeout", bad])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert "--startup-timeout" in err and "Traceback" not in err
+
+
+def test_a_failure_inside_training_exits_1_in_one_line_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    """Not a usage error: status 1 and the error's own one-line summary; --debug adds the traceback."""
+    from dlearner.algorithms.ppo import PPOConfig as Config
+
+    def broken_build(self):
+        raise RuntimeError("learner exploded\nsecond line of detail")
+
+    monkeypatch.setattr(Config, "build_algo", broken_build)
+    args = ["train", "--env", "CartPole-v1", "--stop-iters", "1", *FAST]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == \
+        "dlearner: error: RuntimeError: learner exploded  (--debug shows the full traceback)"
+    assert "Traceback" not in err and "second line" not in err
+    assert main([*args, "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "second line of detail" in err
+
+
+def test_run_folder_keeps_the_store_in_a_subfolder_and_commands_accept_either(tmp_path, capsys):
+    import warnings
+
+    import zarr
+
+    run = tmp_path / "layout"
+    assert main(["train", "--env", "CartPole-v1", "--num-learners", "0", "--num-env-runners", "0",
+                 "--stop-iters", "1", "--checkpoint", str(run), *FAST]) == 0
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "learning_curve.png", "metrics.jsonl"]
+    store = run / "checkpoint"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr warns about files in a store that are not Zarr nodes
+        assert list(zarr.open_group(str(store), mode="r").members(max_depth=None))
+
+    # --resume given the store itself: the metrics still go beside it, into the run folder.
+    assert main(["train", "--checkpoint", str(store), "--resume", "--stop-iters", "2"]) == 0
+    assert [r["training_iteration"] for r in read_metrics(run / "metrics.jsonl")] == [1, 2]
+    assert sorted(p.name for p in store.iterdir()) == ["versions", "zarr.json"]
+    capsys.readouterr()
+    for where in (run, store):
+        assert main(["inspect", str(where), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["metadata"]["counters"]["iteration"] == 2
+        assert main(["evaluate", str(where), "--episodes", "1", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["iteration"] == 2

@@ -9,9 +9,12 @@ one GPU, and trains on them::
 The scheduler runs in this process; workers in the SLURM jobs connect back to it. Each worker
 declares the Dask resource ``GPU=1`` (``worker_extra_args``) and each job asks SLURM for one GPU
 (``job_extra_directives``), so each learner (``num_gpus_per_learner=1``) gets its own worker and GPU.
-``make_cluster`` builds the cluster without submitting anything: ``cluster.job_script()`` shows the
-batch script each job would run (``python examples/hpc/jobqueue_slurm.py --print-job-script``).
-See docs/hpc.md.
+Each worker runs one thread (``--nthreads 1``: a learner per process, its torch ops use the job's
+cores through ``num_cpus_per_learner``) and starts with the ``python`` found on the compute node's
+PATH after the prologue (``--prologue 'source ~/venvs/dlearner/bin/activate'``), not with this
+process's interpreter path, which need not exist there. ``make_cluster`` builds the cluster without
+submitting anything: ``cluster.job_script()`` shows the batch script each job would run
+(``python examples/hpc/jobqueue_slurm.py --print-job-script``). See docs/hpc.md.
 """
 
 from __future__ import annotations
@@ -37,21 +40,31 @@ def make_cluster(
     dashboard_address: str = ":8787",
     job_extra_directives: Sequence[str] = (),
     job_script_prologue: Sequence[str] = (),
+    python: str = "python",
     **kwargs: Any,
 ) -> SLURMCluster:
-    """A ``SLURMCluster`` whose jobs each run one Dask worker with ``gpus_per_job`` GPUs.
+    """A ``SLURMCluster`` whose jobs each run one single-threaded Dask worker with ``gpus_per_job`` GPUs.
 
-    Nothing is submitted: call ``cluster.scale(jobs=N)`` for that. ``job_script_prologue`` lines run
-    before the worker starts (``module load ...``, ``source venv/bin/activate``); extra keyword
-    arguments go to ``SLURMCluster`` (e.g. ``interface="ib0"`` for the InfiniBand network).
+    Nothing is submitted: call ``cluster.scale(jobs=N)`` for that. ``cores`` is what each job asks
+    SLURM for (``--cpus-per-task``); the worker still runs one thread. ``job_script_prologue`` lines
+    run before the worker starts (``module load ...``, ``source venv/bin/activate``) and ``python`` is
+    the interpreter the job starts the worker with, looked up on the compute node's PATH after them
+    (dask-jobqueue's default would be this process's absolute path). Extra keyword arguments go to
+    ``SLURMCluster`` (e.g. ``interface="ib0"`` for the InfiniBand network).
     """
     if gpus_per_job < 1:
         raise ValueError(f"gpus_per_job must be >= 1, got {gpus_per_job}.")
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores}.")
     return SLURMCluster(
         queue=queue,
         account=account,
-        cores=cores,
+        # dask-jobqueue derives the worker's --nthreads from `cores`: 1 thread, one learner per process
+        # (as docs/hpc.md says); SLURM still gives the job `cores` CPUs through job_cpu.
+        cores=1,
+        job_cpu=cores,
         processes=1,  # one worker process per job: one learner per process and GPU
+        python=python,
         memory=memory,
         walltime=walltime,
         # SLURM's side: give the job its GPUs (some sites spell it --gpus-per-node or --gpus).
@@ -102,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 PPOConfig()
                 .environment(args.env)
                 .env_runners(num_env_runners=0, num_envs_per_env_runner=8)
-                .learners(num_learners=args.jobs, num_gpus_per_learner=1)
+                .learners(num_learners=args.jobs, num_gpus_per_learner=1, num_cpus_per_learner=args.cores)
                 .cluster(client=client)
             )
             with config.build_algo() as algo:

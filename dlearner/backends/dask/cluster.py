@@ -42,6 +42,9 @@ class ClusterConnection:
     cluster: Optional[LocalCluster]
     owns_client: bool
     description: str
+    #: URL of the dlearner page on the cluster's dashboard ("" without a dashboard, ``None`` if the
+    #: page could not be added).
+    dashboard_url: Optional[str] = None
 
     def close(self) -> None:
         """Close what this connection opened (its own client, an embedded cluster), nothing else."""
@@ -66,7 +69,7 @@ def connect(config: Any, num_workers: int) -> ClusterConnection:
     from dlearner.dashboard import register_dashboard
 
     try:
-        register_dashboard(connection.client)
+        connection.dashboard_url = register_dashboard(connection.client)
     except RuntimeError as err:
         # The page is an extra: training works without it, but say why it is missing.
         logger.warning("dlearner page not added to the Dask dashboard: %s", err)
@@ -87,25 +90,32 @@ def _open(config: Any, num_workers: int) -> ClusterConnection:
         if client.status not in ("running", "connecting", "newly-created"):
             raise LearnerGroupError(f"The Dask client given in .cluster(client=...) is {client.status!r}, not running.")
         return ClusterConnection(client, None, owns_client=False, description=f"client of {client.scheduler.address}")
-    if config.address is not None:
-        return _attach(dict(address=config.address), f"scheduler {config.address}", f"address={config.address!r}", timeout)
-    if config.scheduler_file is not None:
-        if not os.path.exists(config.scheduler_file):
-            raise FileNotFoundError(f"scheduler_file={config.scheduler_file!r} does not exist.")
-        return _attach(
-            dict(scheduler_file=config.scheduler_file),
-            f"scheduler file {config.scheduler_file}",
-            f"scheduler_file={config.scheduler_file!r}",
-            timeout,
-        )
+    if config.address is not None or config.scheduler_file is not None:
+        return attach(address=config.address, scheduler_file=config.scheduler_file, timeout_s=timeout)
     return _start_embedded_cluster(config, num_workers)
 
 
-def _attach(where: Dict[str, Any], description: str, named: str, timeout: float) -> ClusterConnection:
+def attach(*, address: Optional[str] = None, scheduler_file: Optional[str] = None, timeout_s: float = 30.0) -> ClusterConnection:
+    """A client of a running cluster, by scheduler ``address`` or ``scheduler_file`` (the one place
+    dlearner creates such a client: the LearnerGroup, the Algorithm and the command line all come here).
+
+    Raises ``FileNotFoundError`` for a missing scheduler file and :class:`LearnerGroupError` when the
+    scheduler cannot be reached within ``timeout_s``.
+    """
+    if address is not None:
+        where: Dict[str, Any] = dict(address=address)
+        description, named = f"scheduler {address}", f"address={address!r}"
+    elif scheduler_file is not None:
+        if not os.path.exists(scheduler_file):
+            raise FileNotFoundError(f"scheduler_file={scheduler_file!r} does not exist.")
+        where = dict(scheduler_file=scheduler_file)
+        description, named = f"scheduler file {scheduler_file}", f"scheduler_file={scheduler_file!r}"
+    else:
+        raise ValueError("attach() needs a scheduler address or a scheduler_file.")
     try:
-        client = Client(**where, set_as_default=_no_default_client(), timeout=timeout)
+        client = Client(**where, set_as_default=_no_default_client(), timeout=timeout_s)
     except (OSError, TimeoutError) as err:
-        raise LearnerGroupError(f"Cannot reach the Dask scheduler of {named} within {timeout:g} s: {err}") from err
+        raise LearnerGroupError(f"Cannot reach the Dask scheduler of {named} within {timeout_s:g} s: {err}") from err
     return ClusterConnection(client, None, owns_client=True, description=description)
 
 

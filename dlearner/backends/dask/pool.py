@@ -278,7 +278,7 @@ class DaskLearnerPool:
                     "config.fault_tolerance(restart_failed_learners=True)."
                 )
             )
-            logger.error(slot.died)
+            logger.warning(slot.died)
             if slot.future is not None:
                 slot.future.release()  # so the scheduler never re-creates the actor elsewhere
         if slot.death is not None and not slot.death.done():
