@@ -478,6 +478,17 @@ def _run_dir(path: str) -> Optional[Path]:
     return store.parent if store.name == RUN_STORE_DIRNAME else store
 
 
+def _committed_iteration(path: str, last_saved: int) -> Any:
+    """The iteration the checkpoint at ``path`` holds, read from the store: a save that failed after
+    its commit (a worker lost while it replied) has still written the newer one."""
+    try:
+        metadata = _checkpoint_metadata(path)
+    except (ValueError, OSError):
+        return last_saved
+    counters = (metadata or {}).get("counters") or {}
+    return counters.get("iteration", last_saved)
+
+
 def _checkpoint_metadata(path: str) -> Optional[Dict[str, Any]]:
     """The metadata of the checkpoint at ``path``, ``None`` if nothing is there.
 
@@ -694,7 +705,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             except Exception as err:
                 # Raised while training ran: exit status 1 with the error's summary (main), not a usage error.
                 if args.checkpoint and state.last_saved is not None and signals.phase != "start":
-                    print(f"dlearner: the checkpoint {args.checkpoint} holds iteration {state.last_saved}; continue "
+                    print(f"dlearner: the checkpoint {args.checkpoint} holds iteration "
+                          f"{_committed_iteration(args.checkpoint, state.last_saved)}; continue "
                           f"with: {_resume_command(args)}", file=sys.stderr)
                 raise TrainingFailed(err) from err
             progress.message(f"dlearner: stopped: {state.reason}")
