@@ -7,6 +7,7 @@ core class.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from typing import Any, Dict, List, Mapping, Optional
@@ -15,6 +16,8 @@ import numpy as np
 
 from dlearner.columns import TIMESTEP_KEY
 from dlearner.env_runner import EpisodeStats
+
+logger = logging.getLogger(__name__)
 
 
 class Algorithm:
@@ -38,6 +41,7 @@ class Algorithm:
         self.algo_id = uuid.uuid4().hex[:8]
         #: Name of this run on the dashboard page; ``None`` stops :meth:`train` from publishing there.
         self.dashboard_run_name: Optional[str] = f"{type(self).__name__.lower()}-{self.config.env}-{self.algo_id}"
+        self._dashboard_status: Optional[str] = None  # the last status told to the page
         self._connection = None
         self._learner_group = None
         self._env_runner_group = None
@@ -109,7 +113,13 @@ class Algorithm:
     def train(self) -> Dict[str, Any]:
         """One iteration: sample, update, sync weights. Returns a nested dict of plain numbers."""
         start = time.perf_counter()
-        learner_results, num_sampled = self.training_step()
+        if self._dashboard_status != "running":
+            self._publish_dashboard_status("running")
+        try:
+            learner_results, num_sampled = self.training_step()
+        except BaseException as err:
+            self._publish_dashboard_status("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
+            raise
         self.iteration += 1
         self.num_env_steps_sampled_lifetime += num_sampled
         for metrics in self.collect_episode_metrics():
@@ -139,6 +149,20 @@ class Algorithm:
 
             publish_metrics(self.client, self.dashboard_run_name, result)  # fire-and-forget
         return result
+
+    def _publish_dashboard_status(self, status: str, error: Optional[BaseException] = None) -> None:
+        """Tell the dashboard page this run is running / finished / failed / stopped (never raises:
+        the page is an extra). Final statuses wait briefly, since the client may close next."""
+        if self.client is None or self.dashboard_run_name is None:
+            return
+        from dlearner.dashboard import publish_status
+
+        self._dashboard_status = status
+        try:
+            publish_status(self.client, self.dashboard_run_name, status, error, algorithm=self,
+                           wait=status != "running", timeout_s=5)
+        except Exception as err:  # noqa: BLE001 - a lost scheduler must not hide the run's own outcome
+            logger.warning("Could not send the status of run %r to the dashboard: %s", self.dashboard_run_name, err)
 
     def training_step(self):
         """Sample, learn and sync once; returns ``(learner results, env steps sampled)``. Algorithms override."""
@@ -211,6 +235,8 @@ class Algorithm:
     def stop(self) -> None:
         """Stop env runners and learners, and close the embedded cluster if this algorithm started one.
         A cluster you attached to keeps running."""
+        if self._dashboard_status == "running":
+            self._publish_dashboard_status("finished")
         # Each step runs even if an earlier one raised (a lost worker): stop() always releases everything.
         env_runner_group, self._env_runner_group = self._env_runner_group, None
         learner_group, self._learner_group = self._learner_group, None

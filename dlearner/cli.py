@@ -46,7 +46,11 @@ __all__ = ["TRAINABLE_ALGORITHMS", "config_from_dict", "main"]
 #: Algorithms ``dlearner train --algo`` can train on an environment: name -> ``(module, config class)``,
 #: imported when a run starts. BC learns from a fixed dataset (offline), so it has no place here; add
 #: online algorithms as they are written. ``cli.TRAINABLE_ALGORITHMS`` gives name -> config class.
-_ALGORITHMS: Dict[str, Tuple[str, str]] = {"PPO": ("dlearner.algorithms", "PPOConfig")}
+_ALGORITHMS: Dict[str, Tuple[str, str]] = {
+    "PPO": ("dlearner.algorithms", "PPOConfig"),
+    "APPO": ("dlearner.algorithms", "APPOConfig"),
+    "IMPALA": ("dlearner.algorithms", "IMPALAConfig"),
+}
 
 
 def _algorithm_classes() -> Dict[str, Callable[[], "AlgorithmConfig"]]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Deque, Dict, List, Mapping, Optional
+from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -264,6 +264,20 @@ class EnvRunner:
         out[NEXT_VF_PREDS] = self._next_values(out, has_values)
         self.num_env_steps_sampled_lifetime += steps * num_envs
         return out
+
+    def sample_with_metrics(
+        self, num_timesteps: int, weights: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None
+    ) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
+        """Load ``weights`` (if given), :meth:`sample`, and return the fragment with :meth:`get_metrics`.
+
+        One call does what an asynchronous training loop needs from a runner between two fragments,
+        so new weights never wait for a separate message and episode statistics never need a call
+        of their own (IMPALA / APPO, through ``EnvRunnerGroup.sample_async``).
+        """
+        if weights is not None:
+            self.set_weights(weights)
+        fragment = self.sample(num_timesteps)
+        return fragment, self.get_metrics()
 
     def _cut_fragment(self, stacked: Dict[str, np.ndarray], valid: np.ndarray, steps: int) -> Dict[str, np.ndarray]:
         """The first ``steps`` valid rows of every sub-env (carried rows first); later ones are carried."""

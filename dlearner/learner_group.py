@@ -35,6 +35,7 @@ import numpy as np
 
 from dlearner.batch import MultiBatch, shard_batch, validate_batch
 from dlearner.columns import COMPONENT_LEARNER
+from dlearner.backends.local import first_value
 from dlearner.errors import LearnerDiedError
 from dlearner.learner import Learner, _validate_timesteps, batch_specs_for
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
@@ -400,6 +401,14 @@ class LearnerGroup:
         self._check_open()
         ids = None if module_ids is None else list(module_ids)
         return self._pool.call(_get_weights_op, [(ids,)], ranks=[self._first_live_rank()])[0]
+
+    def get_weights_async(self, module_ids: Optional[Sequence[str]] = None) -> concurrent.futures.Future:
+        """A ``concurrent.futures.Future`` of :meth:`get_weights`, read after every request already
+        sent (so the weights are exactly those after the last update sent) without waiting for them.
+        Async algorithms use it to broadcast weights while updates are in flight."""
+        self._check_open()
+        ids = None if module_ids is None else list(module_ids)
+        return first_value(self._pool.submit(_get_weights_op, [(ids,)], ranks=[self._first_live_rank()]))
 
     def set_weights(self, weights: Mapping[str, Mapping[str, Any]]) -> None:
         """Set module weights on every learner (optimizer state untouched)."""

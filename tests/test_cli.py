@@ -401,3 +401,17 @@ def test_run_folder_keeps_the_store_in_a_subfolder_and_commands_accept_either(tm
         assert json.loads(capsys.readouterr().out)["metadata"]["counters"]["iteration"] == 2
         assert main(["evaluate", str(where), "--episodes", "1", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["iteration"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["APPO", "IMPALA"])
+def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, algo):
+    run = tmp_path / algo.lower()
+    proc = dlearner("train", "--algo", algo, "--env", "CartPole-v1", "--stop-iters", "2", "--checkpoint", str(run),
+                    "--fcnet-hiddens", "16,16", "--seed", "0")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["training_iteration"] for r in rows] == [1, 2]
+    assert all("policy_lag_mean" in r and r["num_env_steps_dropped_lifetime"] == 0 for r in rows)
+    inspected = dlearner("inspect", str(run))
+    assert inspected.returncode == 0 and algo in inspected.stdout

@@ -1,6 +1,19 @@
 """Algorithms: each is a config plus a Learner subclass that overrides a few methods."""
 
+from dlearner.algorithms.appo import APPOConfig, APPOTorchLearner
 from dlearner.algorithms.bc import BCConfig, BCTorchLearner
+from dlearner.algorithms.impala import IMPALAConfig, IMPALATorchLearner, vtrace
 from dlearner.algorithms.ppo import PPOConfig, PPOTorchLearner, compute_gae
 
-__all__ = ["BCConfig", "BCTorchLearner", "PPOConfig", "PPOTorchLearner", "compute_gae"]
+__all__ = [
+    "APPOConfig",
+    "APPOTorchLearner",
+    "BCConfig",
+    "BCTorchLearner",
+    "IMPALAConfig",
+    "IMPALATorchLearner",
+    "PPOConfig",
+    "PPOTorchLearner",
+    "compute_gae",
+    "vtrace",
+]

@@ -22,7 +22,8 @@ Besides the losses each module reports two diagnostics, as RLlib, CleanRL and St
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -129,6 +130,19 @@ class PPOTorchLearner(TorchLearner):
         state = super().get_learner_state()
         state["curr_kl_coeffs"] = dict(self.curr_kl_coeffs)
         return state
+
+    def _check_learner_state(self, state) -> None:
+        super()._check_learner_state(state)
+        coeffs = state.get("curr_kl_coeffs", {})
+        if not isinstance(coeffs, Mapping):
+            raise ValueError(f"learner_state/curr_kl_coeffs must be a dict of module ids to numbers, got {type(coeffs).__name__}.")
+        unknown = sorted(set(coeffs) - set(self.curr_kl_coeffs))
+        if unknown:
+            raise ValueError(f"learner_state/curr_kl_coeffs names module(s) {unknown} this learner lacks.")
+        for mid, value in coeffs.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value) or value < 0:
+                raise ValueError(f"learner_state/curr_kl_coeffs/{mid} must be a finite number >= 0, got {value!r:.100}.")
 
     def set_learner_state(self, state) -> None:
         super().set_learner_state(state)

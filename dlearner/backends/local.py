@@ -58,7 +58,7 @@ class LocalLearnerPool:
 
     def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], **_: Any) -> Tuple[concurrent.futures.Future, concurrent.futures.Future]:
         pending = self.submit(target, args_per_rank)
-        return pending, _first_value(pending)
+        return pending, first_value(pending)
 
     def ensure_ready(self) -> None:
         pass
@@ -79,11 +79,15 @@ class LocalLearnerPool:
         self.learner = None
 
 
-def _first_value(future: concurrent.futures.Future) -> concurrent.futures.Future:
-    """A future of ``future.result()[0]``."""
+def first_value(future: concurrent.futures.Future) -> concurrent.futures.Future:
+    """A future of ``future.result()[0]`` (cancelled with it)."""
     out: concurrent.futures.Future = concurrent.futures.Future()
 
     def done(f: concurrent.futures.Future) -> None:
+        if f.cancelled():
+            out.cancel()
+            out.set_running_or_notify_cancel()
+            return
         error = f.exception()
         if error is not None:
             out.set_exception(error)

@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -32,6 +33,10 @@ from dlearner.collective import TorchCollective, form_process_group, open_store
 from dlearner.errors import LearnerGroupError, ProcessGroupError
 
 logger = logging.getLogger(__name__)
+
+#: Dask event topic where every rank logs how long each collective request (update) waited in its
+#: queue, ran, and spent in all-reduce calls: the dlearner dashboard shows where update time goes.
+TIMING_TOPIC = "dlearner-learner-timings"
 
 _HOSTED: Optional["weakref.ref[LearnerActor]"] = None
 _HOSTED_LOCK = threading.Lock()
@@ -188,8 +193,13 @@ class LearnerActor:
     async def run(self, seq: int, request: Request) -> Reply:
         """Run ``request`` as this learner's request number ``seq`` (>= 1); its typed reply."""
         published = self._published_future(seq) if request.publish else None
+        timing: Optional[Dict[str, Any]] = {} if request.collective else None
+        queued = time.perf_counter()
         try:
-            future = self._executor.submit(seq, lambda: self._execute(seq, request))
+            if timing is None:
+                future = self._executor.submit(seq, lambda: self._execute(seq, request))
+            else:
+                future = self._executor.submit(seq, lambda: self._execute_timed(seq, request, queued, timing))
         except RuntimeError as err:
             reply: Reply = self._failed(err)
         else:
@@ -199,6 +209,28 @@ class LearnerActor:
         if request.log_topic and isinstance(reply, Ok):
             # Training metrics for the dashboard / ``client.get_events(topic)``.
             self._worker.log_event(request.log_topic, {"learner": self.key, "request": seq, "result": reply.value})
+        if timing:
+            self._worker.log_event(TIMING_TOPIC, {
+                "group": self.group_id, "learner": self.key, "rank": self.rank, "world_size": self.world_size,
+                "worker": self.address, "request": seq, "ok": isinstance(reply, Ok), **timing,
+            })
+        return reply
+
+    def _execute_timed(self, seq: int, request: Request, queued: float, timing: Dict[str, Any]) -> Reply:
+        """:meth:`_execute`, noting into ``timing`` the seconds spent queued, running and in collectives."""
+        started = time.perf_counter()
+        collective = self._collective
+        in_collectives = collective.time_in_collectives_s if collective is not None else 0.0
+        reply = self._execute(seq, request)
+        timing["update_s"] = time.perf_counter() - started
+        timing["waiting_s"] = started - queued
+        timing["allreduce_s"] = collective.time_in_collectives_s - in_collectives if collective is not None else 0.0
+        timing["device"] = str(getattr(self.learner, "device", "")) or None
+        value = reply.value if isinstance(reply, Ok) else None
+        if isinstance(value, dict) and isinstance(value.get("__all_modules__"), dict):
+            # Rows trained in this update, summed over ranks (rank 0 returns it; others return None).
+            rows = value["__all_modules__"].get("num_env_steps_trained")
+            timing["rows"] = float(rows) if rows is not None else None
         return reply
 
     async def wait_published(self, seq: int) -> Reply:

@@ -65,9 +65,11 @@ def connect(config: Any, num_workers: int) -> ClusterConnection:
         print(connection.client.dashboard_link)
         connection.close()   # closes only what connect() opened
     """
-    connection = _open(config, num_workers)
+    # Imported before an embedded cluster starts: its scheduler then serves the page as a Bokeh
+    # application of its dashboard (see dlearner.dashboard.app).
     from dlearner.dashboard import register_dashboard
 
+    connection = _open(config, num_workers)
     try:
         connection.dashboard_url = register_dashboard(connection.client)
     except RuntimeError as err:

@@ -1,0 +1,310 @@
+"""The asynchronous training loop behind IMPALA's and APPO's ``algo.train()``.
+
+Three things run at once: the env runners sample rollout fragments, the learners update on earlier
+fragments, and the driver moves data between them::
+
+    env runners --(fragments)--> bounded queue --(train batches)--> learners (update_async)
+         ^                                                              |
+         +------ weights, every broadcast_interval updates -------------+
+
+* **Sampling never waits for learning.** Each env runner always has one ``sample_async`` request
+  in flight; when it returns, the next one goes out at once. Newer weights travel *with* that next
+  request (the runner loads them, then samples), so a broadcast never stops a runner.
+* **A bounded queue.** Fragments wait in the driver for the learners; at most
+  ``learner_queue_size`` train batches of them (counting fragments still being sampled). When it is
+  full, the next sample request waits: samples are never dropped to make room. Samples are only
+  discarded when a restore replaces the weights that sampled them, and then they are counted in
+  ``num_env_steps_dropped_lifetime``.
+* **Updates are futures.** A train batch goes to ``learner_group.update_async`` as soon as one is
+  ready and fewer than ``max_requests_in_flight_per_learner`` updates are in flight (so the learners
+  always have the next batch waiting). Rows are whole fragments, and with N learners a multiple of N
+  fragments, so every learner's shard is whole fragments (V-trace needs them in time order).
+* **Weights versions and policy lag.** The weights after ``k`` updates are version ``k``. After every
+  ``broadcast_interval``-th update request, the weights are fetched by a request queued on the
+  learners behind it (so they are exactly version ``k``, and fetching them never blocks the
+  driver). A fragment remembers the version its runner sampled with; when it is trained in update
+  ``u`` (the ``u``-th request, learning from the weights after ``u`` updates), its policy lag is ``u - version``.
+
+One ``train()`` call (:meth:`AsyncPipeline.run_iteration`) runs this loop until ``train_batch_size``
+new samples were trained on, or for ``min_time_s_per_iteration`` seconds when that is set, and
+returns the mean of its updates' results. Sample requests stay in flight between calls: the runners
+go on sampling while the caller looks at the results.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import time
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from dlearner.columns import ALL_MODULES, TIMESTEP_KEY, Columns
+from dlearner.env_runner import NEXT_VF_PREDS
+
+#: Columns of a fragment the IMPALA/APPO learners train on.
+TRAIN_COLUMNS = (
+    Columns.OBS, Columns.ACTIONS, Columns.ACTION_LOGP, Columns.REWARDS, Columns.TERMINATEDS, Columns.TRUNCATEDS,
+    NEXT_VF_PREDS,
+)
+
+
+@dataclasses.dataclass
+class _Fragment:
+    """One vector env's ``rollout_fragment_length`` consecutive steps, waiting for the learners."""
+
+    columns: Dict[str, np.ndarray]
+    weights_version: int
+
+
+@dataclasses.dataclass
+class _Update:
+    """An update request in flight."""
+
+    future: Any  # resolves to the reduced result dict (a distributed.Future for Dask learners)
+    done: concurrent.futures.Future  # set when ``future`` finished, whatever its kind
+    index: int  # the u-th request: it learns from the weights after u updates
+    rows: int
+    lags: np.ndarray  # policy lag of each fragment in it
+
+
+class AsyncPipeline:
+    """Env runners, a bounded queue and learner futures, run for IMPALA and APPO by :meth:`run_iteration`.
+
+    Built by the algorithm (``algo.pipeline``); works with any ``num_learners`` and ``num_env_runners``
+    (with 0 env runners the driver samples between looking after the learners' futures).
+    """
+
+    def __init__(self, algo: Any):
+        self.algo = algo
+        config = algo.config
+        self.config = config
+        self.fragment_length = int(config.rollout_fragment_length)
+        self.num_shards = max(1, int(config.num_learners))
+        self.steps_per_request = self.fragment_length * int(config.num_envs_per_env_runner)
+        # Whole fragments, a multiple of the learner count, at least train_batch_size rows.
+        fragments = -(-int(config.train_batch_size) // self.fragment_length)
+        self.fragments_per_batch = -(-fragments // self.num_shards) * self.num_shards
+        self.queue_capacity = int(config.learner_queue_size) * self.fragments_per_batch
+        self.max_updates_in_flight = config.resolved_max_requests_in_flight()
+
+        self._queue: Deque[_Fragment] = collections.deque()
+        self._sampling: Dict[Any, Tuple[int, int]] = {}  # sample future -> (runner index, weights version)
+        self._stale_samples: set = set()  # futures whose samples a restore made obsolete
+        self._runner_versions = [0] * algo.env_runner_group.num_runners
+        self._updates: Deque[_Update] = collections.deque()
+        self._weights_fetches: List[Tuple[Any, int]] = []
+        self._weights: Optional[Dict[str, Any]] = None
+        self._weights_version = 0
+        self._num_updates_requested = 0
+        self._sampled_this_iteration = 0
+
+        self._episode_metrics: List[Dict[str, Any]] = []
+        self._finished: List[Tuple[_Update, Dict[str, Any]]] = []  # updates finished outside an iteration
+        self.num_env_steps_dropped_lifetime = 0
+        self._iteration_stats: Dict[str, Any] = {}
+
+    # --------------------------------------------------------------------------- one iteration
+    def run_iteration(self) -> Tuple[Dict[str, Any], int]:
+        """Run the loop until ``train_batch_size`` new samples were trained on (or
+        ``min_time_s_per_iteration`` passed); returns ``(mean learner results, env steps sampled)``."""
+        start = time.perf_counter()
+        min_time = self.config.min_time_s_per_iteration
+        finished, self._finished = self._finished, []  # updates that save_to_path waited for
+        sampled = self._sampled_this_iteration = 0
+        queue_lengths: List[int] = []
+        while True:
+            new_samples_trained = sum(update.rows for update, _ in finished)
+            done_time = min_time is not None and time.perf_counter() - start >= min_time
+            done_samples = min_time is None and new_samples_trained >= self.config.train_batch_size
+            if (done_time or done_samples) and finished:
+                break
+            self._request_samples()
+            self._request_updates()
+            queue_lengths.append(len(self._queue))
+            for kind, payload in self._wait():
+                if kind == "sample":
+                    sampled += payload
+                    self._sampled_this_iteration = sampled
+                elif kind == "update":
+                    finished.append(payload)
+        elapsed = time.perf_counter() - start
+        results = [result for _, result in finished]
+        trained = sum(int(result[ALL_MODULES].get("num_env_steps_trained", 0)) for result in results)
+        all_lags = np.concatenate([update.lags for update, _ in finished])
+        self._iteration_stats = {
+            "policy_lag_mean": float(all_lags.mean()),
+            "policy_lag_max": int(all_lags.max()),
+            "num_env_steps_dropped_lifetime": self.num_env_steps_dropped_lifetime,
+            "num_env_steps_trained_throughput": trained / elapsed if elapsed > 0 else float("nan"),
+            "num_learner_updates": len(results),
+            "learner_queue_fragments_mean": float(np.mean(queue_lengths)) if queue_lengths else 0.0,
+            "weights_version": self._weights_version,
+        }
+        return mean_results(results), sampled
+
+    def iteration_results(self) -> Dict[str, Any]:
+        """Top-level result entries of the last iteration: policy lag, samples dropped, throughput."""
+        return dict(self._iteration_stats)
+
+    def pop_episode_metrics(self) -> List[Dict[str, Any]]:
+        """Episode statistics that arrived with fragments since the last call (one dict per fragment request)."""
+        metrics, self._episode_metrics = self._episode_metrics, []
+        return metrics
+
+    # ------------------------------------------------------------------------------- sampling
+    def _queued_and_sampling(self) -> int:
+        """Fragments in the queue plus those the requests in flight will bring."""
+        per_request = int(self.config.num_envs_per_env_runner)
+        return len(self._queue) + per_request * len(self._sampling)
+
+    def _request_samples(self) -> None:
+        """Give every idle runner a sample request, with the newest weights if it lacks them,
+        while the queue has room (a full queue makes sampling wait, never drop)."""
+        busy = {index for index, _ in self._sampling.values()}
+        group = self.algo.env_runner_group
+        for index in range(group.num_runners):
+            if index in busy:
+                continue
+            if self._queued_and_sampling() >= self.queue_capacity:
+                return  # full: this runner waits until the learners took a batch
+            weights = None
+            if self._weights is not None and self._runner_versions[index] < self._weights_version:
+                weights = self._weights
+                self._runner_versions[index] = self._weights_version
+            future = group.sample_async(index, self.steps_per_request, weights=weights)
+            self._sampling[future] = (index, self._runner_versions[index])
+
+    def _receive_sample(self, future: Any) -> int:
+        index, version = self._sampling.pop(future)
+        fragment, metrics = future.result()
+        self._episode_metrics.append(metrics)
+        rows = int(np.prod(fragment[Columns.REWARDS].shape))
+        if future in self._stale_samples:
+            self._stale_samples.discard(future)
+            self.num_env_steps_dropped_lifetime += rows
+            return 0
+        num_envs = fragment[Columns.REWARDS].shape[1]
+        for env in range(num_envs):
+            # Column [:, env] is one vector env's consecutive steps: one fragment.
+            self._queue.append(_Fragment({c: fragment[c][:, env] for c in TRAIN_COLUMNS}, version))
+        return rows
+
+    # -------------------------------------------------------------------------------- learning
+    def _request_updates(self) -> None:
+        while len(self._queue) >= self.fragments_per_batch and len(self._updates) < self.max_updates_in_flight:
+            fragments = [self._queue.popleft() for _ in range(self.fragments_per_batch)]
+            batch = {c: np.concatenate([f.columns[c] for f in fragments]) for c in TRAIN_COLUMNS}
+            index = self._num_updates_requested
+            lags = np.array([index - f.weights_version for f in fragments])
+            timesteps = {TIMESTEP_KEY: self.algo.num_env_steps_sampled_lifetime + self._sampled_this_iteration}
+            future = self.algo.learner_group.update_async(batch, timesteps=timesteps)
+            self._updates.append(_Update(future, _done_signal(future), index, len(batch[Columns.OBS]), lags))
+            self._num_updates_requested += 1
+            if self._num_updates_requested % int(self.config.broadcast_interval) == 0:
+                self._fetch_weights()
+
+    def _fetch_weights(self) -> None:
+        """Ask rank 0 for its weights, queued behind the update just sent: exactly version ``k``."""
+        # The request travels the learners' ordered request path, like update_async, so it never
+        # blocks this loop; LearnerGroup.get_weights would wait for every update in flight.
+        future = self.algo.learner_group.get_weights_async()
+        self._weights_fetches.append((future, self._num_updates_requested))
+
+    def _receive_update(self, update: _Update) -> Dict[str, Any]:
+        result = update.future.result()
+        self.algo.num_env_steps_trained_lifetime += int(result[ALL_MODULES].get("num_env_steps_trained", 0))
+        return result
+
+    # ---------------------------------------------------------------------------------- waiting
+    def _wait(self) -> List[Tuple[str, Any]]:
+        """Wait until a sample, an update or a weights fetch finished; handle everything finished."""
+        futures = list(self._sampling) + [u.done for u in self._updates] + [f for f, _ in self._weights_fetches]
+        if not futures:
+            raise RuntimeError("The async pipeline has nothing in flight; this is a bug in dlearner.")
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        events: List[Tuple[str, Any]] = []
+        for future, version in list(self._weights_fetches):
+            if future.done():
+                self._weights_fetches.remove((future, version))
+                weights = future.result()
+                if version > self._weights_version:
+                    self._weights, self._weights_version = weights, version
+        # Updates finish in the order they were sent.
+        while self._updates and self._updates[0].done.done():
+            update = self._updates.popleft()
+            events.append(("update", (update, self._receive_update(update))))
+        for future in [f for f in self._sampling if f.done()]:
+            events.append(("sample", self._receive_sample(future)))
+        return events
+
+    # --------------------------------------------------------------------- checkpoints and stop
+    def finish_updates(self) -> None:
+        """Wait for the updates in flight; their results go into the next iteration's results."""
+        while self._updates:
+            update = self._updates.popleft()
+            self._finished.append((update, self._receive_update(update)))
+        for future, version in self._weights_fetches:
+            weights = future.result()
+            if version > self._weights_version:
+                self._weights, self._weights_version = weights, version
+        self._weights_fetches = []
+
+    def reset_after_restore(self) -> None:
+        """After a restore replaced the weights: drop what the old weights sampled (counted as dropped)."""
+        self._finished = []
+        self.num_env_steps_dropped_lifetime += sum(int(np.prod(f.columns[Columns.REWARDS].shape)) for f in self._queue)
+        self._queue.clear()
+        self._stale_samples = set(self._sampling)
+        # The restore synced the restored weights to every runner: they count as the weights after
+        # every update so far (finish_updates ran first, so none is in flight).
+        self._weights = None
+        self._weights_version = self._num_updates_requested
+        self._runner_versions = [self._weights_version] * len(self._runner_versions)
+
+    def close(self) -> None:
+        """Let the updates in flight finish (at most ``max_requests_in_flight_per_learner``), then
+        forget the sample requests in flight (stopping the runners ends them)."""
+        try:
+            concurrent.futures.wait([u.done for u in self._updates])
+        except Exception:  # noqa: BLE001 - stopping must go on; the group's shutdown reports lost learners
+            pass
+        self._sampling.clear()
+        self._updates.clear()
+        self._weights_fetches = []
+        self._queue.clear()
+
+
+def _done_signal(future: Any) -> concurrent.futures.Future:
+    """A ``concurrent.futures.Future`` that finishes with ``future`` (a ``distributed.Future`` from
+    Dask learners, a ``concurrent.futures.Future`` from a local group), so one ``wait`` covers all kinds."""
+    if isinstance(future, concurrent.futures.Future):
+        return future
+    signal: concurrent.futures.Future = concurrent.futures.Future()
+    future.add_done_callback(lambda _: signal.set_result(None))
+    return signal
+
+
+def mean_results(results: List[Dict[str, Dict[str, Any]]]) -> Dict[str, Dict[str, Any]]:
+    """One result dict from several updates': counts (``num_*``) summed, lifetime counters and
+    learning rates as of the last update, everything else averaged."""
+    if not results:
+        return {}
+    out: Dict[str, Dict[str, Any]] = {}
+    for result in results:
+        for mid, metrics in result.items():
+            for name, value in metrics.items():
+                out.setdefault(mid, {}).setdefault(name, []).append(value)
+    merged: Dict[str, Dict[str, Any]] = {}
+    for mid, metrics in out.items():
+        merged[mid] = {}
+        for name, values in metrics.items():
+            if name.endswith("_lifetime") or name.endswith("_learning_rate") or name.startswith("curr_"):
+                merged[mid][name] = values[-1]
+            elif name.startswith("num_"):
+                merged[mid][name] = sum(values)
+            else:
+                merged[mid][name] = float(np.mean(values))
+    return merged
