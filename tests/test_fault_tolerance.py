@@ -215,3 +215,28 @@ def test_without_fault_tolerance_every_update_async_future_in_flight_fails_withi
                 future.result(timeout=60)
         assert time.monotonic() - started < 10
     wait_for_workers(client, 3)
+
+
+def test_a_lost_env_runner_of_an_asynchronous_algorithm_is_replaced_while_sampling_goes_on(client):
+    from dlearner import APPOConfig
+
+    config = (
+        APPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=1)
+        .learners(num_learners=1, learner_startup_timeout_s=30)
+        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .fault_tolerance(restart_failed_env_runners=True)
+        .cluster(client=client)
+    )
+    algo = config.build_algo()
+    try:
+        algo.train()
+        kill_worker(client, env_runner_worker(algo))
+        result = algo.train()
+        result = algo.train()
+        assert result["num_env_runner_restarts"] == 1 and result["num_healthy_env_runners"] == 1
+        assert result["num_env_steps_lost"] > 0
+    finally:
+        algo.stop()
+    wait_for_workers(client, 3)

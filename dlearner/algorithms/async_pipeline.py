@@ -43,6 +43,7 @@ import numpy as np
 
 from dlearner.columns import ALL_MODULES, TIMESTEP_KEY, Columns
 from dlearner.env_runner import NEXT_VF_PREDS
+from dlearner.errors import EnvRunnerDiedError
 
 #: Columns of a fragment the IMPALA/APPO learners train on.
 TRAIN_COLUMNS = (
@@ -179,7 +180,15 @@ class AsyncPipeline:
 
     def _receive_sample(self, future: Any) -> int:
         index, version = self._sampling.pop(future)
-        fragment, metrics = future.result()
+        try:
+            fragment, metrics = future.result()
+        except EnvRunnerDiedError as err:
+            # With restart_failed_env_runners a replacement takes over (its lost steps are counted);
+            # it gets the current weights with its first request.
+            self.algo.env_runner_group.replace_lost(err, self.steps_per_request)
+            self._stale_samples.discard(future)
+            self._runner_versions[index] = -1
+            return 0
         self._episode_metrics.append(metrics)
         rows = int(np.prod(fragment[Columns.REWARDS].shape))
         if future in self._stale_samples:

@@ -111,6 +111,10 @@ class EnvRunnerGroup(Protocol):
     def sync_weights(self, weights: Any) -> None:
         """Give every runner the learners' current module weights."""
 
+    def replace_lost(self, err: BaseException, lost_env_steps: int = 0) -> None:
+        """After ``err`` from a lost runner: replace it (``restart_failed_env_runners``), counting the
+        env steps it was sampling as lost; otherwise raise ``err``."""
+
     def get_metrics(self) -> List[Dict[str, Any]]:
         """Each runner's episode statistics since the last call."""
 

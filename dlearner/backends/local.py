@@ -129,6 +129,9 @@ class LocalEnvRunnerGroup:
     def sync_weights(self, weights: Any) -> None:
         self.runners[0].set_weights(weights)
 
+    def replace_lost(self, err: BaseException, lost_env_steps: int = 0) -> None:
+        raise err  # a runner in this process is never lost on its own
+
     def get_metrics(self) -> List[Dict[str, Any]]:
         return [self.runners[0].get_metrics()]
 

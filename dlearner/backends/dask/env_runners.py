@@ -23,6 +23,17 @@ from dlearner.errors import ClusterResourceError, EnvRunnerDiedError
 logger = logging.getLogger(__name__)
 
 
+def _runner_died(index: int, key: str, address: str, err: BaseException, method: str) -> EnvRunnerDiedError:
+    died = EnvRunnerDiedError(
+        f"Env runner {index} ({key}) on Dask worker {address} is gone ({err!r}) while calling {method}. "
+        "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
+        "or algo.restore_from_path in a new Algorithm), or enable "
+        "config.fault_tolerance(restart_failed_env_runners=True)."
+    )
+    died.runner_index = index
+    return died
+
+
 def env_runner_actor_key(index: int, run_id: str) -> str:
     """Dashboard-readable key of an env-runner actor: ``env-runner-<index>-<run id>``."""
     return f"env-runner-{index}-{run_id}"
@@ -104,13 +115,18 @@ class DaskEnvRunnerGroup:
         try:
             return self._call_all(method, args_per_runner)
         except EnvRunnerDiedError as err:
-            if not self._restart or err.runner_index is None:
-                raise
-            index = err.runner_index
-            self._replace(index, err)
-            if method == "sample":
-                self.num_env_steps_lost += int(args_per_runner[index][0])  # type: ignore[index]
+            lost = int(args_per_runner[err.runner_index][0]) if method == "sample" and err.runner_index is not None else 0  # type: ignore[index]
+            self.replace_lost(err, lost)
             return self._call_all(method, args_per_runner)
+
+    def replace_lost(self, err: EnvRunnerDiedError, lost_env_steps: int = 0) -> None:
+        """After ``err`` from a lost runner: with ``restart_failed_env_runners``, a replacement starts
+        on a live worker with the last synced weights and ``lost_env_steps`` (what the lost runner
+        was sampling) are counted in :attr:`num_env_steps_lost`; otherwise ``err`` is raised."""
+        if not self._restart or err.runner_index is None:
+            raise err
+        self._replace(err.runner_index, err)
+        self.num_env_steps_lost += int(lost_env_steps)
 
     def _call_all(self, method: str, args_per_runner: Sequence[Optional[tuple]]) -> List[Any]:
         client = self.connection.client
@@ -122,14 +138,7 @@ class DaskEnvRunnerGroup:
             try:
                 return await call_actor(worker_rpc(client, address), key, method, args)
             except UNREACHABLE + (ActorMissing,) as err:
-                died = EnvRunnerDiedError(
-                    f"Env runner {index} ({key}) on Dask worker {address} is gone ({err!r}) while calling {method}. "
-                    "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
-                    "or algo.restore_from_path in a new Algorithm), or enable "
-                    "config.fault_tolerance(restart_failed_env_runners=True)."
-                )
-                died.runner_index = index
-                raise died from err
+                raise _runner_died(index, key, address, err, method) from err
 
         async def every() -> List[Any]:
             return list(await asyncio.gather(*(one(i, args) for i, args in enumerate(args_per_runner))))
@@ -157,13 +166,7 @@ class DaskEnvRunnerGroup:
             try:
                 return await call_actor(worker_rpc(client, address), key, "sample_with_metrics", (num_timesteps, weights))
             except UNREACHABLE + (ActorMissing,) as err:
-                died = EnvRunnerDiedError(
-                    f"Env runner {index} ({key}) on Dask worker {address} is gone ({err!r}) while sampling. "
-                    "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
-                    "or algo.restore_from_path in a new Algorithm)."
-                )
-                died.runner_index = index
-                raise died from err
+                raise _runner_died(index, key, address, err, "sample_with_metrics") from err
 
         return asyncio.run_coroutine_threadsafe(one(), client.loop.asyncio_loop)
 
