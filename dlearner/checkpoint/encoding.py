@@ -25,6 +25,14 @@ import numpy as np
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 
+from dlearner.checkpoint.limits import (
+    MAX_ARRAY_BYTES,
+    MAX_ARRAY_NDIM,
+    MAX_JSON_DEPTH,
+    MAX_KEY_CHARS,
+    MAX_MANIFEST_NODES,
+)
+
 ZARR_JSON = "zarr.json"
 """Name of the metadata document of every Zarr v3 group and array."""
 
@@ -38,6 +46,8 @@ _MAX_NAME_CHARS = 200  # file systems limit one path component to 255 bytes
 _TRUNCATED_PREFIX_CHARS = 150
 _MAX_EXACT_JSON_INT = 2**53 - 1  # larger ints are stored as strings so non-Python readers stay exact
 _ARRAY_KINDS = frozenset("biufc")  # bool, signed, unsigned, float, complex
+# numpy's dtype.str of the kinds above: byte order, kind, item size ("<f4", "|b1", ">i8", "<c16").
+_DTYPE_STR = re.compile(r"[<>|][biufc][0-9]{1,2}")
 
 __all__ = [
     "CORRUPTED",
@@ -50,6 +60,8 @@ __all__ = [
     "Manifest",
     "array_template",
     "build_tree",
+    "check_array_metadata",
+    "check_json_document",
     "decode_chunk",
     "decode_json",
     "dimension_names",
@@ -58,6 +70,7 @@ __all__ = [
     "encode_key",
     "group_doc",
     "json_bytes",
+    "parse_json_document",
     "parse_manifest",
     "plan_save",
     "where_keys",
@@ -176,6 +189,62 @@ def _decode_tag(tag: str, payload: Any, where: str) -> Any:
     raise InvalidCheckpointError(f"{where}: unknown tagged JSON value {tag!r}; {CORRUPTED}")
 
 
+# Bytes that are not JSON structure: deleting them, escapes and strings leaves only brackets.
+_NOT_STRUCTURAL = bytes(b for b in range(256) if b not in b'"[]{}')
+
+
+def parse_json_document(raw: bytes, name: str, max_bytes: int) -> Any:
+    """``raw`` (UTF-8 JSON) parsed, within the limits for untrusted documents.
+
+    ``name`` names the document in messages (the store and the file). Raises
+    :class:`InvalidCheckpointError` for a document over ``max_bytes``, nested deeper than
+    :data:`~dlearner.checkpoint.limits.MAX_JSON_DEPTH`, or not valid UTF-8 JSON.
+    """
+    if len(raw) > max_bytes:
+        raise InvalidCheckpointError(
+            f"{name} has {len(raw)} bytes, more than the limit of {max_bytes} for this document; {CORRUPTED}"
+        )
+    try:
+        # Decoded here, not by json: json.loads also guesses UTF-16/32 from bytes, and the nesting
+        # check below reads the bytes as UTF-8.
+        doc = json.loads(raw.decode("utf-8"))
+    except RecursionError as exc:
+        # Far deeper than MAX_JSON_DEPTH: Python's parser gave up before we could count.
+        raise InvalidCheckpointError(
+            f"{name} nests lists and objects deeper than the limit of {MAX_JSON_DEPTH} (MAX_JSON_DEPTH); {CORRUPTED}"
+        ) from exc
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, integers over 4300 digits
+        raise InvalidCheckpointError(f"{name} is not valid JSON ({exc}); {CORRUPTED}") from exc
+    check_json_document(raw, name)
+    return doc
+
+
+def check_json_document(raw: bytes, name: str) -> None:
+    """Raise :class:`InvalidCheckpointError` if the valid JSON ``raw`` nests deeper than MAX_JSON_DEPTH."""
+    depth = json_nesting_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise InvalidCheckpointError(
+            f"{name} nests lists and objects {depth} levels deep, more than the limit of {MAX_JSON_DEPTH} "
+            f"(MAX_JSON_DEPTH); {CORRUPTED}"
+        )
+
+
+def json_nesting_depth(raw: bytes) -> int:
+    """How deep lists and objects nest in the *valid* UTF-8 JSON ``raw``, without recursion.
+
+    Linear and in C: escaped backslashes and quotes go first (a backslash outside an escape pair
+    starts one), then every byte that is not a quote or bracket, then what lies between quotes.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the limit; the exact depth is not needed
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURAL)
+    brackets = np.frombuffer(b"".join(text.split(b'"')[::2]), np.uint8)
+    if not brackets.size:
+        return 0
+    # "[" and "{" have bit 0x02 set, "]" and "}" do not: +1 and -1.
+    return int(np.cumsum((brackets & 2).astype(np.int32) - 1).max())
+
+
 def _unsupported_type_message(value: Any, where: str) -> str:
     module = type(value).__module__
     if module.startswith("torch"):
@@ -233,10 +302,14 @@ class ArrayLeaf:
     shape: tuple[int, ...]
     numpy_scalar: bool  # restore as a numpy scalar rather than a 0-d array
     array: np.ndarray | None = None  # the data, when saving
+    # CRC32C of the chunk's data, kept in the manifest too: the chunk's own checksum proves it is
+    # intact, this one that it is this array's (not another array's of the same shape, moved here).
+    # None for arrays without elements, and in checkpoints written before it was recorded.
+    crc32c: int | None = None
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
     @property
     def signature(self) -> tuple[int, str]:
@@ -245,8 +318,12 @@ class ArrayLeaf:
 
     def to_json(self) -> dict[str, Any]:
         if self.numpy_scalar:
-            return {"type": "numpy_scalar", "node": self.node, "dtype": self.dtype.str}
-        return {"type": "array", "node": self.node, "dtype": self.dtype.str, "shape": list(self.shape)}
+            doc = {"type": "numpy_scalar", "node": self.node, "dtype": self.dtype.str}
+        else:
+            doc = {"type": "array", "node": self.node, "dtype": self.dtype.str, "shape": list(self.shape)}
+        if self.crc32c is not None:
+            doc["crc32c"] = self.crc32c
+        return doc
 
 
 @dataclass
@@ -322,6 +399,11 @@ def _plan_dict(tree: dict[str, Any], node: str, where: tuple[str, ...]) -> DictN
             )
         if not key:
             raise ValueError(f"empty tree key at {where_keys(where)}: keys must be non-empty strings")
+        if len(key) > MAX_KEY_CHARS:
+            raise ValueError(
+                f"tree key of {len(key)} characters at {where_keys(where)}: keys are limited to "
+                f"{MAX_KEY_CHARS} characters (MAX_KEY_CHARS)"
+            )
         keys = (*where, key)
         child_where = where_keys(keys)
         if isinstance(value, dict):
@@ -341,6 +423,7 @@ def _plan_dict(tree: dict[str, Any], node: str, where: tuple[str, ...]) -> DictN
                 shape=tuple(int(d) for d in value.shape),
                 numpy_scalar=False,
                 array=value,
+                crc32c=_data_crc32c(value),
             )
         elif isinstance(value, np.generic):
             _check_array_dtype(value.dtype, child_where)
@@ -350,6 +433,7 @@ def _plan_dict(tree: dict[str, Any], node: str, where: tuple[str, ...]) -> DictN
                 shape=(),
                 numpy_scalar=True,
                 array=np.asarray(value),
+                crc32c=_data_crc32c(np.asarray(value)),
             )
         else:
             child = JsonLeaf(encode_json(value, child_where))
@@ -384,6 +468,8 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
     def bad(msg: str) -> InvalidCheckpointError:
         return InvalidCheckpointError(f"{where}: malformed manifest ({msg}); {CORRUPTED}")
 
+    num_nodes = 0
+
     def node_path(raw: Any, *, root: bool = False) -> str:
         if root and raw == "":
             return ""
@@ -394,6 +480,13 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
         return raw
 
     def parse(obj: Any, *, root: bool = False) -> DictNode | ArrayLeaf | JsonLeaf:
+        nonlocal num_nodes
+        num_nodes += 1
+        if num_nodes > MAX_MANIFEST_NODES:
+            raise InvalidCheckpointError(
+                f"{where}: the manifest lists more than {MAX_MANIFEST_NODES} nodes (MAX_MANIFEST_NODES); "
+                "refusing to read it"
+            )
         if not isinstance(obj, dict) or "type" not in obj:
             raise bad(f"expected a node object, got {obj!r:.80}")
         kind = obj["type"]
@@ -408,14 +501,35 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
                 node.items.append((item[0], parse(item[1])))
             return node
         if kind in ("array", "numpy_scalar"):
+            raw_dtype = obj.get("dtype")
+            raw_shape = [] if kind == "numpy_scalar" else obj.get("shape")
+            # Only the dtype strings dlearner writes (numpy's dtype.str of bool and numeric types):
+            # np.dtype() of arbitrary JSON could build structured or object dtypes.
+            if not (isinstance(raw_dtype, str) and _DTYPE_STR.fullmatch(raw_dtype)):
+                raise bad(f"array node {obj!r:.80}: invalid dtype {raw_dtype!r:.40}")
+            if not (
+                isinstance(raw_shape, list)
+                and len(raw_shape) <= MAX_ARRAY_NDIM
+                and all(type(d) is int and d >= 0 for d in raw_shape)
+            ):
+                raise bad(f"array node {obj!r:.80}: invalid shape (at most {MAX_ARRAY_NDIM} axes of ints >= 0)")
             try:
-                dtype = np.dtype(obj["dtype"])
-                shape = () if kind == "numpy_scalar" else tuple(obj["shape"])
-            except (KeyError, TypeError) as exc:
+                dtype = np.dtype(raw_dtype)
+            except TypeError as exc:
                 raise bad(f"array node {obj!r:.80}: {exc}") from exc
-            if dtype.kind not in _ARRAY_KINDS or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise bad(f"array node with dtype {dtype} and shape {shape}")
-            return ArrayLeaf(node_path(obj.get("node")), dtype, shape, kind == "numpy_scalar")
+            if dtype.kind not in _ARRAY_KINDS or dtype.str != raw_dtype:
+                raise bad(f"array node with dtype {raw_dtype!r}")
+            shape = tuple(raw_shape)
+            crc = obj.get("crc32c")
+            if crc is not None and not (type(crc) is int and 0 <= crc < 2**32):
+                raise bad(f"array node {obj!r:.80}: invalid crc32c {crc!r:.40}")
+            leaf = ArrayLeaf(node_path(obj.get("node")), dtype, shape, kind == "numpy_scalar", crc32c=crc)
+            if leaf.nbytes > MAX_ARRAY_BYTES:
+                raise InvalidCheckpointError(
+                    f"{where}: array {leaf.node} declares {leaf.nbytes} bytes ({dtype} {shape}), more than "
+                    f"the limit of {MAX_ARRAY_BYTES} (MAX_ARRAY_BYTES); {CORRUPTED}"
+                )
+            return leaf
         if kind == "json":
             if "value" not in obj:
                 raise bad("json node without a value")
@@ -558,10 +672,61 @@ def group_doc(attributes: dict[str, Any], *, indent: int | None = None) -> bytes
     return json_bytes({**_group_template(), "attributes": attributes}, indent=indent)
 
 
-def encode_chunk(array: np.ndarray) -> list[Any]:
-    """The chunk as parts: raw little-endian C-order bytes, then their CRC32C (little-endian)."""
-    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
-    return [data, google_crc32c.value(data).to_bytes(4, "little")]
+def check_array_metadata(meta: Any, expected: dict[str, Any], name: str) -> None:
+    """Raise :class:`InvalidCheckpointError` unless ``meta`` is what dlearner writes for this array.
+
+    ``expected`` is :meth:`ArrayTemplate.doc_for` of the manifest's shape. Attributes and dimension
+    names play no part in decoding and are ignored (checkpoints written before dimension names
+    existed have none); an absent ``storage_transformers`` means none, as in the Zarr v3 spec. Any
+    other difference (data type, shape, chunk grid, chunk key encoding, fill value, codecs such as
+    compression) is refused rather than decoded some other way: dlearner reads its own encoding
+    only, so a missing chunk can never be replaced by a fill value and nothing is decompressed.
+    """
+    if not isinstance(meta, dict):
+        raise InvalidCheckpointError(f"{name} is not a JSON object; {CORRUPTED}")
+    got = {k: v for k, v in meta.items() if k not in ("attributes", "dimension_names")}
+    got.setdefault("storage_transformers", [])
+    expected = {"storage_transformers": [], **expected}
+    if got == expected:
+        return
+    if got.get("shape") != expected["shape"] or got.get("data_type") != expected["data_type"]:
+        raise InvalidCheckpointError(
+            f"{name} has shape {got.get('shape')!r:.80} and data type {got.get('data_type')!r:.40}, but the "
+            f"manifest says {expected['shape']} and {expected['data_type']!r}; {CORRUPTED}"
+        )
+    differs = sorted(k for k in set(got) | set(expected) if got.get(k, _MISSING) != expected.get(k, _MISSING))
+    shown = ", ".join(f"{k} {_short_json(got.get(k))} instead of {_short_json(expected.get(k))}" for k in differs)
+    raise InvalidCheckpointError(
+        f"{name} is not encoded the way dlearner writes arrays ({shown}); dlearner reads only its own "
+        f"encoding (one uncompressed chunk, fill value 0, bytes + crc32c codecs), never another one "
+        f"that could fill in missing data; {CORRUPTED}"
+    )
+
+
+_MISSING = object()
+
+
+def _short_json(value: Any, limit: int = 100) -> str:
+    text = "(absent)" if value is None else json.dumps(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _chunk_data(array: np.ndarray) -> np.ndarray:
+    """The raw little-endian C-order bytes of ``array`` (a view where it already is so)."""
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
+
+
+def _data_crc32c(array: np.ndarray) -> int | None:
+    return google_crc32c.value(_chunk_data(array)) if array.size else None
+
+
+def encode_chunk(array: np.ndarray, crc32c: int | None = None) -> list[Any]:
+    """The chunk as parts: raw little-endian C-order bytes, then their CRC32C (little-endian).
+
+    ``crc32c``, when given, is the data's checksum computed earlier (by :func:`plan_save`).
+    """
+    data = _chunk_data(array)
+    return [data, (google_crc32c.value(data) if crc32c is None else crc32c).to_bytes(4, "little")]
 
 
 def decode_chunk(raw: bytes, leaf: ArrayLeaf, where: str) -> np.ndarray:
@@ -572,8 +737,14 @@ def decode_chunk(raw: bytes, leaf: ArrayLeaf, where: str) -> np.ndarray:
             f"{leaf.dtype} {leaf.shape}; {CORRUPTED}"
         )
     data = np.frombuffer(raw, dtype=np.uint8)[:-4]  # no copy; google_crc32c takes numpy buffers
-    if google_crc32c.value(data) != int.from_bytes(raw[-4:], "little"):
+    crc = int.from_bytes(raw[-4:], "little")
+    if google_crc32c.value(data) != crc:
         raise InvalidCheckpointError(f"{where}: checksum mismatch in array data; {CORRUPTED}")
+    if leaf.crc32c is not None and crc != leaf.crc32c:
+        raise InvalidCheckpointError(
+            f"{where}: the array data is intact but is not the data saved for this array (its checksum "
+            f"differs from the manifest's; moved from another array?); {CORRUPTED}"
+        )
     # astype copies, so the result is writable and owns its memory rather than viewing the bytes read.
     le_view = data.view(leaf.dtype.newbyteorder("<")).reshape(leaf.shape)
     return le_view.astype(leaf.dtype, copy=True)

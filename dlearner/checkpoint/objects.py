@@ -87,7 +87,19 @@ def load_learner_state(path, *, storage_options: Optional[dict] = None) -> Tuple
             f"{path} is a dlearner {metadata.get('kind')!r} checkpoint, which holds no learner state; "
             f"a learner restores from one of {list(_LEARNER_KINDS)}."
         )
-    return tree[COMPONENT_LEARNER], metadata
+    _stored_module_specs(metadata, path)
+    state = tree.get(COMPONENT_LEARNER)
+    if not isinstance(state, dict):
+        raise ValueError(f"Checkpoint {path} has no {COMPONENT_LEARNER!r} state (found {sorted(tree)}); it is corrupted.")
+    return state, metadata
+
+
+def _stored_module_specs(metadata: Mapping[str, Any], path) -> Dict[str, Dict[str, Any]]:
+    """``metadata["module_specs"]``, checked to be a dict of spec dicts (a store is untrusted data)."""
+    specs = metadata.get("module_specs")
+    if not isinstance(specs, dict) or not all(isinstance(s, dict) for s in specs.values()):
+        raise ValueError(f"Checkpoint {path} has no valid module_specs in its metadata; it is corrupted.")
+    return specs
 
 
 def load_learner_group_state(path, *, storage_options: Optional[dict] = None) -> Dict[str, Any]:
@@ -99,6 +111,8 @@ def load_learner_group_state(path, *, storage_options: Optional[dict] = None) ->
 def check_module_specs(stored: Mapping[str, Any], current: MultiRLModuleSpec, path) -> None:
     """Raise ``ValueError`` saying how the stored modules differ from the target's."""
     ours = module_specs_json(current)
+    if not isinstance(stored, Mapping) or not all(isinstance(s, Mapping) for s in stored.values()):
+        raise ValueError(f"Checkpoint {path} has no valid module_specs in its metadata; it is corrupted.")
     if set(stored) != set(ours):
         raise ValueError(
             f"Checkpoint {path} has modules {sorted(stored)} but the target has {sorted(ours)}."
@@ -115,7 +129,7 @@ def check_module_specs(stored: Mapping[str, Any], current: MultiRLModuleSpec, pa
 def restore_learner(learner, path, *, storage_options: Optional[dict] = None) -> None:
     """Restore a learner from any checkpoint holding learner state; nothing changes on error."""
     state, metadata = load_learner_state(path, storage_options=storage_options)
-    check_module_specs(metadata["module_specs"], learner.module_spec, path)
+    check_module_specs(_stored_module_specs(metadata, path), learner.module_spec, path)
     learner.set_state(state)
 
 
@@ -124,20 +138,20 @@ def module_from_checkpoint(path, *, module_id: str = DEFAULT_MODULE_ID, storage_
                            trusted_classes: Iterable[type] = ()) -> RLModule:
     """Rebuild one module with its weights from any dlearner checkpoint (module, learner, group, algorithm)."""
     tree, metadata = load_state_tree(path, storage_options=storage_options)
-    specs = metadata.get("module_specs") or {}
+    specs = _stored_module_specs(metadata, path)
     if module_id not in specs:
         raise ValueError(f"Checkpoint {path} has no module {module_id!r}; it has {sorted(specs)}.")
     spec_json = specs[module_id]
     spec = RLModuleSpec.from_json(spec_json, module_class=import_dlearner_class(spec_json["module_class"], "module", trusted_classes))
     module = spec.build()
-    module.set_state(_module_weights(tree, metadata, module_id))
+    module.set_state(_module_weights(tree, metadata, module_id, path))
     return module
 
 
 def restore_module(module: RLModule, path, *, storage_options: Optional[dict] = None, module_id: Optional[str] = None) -> None:
     """Load weights into an existing module (architecture must match)."""
     tree, metadata = load_state_tree(path, storage_options=storage_options)
-    specs = metadata.get("module_specs") or {}
+    specs = _stored_module_specs(metadata, path)
     if module_id is None:
         if len(specs) != 1:
             raise ValueError(f"Checkpoint {path} holds modules {sorted(specs)}; pass module_id= to pick one.")
@@ -145,13 +159,19 @@ def restore_module(module: RLModule, path, *, storage_options: Optional[dict] = 
     if module_id not in specs:
         raise ValueError(f"Checkpoint {path} has no module {module_id!r}; it has {sorted(specs)}.")
     check_module_specs({module_id: specs[module_id]}, MultiRLModuleSpec(rl_module_specs={module_id: module.get_spec()}), path)
-    module.set_state(_module_weights(tree, metadata, module_id))
+    module.set_state(_module_weights(tree, metadata, module_id, path))
 
 
-def _module_weights(tree: Mapping[str, Any], metadata: Mapping[str, Any], module_id: str) -> Dict[str, np.ndarray]:
-    if metadata.get("kind") == KIND_MODULE:
-        return tree[COMPONENT_RL_MODULE][module_id]
-    return tree[COMPONENT_LEARNER][COMPONENT_RL_MODULE][module_id]
+def _module_weights(tree: Mapping[str, Any], metadata: Mapping[str, Any], module_id: str, path) -> Dict[str, np.ndarray]:
+    keys = (COMPONENT_RL_MODULE, module_id) if metadata.get("kind") == KIND_MODULE else (COMPONENT_LEARNER, COMPONENT_RL_MODULE, module_id)
+    node: Any = tree
+    for key in keys:
+        if not isinstance(node, dict) or key not in node:
+            raise ValueError(f"Checkpoint {path} has no weights at {'/'.join(keys)!r}; it is corrupted.")
+        node = node[key]
+    if not isinstance(node, dict) or not all(isinstance(v, np.ndarray) for v in node.values()):
+        raise ValueError(f"Checkpoint {path} has no weight arrays at {'/'.join(keys)!r}; it is corrupted.")
+    return node
 
 
 # -------------------------------------------------------------------------------------- algorithm
@@ -177,7 +197,9 @@ def restore_algorithm(algo, path, *, storage_options: Optional[dict] = None) -> 
     metadata = read_metadata(path, storage_options=storage_options)
     if metadata.get("kind") != KIND_ALGORITHM:
         raise ValueError(f"{path} is a dlearner {metadata.get('kind')!r} checkpoint, not an Algorithm checkpoint.")
-    check_module_specs(metadata["module_specs"], algo.module_spec, path)
+    check_module_specs(_stored_module_specs(metadata, path), algo.module_spec, path)
+    if not isinstance(metadata.get("env_runners"), list) or not isinstance(metadata.get("algorithm_state"), dict):
+        raise ValueError(f"Checkpoint {path} lacks env_runners or algorithm_state in its metadata; it is corrupted.")
     algo.learner_group.restore_from_path(path, storage_options=storage_options)
     # Runners pair up by index; with more runners than stored, the extra ones keep fresh generators.
     algo.env_runner_group.set_state(metadata["env_runners"])

@@ -1,0 +1,429 @@
+"""Hostile checkpoints: whatever a store holds, restoring it ends quickly in ``ValueError`` (or the state).
+
+Every test writes a real checkpoint with ``Learner.save_to_path`` (on disk, and on ``memory://``
+where the attack applies there), damages it the way an attacker could (special files, symbolic
+links, compression bombs, huge or deeply nested JSON, millions of chunks, edited array metadata),
+and checks that the restore raises ``ValueError`` naming the file and the limit, within a time bound
+and, for the attacks aimed at memory, with a bounded peak of allocated memory. The learner that was
+asked to restore is unchanged. The limits are in ``dlearner/checkpoint/limits.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import time
+import tracemalloc
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import fsspec
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from dlearner import PPOConfig
+from dlearner.checkpoint import inspect_checkpoint, load_state_tree, save_state_tree
+from dlearner.checkpoint.limits import (
+    MAX_ARRAY_BYTES,
+    MAX_ARRAY_METADATA_BYTES,
+    MAX_JSON_DEPTH,
+    MAX_JSON_DOCUMENT_BYTES,
+    MAX_KEY_CHARS,
+    MAX_MANIFEST_NODES,
+)
+
+TIME_LIMIT_S = 5.0
+MEMORY_LIMIT_BYTES = 200 * 2**20  # far below what each attack used to cost (GBs, or until MemoryError)
+WEIGHT = "learner/rl_module/default_policy/pi.0.weight"
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX file system semantics")
+
+
+# --------------------------------------------------------------------------------------------------
+# A real checkpoint, and ways to look at and damage it
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def learner():
+    env = gym.make("CartPole-v1")
+    config = PPOConfig().training(minibatch_size=64).rl_module(model_config={"fcnet_hiddens": [8, 8]}).debugging(seed=0)
+    learner = config.build_learner(env=env)
+    learner.build()
+    yield learner
+    env.close()
+
+
+@pytest.fixture
+def ckpt(learner, tmp_path: Path) -> Path:
+    """A learner checkpoint on disk."""
+    return Path(learner.save_to_path(str(tmp_path / "ckpt")))
+
+
+@pytest.fixture(params=["local", "memory"])
+def location(request, learner, tmp_path: Path) -> Iterator[str]:
+    """A learner checkpoint on disk or on fsspec's memory:// file system."""
+    if request.param == "local":
+        yield learner.save_to_path(str(tmp_path / "ckpt"))
+        return
+    url = learner.save_to_path(f"memory://dlearner-hostile-{uuid.uuid4().hex}/ckpt")
+    yield url
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.rm(root, recursive=True)
+
+
+def _node(location: str | Path, name: str = WEIGHT) -> str:
+    """The store key of an array's node (``versions/<id>/...``)."""
+    return next(a["node"] for a in inspect_checkpoint(str(location))["arrays"] if a["name"] == name)
+
+
+def _manifest_key(location: str | Path) -> str:
+    return f"versions/{inspect_checkpoint(str(location))['version']}/zarr.json"
+
+
+def _fs(location: str | Path) -> tuple[Any, str]:
+    fs, root = fsspec.core.url_to_fs(str(location))
+    return fs, root.rstrip("/")
+
+
+def _read(location: str | Path, key: str) -> bytes:
+    fs, root = _fs(location)
+    return fs.cat_file(f"{root}/{key}")
+
+
+def _write(location: str | Path, key: str, data: bytes) -> None:
+    fs, root = _fs(location)
+    fs.pipe_file(f"{root}/{key}", data)
+
+
+def _edit_json(location: str | Path, key: str, edit) -> None:
+    doc = json.loads(_read(location, key))
+    edit(doc)
+    _write(location, key, json.dumps(doc).encode())
+
+
+def _nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Fail (instead of hanging the test run) if the block takes longer; SIGALRM interrupts a blocked open()."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _assert_refused(learner, location: str | Path, match: str, *, check_memory: bool = False) -> None:
+    """Restoring ``location`` raises ValueError matching ``match`` within the time (and memory) bound,
+    and leaves the learner as it was; so does the plain reader, load_state_tree."""
+    before = learner.get_state()
+    for restore in (learner.restore_from_path, load_state_tree):
+        if check_memory:
+            tracemalloc.start()
+        start = time.perf_counter()
+        try:
+            with _time_limit(2 * TIME_LIMIT_S), pytest.raises(ValueError, match=match):
+                restore(str(location))
+        finally:
+            elapsed = time.perf_counter() - start
+            peak = tracemalloc.get_traced_memory()[1] if check_memory else 0
+            if check_memory:
+                tracemalloc.stop()
+        assert elapsed < TIME_LIMIT_S, f"{restore.__name__} took {elapsed:.1f} s"
+        assert peak < MEMORY_LIMIT_BYTES, f"{restore.__name__} allocated {peak / 2**20:.0f} MiB"
+    _assert_same_state(learner.get_state(), before)
+
+
+def _assert_same_state(actual: Any, expected: Any) -> None:
+    assert type(actual) is type(expected)
+    if isinstance(expected, dict):
+        assert list(actual) == list(expected)
+        for key in expected:
+            _assert_same_state(actual[key], expected[key])
+    elif isinstance(expected, np.ndarray):
+        assert actual.dtype == expected.dtype and actual.tobytes() == expected.tobytes()
+    else:
+        assert actual == expected
+
+
+# --------------------------------------------------------------------------------------------------
+# Special files and symbolic links: only regular files inside the store are read
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", ["chunk", "array zarr.json", "manifest", "root zarr.json"])
+def test_a_fifo_anywhere_is_refused_instead_of_blocking(learner, ckpt: Path, which: str) -> None:
+    # Opening a FIFO for reading waits for a writer forever: this used to hang the restore.
+    key = {
+        "chunk": f"{_node(ckpt)}/0.0",
+        "array zarr.json": f"{_node(ckpt)}/zarr.json",
+        "manifest": _manifest_key(ckpt),
+        "root zarr.json": "zarr.json",
+    }[which]
+    (ckpt / key).unlink()
+    os.mkfifo(ckpt / key)
+    _assert_refused(learner, ckpt, rf"{key} is a FIFO, not a regular file")
+
+
+def test_a_chunk_linked_to_dev_zero_is_refused_without_reading_it(learner, ckpt: Path) -> None:
+    # /dev/zero never ends: this used to read until MemoryError.
+    chunk = ckpt / _node(ckpt) / "0.0"
+    chunk.unlink()
+    chunk.symlink_to("/dev/zero")
+    _assert_refused(learner, ckpt, r"0\.0 is a symbolic link, not a regular file", check_memory=True)
+
+
+def test_a_chunk_linked_to_a_file_outside_the_store_is_refused(learner, ckpt: Path, tmp_path: Path) -> None:
+    # Even a link to a file with exactly the right bytes: nothing inside a store is followed.
+    chunk = ckpt / _node(ckpt) / "0.0"
+    outside = tmp_path / "outside"
+    outside.write_bytes(chunk.read_bytes())
+    chunk.unlink()
+    chunk.symlink_to(outside)
+    _assert_refused(learner, ckpt, r"0\.0 is a symbolic link")
+
+
+def test_a_linked_directory_inside_the_store_is_refused(learner, ckpt: Path, tmp_path: Path) -> None:
+    version = ckpt / _manifest_key(ckpt).rsplit("/", 1)[0]
+    moved = tmp_path / "elsewhere"
+    version.rename(moved)
+    version.symlink_to(moved, target_is_directory=True)
+    _assert_refused(learner, ckpt, rf"versions/{version.name} is a symbolic link")
+
+
+def test_the_store_itself_and_a_run_folder_store_may_be_links(learner, ckpt: Path, tmp_path: Path) -> None:
+    # The path the caller names is the caller's choice: only what is inside the store is untrusted.
+    link = tmp_path / "link"
+    link.symlink_to(ckpt, target_is_directory=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint").symlink_to(ckpt, target_is_directory=True)
+    expected, _ = load_state_tree(ckpt)
+    for path in (link, run):
+        _assert_same_state(load_state_tree(path)[0], expected)
+        learner.restore_from_path(str(path))
+
+
+def test_a_huge_sparse_chunk_is_refused_by_its_size_without_reading_it(learner, ckpt: Path) -> None:
+    chunk = ckpt / _node(ckpt) / "0.0"
+    with open(chunk, "r+b") as f:
+        f.truncate(8 * 2**30)  # 8 GiB that cost no disk
+    _assert_refused(learner, ckpt, r"0\.0 has 8589934592 bytes, more than the 132 bytes this file may hold", check_memory=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Array metadata: only dlearner's own encoding is read, so nothing is decompressed or filled in
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_gzip_bomb_behind_an_edited_codec_is_refused_without_decompressing(learner, ckpt: Path) -> None:
+    # 256 MiB of zeros in 256 KiB of gzip: zarr decompressed the whole of it (4.4 GB for a bigger bomb).
+    # The chunk is read only up to its declared size, and the codec is refused: nothing is decompressed.
+    node = _node(ckpt)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 31)  # 31: the gzip container
+    zeros = bytes(64 * 2**20)
+    bomb = b"".join(compressor.compress(zeros) for _ in range(4)) + compressor.flush()
+    assert len(bomb) < 2**19
+    (ckpt / node / "0.0").write_bytes(bomb)
+    _edit_json(ckpt, f"{node}/zarr.json", lambda doc: doc["codecs"].insert(1, {"name": "gzip", "configuration": {"level": 9}}))
+    refused = r"not encoded the way dlearner writes arrays \(codecs|0\.0 has \d+ bytes, more than the 132 bytes this file may hold"
+    _assert_refused(learner, ckpt, refused, check_memory=True)
+
+
+def test_a_gzip_bomb_as_a_chunk_is_only_wrong_bytes(learner, ckpt: Path) -> None:
+    # dlearner never compresses, so a compressed chunk is just a chunk of the wrong size.
+    chunk = ckpt / _node(ckpt) / "0.0"
+    chunk.write_bytes(zlib.compress(bytes(2**28), 9))
+    _assert_refused(learner, ckpt, r"0\.0 has \d+ bytes, more than the 132 bytes this file may hold", check_memory=True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "missing_chunk"),
+    [
+        ("fill_value", 1.0, True),
+        ("fill_value", "NaN", True),
+        ("codecs", [{"name": "bytes", "configuration": {"endian": "little"}}], True),
+        ("codecs", [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 0, "checksum": False}}], False),
+        ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [1, 1]}}, True),
+        ("chunk_key_encoding", {"name": "default", "configuration": {"separator": "/"}}, False),
+        ("data_type", "float64", False),
+        ("shape", [4, 8], False),
+        ("storage_transformers", [{"name": "sharding"}], False),
+        ("zarr_format", 2, False),
+    ],
+)
+def test_edited_array_metadata_is_refused_never_filled(learner, location: str, field: str, value: Any, missing_chunk: bool) -> None:
+    # Through zarr, an edited fill value or codec turned a deleted chunk into silently filled weights.
+    node = _node(location)
+    _edit_json(location, f"{node}/zarr.json", lambda doc: doc.__setitem__(field, value))
+    if missing_chunk:
+        fs, root = _fs(location)
+        fs.rm_file(f"{root}/{node}/0.0")
+    message = "has shape .* and data type" if field in ("data_type", "shape") else rf"not encoded the way dlearner writes arrays \({field}"
+    _assert_refused(learner, location, message)
+
+
+def test_tiny_chunks_are_refused_before_any_is_read(learner, location: str) -> None:
+    # 10**5 chunks of one element: zarr took 29 s to read them all before noticing anything.
+    path = location.rstrip("/") + "-tiny"
+    save_state_tree(path, {"w": np.zeros(100_000, np.float32)}, metadata={})
+    node = next(a["node"] for a in inspect_checkpoint(path)["arrays"])
+    _edit_json(path, f"{node}/zarr.json", lambda doc: doc["chunk_grid"]["configuration"].__setitem__("chunk_shape", [1]))
+    fs, root = _fs(path)
+    fs.rm_file(f"{root}/{node}/0")
+    fs.pipe({f"{root}/{node}/{i}": b"\0" * 8 for i in range(100_000)})
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=r"not encoded the way dlearner writes arrays \(chunk_grid"):
+            load_state_tree(path)
+        assert time.perf_counter() - start < TIME_LIMIT_S
+    finally:
+        if location.startswith("memory://"):  # one by one: rm(recursive=True) is quadratic there
+            for file in fs.find(root):
+                fs.rm_file(file)
+        else:
+            shutil.rmtree(root)
+
+
+# --------------------------------------------------------------------------------------------------
+# The manifest: bounded node count, array sizes, and files examined
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_manifest_with_too_many_nodes_is_refused_before_reading_arrays(learner, location: str) -> None:
+    def flood(doc: dict[str, Any]) -> None:
+        items = doc["attributes"]["dlearner"]["tree"]["items"]
+        array = {"type": "array", "node": "x", "dtype": "<f4", "shape": [1]}
+        items.extend([f"junk{i}", array] for i in range(MAX_MANIFEST_NODES))
+
+    _edit_json(location, _manifest_key(location), flood)
+    _assert_refused(learner, location, rf"more than {MAX_MANIFEST_NODES} nodes \(MAX_MANIFEST_NODES\)")
+
+
+def test_a_manifest_of_many_missing_arrays_is_refused_at_the_first(learner, location: str) -> None:
+    def flood(doc: dict[str, Any]) -> None:
+        items = doc["attributes"]["dlearner"]["tree"]["items"]
+        items[:0] = [[f"junk{i}", {"type": "array", "node": f"junk{i}", "dtype": "<f4", "shape": [1]}] for i in range(50_000)]
+
+    _edit_json(location, _manifest_key(location), flood)
+    _assert_refused(learner, location, r"array versions/[0-9a-f]+/junk0 is missing")
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ([2**40], rf"declares {4 * 2**40} bytes .* more than the limit of {MAX_ARRAY_BYTES} \(MAX_ARRAY_BYTES\)"),
+        ([2**62, 2**62], r"declares \d+ bytes"),
+        ([1] * 65, r"invalid shape \(at most 64 axes"),
+        ([True, 4], r"invalid shape"),
+        ([-1, 4], r"invalid shape"),
+    ],
+)
+def test_absurd_declared_shapes_are_refused(learner, location: str, shape: list[Any], message: str) -> None:
+    def edit(doc: dict[str, Any]) -> None:
+        learner_node = dict(doc["attributes"]["dlearner"]["tree"]["items"])["learner"]
+        module = dict(dict(learner_node["items"])["rl_module"]["items"])["default_policy"]
+        dict(module["items"])["pi.0.weight"]["shape"] = shape
+
+    _edit_json(location, _manifest_key(location), edit)
+    _assert_refused(learner, location, message, check_memory=True)
+
+
+def test_a_declared_shape_larger_than_the_chunk_reads_only_the_chunk(learner, location: str) -> None:
+    # The manifest says 400 MB; the chunk file has 132 bytes: read once, refused by its size.
+    def edit(doc: dict[str, Any]) -> None:
+        learner_node = dict(doc["attributes"]["dlearner"]["tree"]["items"])["learner"]
+        module = dict(dict(learner_node["items"])["rl_module"]["items"])["default_policy"]
+        dict(module["items"])["pi.0.weight"]["shape"] = [10**8]
+
+    _edit_json(location, _manifest_key(location), edit)
+    _assert_refused(learner, location, r"has shape \[8, 4\] .* manifest says \[100000000\]", check_memory=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# JSON: size and nesting limits
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [MAX_JSON_DEPTH + 1, 900, 100_000])
+@pytest.mark.parametrize("where", ["root zarr.json", "manifest", "array zarr.json"])
+def test_deeply_nested_json_is_refused_not_a_recursion_error(learner, location: str, where: str, depth: int) -> None:
+    # 100,000 levels used to raise RecursionError; 900 parse but would overflow the decoders.
+    nested = json.loads(_nested(depth)) if depth < 990 else None
+
+    def edit(doc: dict[str, Any]) -> None:
+        if where == "root zarr.json":
+            doc["attributes"]["dlearner"]["metadata"]["config"]["deep"] = "PLACEHOLDER"
+        elif where == "manifest":
+            doc["attributes"]["dlearner"]["tree"]["items"].append(["deep", {"type": "json", "value": "PLACEHOLDER"}])
+        else:
+            doc["attributes"]["deep"] = "PLACEHOLDER"
+
+    key = {"root zarr.json": "zarr.json", "manifest": _manifest_key(location), "array zarr.json": f"{_node(location)}/zarr.json"}[where]
+    _edit_json(location, key, edit)
+    _write(location, key, _read(location, key).replace(b'"PLACEHOLDER"', _nested(depth) if nested is None else json.dumps(nested).encode()))
+    _assert_refused(learner, location, rf"{key} nests lists and objects .*the limit of {MAX_JSON_DEPTH} \(MAX_JSON_DEPTH\)")
+
+
+@pytest.mark.parametrize("which", ["root zarr.json", "manifest", "array zarr.json"])
+def test_oversized_json_is_refused_without_reading_it(learner, location: str, which: str) -> None:
+    key = {"root zarr.json": "zarr.json", "manifest": _manifest_key(location), "array zarr.json": f"{_node(location)}/zarr.json"}[which]
+    limit = MAX_ARRAY_METADATA_BYTES if which == "array zarr.json" else MAX_JSON_DOCUMENT_BYTES
+    doc = _read(location, key)
+    _write(location, key, doc[:-1] + b"," + b'"pad":"' + b"x" * (MAX_JSON_DOCUMENT_BYTES + 1) + b'"}')
+    _assert_refused(learner, location, rf"{key} has (\d+ bytes, )?more than the {limit} bytes this file may hold", check_memory=True)
+
+
+def test_json_with_a_huge_integer_is_refused(learner, location: str) -> None:
+    key = _manifest_key(location)
+    manifest = _read(location, key)
+    assert b'"last_timestep",{"type":"json","value":0}' in manifest
+    _write(location, key, manifest.replace(b'"last_timestep",{"type":"json","value":0}', b'"last_timestep",{"type":"json","value":' + b"9" * 100_000 + b"}"))
+    _assert_refused(learner, location, r"is not valid JSON \(Exceeds the limit")
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving: what readers would refuse is refused before anything is written
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_save_that_readers_would_refuse_is_refused_first(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    deep: Any = 0
+    for _ in range(MAX_JSON_DEPTH):
+        deep = [deep]
+    with pytest.raises(ValueError, match=rf"cannot save: the state tree's manifest nests .* limit of {MAX_JSON_DEPTH}"):
+        save_state_tree(path, {"deep": deep}, metadata={})
+    with pytest.raises(ValueError, match=rf"cannot save: the metadata .* limit of {MAX_JSON_DEPTH}"):
+        save_state_tree(path, {}, metadata={"deep": deep})
+    with pytest.raises(ValueError, match=rf"keys are limited to {MAX_KEY_CHARS} characters"):
+        save_state_tree(path, {"k" * (MAX_KEY_CHARS + 1): np.zeros(1)}, metadata={})
+    with pytest.raises(ValueError, match="cannot save: the metadata .* more than the 16777216 readers accept"):
+        save_state_tree(path, {}, metadata={"big": "x" * MAX_JSON_DOCUMENT_BYTES})
+    assert not path.exists()
+
+
+def test_what_is_just_within_the_limits_round_trips(tmp_path: Path) -> None:
+    deep: Any = 0
+    for _ in range(MAX_JSON_DEPTH - 10):
+        deep = [deep]
+    tree = {"deep": deep, "k" * MAX_KEY_CHARS: np.arange(3)}
+    save_state_tree(tmp_path / "ckpt", tree, metadata={"deep": deep})
+    loaded, metadata = load_state_tree(tmp_path / "ckpt")
+    assert loaded["deep"] == deep and metadata["deep"] == deep
+    np.testing.assert_array_equal(loaded["k" * MAX_KEY_CHARS], np.arange(3))
