@@ -668,7 +668,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress.message(f"dlearner: {_describe_setup(name, config)}")
     signals = _StopSignals()
     state = _RunState()
-    own_connection = algo = writer = None
+    own_connection = algo = writer = dashboard = None
     try:
         with signals.installed():
             try:
@@ -689,6 +689,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         algo.save_to_path(_checkpoint_store(args.checkpoint))
                     state.last_saved = algo.iteration
                 dashboard = _Dashboard(args, algo.client, algo.dashboard_url, name, config, progress)
+                dashboard.status("running", algo=algo)
                 signals.phase = "idle"
                 stop = _StopConditions(args, start_iteration=algo.iteration)
                 progress.message(f"dlearner: stopping at {stop.describe()}")
@@ -700,6 +701,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 progress.close()
                 if state.result is not None:
                     dashboard.publish(state.result, last=True)
+                dashboard.status("stopped" if signals.requested is not None else "finished",
+                                 state.reason if signals.requested is not None else None)
                 if args.checkpoint and algo.iteration != state.last_saved:
                     with signals.during("save"):
                         algo.save_to_path(args.checkpoint)
@@ -712,6 +715,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                     print(f"dlearner: the checkpoint {args.checkpoint} holds iteration "
                           f"{_committed_iteration(args.checkpoint, state.last_saved)}; continue "
                           f"with: {_resume_command(args)}", file=sys.stderr)
+                if dashboard is not None:
+                    dashboard.status("failed", err)
                 raise TrainingFailed(err) from err
             progress.message(f"dlearner: stopped: {state.reason}")
             if args.checkpoint:
@@ -733,6 +738,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         if signals.aborted_by is None:
             raise  # a Ctrl-C our handler did not see (not the main thread): main reports it
+        if dashboard is not None:
+            dashboard.status("stopped", f"{signal.Signals(signals.aborted_by).name} again: stopped at once")
         return _aborted(args, signals, state)
     finally:
         progress.close()
@@ -940,6 +947,19 @@ class _Dashboard:
             publish_metrics(self.client, self.run_name, result, wait=last)
         except OSError as err:  # the scheduler went away: the run's own outputs are unaffected
             print(f"dlearner: warning: could not send the last metrics to the dashboard: {err}", file=sys.stderr)
+
+    def status(self, status: str, error: Any = None, *, algo: Any = None) -> None:
+        """Tell the page the run is running / finished / failed / stopped (``running`` with ``algo``, so that
+        its learners show inside this run). Never raises: the run's own outcome matters more."""
+        if not self.enabled:
+            return
+        from dlearner.dashboard import publish_status
+
+        try:
+            publish_status(self.client, self.run_name, status, error, algorithm=algo, wait=status != "running",
+                           timeout_s=5)
+        except Exception as err:  # noqa: BLE001 - the scheduler went away, or the client is closing
+            print(f"dlearner: warning: could not send the run's status to the dashboard: {err}", file=sys.stderr)
 
 
 def _draw_curve(metrics_path: Path, png_path: Optional[Path], title: str, progress: Any) -> None:

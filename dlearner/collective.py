@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime
 import pickle
 import socket
+import time
 from typing import Any, List, Optional
 
 import torch
@@ -41,6 +42,10 @@ class TorchCollective:
         self.world_size = dist.get_world_size(group)
         self.backend = dist.get_backend(group)
         self.device = device or torch.device("cpu")
+
+    #: Seconds this rank has spent inside all-reduce and all-gather calls since it was made (a
+    #: cumulative counter: the learner actor reports the difference per update to the dashboard).
+    time_in_collectives_s: float = 0.0
 
     @classmethod
     def from_process_group(cls, process_group: Any, device: Optional[torch.device] = None) -> "TorchCollective":
@@ -82,6 +87,13 @@ class TorchCollective:
         return tensor
 
     def _all_reduce(self, tensor: torch.Tensor, op) -> None:
+        start = time.perf_counter()
+        try:
+            self._all_reduce_timed(tensor, op)
+        finally:
+            self.time_in_collectives_s += time.perf_counter() - start
+
+    def _all_reduce_timed(self, tensor: torch.Tensor, op) -> None:
         work = self._on_backend_device(tensor)
         if self._standalone:
             opts = dist.AllreduceOptions()
@@ -102,6 +114,13 @@ class TorchCollective:
 
     def all_gather_object(self, obj: Any) -> List[Any]:
         """Every rank's ``obj`` (small, picklable Python objects only), in rank order."""
+        start = time.perf_counter()
+        try:
+            return self._all_gather_object(obj)
+        finally:
+            self.time_in_collectives_s += time.perf_counter() - start
+
+    def _all_gather_object(self, obj: Any) -> List[Any]:
         if not self._standalone:
             out: List[Any] = [None] * self.world_size
             dist.all_gather_object(out, obj, group=self.group)

@@ -1,11 +1,19 @@
-"""The dlearner page in the Dask dashboard: a real LocalCluster, real HTTP GETs of its dashboard port."""
+"""The dlearner page in the Dask dashboard: a real LocalCluster, real HTTP GETs, a real headless Chromium.
+
+One cluster serves the whole module (its scheduler starts after ``dlearner.dashboard`` is imported,
+so it has the Bokeh page); a second, worker-less one starts without the page to show the plain
+fallback route.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -17,22 +25,31 @@ from distributed import Client, LocalCluster
 
 from dlearner import PPOConfig
 from dlearner.dashboard import (
+    FOLD_AFTER_S,
     MetricsStore,
     publish_learner_results,
     publish_metrics,
+    publish_status,
     register_dashboard,
     render_page,
     render_svg_curve,
 )
+from dlearner.dashboard.html import nice_ticks
 
 SMALL = {"fcnet_hiddens": [16, 16]}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def client():
+def cluster():
     with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
-            yield client
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    with Client(cluster) as client:
+        yield client
 
 
 def get(url: str) -> str:
@@ -41,20 +58,26 @@ def get(url: str) -> str:
         return response.read().decode("utf-8")
 
 
-def get_json(url: str) -> dict:
-    return json.loads(get(url))
+def runs_by_id(url: str) -> dict:
+    return {r["run_id"]: r for r in json.loads(get(url + "/metrics.json"))["runs"]}
 
 
-def wait_for_run(url: str, run_id: str, *, step: int, timeout: float = 20.0) -> dict:
-    """Poll metrics.json until ``run_id`` reached ``step`` (publishing is asynchronous)."""
+def wait_for(url: str, run_id: str, *, step: int = 0, status: str = "", timeout: float = 20.0) -> dict:
+    """Poll metrics.json until ``run_id`` reached ``step`` and ``status`` (publishing is asynchronous)."""
     deadline = time.monotonic() + timeout
     while True:
-        runs = {r["run_id"]: r for r in get_json(url + "/metrics.json")["runs"]}
-        if run_id in runs and runs[run_id]["step"] is not None and runs[run_id]["step"] >= step:
-            return runs[run_id]
+        run = runs_by_id(url).get(run_id)
+        if run and (run["step"] or 0) >= step and (not status or run["status"] == status):
+            return run
         if time.monotonic() > deadline:
-            raise AssertionError(f"run {run_id!r} did not reach step {step}: {runs.get(run_id)}")
+            raise AssertionError(f"run {run_id!r} did not reach step {step} / status {status!r}: {run}")
         time.sleep(0.1)
+
+
+def assert_404(url: str) -> None:
+    with pytest.raises(urllib.error.HTTPError) as err:
+        get(url)
+    assert err.value.code == 404
 
 
 def train_result(iteration: int, ret: float) -> dict:
@@ -62,6 +85,7 @@ def train_result(iteration: int, ret: float) -> dict:
         "training_iteration": iteration,
         "num_env_steps_sampled_lifetime": 1000 * iteration,
         "time_this_iter_s": np.float32(0.25),
+        "env_steps_per_s": 4000.0,
         "env_runners": {"episode_return_mean": ret, "episode_len_mean": float("nan"), "episode_returns": [1.0, 2.0]},
         "learners": {
             "default_policy": {"total_loss": np.float64(1.0 / iteration), "policy_loss": -0.01},
@@ -70,49 +94,99 @@ def train_result(iteration: int, ret: float) -> dict:
     }
 
 
-def test_page_serves_published_metrics_from_the_dashboard_port(client):
+def publish_runs_in_each_status(client, prefix: str = "run") -> None:
+    """Four runs, oldest first: ``<prefix>-finished``, ``-failed``, ``-stopped`` (by a signal), ``-running``."""
+    for suffix, status, error in (("finished", "finished", None),
+                                  ("failed", "failed", ValueError("loss is NaN\nTraceback ...")),
+                                  ("stopped", "stopped", "SIGTERM received after iteration 2"),
+                                  ("running", "running", None)):
+        run_id = f"{prefix}-{suffix}"
+        publish_status(client, run_id, "running", wait=True)
+        for i in (1, 2):
+            publish_metrics(client, run_id, train_result(i, 10.0 * i), wait=True)
+        if status != "running":
+            publish_status(client, run_id, status, error, wait=True)
+
+
+def test_json_serves_each_status_newest_first(client):
     # Published before the page is registered: the plugin replays it from the scheduler's event log.
     publish_metrics(client, "early-run", train_result(1, 11.0), wait=True)
     url = register_dashboard(client)
     assert url == client.dashboard_link.replace("/status", "/dlearner")
     assert register_dashboard(client) == url  # idempotent
-    assert client.run_on_scheduler(lambda dask_scheduler: "dlearner-dashboard" in dask_scheduler.plugins)
+    publish_runs_in_each_status(client)
 
-    for i in range(1, 4):
-        publish_metrics(client, "run-a", train_result(i, 20.0 * i))  # fire and forget
-    publish_metrics(client, "run-a", train_result(3, 60.0))  # the same iteration again replaces it
-    publish_learner_results(
-        client, "bare-group", {"default_policy": {"total_loss": 0.5}, "__all_modules__": {"num_env_steps_trained": 64}}
-    )
-
-    run = wait_for_run(url, "run-a", step=3)
-    assert run["learners"]["default_policy"]["total_loss"] == pytest.approx(1 / 3)
-    assert run["learners"]["__all_modules__"]["num_env_steps_trained"] == 6000
-    assert run["env_runners"]["episode_return_mean"] == 60.0
+    runs = runs_by_id(url)
+    assert list(runs)[:4] == ["run-running", "run-stopped", "run-failed", "run-finished"]  # by start, newest first
+    assert [runs[r]["status"] for r in runs] == ["running", "stopped", "failed", "finished", "running"]
+    assert runs["run-failed"]["error"] == "ValueError: loss is NaN"  # the first line only
+    assert runs["run-stopped"]["error"] == "SIGTERM received after iteration 2"
+    assert runs["early-run"]["env_runners"]["episode_return_mean"] == 11.0
+    run = runs["run-running"]
+    assert run["learners"]["default_policy"]["total_loss"] == pytest.approx(0.5)
     assert run["env_runners"]["episode_len_mean"] is None  # NaN -> null
     assert "episode_returns" not in run["env_runners"]  # lists are not metrics
-    assert [p["x"] for p in run["history"]] == [1000, 2000, 3000]
-    assert [p["y"] for p in run["history"]] == [20.0, 40.0, 60.0]
-    assert wait_for_run(url, "early-run", step=1)["env_runners"]["episode_return_mean"] == 11.0
-    assert wait_for_run(url, "bare-group", step=1)["learners"]["default_policy"]["total_loss"] == 0.5
+    assert [(p["x"], p["y"]) for p in run["history"]] == [(1000, 10.0), (2000, 20.0)]
+    assert run["history"][-1]["losses"]["total_loss"] == pytest.approx(0.5)
+    assert run["history"][-1]["throughput"]["env steps trained/s"] == pytest.approx(6000 / 0.25)
+    publish_metrics(client, "run-running", train_result(3, 30.0))  # more: the order stays
+    wait_for(url, "run-running", step=3)
+    assert list(runs_by_id(url))[:4] == ["run-running", "run-stopped", "run-failed", "run-finished"]
 
-    page = get(url)
-    for text in ("run-a", "early-run", "bare-group", "total_loss", "policy_loss", "default_policy",
-                 "episode_return_mean", "<svg", "<polyline"):
-        assert text in page, text
-    assert "<script" not in page and "http://cdn" not in page and "https://" not in page  # works offline
-
-    only = get_json(url + "/metrics.json?run=run-a")
-    assert [r["run_id"] for r in only["runs"]] == ["run-a"]
-    assert "early-run" not in get(url + "?run=run-a")
-    with pytest.raises(urllib.error.HTTPError) as err:
-        get(url + "/metrics.json?run=no-such-run")
-    assert err.value.code == 404
-    with urllib.request.urlopen(url + "/", timeout=30) as response:  # trailing slash redirects to the page
+    assert [r["run_id"] for r in json.loads(get(url + "/metrics.json?run=run-failed"))["runs"]] == ["run-failed"]
+    assert_404(url + "/metrics.json?run=no-such-run")
+    assert_404(url + "?run=no-such-run")  # the page too
+    with urllib.request.urlopen(url + "/", timeout=30) as response:  # a trailing slash redirects to the page
         assert response.geturl() == url
 
 
-def test_training_on_the_cluster_shows_learner_metrics(client):
+def test_page_is_a_dashboard_page_with_a_section_per_run(client, cluster):
+    from bokeh.document import Document
+
+    from dlearner.dashboard.app import dlearner_doc
+
+    url = register_dashboard(client)
+    publish_runs_in_each_status(client, "page")
+    wait_for(url, "page-running", step=2)
+    page = get(url)
+    assert 'id="myTopnav"' in page and 'href="dlearner"' in page  # the dashboard's template and nav
+    assert 'href="dlearner"' in get(url.replace("/dlearner", "/status"))  # Dask's own pages link to it
+    # What a browser session of the Bokeh application holds: one header per run, in order, with status.
+    doc = Document()
+    dlearner_doc(cluster.scheduler, {"prefix": "/"}, doc)
+    (root,) = doc.roots
+    headers = [section.children[0].text for section in root.children[1:]]  # the first child is the intro
+    names = ("page-running", "page-stopped", "page-failed", "page-finished")
+    order = [next(name for name in names if name in h) for h in headers if any(name in h for name in names)]
+    assert order == list(names)
+    joined = "".join(headers)
+    for text in (">running<", ">finished<", ">failed<", "ValueError: loss is NaN", ">stopped<", "SIGTERM received"):
+        assert text in joined, text
+
+
+def test_plain_page_where_the_scheduler_started_without_dlearner():
+    from distributed.dashboard import scheduler as dask_dashboard
+
+    page = dask_dashboard.applications.pop("/dlearner")  # as if dlearner was not imported before the start
+    try:
+        with LocalCluster(n_workers=0, dashboard_address=":0") as cluster, Client(cluster) as client:
+            url = register_dashboard(client)
+            publish_runs_in_each_status(client)
+            wait_for(url, "run-running", step=2)
+            html = get(url)
+            assert html.index("run-running") < html.index("run-stopped") < html.index("run-failed")
+            for text in ("ValueError: loss is NaN", ">finished<", ">stopped<", "<polyline", "statics/css/base.css",
+                         "href='dlearner'", "href='status'"):
+                assert text in html, text
+            assert "<script" not in html  # works without JavaScript
+            assert "run-failed" in get(url + "?run=run-failed") and "run-running" not in get(url + "?run=run-failed")
+            assert_404(url + "?run=no-such-run")
+            assert 'href="dlearner"' in get(url.replace("/dlearner", "/status"))
+    finally:
+        dask_dashboard.applications["/dlearner"] = page
+
+
+def test_training_shows_one_section_with_each_learner(client):
     url = register_dashboard(client)
     config = (
         PPOConfig()
@@ -125,23 +199,30 @@ def test_training_on_the_cluster_shows_learner_metrics(client):
         .debugging(seed=0)
     )
     with config.build_algo() as algo:
+        algo.dashboard_run_name = "ppo-on-cluster"
         for _ in range(2):
             result = algo.train()
-            publish_metrics(client, "ppo-on-cluster", result)
-        group_run = "learner-group-" + algo.learner_group.metrics_topic.rpartition("-")[2]
-    run = wait_for_run(url, "ppo-on-cluster", step=2)
-    learner = run["learners"]["default_policy"]
-    for metric in ("total_loss", "policy_loss", "vf_loss", "entropy", "default_optimizer_learning_rate"):
-        assert isinstance(learner[metric], float), metric
-    assert learner["total_loss"] == pytest.approx(result["learners"]["default_policy"]["total_loss"])
-    assert run["summary"]["num_env_steps_sampled_lifetime"] == result["num_env_steps_sampled_lifetime"]
-    assert len(run["history"]) == 2
-    # The learner actor's own events (rank 0 logs every update) show up as a run of their own.
-    actor_run = wait_for_run(url, group_run, step=2)
-    assert "total_loss" in actor_run["learners"]["default_policy"]
-    page = get(url)
-    assert "ppo-on-cluster" in page and "vf_loss" in page and group_run in page
-    assert client.status == "running"  # the cluster we brought stays ours
+        group_id = algo.learner_group.metrics_topic.rpartition("-")[2]
+        run = wait_for(url, "ppo-on-cluster", step=2, status="running")
+        deadline = time.monotonic() + 20
+        while not (run["learner_ranks"] and run["learner_ranks"][0]["updates"] >= 2):
+            assert time.monotonic() < deadline, run["learner_ranks"]
+            time.sleep(0.1)
+            run = runs_by_id(url)["ppo-on-cluster"]
+    (learner,) = run["learner_ranks"]
+    assert learner["rank"] == 0 and learner["healthy"] is True and learner["restarts"] == 0
+    assert learner["worker"] in client.scheduler_info()["workers"] and learner["device"] == "cpu"
+    assert learner["update_s"] > 0 and learner["compute_s"] > 0 and learner["waiting_s"] >= 0
+    assert learner["rows_per_s"] > 0
+    assert run["learners"]["default_policy"]["total_loss"] == pytest.approx(result["learners"]["default_policy"]["total_loss"])
+    assert run["summary"]["num_healthy_learners"] == 1 and run["algorithm"] == "PPO"
+    # Its learner group is part of the run, not a section of its own.
+    assert f"learner-group-{group_id}" not in runs_by_id(url)
+    wait_for(url, "ppo-on-cluster", status="finished")  # algo.stop() said so
+    deadline = time.monotonic() + 20
+    while runs_by_id(url)["ppo-on-cluster"]["learner_ranks"][0]["healthy"]:  # Dask releases the actor soon after
+        assert time.monotonic() < deadline, "the stopped learner still shows as healthy"
+        time.sleep(0.1)
 
 
 def test_publish_rejects_bad_arguments(client):
@@ -151,30 +232,123 @@ def test_publish_rejects_bad_arguments(client):
         publish_metrics(client, "run", [1, 2])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="step"):
         publish_learner_results(client, "run", {}, step=-1)
+    with pytest.raises(ValueError, match="status must be one of"):
+        publish_status(client, "run", "done")
 
 
-def test_store_keeps_latest_values_and_orders_late_points():
+def test_store_orders_by_start_folds_finished_runs_and_hides_claimed_groups():
     store = MetricsStore(max_history=3)
     for i in (1, 3, 2, 4, 5):  # iteration 2 arrives late
-        store.add({"run_id": "r", "kind": "train", "result": {
+        store.add({"run_id": "r", "kind": "train", "time": 100.0, "result": {
             "training_iteration": i, "num_env_steps_sampled_lifetime": 10 * i,
             "env_runners": {"episode_return_mean": float(i)}, "learners": {"m": {"total_loss": float(i)}},
-        }})
+        }}, received=100.0)
     store.add("not a message")  # ignored (logged)
-    (run,) = store.to_json()["runs"]
-    assert run["step"] == 5 and run["learners"]["m"]["total_loss"] == 5.0
-    assert [p["step"] for p in run["history"]] == [3, 4, 5]  # sorted, trimmed to max_history
+    store.add_group_result("g1", {"m": {"total_loss": 1.0}}, received=200.0)
+    store.add({"run_id": "owner", "kind": "status", "status": "finished", "time": 300.0, "learner_groups": ["g1"]})
+    runs = store.to_json(now=300.0 + FOLD_AFTER_S + 1)["runs"]
+    assert [r["run_id"] for r in runs] == ["owner", "r"]  # learner-group-g1 belongs to "owner"
+    owner, r = runs
+    assert owner["status"] == "finished" and owner["folded"]
+    assert r["status"] == "running" and not r["folded"]
+    assert r["step"] == 5 and r["learners"]["m"]["total_loss"] == 5.0
+    assert [p["step"] for p in r["history"]] == [3, 4, 5]  # sorted, trimmed to max_history
 
 
-def test_svg_curve_and_page_render_without_data():
+def test_curves_have_round_ticks_and_pages_render_without_data():
+    assert nice_ticks(25.9, 194.0) == [0, 50, 100, 150, 200]
+    assert nice_ticks(0.0, 1.75) == [0, 0.5, 1.0, 1.5, 2.0]
+    svg = render_svg_curve([{"x": 26, "y": 1.0}, {"x": 194, "y": 1.75}], x_label="x", y_label="y")
+    assert ">50<" in svg and ">1.2<" in svg and "25.9" not in svg
     assert "no episode return yet" in render_svg_curve([], x_label="env steps", y_label="episode return")
-    one = render_svg_curve([{"x": 5, "y": 1.0}, {"x": 6, "y": None}], x_label="x", y_label="y")
-    assert "<polyline" in one and "<circle" in one
     assert "No metrics yet" in render_page([])
     assert "&lt;b&gt;" in render_page([{  # run ids are escaped
-        "run_id": "<b>", "kind": "train", "updated": time.time(), "step": 1, "summary": {}, "learners": {},
-        "env_runners": {}, "history": [], "x_label": "x", "y_label": "y",
+        "run_id": "<b>", "kind": "train", "status": "running", "error": None, "updated": time.time(),
+        "first_seen": time.time(), "step": 1, "summary": {}, "learners": {}, "env_runners": {}, "history": [],
+        "x_label": "x", "y_label": "y", "folded": False,
     }])
+
+
+# ------------------------------------------------------------------------------ in a browser
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol (tornado's websocket client)."""
+
+    def __init__(self, executable: str, width: int = 1400, height: int = 1000):
+        self.profile = tempfile.mkdtemp(prefix="dlearner-chromium-")
+        self.proc = subprocess.Popen(
+            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
+             f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        line = ""
+        while "DevTools listening on" not in line:
+            line = self.proc.stderr.readline()
+            if not line and self.proc.poll() is not None:
+                raise RuntimeError("chromium exited before it listened for DevTools")
+        self.port = line.rsplit(":", 1)[1].split("/")[0]
+        self._id = 0
+
+    async def open(self, url: str) -> None:
+        from tornado.websocket import websocket_connect
+
+        targets = json.loads(get(f"http://127.0.0.1:{self.port}/json/list"))
+        page = next(t for t in targets if t["type"] == "page")
+        self.conn = await websocket_connect(page["webSocketDebuggerUrl"], max_message_size=64 * 2**20)
+        await self.call("Page.navigate", url=url)
+
+    async def call(self, method: str, **params) -> dict:
+        self._id += 1
+        await self.conn.write_message(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:
+            message = json.loads(await self.conn.read_message())
+            if message.get("id") == self._id:
+                return message.get("result", {})
+
+    async def wait_for(self, expression: str, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+            value = result.get("result", {}).get("value")
+            if value:
+                return value
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"in the browser, never true: {expression}")
+
+    async def screenshot(self) -> bytes:
+        return base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"])
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: install Debian's `chromium` package to "
+                                              "check the page in a real browser")
+def test_page_in_a_real_browser_has_the_nav_link_and_draws_the_curve(client):
+    url = register_dashboard(client)
+    publish_status(client, "browser-run", "running", wait=True)
+    for i in range(1, 6):
+        publish_metrics(client, "browser-run", train_result(i, 5.0 * i), wait=True)
+    browser = Chromium(CHROMIUM)
+    try:
+        async def check() -> int:
+            await browser.open(url)
+            assert await browser.wait_for("!!document.querySelector('.navbar a[href=\"dlearner\"]')")
+            # The curve's data arrived in the browser and Bokeh drew its plot (a canvas with pixels).
+            points = await browser.wait_for(
+                "(() => { const d = window.Bokeh && Bokeh.documents[0]; if (!d) return 0;"
+                " const s = d.get_model_by_name('return-source-browser-run'); if (!s) return 0;"
+                " return s.data.x.length; })()")
+            publish_metrics(client, "browser-run", train_result(6, 30.0))  # it updates live
+            await browser.wait_for("Bokeh.documents[0].get_model_by_name('return-source-browser-run').data.x.length"
+                                   " == 6")
+            png = await browser.screenshot()
+            assert len(png) > 10_000  # a drawn page, not a blank one
+            return points
+        assert asyncio.run(check()) == 5
+    finally:
+        browser.close()
 
 
 def test_scheduler_preload_serves_the_page_from_the_start(tmp_path):
@@ -195,9 +369,11 @@ def test_scheduler_preload_serves_the_page_from_the_start(tmp_path):
             time.sleep(0.1)
         with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
             url = client.dashboard_link.replace("/status", "/dlearner")
-            assert "No metrics yet" in get(url)  # served before any client registered anything
+            assert 'id="myTopnav"' in get(url)  # the Bokeh page, before any client registered anything
+            assert client.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.plugins["dlearner-dashboard"].served_by) == "bokeh"
             publish_metrics(client, "preloaded", train_result(1, 5.0), wait=True)
-            assert wait_for_run(url, "preloaded", step=1)["env_runners"]["episode_return_mean"] == 5.0
+            assert wait_for(url, "preloaded", step=1)["env_runners"]["episode_return_mean"] == 5.0
             assert register_dashboard(client) == url  # registering again keeps the preloaded plugin
     finally:
         proc.terminate()

@@ -1,0 +1,209 @@
+"""The ``/dlearner`` Bokeh application: one page of the Dask dashboard, in its navigation and style.
+
+Dask builds its dashboard's Bokeh server from ``distributed.dashboard.scheduler.applications`` when
+a scheduler starts (``distributed.dashboard.scheduler.connect``). :func:`install_bokeh_page` adds
+this page to that dict; importing :mod:`dlearner.dashboard` calls it, so every scheduler started
+afterwards in this process has the page: the embedded ``LocalCluster`` dlearner starts, and
+``dask scheduler --preload dlearner.dashboard`` (a preload module is imported before the scheduler
+starts its dashboard). Curves update every second from the plugin's store, in the browser, over
+Bokeh's websocket, as Dask's own pages do.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+from dlearner.dashboard.html import (
+    STATUS_COLORS,
+    STYLE,
+    env_runners_table,
+    learner_ranks_table,
+    module_metrics_table,
+    run_header,
+    summary_table,
+)
+from dlearner.dashboard.publish import PAGE_PATH
+
+logger = logging.getLogger(__name__)
+
+#: How often an open page redraws (milliseconds).
+REFRESH_MS = 1000
+#: Points drawn per curve (the newest ones; metrics.json has them all).
+MAX_POINTS = 2000
+_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+_TIME_PARTS = (("compute_s", "compute", "#1f77b4"), ("allreduce_s", "all-reduce", "#ff7f0e"),
+               ("waiting_s", "waiting", "#bbbbbb"))
+
+
+def install_bokeh_page() -> bool:
+    """Add ``/dlearner`` to the applications of dashboards of schedulers started from now on.
+
+    Idempotent; ``False`` where Dask's dashboard is unavailable (no bokeh): the plain-HTML route of
+    the plugin then serves the page.
+    """
+    try:
+        from distributed.dashboard import scheduler as dashboard
+    except ImportError:
+        return False
+    dashboard.applications.setdefault("/" + PAGE_PATH, dlearner_doc)
+    return True
+
+
+def dlearner_doc(scheduler: Any, extra: Dict[str, Any], doc: Any) -> None:
+    """Bokeh application function (``applications`` signature): builds one browser session's page."""
+    from bokeh.layouts import column
+    from bokeh.models import Div
+    from distributed.dashboard.components.scheduler import BOKEH_THEME, env
+
+    from dlearner.dashboard.plugin import current_plugin
+
+    arguments = doc.session_context.request.arguments if doc.session_context else {}
+    selected: Optional[str] = None
+    if arguments.get("run"):
+        value = arguments["run"][0]
+        selected = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+    intro = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"})
+    root = column(intro, sizing_mode="stretch_width", name="dlearner-root")
+    sections: Dict[str, _Section] = {}
+    layout_key: List[Any] = [None]
+
+    def update() -> None:
+        plugin = current_plugin(scheduler)
+        if plugin is None:
+            _set(intro, f"<style>{STYLE}</style><div class='dl'><p>The dlearner plugin is not registered on this "
+                        "scheduler yet: it is once a dlearner run connects (or with "
+                        "<code>register_dashboard(client)</code>).</p></div>")
+            return
+        runs = plugin.runs_json(selected)["runs"]
+        json_link = f"{PAGE_PATH}/metrics.json" + (f"?run={selected}" if selected else "")
+        back = f" &middot; <a href='{PAGE_PATH}'>all runs</a>" if selected else ""
+        empty = ("<p>No metrics yet. They appear here once a driver publishes them (<code>dlearner train</code> "
+                 "does each iteration).</p>") if not runs else ""
+        _set(intro, f"<style>{STYLE}</style><div class='dl'><p class='muted'>{len(runs)} run(s) on this cluster, "
+                    f"newest first &middot; <a href='{json_link}'>JSON</a>{back}</p>{empty}</div>")
+        key = [(r["run_id"], bool(r["folded"] and not selected)) for r in runs]
+        if key != layout_key[0]:  # a run started or folded: rebuild, keeping the sections that stay
+            layout_key[0] = key
+            for run_id in [r for r in sections if r not in dict(key)]:
+                del sections[run_id]
+            children = [intro]
+            for run, (run_id, folded) in zip(runs, key):
+                section = sections.get(run_id)
+                if section is None or section.folded != folded:
+                    section = sections[run_id] = _Section(run, folded)
+                children.append(section.root)
+            root.children = children
+        for run in runs:
+            sections[run["run_id"]].update(run)
+
+    update()
+    doc.add_periodic_callback(update, REFRESH_MS)
+    doc.title = "Dask: dlearner"
+    doc.add_root(root)
+    doc.template = env.get_template("simple.html")
+    doc.template_variables.update(extra)
+    doc.theme = BOKEH_THEME
+
+
+class _Section:
+    """One run on the page: a header, live curves, and the learner / env-runner tables."""
+
+    def __init__(self, run: Dict[str, Any], folded: bool):
+        from bokeh.layouts import column, row
+        from bokeh.models import ColumnDataSource, Div, FactorRange, HoverTool, NumeralTickFormatter
+        from bokeh.plotting import figure
+
+        self.folded = folded
+        self.run_id = run["run_id"]
+        self.header = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"})
+        self._texts: Dict[int, str] = {}
+        self._last_history: Any = None
+        if folded:
+            self.root = column(self.header, sizing_mode="stretch_width")
+            return
+        name = self.run_id
+        self.curve = ColumnDataSource({"x": [], "y": [], "step": []}, name=f"return-source-{name}")
+        self.losses = ColumnDataSource({"step": [], **{k: [] for k in ("total_loss", "policy_loss", "vf_loss",
+                                                                         "entropy")}})
+        self.throughput = ColumnDataSource({"step": [], "sampled": [], "trained": []})
+        self.timing = ColumnDataSource({"rank": [], **{k: [] for k, _, _ in _TIME_PARTS}})
+
+        def fig(title: str, x_label: str, **kwargs: Any) -> Any:
+            f = figure(title=title, height=230, width=310, tools="pan,wheel_zoom,box_zoom,reset,save",
+                       toolbar_location="above", **kwargs)
+            f.xaxis.axis_label = x_label
+            f.xaxis.formatter = NumeralTickFormatter(format="0,0[.]0[0]")
+            f.yaxis.formatter = NumeralTickFormatter(format="0,0[.]0[0]")
+            return f
+
+        x_label, y_label = run["x_label"], run["y_label"]
+        ret = fig(y_label if run["kind"] == "train" else "loss", x_label, name=f"return-figure-{name}")
+        ret.line("x", "y", source=self.curve, line_width=2, color=_COLORS[0])
+        ret.scatter("x", "y", source=self.curve, size=4, color=_COLORS[0])
+        ret.add_tools(HoverTool(tooltips=[("step", "@step"), (x_label, "@x{0,0}"), (y_label, "@y{0.000}")]))
+        loss = fig("losses (mean over modules)", "iteration" if run["kind"] == "train" else "update")
+        for color, key in zip(_COLORS, ("total_loss", "policy_loss", "vf_loss", "entropy")):
+            loss.line("step", key, source=self.losses, color=color, line_width=2, legend_label=key)
+        loss.legend.location = "top_right"
+        loss.legend.label_text_font_size = "9pt"
+        thr = fig("throughput (env steps/s)", "iteration")
+        thr.line("step", "sampled", source=self.throughput, color=_COLORS[0], line_width=2, legend_label="sampled")
+        thr.line("step", "trained", source=self.throughput, color=_COLORS[1], line_width=2, legend_label="trained")
+        thr.legend.location = "bottom_right"
+        thr.legend.label_text_font_size = "9pt"
+        tim = figure(title="update time per learner (s, mean of recent updates)", height=230, width=310,
+                     y_range=FactorRange(factors=[]), toolbar_location=None, tools="")
+        tim.hbar_stack([k for k, _, _ in _TIME_PARTS], y="rank", height=0.6, source=self.timing,
+                       color=[c for _, _, c in _TIME_PARTS], legend_label=[label for _, label, _ in _TIME_PARTS])
+        tim.legend.location = "bottom_right"
+        tim.legend.label_text_font_size = "9pt"
+        tim.xaxis.axis_label = "seconds"
+        self.timing_figure = tim
+        self.tables = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"})
+        self.root = column(self.header, row(ret, loss, thr, tim), self.tables, sizing_mode="stretch_width")
+
+    def update(self, run: Dict[str, Any]) -> None:
+        from html import escape
+
+        link = f"{PAGE_PATH}?run={escape(self.run_id, quote=True)}"
+        color = STATUS_COLORS.get(run.get("status") or "running", "#7f7f7f")
+        title = (f"<h2 style='border-left: 4px solid {color}; padding-left: 6px'>"
+                 f"<a href='{link}'>{escape(self.run_id)}</a></h2>")
+        _set(self.header, f"<style>{STYLE}</style><div class='dl'>{title}<p>{run_header(run)}"
+                          f"{' &middot; folded: open it for details' if self.folded else ''}</p></div>")
+        if self.folded:
+            return
+        tables = [("Learners", learner_ranks_table(run)), ("Env runners", env_runners_table(run)),
+                  ("Run", summary_table(run)), ("Learner metrics (latest update)", module_metrics_table(run))]
+        _set(self.tables, f"<style>{STYLE}</style><div class='dl'><div class='row'>" + "".join(
+            f"<div><h3>{t}</h3>{body}</div>" for t, body in tables if body) + "</div></div>")
+        history = run["history"][-MAX_POINTS:]
+        marker = (len(run["history"]), history[-1] if history else None)
+        if marker != self._last_history:
+            self._last_history = marker
+            self.curve.data = {"x": [_nan(p.get("x")) for p in history], "y": [_nan(p.get("y")) for p in history],
+                               "step": [p["step"] for p in history]}
+            self.losses.data = {"step": [p["step"] for p in history], **{
+                k: [_nan((p.get("losses") or {}).get(k)) for p in history]
+                for k in ("total_loss", "policy_loss", "vf_loss", "entropy")}}
+            self.throughput.data = {
+                "step": [p["step"] for p in history],
+                "sampled": [_nan((p.get("throughput") or {}).get("env steps sampled/s")) for p in history],
+                "trained": [_nan((p.get("throughput") or {}).get("env steps trained/s")) for p in history]}
+        ranks = run.get("learner_ranks") or []
+        labels = [f"rank {r['rank']}" for r in ranks]
+        self.timing_figure.visible = bool(ranks)  # no learner actors (local learner): nothing to split
+        if list(self.timing_figure.y_range.factors) != labels:
+            self.timing_figure.y_range.factors = labels
+        self.timing.data = {"rank": labels, **{k: [r.get(k) or 0.0 for r in ranks] for k, _, _ in _TIME_PARTS}}
+
+
+def _set(div: Any, text: str) -> None:
+    if div.text != text:  # an unchanged Div sends nothing to the browser
+        div.text = text
+
+
+def _nan(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else float("nan")
