@@ -81,7 +81,9 @@ def validate_batch(batch: Any, specs: Mapping[str, ModuleBatchSpec]) -> MultiBat
 
     Raises ``ValueError`` (``TypeError`` for wrong types) naming the module and column for unknown
     modules, missing or unknown columns, empty or mismatched lengths, wrong shapes, wrong dtypes,
-    actions outside the action space and non-finite values.
+    actions outside the action space, masked arrays that hide values, and values that are not finite
+    in float32. The arrays come back in the dtypes the learner computes with (floats as float32,
+    Discrete actions as int64, native byte order), so what was checked is exactly what is trained on.
     """
     multi = as_multi_batch(batch)
     unknown = sorted(set(multi) - set(specs))
@@ -94,18 +96,87 @@ def validate_batch(batch: Any, specs: Mapping[str, ModuleBatchSpec]) -> MultiBat
 
 
 def _as_numpy(module_id: str, column: str, value: Any) -> np.ndarray:
+    where = f"Column {column!r} of module {module_id!r}"
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
+        if value.layout != torch.strided:
+            raise TypeError(f"{where} is a {value.layout} torch tensor; give a dense tensor (tensor.to_dense()).")
+        if value.dtype == torch.bfloat16:
+            value = value.float()  # numpy has no bfloat16; float32 holds every bfloat16 value exactly
+        try:
+            return value.detach().cpu().resolve_conj().resolve_neg().numpy()
+        except (RuntimeError, TypeError, NotImplementedError) as error:
+            raise TypeError(f"{where} is a torch tensor numpy cannot hold ({value.dtype}, {value.device}): {error}") from None
+    if isinstance(value, np.ma.MaskedArray):
+        # A mask does not reach the learner: it would train on the hidden values (NaN included).
+        masked = int(np.ma.getmaskarray(value).sum())
+        if masked:
+            raise ValueError(
+                f"{where} is a masked array with {masked} masked value(s); the learner would train on the values "
+                f"under the mask. Fill them (array.filled(...)) or drop those rows, and mark rows the loss must "
+                f"skip with a boolean {Columns.LOSS_MASK!r} column."
+            )
+        return np.asarray(np.ma.getdata(value))
     if isinstance(value, np.ndarray):
-        return value
+        return np.asarray(value)  # subclasses (np.matrix, memmap) as plain arrays
     if isinstance(value, (list, tuple)):
-        array = np.asarray(value)
-        if array.dtype == object:
-            raise TypeError(f"Column {column!r} of module {module_id!r} is a ragged list; give a numpy array.")
+        try:
+            array = np.asarray(value)
+        except (ValueError, TypeError, OverflowError):
+            array = None
+        if array is None or array.dtype == object:
+            raise TypeError(f"{where} is a ragged or non-numeric list; give a numpy array.")
         return array
-    raise TypeError(
-        f"Column {column!r} of module {module_id!r} must be a numpy array or torch tensor, got {type(value).__name__}."
-    )
+    raise TypeError(f"{where} must be a numpy array or torch tensor, got {type(value).__name__}.")
+
+
+#: Columns that hold real numbers: the learner computes with them in float32, so they must be floats.
+FLOAT_COLUMNS = frozenset({
+    Columns.ACTION_DIST_INPUTS, Columns.ACTION_LOGP, Columns.ADVANTAGES, Columns.VALUE_TARGETS,
+    Columns.VF_PREDS, Columns.REWARDS,
+})
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# Integer dtypes torch only partly supports (no index_select and friends), widened to ones it does.
+_WIDER_INTS = {np.dtype(np.uint16): np.dtype(np.int32), np.dtype(np.uint32): np.dtype(np.int64),
+               np.dtype(np.uint64): np.dtype(np.int64)}
+
+
+def _in_compute_dtype(column: str, array: np.ndarray, where: str, n: int) -> np.ndarray:
+    """``array`` in the dtype the learner computes with (floats: float32; integers torch fully
+    supports; native byte order), after checking that every value is representable there.
+
+    A float64 ``1e300`` is finite in the batch but ``inf`` in float32, so finiteness is checked
+    after the cast, never before.
+    """
+    dtype = array.dtype
+    if dtype == object or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+        raise TypeError(f"Column {column!r} of {where} has dtype {dtype}; it must be numeric or bool.")
+    if np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"Column {column!r} of {where} is complex; it must be real.")
+    if column in FLOAT_COLUMNS and not np.issubdtype(dtype, np.floating):
+        raise TypeError(
+            f"Column {column!r} of {where} has dtype {dtype}; it holds real numbers and must be a floating-point "
+            "array (e.g. array.astype(np.float32))."
+        )
+    if np.issubdtype(dtype, np.floating):
+        if dtype != np.float32 or not dtype.isnative:
+            with np.errstate(over="ignore"):  # overflow to inf is what the check below reports
+                array = array.astype(np.float32)
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int((~finite).reshape(n, -1).any(axis=1).sum())
+            raise ValueError(
+                f"Column {column!r} of {where} has values that are not finite in float32, the dtype the learner "
+                f"computes in (NaN, inf, or beyond +-{_FLOAT32_MAX:.4g}), in {bad} row(s)."
+            )
+        return array
+    wider = _WIDER_INTS.get(dtype.newbyteorder("="))
+    if wider is not None:
+        if dtype.newbyteorder("=") == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"Column {column!r} of {where} has values beyond the int64 range the learner computes in.")
+        return array.astype(wider)
+    if not dtype.isnative:
+        return array.astype(dtype.newbyteorder("="))
+    return array
 
 
 def _validate_module_columns(module_id: str, columns: Mapping[str, Any], spec: ModuleBatchSpec) -> Dict[str, np.ndarray]:
@@ -131,14 +202,8 @@ def _validate_module_columns(module_id: str, columns: Mapping[str, Any], spec: M
     n = next(iter(lengths.values()))
     if n == 0:
         raise ValueError(f"The batch for {where} has 0 rows; give at least one.")
-    for column, array in arrays.items():
-        if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise TypeError(f"Column {column!r} of {where} has dtype {array.dtype}; it must be numeric or bool.")
-        if np.issubdtype(array.dtype, np.complexfloating):
-            raise TypeError(f"Column {column!r} of {where} is complex; it must be real.")
-        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
-            bad = int((~np.isfinite(array)).reshape(n, -1).any(axis=1).sum())
-            raise ValueError(f"Column {column!r} of {where} has non-finite values (NaN or inf) in {bad} row(s).")
+    for column in list(arrays):
+        arrays[column] = _in_compute_dtype(column, arrays[column], where, n)
     obs_shape, obs_what = _observation_row_shape(spec.observation_space)
     _check_shape(arrays, Columns.OBS, obs_shape, where, obs_what)
     _check_shape(arrays, Columns.NEXT_OBS, obs_shape, where, obs_what)
@@ -184,8 +249,11 @@ def _check_actions(arrays, action_space, where) -> None:
                 f"Column 'actions' of {where} has values outside [{low}, {high - 1}] of {action_space}; "
                 "actions are the environment's own values (for Discrete(n, start=s): s .. s+n-1)."
             )
+        arrays[Columns.ACTIONS] = actions.astype(np.int64, copy=False)  # the learner indexes logits with int64
     elif isinstance(action_space, gym.spaces.Box):
         _check_shape(arrays, Columns.ACTIONS, action_space.shape, where, f"the action space {action_space}")
+        # Continuous actions enter the distribution's float32 arithmetic (integers up to 2**64 fit).
+        arrays[Columns.ACTIONS] = actions.astype(np.float32, copy=False)
 
 
 def shard_batch(batch: MultiBatch, num_shards: int) -> List[Tuple[MultiBatch, ShardInfo]]:

@@ -102,7 +102,12 @@ class MetricsLogger:
         if reduce == "last":
             return _to_float(values[0]), 1.0
         if all(isinstance(v, torch.Tensor) for v in values):
-            stacked = torch.stack([v.reshape(()).to(torch.float64) for v in values])
+            if all(v.dim() == 0 and v.dtype == values[0].dtype for v in values):
+                # One stack and one cast for the whole update (not two ops per logged value): the
+                # cast to float64 is exact, so the sums are the same.
+                stacked = torch.stack(values).to(torch.float64)
+            else:
+                stacked = torch.stack([v.reshape(()).to(torch.float64) for v in values])
             w = torch.tensor(weights, dtype=torch.float64, device=stacked.device)
             total = float((stacked * w).sum()) if reduce == "mean" else float(stacked.sum())
         else:

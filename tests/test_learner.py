@@ -260,6 +260,13 @@ BAD_BATCHES = {
     "wrong action dtype": (lambda b: b.update(actions=b[Columns.ACTIONS].astype(np.float32)), "actions"),
     "action out of range": (lambda b: b[Columns.ACTIONS].__setitem__(0, 7), "actions"),
     "empty": (lambda b: [b.update({k: v[:0]}) for k, v in list(b.items())], "0 rows"),
+    # Checked in float32, the dtype the learner computes in: finite in float64, inf in float32.
+    "float64 beyond float32": (lambda b: b.update(value_targets=np.full(256, 1e300)), "value_targets.*float32"),
+    "masked array hiding a NaN": (
+        lambda b: b.update(advantages=np.ma.masked_invalid(np.where(np.arange(256) == 3, np.nan, b[Columns.ADVANTAGES]))),
+        "advantages.*masked"),
+    "integer action_dist_inputs": (
+        lambda b: b.update(action_dist_inputs=b[Columns.ACTION_DIST_INPUTS].astype(np.int64)), "action_dist_inputs.*floating"),
 }
 
 
