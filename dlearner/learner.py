@@ -893,7 +893,9 @@ class TorchLearner(Learner):
         for p, has_grad in zip(params, has_grads):
             n = p.numel()
             if has_grad > 0:
-                p.grad = flat[offset : offset + n].view_as(p).clone() if p.grad is None else p.grad.copy_(flat[offset : offset + n].view_as(p))
+                # A view into the reduced buffer, not a copy (as DDP's gradient_as_bucket_view): the
+                # next step's zero_grad(set_to_none=True) lets the buffer go.
+                p.grad = flat[offset : offset + n].view_as(p)
                 gradients[p] = p.grad
             offset += n
         return gradients

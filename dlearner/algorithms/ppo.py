@@ -52,7 +52,7 @@ class PPOTorchLearner(TorchLearner):
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         """PPO's loss on one minibatch, term by term as in the paper (see the module docstring)."""
-        mean = _masked_mean(batch.get(Columns.LOSS_MASK))  # over the rows the loss counts
+        mean = _RowMean(batch.get(Columns.LOSS_MASK))  # over the rows the loss counts
         dist_cls = self.module[module_id].get_train_action_dist_cls()
         curr_dist = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
         advantages = batch[Columns.ADVANTAGES]
@@ -91,12 +91,13 @@ class PPOTorchLearner(TorchLearner):
         """``clip_fraction`` directly; for ``vf_explained_var`` the row means it is made of (see
         :meth:`after_gradient_based_update`), weighted by rows and reduced over all learners like every metric."""
         with torch.no_grad():
-            clipped = (torch.abs(logp_ratio - 1.0) > config.clip_param).to(torch.float32)
-            self.metrics.log_value((module_id, "clip_fraction"), mean(clipped))
+            clipped = (torch.abs(logp_ratio - 1.0) > config.clip_param).to(torch.float64)
             y = targets.detach().to(torch.float64)
             error = y - values.detach().to(torch.float64)
-            for name, value in zip(_VF_MOMENTS, (y, y * y, error, error * error)):
-                self.metrics.log_value((module_id, name), mean(value))
+            # All five row means in one reduction (they are logged every gradient step).
+            means = mean.columns(torch.stack((clipped, y, y * y, error, error * error), dim=-1))
+            for name, value in zip(("clip_fraction",) + _VF_MOMENTS, means.unbind()):
+                self.metrics.log_value((module_id, name), value)
 
     def after_gradient_based_update(self, *, timesteps):
         """Per module: the explained variance from its reduced row means, and the KL coefficient adapted
@@ -163,12 +164,23 @@ def _explained_variance(y_mean: float, y_sq_mean: float, e_mean: float, e_sq_mea
     return 1.0 - var_e / var_y
 
 
-def _masked_mean(mask: Optional[torch.Tensor]):
-    if mask is None:
-        return torch.mean
-    mask = mask.bool()
-    count = mask.sum().clamp(min=1)
-    return lambda values: torch.sum(values[mask]) / count
+class _RowMean:
+    """The mean over the rows the loss counts: all of them, or those ``loss_mask`` keeps."""
+
+    def __init__(self, mask: Optional[torch.Tensor]):
+        self.mask = None if mask is None else mask.bool()
+        self.count = None if mask is None else self.mask.sum().clamp(min=1)
+
+    def __call__(self, values: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return torch.mean(values)
+        return torch.sum(values[self.mask]) / self.count
+
+    def columns(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The mean of each column of ``matrix`` (rows x k) in one reduction."""
+        if self.mask is None:
+            return matrix.mean(dim=0)
+        return matrix[self.mask].sum(dim=0) / self.count
 
 
 def compute_gae(

@@ -87,8 +87,11 @@ class _Learner:
         self.worker = _str_or_none(msg.get("worker")) or self.worker
         self.device = _str_or_none(msg.get("device")) or self.device
         self.world_size = int(msg.get("world_size") or 1)
-        self.updates += 1
-        if not msg.get("ok", True):
+        # Learners send the means of the updates since their last event (about one a second).
+        self.updates += int(_num(msg.get("updates")) or 1)
+        if "failed_updates" in msg:
+            self.failed_updates += int(_num(msg.get("failed_updates")) or 0)
+        elif not msg.get("ok", True):
             self.failed_updates += 1
         self.recent.append((_num(msg.get("waiting_s")), _num(msg.get("update_s")), _num(msg.get("allreduce_s"))))
 

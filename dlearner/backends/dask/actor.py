@@ -174,6 +174,8 @@ class LearnerActor:
         self._collective_broken: Optional[str] = None
         self._store: Any = None  # rank 0: the TCPStore server of the process group
         self._published: Dict[int, asyncio.Future] = {}
+        self._timings = _TimingWindow()
+        self._timings_flush: Optional[asyncio.TimerHandle] = None
         self._published_kept = int(settings.get("learner-group.published-results-kept"))
         self.learner: Any = None
         try:
@@ -210,11 +212,25 @@ class LearnerActor:
             # Training metrics for the dashboard / ``client.get_events(topic)``.
             self._worker.log_event(request.log_topic, {"learner": self.key, "request": seq, "result": reply.value})
         if timing:
+            # At most about one timing event a second: an event per update costs the scheduler (and,
+            # on a small machine, the learners) more than the update's own overhead.
+            self._timings.add(timing, ok=isinstance(reply, Ok), seq=seq)
+            if self._timings.due():
+                self._send_timings()
+            elif self._timings_flush is None:
+                self._timings_flush = asyncio.get_running_loop().call_later(self._timings.wait_s(), self._send_timings)
+        return reply
+
+    def _send_timings(self) -> None:
+        """Log the update timings gathered since the last event (on the worker's event loop)."""
+        if self._timings_flush is not None:
+            self._timings_flush.cancel()
+            self._timings_flush = None
+        if self._timings.updates:
             self._worker.log_event(TIMING_TOPIC, {
                 "group": self.group_id, "learner": self.key, "rank": self.rank, "world_size": self.world_size,
-                "worker": self.address, "request": seq, "ok": isinstance(reply, Ok), **timing,
+                "worker": self.address, **self._timings.take(),
             })
-        return reply
 
     def _execute_timed(self, seq: int, request: Request, queued: float, timing: Dict[str, Any]) -> Reply:
         """:meth:`_execute`, noting into ``timing`` the seconds spent queued, running and in collectives."""
@@ -346,6 +362,48 @@ class LearnerActor:
             self.learner.set_collective(None)
         if collective is not None:
             collective.close()
+
+
+class _TimingWindow:
+    """Update timings summed since the last timing event; :meth:`take` gives their means."""
+
+    INTERVAL_S = 1.0
+
+    def __init__(self) -> None:
+        self._last_sent = 0.0  # the first update is reported at once
+        self._reset()
+
+    def _reset(self) -> None:
+        self.updates, self.failed, self.sums, self.device = 0, 0, {"update_s": 0.0, "waiting_s": 0.0, "allreduce_s": 0.0}, None
+        self.rows: Optional[float] = None
+        self.request = 0
+
+    def add(self, timing: Dict[str, Any], *, ok: bool, seq: int) -> None:
+        self.request = seq
+        self.updates += 1
+        self.failed += 0 if ok else 1
+        for name in self.sums:
+            self.sums[name] += float(timing.get(name) or 0.0)
+        self.device = timing.get("device") or self.device
+        if timing.get("rows") is not None:
+            self.rows = (self.rows or 0.0) + float(timing["rows"])
+
+    def due(self) -> bool:
+        return time.perf_counter() - self._last_sent >= self.INTERVAL_S
+
+    def wait_s(self) -> float:
+        """Seconds until the window is due."""
+        return max(0.0, self.INTERVAL_S - (time.perf_counter() - self._last_sent))
+
+    def take(self) -> Dict[str, Any]:
+        """Means per update over the window (``updates`` of them, ``failed_updates`` failed)."""
+        n = max(1, self.updates)
+        out: Dict[str, Any] = {name: total / n for name, total in self.sums.items()}
+        out.update(request=self.request, updates=self.updates, failed_updates=self.failed, ok=self.failed == 0, device=self.device,
+                   rows=None if self.rows is None else self.rows / n)
+        self._last_sent = time.perf_counter()
+        self._reset()
+        return out
 
 
 def _is_peer_failure(err: BaseException) -> bool:
