@@ -7,7 +7,6 @@ person would write it by hand, so the ratio measures dlearner's overhead and not
 
 from __future__ import annotations
 
-import math
 import pathlib
 import statistics
 import time
@@ -32,7 +31,12 @@ def load_w1_batch(rows: int = 4000) -> Dict[str, np.ndarray]:
         with np.load(SHARED_BATCH) as data:
             batch = {k: data[k] for k in data.files}
         return {k: v[:rows] for k, v in batch.items()}
-    rng = np.random.default_rng(0)
+    return synthetic_ppo_batch(rows)
+
+
+def synthetic_ppo_batch(rows: int, seed: int = 0) -> Dict[str, np.ndarray]:
+    """A well-formed CartPole-shaped PPO batch of any size, from an untrained policy."""
+    rng = np.random.default_rng(seed)
     logits = rng.normal(scale=0.01, size=(rows, 2)).astype(np.float32)
     actions = rng.integers(0, 2, size=rows).astype(np.int32)
     logp = (logits - np.log(np.exp(logits).sum(1, keepdims=True)))[np.arange(rows), actions].astype(np.float32)

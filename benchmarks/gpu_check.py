@@ -79,7 +79,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, to_tensors  # noqa: E402
+from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, synthetic_ppo_batch, to_tensors  # noqa: E402
 
 import dlearner  # noqa: E402
 from dlearner import PPOConfig  # noqa: E402
@@ -187,28 +187,6 @@ def fmt_time(seconds: Optional[float]) -> str:
 
 def timesteps(rows: int) -> Dict[str, int]:
     return {"num_env_steps_sampled_lifetime": rows}
-
-
-def synthetic_batch(rows: int, seed: int = 0) -> Dict[str, np.ndarray]:
-    """A well-formed CartPole-shaped PPO batch of any size (as ``_common.load_w1_batch`` makes one)."""
-    rng = np.random.default_rng(seed)
-    logits = rng.normal(scale=0.01, size=(rows, 2)).astype(np.float32)
-    actions = rng.integers(0, 2, size=rows).astype(np.int32)
-    logp = (logits - np.log(np.exp(logits).sum(1, keepdims=True)))[np.arange(rows), actions].astype(np.float32)
-    adv = rng.normal(size=rows).astype(np.float32)
-    return {
-        "obs": rng.normal(scale=0.5, size=(rows, 4)).astype(np.float32),
-        "actions": actions,
-        "action_logp": logp,
-        "action_dist_inputs": logits,
-        "advantages": (adv - adv.mean()) / adv.std(),
-        "value_targets": rng.uniform(0, 20, size=rows).astype(np.float32),
-    }
-
-
-def w1_batch(rows: int) -> Dict[str, np.ndarray]:
-    batch = load_w1_batch(rows)
-    return {k: v[:rows] for k, v in batch.items()}
 
 
 def timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
@@ -438,7 +416,7 @@ def check_devices(group: Any) -> List[str]:
 
 
 def phase_w1(check: Check) -> Dict[str, Any]:
-    batch = w1_batch(check.sizes.w1_rows)
+    batch = load_w1_batch(check.sizes.w1_rows)
     figures = update_comparison(check, "w1", check.w1_cfg, batch, check.sizes.repeats)
     figures["batch_source"] = "shared/data/cartpole_4000_batch.npz" if (HERE.parent.parent / "shared" / "data" / "cartpole_4000_batch.npz").exists() else "generated"
     check.figures["w1_dask1_s"] = figures["dlearner_dask1_s"]
@@ -446,13 +424,13 @@ def phase_w1(check: Check) -> Dict[str, Any]:
 
 
 def phase_large(check: Check) -> Dict[str, Any]:
-    return update_comparison(check, "large", check.large_cfg, synthetic_batch(check.sizes.large_rows), check.sizes.large_repeats)
+    return update_comparison(check, "large", check.large_cfg, synthetic_ppo_batch(check.sizes.large_rows), check.sizes.large_repeats)
 
 
 def phase_shared_gpu(check: Check) -> Dict[str, Any]:
     """Two learners on one GPU with 0.5 GPU each: gloo, both on cuda:0, identical weights."""
     gpus = check.gpus_per_learner(0.5)
-    batch = w1_batch(check.sizes.w1_rows)
+    batch = load_w1_batch(check.sizes.w1_rows)
     ts = timesteps(len(batch["obs"]))
     group = check.group(check.w1_cfg, num_learners=2, gpus=gpus)
     median = median_of(lambda: group.update(batch, timesteps=ts), check.sizes.repeats, check.sizes.warmup, check.sync)
@@ -497,7 +475,7 @@ def _ddp_rank(rank: int, port: int, backend: str, device_type: str, cfg: dict, r
         model = nn.parallel.DistributedDataParallel(net, device_ids=[rank] if device.type == "cuda" else None)
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
         kl_coeff = cfg["kl_coeff"]
-        batch = to_device(w1_batch(rows), device)
+        batch = to_device(load_w1_batch(rows), device)
         generator = torch.Generator().manual_seed(0)
         mbs = cfg["minibatch_size"]
         times = []
@@ -558,7 +536,7 @@ def phase_nccl_pair(check: Check) -> Dict[str, Any]:
         return {"skipped": reason, "device_count": check.gpus}
     gpus = check.gpus_per_learner(1)
     backend = "gloo" if check.dry_run else "nccl"
-    batch = w1_batch(check.sizes.w1_rows)
+    batch = load_w1_batch(check.sizes.w1_rows)
     rows = len(batch["obs"])
     group = check.group(check.w1_cfg, num_learners=2, gpus=gpus)
     median = median_of(lambda: group.update(batch, timesteps=timesteps(rows)), check.sizes.repeats, check.sizes.warmup, check.sync)
@@ -590,7 +568,7 @@ def phase_checkpoint(check: Check) -> Dict[str, Any]:
     """Save GPU-resident state and restore it: onto the learner's device, with equal bits."""
     gpus = check.gpus_per_learner(1)
     cfg = check.w1_cfg
-    batch = w1_batch(check.sizes.w1_rows)
+    batch = load_w1_batch(check.sizes.w1_rows)
     ts = timesteps(len(batch["obs"]))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="dlearner-gpu-check-"))
     try:

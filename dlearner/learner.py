@@ -974,7 +974,15 @@ class TorchLearner(Learner):
                 raise ValueError(f"Optimizer {name!r}: every param group needs a 'params' list.")
             if [len(g["params"]) for g in groups] != [len(g["params"]) for g in reg.optimizer.param_groups]:
                 raise ValueError(f"Optimizer {name!r} has a different number of parameters in the state.")
+            # The params of the groups are positions, 0..n-1 in order, as state_dict() writes them;
+            # anything else would restore into the wrong parameters, or into none.
+            positions = [i for g in groups for i in g["params"]]
+            if any(isinstance(i, bool) or not isinstance(i, (int, np.integer)) for i in positions) \
+                    or [int(i) for i in positions] != list(range(len(positions))):
+                raise ValueError(f"Optimizer {name!r}: the param groups' params must be the positions 0..{len(positions) - 1} in order.")
             for g, group in enumerate(groups):
+                if "lr" in group and (isinstance(group["lr"], bool) or not isinstance(group["lr"], (int, float, np.number, np.ndarray, torch.Tensor)) or bool(group["lr"] < 0)):
+                    raise ValueError(f"Optimizer {name!r} param group {g} has learning rate {group['lr']!r}; it must be a number >= 0.")
                 for key, value in group.items():
                     numbers = value if isinstance(value, (list, tuple)) and key != "params" else [value] if key != "params" else []
                     if any(isinstance(v, (float, np.floating)) and not math.isfinite(v) for v in numbers):
