@@ -19,7 +19,7 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import dask
 import distributed
@@ -45,6 +45,36 @@ class ClusterConnection:
     #: URL of the dlearner page on the cluster's dashboard ("" without a dashboard, ``None`` if the
     #: page could not be added).
     dashboard_url: Optional[str] = None
+    _removal_callbacks: Dict[str, List[Callable[[str], None]]] = dataclasses.field(default_factory=dict)
+
+    def watch_worker(self, address: str, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(why)`` on the client's event loop when worker ``address`` leaves the cluster
+        (the scheduler pushes it at once); returns a function that stops watching.
+
+        A client holds one handler per event topic, so every learner and env runner watching the
+        same worker shares one subscription here.
+        """
+        callbacks = self._removal_callbacks.setdefault(address, [])
+        if not callbacks:
+            self.client.subscribe_topic(address, lambda event: self._worker_event(address, event))
+        callbacks.append(callback)
+
+        def unwatch() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks and self._removal_callbacks.get(address) is callbacks:
+                del self._removal_callbacks[address]
+                if self.client.status == "running":
+                    self.client.unsubscribe_topic(address)
+
+        return unwatch
+
+    def _worker_event(self, address: str, event: Any) -> None:
+        _, msg = event
+        if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+            why = f"its worker left the cluster ({'retired' if msg.get('expected') else 'died'})"
+            for callback in list(self._removal_callbacks.get(address, ())):
+                callback(why)
 
     def close(self) -> None:
         """Close what this connection opened (its own client, an embedded cluster), nothing else."""
@@ -225,7 +255,8 @@ def _eligible_learner_workers(
 ) -> Tuple[List[str], Dict[str, str]]:
     """Worker processes that can host a learner now, in a stable order, and why the others cannot."""
     gpus = float(config.num_gpus_per_learner or 0)
-    identities = _identities(connection, workers)
+    # Never ask an excluded (lost) worker: the scheduler would retry connecting to it for a long time.
+    identities = _identities(connection, {a: w for a, w in workers.items() if a not in exclude})
     eligible: List[str] = []
     reasons: Dict[str, str] = {}
     seen_processes: Dict[Any, str] = {}
@@ -307,8 +338,11 @@ def device_for(rank: int, gpus: float, connection: ClusterConnection) -> Optiona
     return device_for_rank(rank, gpus, embedded=embedded, visible_gpus=visible)
 
 
-def place_env_runners(connection: ClusterConnection, num_runners: int, timeout_s: float) -> List[str]:
-    """One worker process per env runner, preferring workers that host no learner.
+def place_env_runners(
+    connection: ClusterConnection, num_runners: int, timeout_s: float, avoid: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> List[str]:
+    """One worker process per env runner, preferring workers that host no learner (nor, for a
+    replacement, another runner: ``avoid``); ``exclude``: workers known to be lost.
 
     Env runners are synchronous actors: two on one worker would share its single actor thread and
     sample one after the other, so each gets its own worker while there are enough.
@@ -319,8 +353,11 @@ def place_env_runners(connection: ClusterConnection, num_runners: int, timeout_s
             f"The Dask cluster ({connection.description}) has no workers after {timeout_s:g} s; "
             f"num_env_runners={num_runners} needs worker processes."
         )
-    identities = _identities(connection, workers)
-    free = [a for a in sorted(workers) if isinstance(identities.get(a), dict) and not identities[a].get("learner")]
-    busy = [a for a in sorted(workers) if a not in free]
+    identities = _identities(connection, {a: w for a, w in workers.items() if a not in exclude})
+    answered = [a for a in sorted(workers) if isinstance(identities.get(a), dict)]  # a lost worker may still be listed
+    free = [a for a in answered if not identities[a].get("learner") and a not in avoid]
+    busy = [a for a in answered if a not in free]
     order = free + busy
+    if not order:
+        raise ClusterResourceError(f"No worker of the Dask cluster ({connection.description}) answered; cannot place env runners.")
     return [order[i % len(order)] for i in range(num_runners)]

@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from dlearner import settings
 from dlearner.backends.dask.cluster import ClusterConnection, place_env_runners
@@ -23,9 +23,10 @@ from dlearner.errors import ClusterResourceError, EnvRunnerDiedError
 logger = logging.getLogger(__name__)
 
 
-def _runner_died(index: int, key: str, address: str, err: BaseException, method: str) -> EnvRunnerDiedError:
+def _runner_died(index: int, key: str, address: str, err: Any, method: str) -> EnvRunnerDiedError:
+    why = err if isinstance(err, str) else repr(err)
     died = EnvRunnerDiedError(
-        f"Env runner {index} ({key}) on Dask worker {address} is gone ({err!r}) while calling {method}. "
+        f"Env runner {index} ({key}) on Dask worker {address} is gone ({why}) while calling {method}. "
         "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
         "or algo.restore_from_path in a new Algorithm), or enable "
         "config.fault_tolerance(restart_failed_env_runners=True)."
@@ -58,6 +59,10 @@ class DaskEnvRunnerGroup:
         self.workers = place_env_runners(connection, num, self._timeout_s)
         self.keys = [env_runner_actor_key(i, run_id) for i in range(num)]
         self._creation_futures: List[Any] = [None] * num
+        # Set (from the client's event loop) when a runner's worker leaves: calls fail at once
+        # instead of waiting for a connect timeout.
+        self._lost: List[Optional[str]] = [None] * num
+        self._unwatch: List[Optional[Callable[[], None]]] = [None] * num
         try:
             for i in range(num):
                 self._creation_futures[i] = self._submit_runner(i)
@@ -75,15 +80,22 @@ class DaskEnvRunnerGroup:
     def _submit_runner(self, index: int) -> Any:
         from dlearner.env_runner import EnvRunner
 
+        self._lost[index] = None
+        if self._unwatch[index] is not None:
+            self._unwatch[index]()  # type: ignore[misc]
+        self._unwatch[index] = self.connection.watch_worker(self.workers[index], lambda why, i=index: self._mark_lost(i, why))
         return self.connection.client.submit(
             EnvRunner, self._runner_config, module_spec=self._module_spec, worker_index=index + 1,
             workers=[self.workers[index]], allow_other_workers=False, actor=True, pure=False, key=self.keys[index],
         )
 
+    def _mark_lost(self, index: int, why: str) -> None:
+        self._lost[index] = why
+
     @property
     def num_healthy_env_runners(self) -> int:
-        """Env runners in service (lost ones are replaced before the next call, or the call raises)."""
-        return len(self.keys)
+        """Env runners whose worker is still in the cluster."""
+        return sum(1 for why in self._lost if why is None)
 
     def _replace(self, index: int, err: BaseException) -> None:
         """Start a new runner in place of runner ``index`` on a live worker, with the last synced weights."""
@@ -96,7 +108,10 @@ class DaskEnvRunnerGroup:
         old = self._creation_futures[index]
         if old is not None:
             old.release()
-        self.workers[index] = place_env_runners(self.connection, 1, self._timeout_s)[0]
+        # A worker that hosts no learner and no other runner of this group, if there is one.
+        others = [w for i, w in enumerate(self.workers) if i != index and self._lost[i] is None]
+        lost_workers = [w for i, w in enumerate(self.workers) if i == index or self._lost[i] is not None]
+        self.workers[index] = place_env_runners(self.connection, 1, self._timeout_s, avoid=others, exclude=lost_workers)[0]
         self.keys[index] = f"{env_runner_actor_key(index, self.run_id)}-r{self.num_env_runner_restarts}"
         self._creation_futures[index] = self._submit_runner(index)
         self._creation_futures[index].result(timeout=self._timeout_s)
@@ -112,12 +127,14 @@ class DaskEnvRunnerGroup:
         """``method(*args)`` on every runner (``None`` args: skip that runner) concurrently; their
         values in runner order. A lost runner is replaced and its call made again once (with
         ``restart_failed_env_runners``); otherwise :class:`EnvRunnerDiedError` says what to do."""
-        try:
-            return self._call_all(method, args_per_runner)
-        except EnvRunnerDiedError as err:
-            lost = int(args_per_runner[err.runner_index][0]) if method == "sample" and err.runner_index is not None else 0  # type: ignore[index]
-            self.replace_lost(err, lost)
-            return self._call_all(method, args_per_runner)
+        for _ in range(self.num_runners + 1):  # one worker may have hosted several runners
+            try:
+                return self._call_all(method, args_per_runner)
+            except EnvRunnerDiedError as err:
+                index = err.runner_index
+                lost = int(args_per_runner[index][0]) if method == "sample" and index is not None and args_per_runner[index] else 0  # type: ignore[index]
+                self.replace_lost(err, lost)
+        return self._call_all(method, args_per_runner)
 
     def replace_lost(self, err: EnvRunnerDiedError, lost_env_steps: int = 0) -> None:
         """After ``err`` from a lost runner: with ``restart_failed_env_runners``, a replacement starts
@@ -134,11 +151,7 @@ class DaskEnvRunnerGroup:
         async def one(index: int, args: Optional[tuple]) -> Any:
             if args is None:
                 return None
-            address, key = self.workers[index], self.keys[index]
-            try:
-                return await call_actor(worker_rpc(client, address), key, method, args)
-            except UNREACHABLE + (ActorMissing,) as err:
-                raise _runner_died(index, key, address, err, method) from err
+            return await self._call_one(index, method, args)
 
         async def every() -> List[Any]:
             return list(await asyncio.gather(*(one(i, args) for i, args in enumerate(args_per_runner))))
@@ -160,15 +173,26 @@ class DaskEnvRunnerGroup:
         if weights is not None:
             self._weights = weights  # a replacement runner starts from them
         client = self.connection.client
+        return asyncio.run_coroutine_threadsafe(
+            self._call_one(index, "sample_with_metrics", (num_timesteps, weights)), client.loop.asyncio_loop
+        )
+
+    async def _call_one(self, index: int, method: str, args: tuple, kwargs: Optional[Dict[str, Any]] = None) -> Any:
+        """``method`` on runner ``index`` (on the client's loop); :class:`EnvRunnerDiedError` as soon
+        as its worker is known to be gone, in flight or not."""
         address, key = self.workers[index], self.keys[index]
-
-        async def one() -> Any:
-            try:
-                return await call_actor(worker_rpc(client, address), key, "sample_with_metrics", (num_timesteps, weights))
-            except UNREACHABLE + (ActorMissing,) as err:
-                raise _runner_died(index, key, address, err, "sample_with_metrics") from err
-
-        return asyncio.run_coroutine_threadsafe(one(), client.loop.asyncio_loop)
+        if self._lost[index] is not None:
+            raise _runner_died(index, key, address, self._lost[index], method)
+        call = asyncio.ensure_future(call_actor(worker_rpc(self.connection.client, address), key, method, args, kwargs))
+        while not call.done():
+            await asyncio.wait({call}, timeout=0.25)
+            if not call.done() and self._lost[index] is not None:
+                call.cancel()
+                raise _runner_died(index, key, address, self._lost[index], method)
+        try:
+            return call.result()
+        except UNREACHABLE + (ActorMissing,) as err:
+            raise _runner_died(index, key, address, err, method) from err
 
     def sync_weights(self, weights: Any) -> None:
         self._weights = weights
@@ -180,7 +204,7 @@ class DaskEnvRunnerGroup:
     def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
         """Greedy evaluation episodes on the first runner."""
         client = self.connection.client
-        coro = call_actor(worker_rpc(client, self.workers[0]), self.keys[0], "evaluate", (num_episodes,), {"seed": seed})
+        coro = self._call_one(0, "evaluate", (num_episodes,), {"seed": seed})
         return asyncio.run_coroutine_threadsafe(coro, client.loop.asyncio_loop).result()
 
     def get_state(self) -> List[Dict[str, Any]]:
@@ -203,7 +227,7 @@ class DaskEnvRunnerGroup:
                 logger.warning("env runner %s did not stop cleanly: %r", key, err)
 
         async def stop_all() -> None:
-            await asyncio.gather(*(stop_one(a, k) for a, k in zip(self.workers, self.keys)))
+            await asyncio.gather(*(stop_one(a, k) for a, k, lost in zip(self.workers, self.keys, self._lost) if lost is None))
 
         if client.status == "running":
             asyncio.run_coroutine_threadsafe(stop_all(), client.loop.asyncio_loop).result()
@@ -214,5 +238,8 @@ class DaskEnvRunnerGroup:
         for future in self._creation_futures:
             if future is not None:
                 future.release()
-        self._creation_futures = []
+        for unwatch in self._unwatch:
+            if unwatch is not None:
+                unwatch()
+        self._creation_futures, self._unwatch, self._lost = [], [], []
         self.keys = []

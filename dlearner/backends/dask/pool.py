@@ -51,6 +51,12 @@ class _Slot:
     next_seq: int = 1
     died: Optional[str] = None
     death: Optional[asyncio.Future] = None  # resolved (on the client's loop) when the learner is gone
+    unwatch: Optional[Callable[[], None]] = None  # stops watching the worker's removal
+
+    def stop_watching(self) -> None:
+        if self.unwatch is not None:
+            self.unwatch()
+            self.unwatch = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +146,7 @@ class DaskLearnerPool:
             self._run_on_loop(self._init_events())
             for slot in self.slots:
                 # Pushed by the scheduler when the worker leaves: later calls fail at once.
-                client.subscribe_topic(slot.worker, self._worker_event_handler(slot))
+                slot.unwatch = self.connection.watch_worker(slot.worker, self._death_callback(slot))
             self._start_actors(module_spec, learner_class)
             if num_learners > 1:
                 self.backend = self._choose_backend()
@@ -257,13 +263,8 @@ class DaskLearnerPool:
         self._pg_broken = False
 
     # -- deaths -------------------------------------------------------------------------------------
-    def _worker_event_handler(self, slot: _Slot) -> Callable[[Any], None]:
-        def handler(event: Any) -> None:
-            _, msg = event
-            if isinstance(msg, dict) and msg.get("action") == "remove-worker":
-                self._mark_dead(slot, f"its worker left the cluster ({'retired' if msg.get('expected') else 'died'})")
-
-        return handler
+    def _death_callback(self, slot: _Slot) -> Callable[[str], None]:
+        return lambda why: self._mark_dead(slot, why)
 
     def _mark_dead(self, slot: _Slot, why: str) -> None:
         """The one place a learner is declared gone (runs on the client's event loop)."""
@@ -476,10 +477,8 @@ class DaskLearnerPool:
                 "save checkpoints (save_to_path) during training so a fault-tolerant group can recover. "
                 + " ".join(s.died or "" for s in dead)
             )
-        client = self.connection.client
         for slot in dead:
-            if client.status == "running":
-                client.unsubscribe_topic(slot.worker)
+            slot.stop_watching()
         exclude = [s.worker for s in dead]
         addresses = free_learner_workers(self.connection, self._config, len(dead), self._restart_timeout_s, exclude=exclude)
         if not survivors and not addresses:
@@ -525,7 +524,7 @@ class DaskLearnerPool:
             self.call("set_rank", [(s.rank, self.num_learners) for s in survivors], ranks=[s.rank for s in survivors], result_ranks=())
         self._run_on_loop(self._init_events())
         for slot in new_slots:
-            self.connection.client.subscribe_topic(slot.worker, self._worker_event_handler(slot))
+            slot.unwatch = self.connection.watch_worker(slot.worker, self._death_callback(slot))
         self._start_actors(self._module_spec, self._learner_class, new_slots)
         self.num_learner_restarts += len(new_slots)
         if self.num_learners > 1:
@@ -562,9 +561,9 @@ class DaskLearnerPool:
             return
         client = connection.client
         futures = [s.future for s in self.slots if s.future is not None]
+        for slot in self.slots:
+            slot.stop_watching()
         if client.status == "running":
-            for slot in self.slots:
-                client.unsubscribe_topic(slot.worker)
             if futures:
                 # The scheduler forgets the actors now, so the workers are free for a new group.
                 client.cancel(futures, force=True)
