@@ -118,6 +118,7 @@ class AlgorithmConfig:
         self.address: Optional[str] = None
         self.scheduler_file: Optional[str] = None
         self.client: Any = None
+        self.security: Any = None  # a distributed.Security: never stored, never sent to learners
         self.cluster_kwargs: Dict[str, Any] = {}
         # debugging / reporting
         self.seed: Optional[int] = None
@@ -304,10 +305,19 @@ class AlgorithmConfig:
         scheduler_file: Optional[str] = NotProvided,
         client: Any = NotProvided,
         cluster_kwargs: Dict[str, Any] = NotProvided,
+        security: Any = NotProvided,
     ) -> "AlgorithmConfig":
         """Where Dask actors run: an existing ``distributed.Client``, a scheduler ``address``, a
         ``scheduler_file`` (HPC), or none of them for an embedded ``LocalCluster`` the group owns
-        (``cluster_kwargs`` go to that LocalCluster)."""
+        (``cluster_kwargs`` go to that LocalCluster).
+
+        ``security``: a ``distributed.Security`` for a TLS cluster, used to connect to ``address`` /
+        ``scheduler_file`` and given to an embedded LocalCluster (a ``client`` brings its own).
+        Example::
+
+            from distributed import Security
+            config.cluster(address="tls://scheduler:8786", security=Security(tls_ca_file="ca.pem", ...))
+        """
         if address is not NotProvided:
             if address is not None and not isinstance(address, str):
                 raise ValueError(f"address must be a string such as 'tcp://host:8786', got {address!r}.")
@@ -318,6 +328,12 @@ class AlgorithmConfig:
             self.client = client
         if cluster_kwargs is not NotProvided:
             self.cluster_kwargs = dict(cluster_kwargs or {})
+        if security is not NotProvided:
+            from distributed import Security
+
+            if security is not None and not isinstance(security, Security):
+                raise ValueError(f"security must be a distributed.Security (or None), got {type(security).__name__}.")
+            self.security = security
         given = [n for n in ("address", "scheduler_file", "client") if getattr(self, n) is not None]
         if len(given) > 1:
             raise ValueError(f"Give at most one of address, scheduler_file and client; got {given}.")
@@ -457,26 +473,26 @@ class AlgorithmConfig:
 
     # --------------------------------------------------------------------------------- copies
     def copy(self) -> "AlgorithmConfig":
-        """A deep copy (the Dask client, if any, is shared, not copied)."""
-        client, self.client = self.client, None
+        """A deep copy (the Dask client and security, if any, are shared, not copied)."""
+        client, security, self.client, self.security = self.client, self.security, None, None
         try:
             new = copy.deepcopy(self)
         finally:
-            self.client = client
-        new.client = client
+            self.client, self.security = client, security
+        new.client, new.security = client, security
         return new
 
     def copy_for_learner(self) -> "AlgorithmConfig":
-        """A copy without cluster handles, safe to send to remote learners."""
+        """A copy without cluster handles or credentials, safe to send to remote learners."""
         new = self.copy()
-        new.client = None
+        new.client = new.security = None
         return new
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON description of the settings (for checkpoints and ``dlearner inspect``)."""
         out: Dict[str, Any] = {"config_class": class_path(type(self))}
         for key, value in vars(self).items():
-            if key in ("client",):
+            if key in ("client", "security"):
                 continue
             if key == "rl_module_spec":
                 value = _spec_to_json(value)
@@ -530,7 +546,7 @@ class AlgorithmConfig:
 
 #: Settings a checkpoint never supplies, because they start processes or load code: Dask cluster
 #: keyword arguments (``preload`` runs Python), where to connect, and a Dask client.
-CODE_LOADING_SETTINGS = ("cluster_kwargs", "address", "scheduler_file", "client")
+CODE_LOADING_SETTINGS = ("cluster_kwargs", "address", "scheduler_file", "client", "security")
 
 
 def env_id_imports_code(env: Any) -> bool:

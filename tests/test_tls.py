@@ -274,3 +274,21 @@ def test_a_client_without_direct_worker_connections_goes_through_the_scheduler(t
             assert client.status == "running"
     finally:
         scheduler.handlers["proxy"] = proxy
+
+
+def test_attaching_by_tls_address_with_cluster_security(tls_cluster, security):
+    """``.cluster(address="tls://...", security=...)``: the certificates come with the config."""
+    config = group_config().cluster(address=tls_cluster.scheduler_address, security=security)
+    with config.build_learner_group(spaces=SPACES) as lg:
+        assert all(worker.startswith("tls://") for worker in lg.learner_workers)
+        assert trained_rows(lg.update(ppo_batch(ROWS, seed=11))) == ROWS
+    # Credentials never travel to the learners, nor into a checkpoint's config.
+    assert "security" not in config.to_dict() and config.copy_for_learner().security is None
+
+
+def test_an_embedded_cluster_is_secured_by_cluster_security(security):
+    config = group_config().cluster(security=security, cluster_kwargs={"silence_logs": logging.ERROR})
+    with config.build_learner_group(spaces=SPACES) as lg:
+        assert lg.client.scheduler.address.startswith("tls://")
+        assert all(worker.startswith("tls://") for worker in lg.learner_workers)
+        assert trained_rows(lg.update(ppo_batch(ROWS, seed=12))) == ROWS

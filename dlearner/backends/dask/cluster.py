@@ -123,14 +123,17 @@ def _open(config: Any, num_workers: int) -> ClusterConnection:
             raise LearnerGroupError(f"The Dask client given in .cluster(client=...) is {client.status!r}, not running.")
         return ClusterConnection(client, None, owns_client=False, description=f"client of {client.scheduler.address}")
     if config.address is not None or config.scheduler_file is not None:
-        return attach(address=config.address, scheduler_file=config.scheduler_file, timeout_s=timeout)
+        return attach(address=config.address, scheduler_file=config.scheduler_file, timeout_s=timeout, security=config.security)
     return _start_embedded_cluster(config, num_workers)
 
 
-def attach(*, address: Optional[str] = None, scheduler_file: Optional[str] = None, timeout_s: float = 30.0) -> ClusterConnection:
+def attach(
+    *, address: Optional[str] = None, scheduler_file: Optional[str] = None, timeout_s: float = 30.0, security: Any = None
+) -> ClusterConnection:
     """A client of a running cluster, by scheduler ``address`` or ``scheduler_file`` (the one place
     dlearner creates such a client: the LearnerGroup, the Algorithm and the command line all come here).
 
+    ``security``: a ``distributed.Security`` for a TLS scheduler (default: Dask's configured one).
     Raises ``FileNotFoundError`` for a missing scheduler file and :class:`LearnerGroupError` when the
     scheduler cannot be reached within ``timeout_s``.
     """
@@ -145,6 +148,8 @@ def attach(*, address: Optional[str] = None, scheduler_file: Optional[str] = Non
     else:
         raise ValueError("attach() needs a scheduler address or a scheduler_file.")
     try:
+        if security is not None:
+            where["security"] = security
         client = Client(**where, set_as_default=_no_default_client(), timeout=timeout_s)
     except (OSError, TimeoutError) as err:
         raise LearnerGroupError(f"Cannot reach the Dask scheduler of {named} within {timeout_s:g} s: {err}") from err
@@ -170,6 +175,8 @@ def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
                 "num_gpus_per_learner=0, or attach to a cluster whose workers declare the resource 'GPU'."
             )
         kwargs["resources"] = {"GPU": gpus}
+    if config.security is not None:
+        kwargs["security"] = config.security
     kwargs.update(config.cluster_kwargs or {})
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in new workers, which makes glibc mmap/munmap every
     # tensor above 128 KiB: 30-40 % slower updates. Learner workers go without it.
@@ -178,7 +185,7 @@ def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
         cluster = LocalCluster(**kwargs)
     try:
-        client = Client(cluster, set_as_default=_no_default_client())
+        client = Client(cluster, set_as_default=_no_default_client(), security=cluster.security)
     except BaseException:
         cluster.close()
         raise
