@@ -275,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run (default: 10)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=None, help="seed of the first episode's reset")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.add_argument("--env", default=None, metavar="ID",
+                          help="the run's gymnasium id, needed again when it has the module:Env form (a checkpoint "
+                               "never imports code by itself)")
     _add_output_options(evaluate, defaults=False)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -597,7 +600,18 @@ def _make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Di
             raise UsageError(
                 f"argument --algo: the checkpoint {args.checkpoint!r} was trained with {stored_algo}, not {args.algo}."
             )
-        if args.env is not None and args.env != config.env:
+        from dlearner.config import env_id_imports_code
+
+        stored_env = metadata["config"].get("env")
+        if config.env is None and env_id_imports_code(stored_env):
+            # A `module:Env` id imports its module: a checkpoint is data, so the user names it again.
+            if args.env != stored_env:
+                raise UsageError(
+                    f"argument --env: the checkpoint {args.checkpoint!r} was trained on {stored_env!r}, which imports "
+                    f"Python code; a checkpoint never does that by itself: pass --env {stored_env} to trust it."
+                )
+            config.environment(args.env)
+        elif args.env is not None and args.env != config.env:
             raise UsageError(
                 f"argument --env: the checkpoint {args.checkpoint!r} was trained on {config.env!r}, not {args.env!r}; "
                 "drop --env, or start a new run in another --checkpoint directory."
@@ -1011,6 +1025,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``dlearner evaluate DIR``: greedy episodes with the checkpoint's policy, in this process."""
     metadata = _load_run_metadata(args.checkpoint, "evaluate")
     config = config_from_dict(metadata["config"])
+    from dlearner.config import env_id_imports_code
+
+    stored_env = metadata["config"].get("env")
+    if config.env is None and env_id_imports_code(stored_env):
+        if args.env != stored_env:
+            raise UsageError(
+                f"argument --env: {args.checkpoint!r} was trained on {stored_env!r}, which imports Python code; a "
+                f"checkpoint never does that by itself: pass --env {stored_env} to trust it."
+            )
+        config.environment(args.env)
+    elif args.env is not None and args.env != config.env:
+        raise UsageError(f"argument --env: {args.checkpoint!r} was trained on {config.env!r}, not {args.env!r}.")
     # Evaluation is a few episodes in this process: no cluster, no GPU, whatever the run used.
     config.learners(num_learners=0, num_gpus_per_learner=0)
     config.env_runners(num_env_runners=0, num_envs_per_env_runner=1)

@@ -415,3 +415,26 @@ def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, al
     assert all("policy_lag_mean" in r and r["num_env_steps_dropped_lifetime"] == 0 for r in rows)
     inspected = dlearner("inspect", str(run))
     assert inspected.returncode == 0 and algo in inspected.stdout
+
+
+@pytest.mark.slow
+def test_a_checkpoint_never_imports_the_module_of_a_module_env_id_by_itself(tmp_path):
+    """`module:Env` ids import `module`: `--resume` and `evaluate` need the user to name the id again."""
+    (tmp_path / "their_envs.py").write_text(
+        "import gymnasium as gym\n"
+        "gym.register('TheirCartPole-v0', entry_point='gymnasium.envs.classic_control.cartpole:CartPoleEnv', "
+        "max_episode_steps=500)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run, env_id = tmp_path / "run", "their_envs:TheirCartPole-v0"
+
+    def cli(*args):
+        return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=180, env=env)
+
+    assert cli("train", "--env", env_id, "--stop-iters", "1", "--checkpoint", str(run), *FAST).returncode == 0
+    refused = cli("evaluate", str(run), "--episodes", "1")
+    assert refused.returncode == 2 and f"pass --env {env_id}" in refused.stderr
+    assert cli("evaluate", str(run), "--episodes", "1", "--env", env_id).returncode == 0
+    refused = cli("train", "--checkpoint", str(run), "--resume", "--stop-iters", "2", *FAST)
+    assert refused.returncode == 2 and f"pass --env {env_id}" in refused.stderr
+    assert cli("train", "--checkpoint", str(run), "--resume", "--stop-iters", "2", "--env", env_id, *FAST).returncode == 0

@@ -337,7 +337,7 @@ class MetricsStore:
         for group_id in message.get("learner_groups") or ():
             run.groups.add(str(group_id))
         keys = message.get("env_runner_keys")
-        if isinstance(keys, list) and keys:
+        if isinstance(keys, (list, tuple)) and keys:  # Dask's events decode lists as tuples
             run.env_runner_keys = [str(k) for k in keys]
         for name in ("algorithm", "env"):
             if isinstance(message.get(name), str):
