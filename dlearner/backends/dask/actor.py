@@ -287,10 +287,17 @@ class LearnerActor:
 
     # -- the pool's own operations (run on the compute thread, in order) ---------------------------
     def op_open_store(self, timeout_s: float) -> int:
-        """Rank 0: start the group's TCPStore on this worker's interface; returns its port."""
+        """Rank 0: start a TCPStore for forming the next process group, on this worker's interface;
+        returns its port. It lives only until the group has formed (:meth:`op_close_store`)."""
         if self._store is None:
             self._store = open_store(self.host, self.world_size, timeout_s)
         return int(self._store.port)
+
+    def op_close_store(self) -> None:
+        """Rank 0: stop the store once every rank has joined the group. The ranks' process groups
+        hold client connections only (rank 0's included), so the port closes now: nothing listens
+        unauthenticated for the rest of the group's life."""
+        self._store = None
 
     def op_form_group(self, store_host: str, port: int, generation: int, backend: str, store_timeout_s: float, op_timeout_s: float) -> str:
         """Build this rank's part of process group ``generation`` (all ranks call this concurrently)."""
@@ -302,7 +309,7 @@ class LearnerActor:
                 prefix=f"dlearner/{self.group_id}/{generation}",
                 backend=backend,
                 host=self.host,
-                store=self._store if self.rank == 0 else None,
+                store=None,  # every rank, rank 0 too, joins as a client: the server can go once formed
                 store_host=store_host,
                 store_port=port,
                 store_timeout_s=store_timeout_s,

@@ -245,6 +245,7 @@ class DaskLearnerPool:
             self.store_port = self.call("open_store", [(timeout,)], ranks=[0])[0]
             args = (store_host, self.store_port, self._generation, self.backend, timeout, self._collective_timeout_s)
             self.submit("form_group", [args] * self.num_learners, result_ranks=None).result(timeout=timeout + 30)
+            self.call("close_store", [()], ranks=[0], result_ranks=())
         except concurrent.futures.TimeoutError as err:
             self._pg_broken = True
             raise ProcessGroupError(
