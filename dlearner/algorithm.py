@@ -54,6 +54,7 @@ class Algorithm:
             self.stop()
             raise
         self.episode_stats = EpisodeStats(self.config.metrics_num_episodes_for_smoothing)
+        self._runner_steps_seen: Dict[str, int] = {}
         self.iteration = 0
         self.num_env_steps_sampled_lifetime = 0
         self.num_env_steps_trained_lifetime = 0
@@ -122,14 +123,19 @@ class Algorithm:
             raise
         self.iteration += 1
         self.num_env_steps_sampled_lifetime += num_sampled
-        for metrics in self.collect_episode_metrics():
+        runner_reports = self.collect_episode_metrics()
+        for metrics in runner_reports:
             self.episode_stats.add(metrics)
             self.num_episodes_lifetime += len(metrics["episode_returns"])
         elapsed = time.perf_counter() - start
         self.time_total_s += elapsed
         result = {
             "training_iteration": self.iteration,
-            "env_runners": {**self.episode_stats.summary(), "num_episodes_lifetime": self.num_episodes_lifetime},
+            "env_runners": {
+                **self.episode_stats.summary(),
+                "num_episodes_lifetime": self.num_episodes_lifetime,
+                "runners": self._per_runner(runner_reports, elapsed),
+            },
             "learners": learner_results,
             "num_env_steps_sampled_lifetime": self.num_env_steps_sampled_lifetime,
             "num_env_steps_trained_lifetime": self.num_env_steps_trained_lifetime,
@@ -167,6 +173,26 @@ class Algorithm:
     def training_step(self):
         """Sample, learn and sync once; returns ``(learner results, env steps sampled)``. Algorithms override."""
         raise NotImplementedError(f"{type(self).__name__} must implement training_step().")
+
+    def _per_runner(self, reports: List[Dict[str, Any]], elapsed: float) -> Dict[str, Dict[str, float]]:
+        """Each env runner's figures this iteration, keyed by its index (``"1"``, ``"2"``, ...; ``"0"``
+        samples in the driver): env steps per second, episodes, lifetime counters."""
+        out: Dict[str, Dict[str, float]] = {}
+        for report in reports:
+            index = str(int(report.get("worker_index", 0)))
+            steps = int(report.get("num_env_steps_sampled_lifetime", 0))
+            entry = out.setdefault(index, {"episodes_this_iter": 0, "env_steps_this_iter": 0})
+            entry["episodes_this_iter"] += len(report.get("episode_returns", ()))
+            entry["num_env_steps_sampled_lifetime"] = steps
+            entry["num_episodes_lifetime"] = int(report.get("num_episodes_lifetime", 0))
+        for index, entry in out.items():
+            # A replaced runner starts counting from 0 again: never a negative rate.
+            before = self._runner_steps_seen.get(index, 0)
+            now = int(entry["num_env_steps_sampled_lifetime"])
+            entry["env_steps_this_iter"] = now - before if now >= before else now
+            entry["env_steps_per_s"] = entry["env_steps_this_iter"] / elapsed if elapsed > 0 else float("nan")
+            self._runner_steps_seen[index] = now
+        return out
 
     def collect_episode_metrics(self) -> List[Dict[str, Any]]:
         """Episode statistics of the env runners since the last iteration (one dict per runner report)."""

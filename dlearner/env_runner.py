@@ -329,6 +329,7 @@ class EnvRunner:
             "episode_lengths": self._finished_lengths,
             "num_env_steps_sampled_lifetime": self.num_env_steps_sampled_lifetime,
             "num_episodes_lifetime": self.num_episodes_lifetime,
+            "worker_index": self.worker_index,  # which runner: per-runner figures on the dashboard
         }
         self._finished_returns, self._finished_lengths = [], []
         return metrics

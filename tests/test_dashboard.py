@@ -34,7 +34,7 @@ from dlearner.dashboard import (
     render_page,
     render_svg_curve,
 )
-from dlearner.dashboard.html import nice_ticks
+from dlearner.dashboard.html import env_runners_table, nice_ticks
 
 SMALL = {"fcnet_hiddens": [16, 16]}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -378,3 +378,20 @@ def test_scheduler_preload_serves_the_page_from_the_start(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_each_env_runner_actor_has_its_own_row_with_throughput_episodes_and_policy_lag():
+    store = MetricsStore()
+    store.add({"run_id": "appo", "kind": "status", "status": "running", "time": 10.0,
+               "env_runner_keys": ("env-runner-0-x", "env-runner-1-x")})  # Dask's events decode lists as tuples
+    store.add({"run_id": "appo", "kind": "train", "time": 11.0, "result": {
+        "training_iteration": 1, "num_env_steps_sampled_lifetime": 800,
+        "env_runners": {"runners": {"1": {"env_steps_per_s": 900.0, "num_episodes_lifetime": 12},
+                                    "2": {"env_steps_per_s": 700.0, "num_episodes_lifetime": 9}}},
+        "policy_lag_mean_by_runner": {"1": 1.5, "2": 2.0},
+    }}, received=11.0)
+    (run,) = store.to_json(now=12.0)["runs"]
+    rows = run["env_runner_actors"]
+    assert [(r["index"], r["env_steps_per_s"], r["episodes"], r["policy_lag_mean"]) for r in rows] == [
+        (0, 900.0, 12, 1.5), (1, 700.0, 9, 2.0)]
+    assert "policy lag" in env_runners_table(run) and "900" in env_runners_table(run)

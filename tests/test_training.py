@@ -54,6 +54,9 @@ def test_train_result_has_the_promised_keys():
         assert isinstance(result["env_runners"]["episode_return_mean"], float)
         assert isinstance(result["learners"]["default_policy"]["total_loss"], float)
         assert result["time_this_iter_s"] > 0
+        # Each env runner's own figures, keyed by its index ("0": sampling in the driver).
+        runner = result["env_runners"]["runners"]["0"]
+        assert runner["env_steps_per_s"] > 0 and runner["env_steps_this_iter"] >= 256
         evaluation = algo.evaluate(2)
         assert evaluation["env_runners"]["num_episodes"] == 2
 
@@ -78,6 +81,7 @@ def test_ppo_solves_cartpole_with_env_runner_and_learner_actors_on_a_local_clust
         assert any("env-runner" in k for k in actor_keys) and any("learner" in k for k in actor_keys)
         returns = train_until(algo, stop_return=450, max_env_steps=80_000)
         assert returns[-1] >= 450, returns
+        assert set(algo.train()["env_runners"]["runners"]) == {"1"}  # the one env-runner actor
     assert cluster_client.status == "closed"  # the algorithm's embedded cluster is gone
 
 

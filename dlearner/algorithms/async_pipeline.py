@@ -58,6 +58,7 @@ class _Fragment:
 
     columns: Dict[str, np.ndarray]
     weights_version: int
+    runner: int = 0  # index of the env runner that sampled it
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ class AsyncPipeline:
         self._finished: List[Tuple[_Update, Dict[str, Any]]] = []  # updates finished outside an iteration
         self.num_env_steps_dropped_lifetime = 0
         self._iteration_stats: Dict[str, Any] = {}
+        self._lag_by_runner: List[Tuple[int, int]] = []  # (runner index, policy lag) of fragments sent to learners
 
     # --------------------------------------------------------------------------- one iteration
     def run_iteration(self) -> Tuple[Dict[str, Any], int]:
@@ -143,8 +145,18 @@ class AsyncPipeline:
             "num_learner_updates": len(results),
             "learner_queue_fragments_mean": float(np.mean(queue_lengths)) if queue_lengths else 0.0,
             "weights_version": self._weights_version,
+            "policy_lag_mean_by_runner": self._pop_lag_by_runner(),
         }
         return mean_results(results), sampled
+
+    def _pop_lag_by_runner(self) -> Dict[str, float]:
+        """Mean policy lag of each runner's fragments sent to the learners since the last call,
+        keyed like the results' ``env_runners/runners`` (the runner's worker index)."""
+        per: Dict[str, List[int]] = {}
+        for runner, lag in self._lag_by_runner:
+            per.setdefault(str(runner + 1 if self.algo.config.num_env_runners else 0), []).append(lag)
+        self._lag_by_runner = []
+        return {index: float(np.mean(lags)) for index, lags in per.items()}
 
     def iteration_results(self) -> Dict[str, Any]:
         """Top-level result entries of the last iteration: policy lag, samples dropped, throughput."""
@@ -198,7 +210,7 @@ class AsyncPipeline:
         num_envs = fragment[Columns.REWARDS].shape[1]
         for env in range(num_envs):
             # Column [:, env] is one vector env's consecutive steps: one fragment.
-            self._queue.append(_Fragment({c: fragment[c][:, env] for c in TRAIN_COLUMNS}, version))
+            self._queue.append(_Fragment({c: fragment[c][:, env] for c in TRAIN_COLUMNS}, version, index))
         return rows
 
     # -------------------------------------------------------------------------------- learning
@@ -208,6 +220,7 @@ class AsyncPipeline:
             batch = {c: np.concatenate([f.columns[c] for f in fragments]) for c in TRAIN_COLUMNS}
             index = self._num_updates_requested
             lags = np.array([index - f.weights_version for f in fragments])
+            self._lag_by_runner.extend((f.runner, int(lag)) for f, lag in zip(fragments, lags))
             timesteps = {TIMESTEP_KEY: self.algo.num_env_steps_sampled_lifetime + self._sampled_this_iteration}
             future = self.algo.learner_group.update_async(batch, timesteps=timesteps)
             self._updates.append(_Update(future, _done_signal(future), index, len(batch[Columns.OBS]), lags))

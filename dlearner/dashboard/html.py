@@ -179,8 +179,9 @@ def env_runners_table(run: Mapping[str, Any]) -> str:
         for a in actors:
             healthy = a.get("healthy")
             rows.append([a["index"], a.get("worker") or "–",
-                         "–" if healthy is None else ("healthy" if healthy else "gone"), a.get("restarts")])
-        out.append(table(["env runner", "worker", "health", "restarts"], rows))
+                         "–" if healthy is None else ("healthy" if healthy else "gone"), a.get("restarts"),
+                         fmt(a.get("env_steps_per_s")), fmt(a.get("episodes")), fmt(a.get("policy_lag_mean"))])
+        out.append(table(["env runner", "worker", "health", "restarts", "env steps/s", "episodes", "policy lag"], rows))
     totals = [
         ("env steps/s", summary.get("env_steps_per_s")),
         ("episodes", env.get("num_episodes_lifetime")),

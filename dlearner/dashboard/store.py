@@ -256,9 +256,15 @@ class _Run:
             seen = self._env_runner_seen.setdefault(index, {key})
             seen.add(current)
             actor = liveness.actor(current) if liveness is not None else None
+            # The run's results key runners by worker index: index + 1 for Dask env runners.
+            figures = (self.env_runners.get("runners") or {}).get(str(index + 1)) or {}
+            lag = (self.env_runners.get("policy_lag_by_runner") or {}).get(str(index + 1))
             out.append({
                 "index": index, "actor": current, "worker": (actor or {}).get("worker"),
                 "healthy": None if liveness is None else bool(actor and actor["healthy"]), "restarts": len(seen) - 1,
+                "env_steps_per_s": figures.get("env_steps_per_s"),
+                "episodes": figures.get("num_episodes_lifetime"),
+                "policy_lag_mean": lag,
             })
         return out
 
@@ -376,6 +382,8 @@ class MetricsStore:
         run.summary = {k: v for k, v in result.items() if not isinstance(v, Mapping)}
         run.learners = {str(m): dict(v) for m, v in learners.items() if isinstance(v, Mapping)}
         run.env_runners = dict(env_runners)
+        lags = result.get("policy_lag_mean_by_runner")
+        run.env_runners["policy_lag_by_runner"] = dict(lags) if isinstance(lags, Mapping) else {}
 
     @staticmethod
     def _add_learner_update(run: _Run, results: Mapping[str, Any], step: Any) -> None:
