@@ -66,7 +66,8 @@ def kill_worker(client, address):
     os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
 
 
-def wait_for_workers(client, count, timeout=30):
+def wait_for_workers(client, count, timeout=90):
+    # A nanny restarts a killed worker in seconds; a loaded CI machine can take much longer.
     deadline = time.monotonic() + timeout
     while len(client.scheduler_info(n_workers=-1)["workers"]) < count:
         assert time.monotonic() < deadline, f"the cluster did not get back to {count} workers"

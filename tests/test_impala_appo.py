@@ -263,7 +263,9 @@ def test_learns_cartpole_on_dask_actors(client, config_class, target):
     )
     with config.build_algo() as algo:
         returns = []
-        while not returns or (returns[-1] < target and algo.num_env_steps_sampled_lifetime < 60_000):
+        # Asynchronous: how far a fixed number of env steps gets depends on the machine's load (policy
+        # lag), so the budget is generous; on a quiet machine the target comes within ~20k steps.
+        while not returns or (returns[-1] < target and algo.num_env_steps_sampled_lifetime < 150_000):
             result = algo.train()
             returns.append(result["env_runners"]["episode_return_mean"])
         assert returns[-1] >= target, returns[::10]
