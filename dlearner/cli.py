@@ -485,6 +485,23 @@ def _run_dir(path: str) -> Optional[Path]:
     return store.parent if store.name == RUN_STORE_DIRNAME else store
 
 
+def _restore_env(config: "AlgorithmConfig", metadata: Mapping[str, Any], args: argparse.Namespace, hint: str) -> None:
+    """The run's environment for ``--resume`` / ``evaluate``: a ``module:Env`` id imports its module,
+    and a checkpoint is data, so such an id counts only when the user names it again with ``--env``."""
+    from dlearner.config import env_id_imports_code
+
+    stored_env = metadata["config"].get("env")
+    if config.env is None and env_id_imports_code(stored_env):
+        if args.env != stored_env:
+            raise UsageError(
+                f"argument --env: the checkpoint {args.checkpoint!r} was trained on {stored_env!r}, which imports "
+                f"Python code; a checkpoint never does that by itself: pass --env {stored_env} to trust it."
+            )
+        config.environment(args.env)
+    elif args.env is not None and args.env != config.env:
+        raise UsageError(f"argument --env: the checkpoint {args.checkpoint!r} was trained on {config.env!r}, not {args.env!r}; {hint}")
+
+
 def _committed_iteration(path: str, last_saved: int) -> Any:
     """The iteration the checkpoint at ``path`` holds, read from the store: a save that failed after
     its commit (a worker lost while it replied) has still written the newer one."""
@@ -600,22 +617,7 @@ def _make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Di
             raise UsageError(
                 f"argument --algo: the checkpoint {args.checkpoint!r} was trained with {stored_algo}, not {args.algo}."
             )
-        from dlearner.config import env_id_imports_code
-
-        stored_env = metadata["config"].get("env")
-        if config.env is None and env_id_imports_code(stored_env):
-            # A `module:Env` id imports its module: a checkpoint is data, so the user names it again.
-            if args.env != stored_env:
-                raise UsageError(
-                    f"argument --env: the checkpoint {args.checkpoint!r} was trained on {stored_env!r}, which imports "
-                    f"Python code; a checkpoint never does that by itself: pass --env {stored_env} to trust it."
-                )
-            config.environment(args.env)
-        elif args.env is not None and args.env != config.env:
-            raise UsageError(
-                f"argument --env: the checkpoint {args.checkpoint!r} was trained on {config.env!r}, not {args.env!r}; "
-                "drop --env, or start a new run in another --checkpoint directory."
-            )
+        _restore_env(config, metadata, args, "drop --env, or start a new run in another --checkpoint directory.")
         # Where the earlier run's cluster was says nothing about this one: only this invocation's flags count.
         config.address, config.scheduler_file, config.client = None, None, None
     else:
@@ -1025,18 +1027,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """``dlearner evaluate DIR``: greedy episodes with the checkpoint's policy, in this process."""
     metadata = _load_run_metadata(args.checkpoint, "evaluate")
     config = config_from_dict(metadata["config"])
-    from dlearner.config import env_id_imports_code
-
-    stored_env = metadata["config"].get("env")
-    if config.env is None and env_id_imports_code(stored_env):
-        if args.env != stored_env:
-            raise UsageError(
-                f"argument --env: {args.checkpoint!r} was trained on {stored_env!r}, which imports Python code; a "
-                f"checkpoint never does that by itself: pass --env {stored_env} to trust it."
-            )
-        config.environment(args.env)
-    elif args.env is not None and args.env != config.env:
-        raise UsageError(f"argument --env: {args.checkpoint!r} was trained on {config.env!r}, not {args.env!r}.")
+    _restore_env(config, metadata, args, "drop --env.")
     # Evaluation is a few episodes in this process: no cluster, no GPU, whatever the run used.
     config.learners(num_learners=0, num_gpus_per_learner=0)
     config.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
