@@ -516,19 +516,7 @@ class Learner:
         for mid, params in module_state.items():
             if not isinstance(params, Mapping):
                 raise ValueError(f"The state of module {mid!r} must be a dict of parameter names, got {type(params).__name__}.")
-            own = self._module[mid].state_dict()
-            if set(params) != set(own):
-                raise ValueError(
-                    f"Parameters of module {mid!r} differ: missing {sorted(set(own) - set(params))}, "
-                    f"unexpected {sorted(set(params) - set(own))}."
-                )
-            for name, value in params.items():
-                if tuple(np.shape(value)) != tuple(own[name].shape):
-                    raise ValueError(
-                        f"Parameter {mid}/{name} has shape {tuple(np.shape(value))} in the state but "
-                        f"{tuple(own[name].shape)} here (another architecture?)."
-                    )
-                _check_state_array(value, own[name], f"Parameter {mid}/{name}")
+            check_weights(params, self._module[mid], f"module {mid!r}")
 
     def get_optimizer_state(self) -> Dict[str, Any]:
         raise NotImplementedError
@@ -1184,6 +1172,25 @@ def _check_state_array(value: Any, like: torch.Tensor, where: str) -> None:
             cast = array.astype(target)
         if not np.isfinite(cast).all():
             raise ValueError(f"{where} has values that are not finite in {like.dtype} (NaN, inf or out of range) in the state.")
+
+
+def check_weights(params: Mapping[str, Any], module: torch.nn.Module, what: str) -> None:
+    """Raise ``ValueError`` unless ``params`` (``{name: array}``) can replace ``module``'s state
+    whole: the same names and shapes, numbers finite in the module's dtype. Used for every set of
+    weights a state or checkpoint brings (modules, APPO's target networks)."""
+    own = module.state_dict()
+    if set(params) != set(own):
+        raise ValueError(
+            f"The weights of {what} differ: missing {sorted(set(own) - set(params))}, "
+            f"unexpected {sorted(set(params) - set(own))}."
+        )
+    for name, value in params.items():
+        if tuple(np.shape(value)) != tuple(own[name].shape):
+            raise ValueError(
+                f"Weight {name} of {what} has shape {tuple(np.shape(value))} in the state but "
+                f"{tuple(own[name].shape)} here (another architecture?)."
+            )
+        _check_state_array(value, own[name], f"Weight {name} of {what}")
 
 
 def _copy_tree(value: Any, *, copy_arrays: bool = True) -> Any:

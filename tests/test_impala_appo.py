@@ -167,8 +167,23 @@ def test_appo_restores_refuse_a_target_network_of_another_shape():
     bad = state["learner_state"]["appo"]["target_networks"]["default_policy"]
     name = next(iter(bad))
     bad[name] = np.zeros((3, 3), np.float32)
-    with pytest.raises(ValueError, match="Target network parameter"):
+    with pytest.raises(ValueError, match=f"Weight {name} of the target network of module 'default_policy' has shape"):
         learner.set_state(state)
+
+
+def test_appo_restores_refuse_a_target_network_with_nan_and_change_nothing():
+    learner = small(APPOConfig).build_learner(spaces=SPACES)
+    learner.build()
+    before = learner.get_state()
+    state = learner.get_state()
+    bad = state["learner_state"]["appo"]["target_networks"]["default_policy"]
+    name = next(iter(bad))
+    bad[name] = np.full_like(bad[name], np.nan)
+    with pytest.raises(ValueError, match="not finite"):
+        learner.set_state(state)
+    after = learner.get_state()["learner_state"]["appo"]["target_networks"]["default_policy"]
+    for key, value in before["learner_state"]["appo"]["target_networks"]["default_policy"].items():
+        np.testing.assert_array_equal(after[key], value)
 
 
 def test_appo_trains_in_one_process_restores_and_continues(tmp_path):

@@ -28,6 +28,7 @@ import torch
 
 from dlearner.algorithms.impala import IMPALA, IMPALAConfig, IMPALATorchLearner, vtrace
 from dlearner.columns import Columns
+from dlearner.learner import check_weights
 from dlearner.config import NotProvided, _non_negative, _positive, _positive_int
 
 #: Key of APPO's part of the learner state.
@@ -150,18 +151,9 @@ class APPOTorchLearner(IMPALATorchLearner):
         for mid, params in appo["target_networks"].items():
             if mid not in self.target_networks:
                 raise ValueError(f"The state has a target network for module {mid!r}, which this learner lacks.")
-            own = self.target_networks[mid].state_dict()
-            if set(params) != set(own):
-                raise ValueError(
-                    f"Target network of module {mid!r} differs: missing {sorted(set(own) - set(params))}, "
-                    f"unexpected {sorted(set(params) - set(own))}."
-                )
-            for name, value in params.items():
-                if tuple(np.shape(value)) != tuple(own[name].shape):
-                    raise ValueError(
-                        f"Target network parameter {mid}/{name} has shape {tuple(np.shape(value))} in the state, "
-                        f"{tuple(own[name].shape)} here."
-                    )
+            if not isinstance(params, Mapping):
+                raise ValueError(f"The target network of module {mid!r} must be a dict of parameter names.")
+            check_weights(params, self.target_networks[mid], f"the target network of module {mid!r}")
         for name in ("num_updates_since_target_update", "num_target_updates"):
             value = appo.get(name, 0)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
