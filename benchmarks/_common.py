@@ -21,8 +21,18 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SHARED_BATCH = ROOT.parent / "shared" / "data" / "cartpole_4000_batch.npz"
 
 # The W1 workload of ../shared/data/README.md.
-W1 = dict(hiddens=[256, 256], minibatch_size=128, num_epochs=2, lr=3e-4, clip_param=0.3,
-          vf_clip_param=10.0, vf_loss_coeff=1.0, kl_coeff=0.2, kl_target=0.01, entropy_coeff=0.0)
+W1 = dict(
+    hiddens=[256, 256],
+    minibatch_size=128,
+    num_epochs=2,
+    lr=3e-4,
+    clip_param=0.3,
+    vf_clip_param=10.0,
+    vf_loss_coeff=1.0,
+    kl_coeff=0.2,
+    kl_target=0.01,
+    entropy_coeff=0.0,
+)
 
 
 def load_w1_batch(rows: int = 4000) -> Dict[str, np.ndarray]:

@@ -34,8 +34,11 @@ CONFIGS = {"PPO (sync)": PPOConfig, "APPO": APPOConfig, "IMPALA": IMPALAConfig}
 def run(config_class, seed: int, runners: int, max_steps: int = 300_000, max_wall_s: float = 120.0) -> dict:
     start = time.perf_counter()
     config = (
-        config_class().environment("CartPole-v1")
-        .env_runners(num_env_runners=runners).learners(num_learners=1).debugging(seed=seed)
+        config_class()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=runners)
+        .learners(num_learners=1)
+        .debugging(seed=seed)
     )
     with config.build_algo() as algo:
         train_start = time.perf_counter()
@@ -46,8 +49,11 @@ def run(config_class, seed: int, runners: int, max_steps: int = 300_000, max_wal
             result = algo.train()
             train_time += time.perf_counter() - began
             # Distinct env steps the learners took in: PPO trains all it samples, each step num_epochs times.
-            trained = (result["num_env_steps_sampled_lifetime"] if config_class is PPOConfig
-                       else result["num_env_steps_trained_lifetime"] // algo.config.num_epochs)
+            trained = (
+                result["num_env_steps_sampled_lifetime"]
+                if config_class is PPOConfig
+                else result["num_env_steps_trained_lifetime"] // algo.config.num_epochs
+            )
             if "policy_lag_mean" in result and result["policy_lag_mean"] == result["policy_lag_mean"]:
                 lags.append(result["policy_lag_mean"])
                 lag_max = max(lag_max, result["policy_lag_max"])
@@ -80,24 +86,44 @@ def main() -> None:
             runs = [run(CONFIGS[name], seed, runners) for seed in range(args.seeds)]
             med = {key: statistics.median(r[key] for r in runs) for key in ("time_to_solve", "steps", "trained_per_s")}
             medians[(name, runners)] = med
-            lag = (f"{statistics.median(r['lag_mean'] for r in runs):.1f} / {max(r['lag_max'] for r in runs)}"
-                   if runs[0]["lag_mean"] is not None else "-")
-            rows.append((
-                name, str(runners), f"{med['trained_per_s']:,.0f}", f"{med['time_to_solve']:.1f} s",
-                f"{med['steps']:,.0f}", f"{sum(r['solved'] for r in runs)}/{len(runs)}", lag,
-                str(sum(r["dropped"] for r in runs)) if runs[0]["lag_mean"] is not None else "-",
-            ))
+            lag = (
+                f"{statistics.median(r['lag_mean'] for r in runs):.1f} / {max(r['lag_max'] for r in runs)}"
+                if runs[0]["lag_mean"] is not None
+                else "-"
+            )
+            rows.append(
+                (
+                    name,
+                    str(runners),
+                    f"{med['trained_per_s']:,.0f}",
+                    f"{med['time_to_solve']:.1f} s",
+                    f"{med['steps']:,.0f}",
+                    f"{sum(r['solved'] for r in runs)}/{len(runs)}",
+                    lag,
+                    str(sum(r["dropped"] for r in runs)) if runs[0]["lag_mean"] is not None else "-",
+                )
+            )
             print(f"  {name} with {runners} runner(s): {runs}", file=sys.stderr, flush=True)
     print_table(
         f"CartPole-v1, 1 learner actor, default configs, median of {args.seeds} seeds",
         rows,
-        header=("algorithm", "env runners", "env steps trained/s", "time to solve", "env steps", "solved",
-                "policy lag mean / max", "dropped"),
+        header=(
+            "algorithm",
+            "env runners",
+            "env steps trained/s",
+            "time to solve",
+            "env steps",
+            "solved",
+            "policy lag mean / max",
+            "dropped",
+        ),
     )
     ppo, appo, impala = (medians.get((n, 1)) for n in CONFIGS)
     if ppo and appo:
-        print(f"APPO / PPO env steps trained per second (1 learner, 1 env runner): "
-              f"{appo['trained_per_s'] / ppo['trained_per_s']:.2f}x (goal >= 1.5x)")
+        print(
+            f"APPO / PPO env steps trained per second (1 learner, 1 env runner): "
+            f"{appo['trained_per_s'] / ppo['trained_per_s']:.2f}x (goal >= 1.5x)"
+        )
     if appo:
         print(f"APPO time to solve: {appo['time_to_solve']:.1f} s (goal <= 20 s)")
     if impala:

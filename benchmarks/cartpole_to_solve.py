@@ -30,12 +30,19 @@ def solve(seed: int, actors: bool, max_steps: int = 100_000) -> dict:
     with config.build_algo() as algo:
         while True:
             result = algo.train()
-            if result["env_runners"]["episode_return_mean"] >= STOP_RETURN or result["num_env_steps_sampled_lifetime"] >= max_steps:
+            if (
+                result["env_runners"]["episode_return_mean"] >= STOP_RETURN
+                or result["num_env_steps_sampled_lifetime"] >= max_steps
+            ):
                 break
         wall = time.perf_counter() - start
         evaluation = algo.evaluate(10, seed=seed)["env_runners"]["episode_return_mean"]
-    return {"steps": result["num_env_steps_sampled_lifetime"], "wall": wall, "eval": evaluation,
-            "solved": result["env_runners"]["episode_return_mean"] >= STOP_RETURN}
+    return {
+        "steps": result["num_env_steps_sampled_lifetime"],
+        "wall": wall,
+        "eval": evaluation,
+        "solved": result["env_runners"]["episode_return_mean"] >= STOP_RETURN,
+    }
 
 
 def sampling_throughput(actors: bool, steps: int = 4000, repeats: int = 5) -> float:
@@ -60,23 +67,32 @@ def main() -> None:
     rows = []
     for actors in (False, True):
         runs = [solve(seed, actors) for seed in range(args.seeds)]
-        label = "1 env-runner actor + 1 learner actor (incl. cluster start)" if actors else "in one process (0 runners, 0 learners)"
-        rows.append((
-            label,
-            f"{statistics.median(r['steps'] for r in runs):,.0f}",
-            f"{statistics.median(r['wall'] for r in runs):.1f} s",
-            f"{statistics.median(r['eval'] for r in runs):.0f}",
-            f"{sum(r['solved'] for r in runs)}/{len(runs)}",
-        ))
+        label = (
+            "1 env-runner actor + 1 learner actor (incl. cluster start)" if actors else "in one process (0 runners, 0 learners)"
+        )
+        rows.append(
+            (
+                label,
+                f"{statistics.median(r['steps'] for r in runs):,.0f}",
+                f"{statistics.median(r['wall'] for r in runs):.1f} s",
+                f"{statistics.median(r['eval'] for r in runs):.0f}",
+                f"{sum(r['solved'] for r in runs)}/{len(runs)}",
+            )
+        )
     print_table(
         f"PPO (default config) on CartPole-v1 until mean return >= {STOP_RETURN:g}, median of {args.seeds} seeds",
-        rows, header=("setup", "env steps", "wall time", "eval return", "solved"),
+        rows,
+        header=("setup", "env steps", "wall time", "eval return", "solved"),
     )
-    print("Goal: evaluation return >= 450 within 30k env steps and 15 s (RLlib 2.60 here: 24k steps / 35 s tuned, 28k / 123 s defaults).")
+    print(
+        "Goal: evaluation return >= 450 within 30k env steps and 15 s (RLlib 2.60 here: 24k steps / 35 s tuned, 28k / 123 s defaults)."
+    )
     print_table(
         "Sampling throughput (8 CartPole envs per runner, 4000 steps per call)",
-        [("0 env-runner actors (driver)", f"{sampling_throughput(False):,.0f} env steps/s"),
-         ("1 env-runner actor", f"{sampling_throughput(True):,.0f} env steps/s")],
+        [
+            ("0 env-runner actors (driver)", f"{sampling_throughput(False):,.0f} env steps/s"),
+            ("1 env-runner actor", f"{sampling_throughput(True):,.0f} env steps/s"),
+        ],
         header=("runners", "throughput"),
     )
 

@@ -31,7 +31,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from _common import W1, fmt_s, load_w1_batch, median_time, print_table  # noqa: E402
 
 from dlearner import PPOConfig  # noqa: E402
-from dlearner.checkpoint.encoding import decode_json, dimension_names, encode_json  # noqa: E402
+from dlearner.checkpoint.encoding import decode_json, dimension_names  # noqa: E402
+from dlearner.jsonsafe import json_exact  # noqa: E402
 
 
 def dir_size(path: pathlib.Path) -> int:
@@ -44,7 +45,7 @@ def zarr_api_save(path, tree: dict) -> None:
 
 
 def _json_leaves(tree: dict) -> dict:
-    return {k: encode_json(v, k) for k, v in tree.items() if not isinstance(v, (dict, np.ndarray, np.generic))}
+    return {k: json_exact(v, k) for k, v in tree.items() if not isinstance(v, (dict, np.ndarray, np.generic))}
 
 
 def _zarr_write(group, tree: dict) -> None:
@@ -54,8 +55,14 @@ def _zarr_write(group, tree: dict) -> None:
         elif isinstance(value, (np.ndarray, np.generic)):
             value = np.asarray(value)
             array = group.create_array(
-                key, shape=value.shape, dtype=value.dtype, chunks=tuple(max(d, 1) for d in value.shape),
-                filters=None, serializer=BytesCodec(endian="little"), compressors=[Crc32cCodec()], fill_value=0,
+                key,
+                shape=value.shape,
+                dtype=value.dtype,
+                chunks=tuple(max(d, 1) for d in value.shape),
+                filters=None,
+                serializer=BytesCodec(endian="little"),
+                compressors=[Crc32cCodec()],
+                fill_value=0,
                 chunk_key_encoding={"name": "v2", "separator": "."},
                 dimension_names=dimension_names(key, value.ndim) or None,
             )
@@ -97,7 +104,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    learner = PPOConfig().rl_module(model_config={"fcnet_hiddens": W1["hiddens"]}).debugging(seed=0).build_learner(env=gym.make("CartPole-v1"))
+    learner = (
+        PPOConfig()
+        .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
+        .debugging(seed=0)
+        .build_learner(env=gym.make("CartPole-v1"))
+    )
     learner.build()
     learner.update(load_w1_batch(), {"num_env_steps_sampled_lifetime": 4000})
     twin = PPOConfig().rl_module(model_config={"fcnet_hiddens": W1["hiddens"]}).build_learner(env=gym.make("CartPole-v1"))
@@ -130,8 +142,8 @@ def main() -> None:
             ("local disk", zarr_path, lambda: f"{dir_size(zarr_path) / 1e6:.2f} MB"),
             ("memory://", memory_path, lambda: ""),
         ):
-            save = median_time(lambda: learner.save_to_path(path), repeats=args.repeats)
-            load = median_time(lambda: twin.restore_from_path(path), repeats=args.repeats)
+            save = median_time(lambda path=path: learner.save_to_path(path), repeats=args.repeats)
+            load = median_time(lambda path=path: twin.restore_from_path(path), repeats=args.repeats)
             rows.append((f"dlearner save, {label}", fmt_s(save), f"{save / t_save:.2f}", size()))
             rows.append((f"dlearner restore, {label}", fmt_s(load), f"{load / t_load:.2f}", ""))
         # The same work through zarr's public API: get_state + write; read + set_state.
@@ -141,8 +153,8 @@ def main() -> None:
         ):
             zarr_api_save(path, learner.get_state())
             assert_same_arrays(zarr_api_load(path), learner.get_state())
-            save = median_time(lambda: zarr_api_save(path, learner.get_state()), repeats=args.repeats)
-            load = median_time(lambda: twin.set_state(zarr_api_load(path)), repeats=args.repeats)
+            save = median_time(lambda path=path: zarr_api_save(path, learner.get_state()), repeats=args.repeats)
+            load = median_time(lambda path=path: twin.set_state(zarr_api_load(path)), repeats=args.repeats)
             rows.append((f"zarr API save, {label}", fmt_s(save), f"{save / t_save:.2f}", size()))
             rows.append((f"zarr API restore, {label}", fmt_s(load), f"{load / t_load:.2f}", ""))
     print_table(

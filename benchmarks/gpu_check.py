@@ -83,8 +83,8 @@ from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, synthetic_p
 
 import dlearner  # noqa: E402
 from dlearner import PPOConfig  # noqa: E402
-from dlearner.backends.dask.devices import choose_backend, device_for_rank, gpu_packing, host_transfer  # noqa: E402
 from dlearner.batch import validate_batch  # noqa: E402
+from dlearner.devices import choose_backend, device_for_rank, gpu_packing, host_transfer  # noqa: E402
 from dlearner.metrics import MetricsLogger  # noqa: E402
 
 PHASES = ("facts", "w1", "large", "shared_gpu", "nccl_pair", "checkpoint")
@@ -139,9 +139,18 @@ class Check:
         return (
             PPOConfig()
             .learners(num_learners=num_learners, num_gpus_per_learner=gpus, num_cpus_per_learner=1)
-            .training(lr=cfg["lr"], minibatch_size=cfg["minibatch_size"], num_epochs=cfg["num_epochs"],
-                      clip_param=cfg["clip_param"], vf_clip_param=cfg["vf_clip_param"], vf_loss_coeff=cfg["vf_loss_coeff"],
-                      use_kl_loss=True, kl_coeff=cfg["kl_coeff"], kl_target=cfg["kl_target"], entropy_coeff=cfg["entropy_coeff"])
+            .training(
+                lr=cfg["lr"],
+                minibatch_size=cfg["minibatch_size"],
+                num_epochs=cfg["num_epochs"],
+                clip_param=cfg["clip_param"],
+                vf_clip_param=cfg["vf_clip_param"],
+                vf_loss_coeff=cfg["vf_loss_coeff"],
+                use_kl_loss=True,
+                kl_coeff=cfg["kl_coeff"],
+                kl_target=cfg["kl_target"],
+                entropy_coeff=cfg["entropy_coeff"],
+            )
             .rl_module(model_config={"fcnet_hiddens": list(cfg["hiddens"])})
             .cluster(cluster_kwargs={"silence_logs": logging.ERROR})
             .debugging(seed=0)
@@ -169,7 +178,9 @@ class Check:
         self._groups.clear()
         self.env.close()
 
-    def row(self, phase: str, run: str, seconds: Optional[float], ratio: Optional[float] = None, vs: str = "", note: str = "") -> None:
+    def row(
+        self, phase: str, run: str, seconds: Optional[float], ratio: Optional[float] = None, vs: str = "", note: str = ""
+    ) -> None:
         self.rows.append((phase, run, fmt_time(seconds), f"{ratio:.2f}" if ratio is not None else "", vs, note))
 
     def goal(self, ratio: float, goal: float) -> str:
@@ -257,8 +268,13 @@ def same_state(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
-        return (isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
-                and a.shape == b.shape and a.tobytes() == b.tobytes())
+        return (
+            isinstance(a, np.ndarray)
+            and isinstance(b, np.ndarray)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.tobytes() == b.tobytes()
+        )
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
     return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
@@ -269,11 +285,16 @@ def nvidia_smi() -> Dict[str, Any]:
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return {"found": False}
-    fields = ("index,name,uuid,driver_version,memory.total,memory.used,pcie.link.gen.current,"
-              "pcie.link.width.current,clocks.max.sm,power.limit")
+    fields = (
+        "index,name,uuid,driver_version,memory.total,memory.used,pcie.link.gen.current,"
+        "pcie.link.width.current,clocks.max.sm,power.limit"
+    )
     out: Dict[str, Any] = {"found": True, "fields": fields.split(",")}
-    for key, args in (("query", ["--query-gpu=" + fields, "--format=csv,noheader,nounits"]), ("topology", ["topo", "-m"]),
-                      ("summary", [])):
+    for key, args in (
+        ("query", ["--query-gpu=" + fields, "--format=csv,noheader,nounits"]),
+        ("topology", ["topo", "-m"]),
+        ("summary", []),
+    ):
         try:
             proc = subprocess.run([exe, *args], capture_output=True, text=True, timeout=30)
             out[key] = proc.stdout.strip() if proc.returncode == 0 else f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"
@@ -293,11 +314,16 @@ def phase_facts(check: Check) -> Dict[str, Any]:
     devices = []
     for i in range(check.gpus):
         p = torch.cuda.get_device_properties(i)
-        devices.append({
-            "index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
-            "total_memory_gib": round(p.total_memory / 2**30, 2), "multi_processor_count": p.multi_processor_count,
-            "uuid": str(getattr(p, "uuid", "")),
-        })
+        devices.append(
+            {
+                "index": i,
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "total_memory_gib": round(p.total_memory / 2**30, 2),
+                "multi_processor_count": p.multi_processor_count,
+                "uuid": str(getattr(p, "uuid", "")),
+            }
+        )
     nccl_version = None
     if cuda:
         try:
@@ -329,8 +355,12 @@ def phase_facts(check: Check) -> Dict[str, Any]:
         "nvidia_smi": nvidia_smi(),
     }
     name = devices[0]["name"] if devices else "no CUDA device"
-    check.row("facts", f"torch {torch.__version__} (CUDA {torch.version.cuda}), {check.gpus} GPU(s): {name}", None,
-              note=f"NCCL {nccl_version}" if cuda else "CPU only")
+    check.row(
+        "facts",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), {check.gpus} GPU(s): {name}",
+        None,
+        note=f"NCCL {nccl_version}" if cuda else "CPU only",
+    )
     return facts
 
 
@@ -346,12 +376,17 @@ def update_comparison(check: Check, phase: str, cfg: dict, batch: Dict[str, np.n
     resident = to_device(batch, device)
     learner = check.local_learner(cfg, gpus)
     group = check.group(cfg, num_learners=1, gpus=gpus)
-    med = interleaved({
-        "raw_resident": lambda: plain.update(resident),
-        "raw_from_numpy": lambda: plain.update(to_device(batch, device)),
-        "dlearner_local": lambda: learner.update(batch, timesteps=ts),
-        "dlearner_dask1": lambda: group.update(batch, timesteps=ts),
-    }, repeats, warmup, sync)
+    med = interleaved(
+        {
+            "raw_resident": lambda: plain.update(resident),
+            "raw_from_numpy": lambda: plain.update(to_device(batch, device)),
+            "dlearner_local": lambda: learner.update(batch, timesteps=ts),
+            "dlearner_dask1": lambda: group.update(batch, timesteps=ts),
+        },
+        repeats,
+        warmup,
+        sync,
+    )
 
     # The CPU-bound parts, each on its own.
     specs = learner.batch_specs()
@@ -383,31 +418,63 @@ def update_comparison(check: Check, phase: str, cfg: dict, batch: Dict[str, np.n
     figures = {
         "device": str(learner.device),
         "group_device": check_devices(group)[0],
-        "rows": rows, "hiddens": list(cfg["hiddens"]), "minibatch_size": cfg["minibatch_size"],
-        "num_epochs": cfg["num_epochs"], "gradient_steps": steps, "repeats": repeats,
+        "rows": rows,
+        "hiddens": list(cfg["hiddens"]),
+        "minibatch_size": cfg["minibatch_size"],
+        "num_epochs": cfg["num_epochs"],
+        "gradient_steps": steps,
+        "repeats": repeats,
         "num_gpus_per_learner": gpus,
         **{f"{k}_s": v for k, v in med.items()},
         "ratio_local_vs_raw_from_numpy": ratio,
         "ratio_local_vs_raw_resident": med["dlearner_local"] / med["raw_resident"],
         "ratio_dask1_vs_local": med["dlearner_dask1"] / med["dlearner_local"],
         "ratio_dask1_vs_raw_from_numpy": med["dlearner_dask1"] / med["raw_from_numpy"],
-        "goal_local_vs_raw": W1_GOAL, "goal_met": None if check.dry_run else ratio <= W1_GOAL,
-        "breakdown": {**parts, "metrics_values_per_step": per_step_metrics, "cpu_bound_s": cpu_bound,
-                      "cpu_bound_share_of_local": cpu_bound / med["dlearner_local"],
-                      "transfer_plan": dataclasses.asdict(host_transfer(learner.device.type, torch.cuda.is_available()))},
+        "goal_local_vs_raw": W1_GOAL,
+        "goal_met": None if check.dry_run else ratio <= W1_GOAL,
+        "breakdown": {
+            **parts,
+            "metrics_values_per_step": per_step_metrics,
+            "cpu_bound_s": cpu_bound,
+            "cpu_bound_share_of_local": cpu_bound / med["dlearner_local"],
+            "transfer_plan": dataclasses.asdict(host_transfer(learner.device.type, torch.cuda.is_available())),
+        },
     }
     where = "GPU" if device.type == "cuda" else "CPU (dry run)"
     check.row(phase, f"raw torch, batch resident on {where}", med["raw_resident"], 1.0, "reference")
-    check.row(phase, "raw torch, from numpy (convert + copy)", med["raw_from_numpy"], med["raw_from_numpy"] / med["raw_resident"], "resident")
-    check.row(phase, f"dlearner local, num_gpus_per_learner={gpus:g}", med["dlearner_local"], ratio, "raw from numpy",
-              check.goal(ratio, W1_GOAL))
-    check.row(phase, "dlearner 1 Dask learner", med["dlearner_dask1"], figures["ratio_dask1_vs_local"], "dlearner local",
-              check.goal(figures["ratio_dask1_vs_local"], DASK1_GOAL))
+    check.row(
+        phase,
+        "raw torch, from numpy (convert + copy)",
+        med["raw_from_numpy"],
+        med["raw_from_numpy"] / med["raw_resident"],
+        "resident",
+    )
+    check.row(
+        phase,
+        f"dlearner local, num_gpus_per_learner={gpus:g}",
+        med["dlearner_local"],
+        ratio,
+        "raw from numpy",
+        check.goal(ratio, W1_GOAL),
+    )
+    check.row(
+        phase,
+        "dlearner 1 Dask learner",
+        med["dlearner_dask1"],
+        figures["ratio_dask1_vs_local"],
+        "dlearner local",
+        check.goal(figures["ratio_dask1_vs_local"], DASK1_GOAL),
+    )
     check.row(phase, "  of which: validate batch", parts["validate_s"])
     check.row(phase, "  of which: convert + copy to device", parts["convert_and_copy_s"])
     check.row(phase, "  of which: metrics (log per step, reduce)", parts["metrics_s"])
     check.row(phase, "  (raw host->device copy, pageable)", parts["h2d_pageable_s"])
-    check.row(phase, "  (raw host->device copy, pinned)", parts["h2d_pinned_s"], note="" if parts["h2d_pinned_s"] is not None else "needs CUDA")
+    check.row(
+        phase,
+        "  (raw host->device copy, pinned)",
+        parts["h2d_pinned_s"],
+        note="" if parts["h2d_pinned_s"] is not None else "needs CUDA",
+    )
     return figures
 
 
@@ -418,13 +485,19 @@ def check_devices(group: Any) -> List[str]:
 def phase_w1(check: Check) -> Dict[str, Any]:
     batch = load_w1_batch(check.sizes.w1_rows)
     figures = update_comparison(check, "w1", check.w1_cfg, batch, check.sizes.repeats)
-    figures["batch_source"] = "shared/data/cartpole_4000_batch.npz" if (HERE.parent.parent / "shared" / "data" / "cartpole_4000_batch.npz").exists() else "generated"
+    figures["batch_source"] = (
+        "shared/data/cartpole_4000_batch.npz"
+        if (HERE.parent.parent / "shared" / "data" / "cartpole_4000_batch.npz").exists()
+        else "generated"
+    )
     check.figures["w1_dask1_s"] = figures["dlearner_dask1_s"]
     return figures
 
 
 def phase_large(check: Check) -> Dict[str, Any]:
-    return update_comparison(check, "large", check.large_cfg, synthetic_ppo_batch(check.sizes.large_rows), check.sizes.large_repeats)
+    return update_comparison(
+        check, "large", check.large_cfg, synthetic_ppo_batch(check.sizes.large_rows), check.sizes.large_repeats
+    )
 
 
 def phase_shared_gpu(check: Check) -> Dict[str, Any]:
@@ -450,19 +523,25 @@ def phase_shared_gpu(check: Check) -> Dict[str, Any]:
         "ratio_vs_one_learner": median / reference if reference else None,
         "repeats": check.sizes.repeats,
     }
-    check.row("shared_gpu", f"2 learners x {gpus:g} GPU ({figures['backend']}, {', '.join(figures['learner_devices'])})", median,
-              figures["ratio_vs_one_learner"], "1 Dask learner" if reference else "",
-              "identical weights" if identical else "WEIGHTS DIFFER")
+    check.row(
+        "shared_gpu",
+        f"2 learners x {gpus:g} GPU ({figures['backend']}, {', '.join(figures['learner_devices'])})",
+        median,
+        figures["ratio_vs_one_learner"],
+        "1 Dask learner" if reference else "",
+        "identical weights" if identical else "WEIGHTS DIFFER",
+    )
     return figures
 
 
 # ---------------------------------------------------------------------------- raw DDP, 2 ranks
-def _ddp_rank(rank: int, port: int, backend: str, device_type: str, cfg: dict, rows: int, repeats: int, warmup: int, replies: Any) -> None:
+def _ddp_rank(
+    rank: int, port: int, backend: str, device_type: str, cfg: dict, rows: int, repeats: int, warmup: int, replies: Any
+) -> None:
     """One rank of the raw-DDP reference: W1 with the global minibatch split over two ranks, as dlearner does."""
     import torch.distributed as dist
-    from torch import nn
-
     from learner_group_update import _Net, _ppo_loss
+    from torch import nn
 
     torch.set_num_threads(1)
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -516,7 +595,9 @@ def raw_ddp_times(backend: str, device_type: str, cfg: dict, rows: int, repeats:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     replies = ctx.Queue()
-    procs = [ctx.Process(target=_ddp_rank, args=(r, port, backend, device_type, cfg, rows, repeats, warmup, replies)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_ddp_rank, args=(r, port, backend, device_type, cfg, rows, repeats, warmup, replies)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -539,9 +620,13 @@ def phase_nccl_pair(check: Check) -> Dict[str, Any]:
     batch = load_w1_batch(check.sizes.w1_rows)
     rows = len(batch["obs"])
     group = check.group(check.w1_cfg, num_learners=2, gpus=gpus)
-    median = median_of(lambda: group.update(batch, timesteps=timesteps(rows)), check.sizes.repeats, check.sizes.warmup, check.sync)
+    median = median_of(
+        lambda: group.update(batch, timesteps=timesteps(rows)), check.sizes.repeats, check.sizes.warmup, check.sync
+    )
     reports = group.foreach_learner(state_report)
-    ddp = statistics.median(raw_ddp_times(backend, check.device.type, check.w1_cfg, rows, check.sizes.repeats, check.sizes.warmup))
+    ddp = statistics.median(
+        raw_ddp_times(backend, check.device.type, check.w1_cfg, rows, check.sizes.repeats, check.sizes.warmup)
+    )
     ratio = median / ddp
     figures = {
         "num_gpus_per_learner": gpus,
@@ -558,8 +643,14 @@ def phase_nccl_pair(check: Check) -> Dict[str, Any]:
         "repeats": check.sizes.repeats,
     }
     check.row("nccl_pair", f"raw DDP, 2 processes ({backend})", ddp, 1.0, "reference")
-    check.row("nccl_pair", f"dlearner 2 learners ({figures['backend']}, {', '.join(figures['learner_devices'])})", median, ratio,
-              "raw DDP", check.goal(ratio, PAIR_GOAL))
+    check.row(
+        "nccl_pair",
+        f"dlearner 2 learners ({figures['backend']}, {', '.join(figures['learner_devices'])})",
+        median,
+        ratio,
+        "raw DDP",
+        check.goal(ratio, PAIR_GOAL),
+    )
     return figures
 
 
@@ -584,9 +675,11 @@ def phase_checkpoint(check: Check) -> Dict[str, Any]:
         saved, restored = state_report(learner), state_report(twin)
         want = str(learner.device)
         on_device = restored["param_devices"] == [want] and restored["optimizer_devices"] == [want]
-        equal_bits = (saved["weights_sha256"] == restored["weights_sha256"]
-                      and saved["optimizer_sha256"] == restored["optimizer_sha256"]
-                      and same_state(learner.get_state(), twin.get_state()))
+        equal_bits = (
+            saved["weights_sha256"] == restored["weights_sha256"]
+            and saved["optimizer_sha256"] == restored["optimizer_sha256"]
+            and same_state(learner.get_state(), twin.get_state())
+        )
         # Both go on with the same update: same numbers (GPU kernels of one shape are deterministic
         # for these layers; a difference here is worth a look, not necessarily a bug).
         learner.update(batch, timesteps=ts)
@@ -609,8 +702,12 @@ def phase_checkpoint(check: Check) -> Dict[str, Any]:
         after = group.foreach_learner(state_report)[0]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    group_ok = (after["param_devices"] == [after["device"]] and after["optimizer_devices"] == [after["device"]]
-                and after["weights_sha256"] == before["weights_sha256"] and after["optimizer_sha256"] == before["optimizer_sha256"])
+    group_ok = (
+        after["param_devices"] == [after["device"]]
+        and after["optimizer_devices"] == [after["device"]]
+        and after["weights_sha256"] == before["weights_sha256"]
+        and after["optimizer_sha256"] == before["optimizer_sha256"]
+    )
     figures = {
         "learner_device": want,
         "restored_param_devices": restored["param_devices"],
@@ -631,8 +728,12 @@ def phase_checkpoint(check: Check) -> Dict[str, Any]:
     check.row("checkpoint", f"learner save ({want})", save_s, note=ok)
     check.row("checkpoint", "learner restore", restore_s, note=f"next update max |diff| {next_diff:.1e}")
     check.row("checkpoint", "1-learner group save", group_save_s)
-    check.row("checkpoint", "1-learner group restore", group_restore_s,
-              note="on device, equal bits" if group_ok else "NOT RESTORED EXACTLY")
+    check.row(
+        "checkpoint",
+        "1-learner group restore",
+        group_restore_s,
+        note="on device, equal bits" if group_ok else "NOT RESTORED EXACTLY",
+    )
     return figures
 
 
@@ -664,8 +765,11 @@ def write_json(path: Optional[pathlib.Path], report: Dict[str, Any]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See the module docstring (or docs/cluster.md, 'GPU learners') for the setup.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See the module docstring (or docs/cluster.md, 'GPU learners') for the setup.",
+    )
     parser.add_argument("--out", type=pathlib.Path, help="write the figures as JSON here (updated after every phase)")
     parser.add_argument("--cpu-dry-run", action="store_true", help="every phase on the CPU with tiny sizes (CI)")
     parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {', '.join(PHASES)}")
@@ -677,8 +781,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if unknown:
         parser.error(f"--phases: unknown phase(s) {unknown}; choose from {', '.join(PHASES)}.")
     if not args.cpu_dry_run and not torch.cuda.is_available():
-        print(f"gpu_check: torch {torch.__version__} sees no CUDA device (torch.version.cuda={torch.version.cuda}). Install "
-              "the CUDA build of torch (see this script's docstring), or run with --cpu-dry-run.", file=sys.stderr)
+        print(
+            f"gpu_check: torch {torch.__version__} sees no CUDA device (torch.version.cuda={torch.version.cuda}). Install "
+            "the CUDA build of torch (see this script's docstring), or run with --cpu-dry-run.",
+            file=sys.stderr,
+        )
         return 2
     sizes = DRY_SIZES if args.cpu_dry_run else GPU_SIZES
     if args.repeats is not None:
@@ -691,9 +798,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.getLogger("distributed").setLevel(logging.ERROR)
     start = time.monotonic()
     report: Dict[str, Any] = {
-        "meta": {"mode": "cpu-dry-run" if args.cpu_dry_run else "gpu", "argv": sys.argv[1:],
-                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "sizes": dataclasses.asdict(sizes)},
+        "meta": {
+            "mode": "cpu-dry-run" if args.cpu_dry_run else "gpu",
+            "argv": sys.argv[1:],
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "sizes": dataclasses.asdict(sizes),
+        },
         "phases": {},
     }
     failed = []
@@ -727,7 +837,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print_table(
         f"dlearner GPU check, {mode}: medians of {sizes.repeats} updates ({sizes.large_repeats} for 'large') after "
         f"{sizes.warmup} warm-up, {report['meta']['wall_s']:.0f} s in all",
-        check.rows, header=("phase", "run", "median", "ratio", "vs", "goal / note"),
+        check.rows,
+        header=("phase", "run", "median", "ratio", "vs", "goal / note"),
     )
     if args.out:
         print(f"\nfigures: {args.out}")

@@ -56,9 +56,18 @@ def dlearner_config(num_learners: int) -> PPOConfig:
     return (
         PPOConfig()
         .learners(num_learners=num_learners, num_cpus_per_learner=1)
-        .training(lr=W1["lr"], minibatch_size=W1["minibatch_size"], num_epochs=W1["num_epochs"],
-                  clip_param=W1["clip_param"], vf_clip_param=W1["vf_clip_param"], vf_loss_coeff=W1["vf_loss_coeff"],
-                  use_kl_loss=True, kl_coeff=W1["kl_coeff"], kl_target=W1["kl_target"], entropy_coeff=W1["entropy_coeff"])
+        .training(
+            lr=W1["lr"],
+            minibatch_size=W1["minibatch_size"],
+            num_epochs=W1["num_epochs"],
+            clip_param=W1["clip_param"],
+            vf_clip_param=W1["vf_clip_param"],
+            vf_loss_coeff=W1["vf_loss_coeff"],
+            use_kl_loss=True,
+            kl_coeff=W1["kl_coeff"],
+            kl_target=W1["kl_target"],
+            entropy_coeff=W1["entropy_coeff"],
+        )
         .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
         .debugging(seed=0)
     )
@@ -180,11 +189,20 @@ def rllib_rows(batch: Dict[str, np.ndarray], repeats: int) -> List[tuple]:
     try:
         for n in (0, 2):
             config = (
-                RLlibPPOConfig().environment("CartPole-v1")
+                RLlibPPOConfig()
+                .environment("CartPole-v1")
                 .learners(num_learners=n)
-                .training(lr=W1["lr"], minibatch_size=W1["minibatch_size"], num_epochs=W1["num_epochs"],
-                          clip_param=W1["clip_param"], vf_clip_param=W1["vf_clip_param"], vf_loss_coeff=W1["vf_loss_coeff"],
-                          use_kl_loss=True, kl_coeff=W1["kl_coeff"], kl_target=W1["kl_target"])
+                .training(
+                    lr=W1["lr"],
+                    minibatch_size=W1["minibatch_size"],
+                    num_epochs=W1["num_epochs"],
+                    clip_param=W1["clip_param"],
+                    vf_clip_param=W1["vf_clip_param"],
+                    vf_loss_coeff=W1["vf_loss_coeff"],
+                    use_kl_loss=True,
+                    kl_coeff=W1["kl_coeff"],
+                    kl_target=W1["kl_target"],
+                )
                 .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
             )
             group = config.build_learner_group(env=gym.make("CartPole-v1"))
@@ -197,7 +215,7 @@ def rllib_rows(batch: Dict[str, np.ndarray], repeats: int) -> List[tuple]:
                     times.append(time.perf_counter() - start)
             rows.append((f"RLlib LearnerGroup, num_learners={n}", statistics.median(times)))
             group.shutdown()
-    except Exception as err:  # optional row: report, never fail the benchmark
+    except Exception as err:  # noqa: BLE001 - optional row: report, never fail the benchmark
         print(f"\nRLlib LearnerGroup run failed: {err!r}")
     finally:
         ray.shutdown()
@@ -259,25 +277,48 @@ def main() -> None:
     rows = [
         ("plain PyTorch, 1 process", fmt_s(med["plain"]), "1.00", "reference", ""),
         ("dlearner num_learners=0 (local)", fmt_s(med["local"]), f"{med['local'] / med['plain']:.2f}", "plain PyTorch", ""),
-        ("dlearner num_learners=1 (Dask)", fmt_s(med["dask1"]), f"{med['dask1'] / med['local']:.2f}", "num_learners=0",
-         f"<= 1.10: {'met' if med['dask1'] / med['local'] <= 1.10 else 'MISSED'}"),
+        (
+            "dlearner num_learners=1 (Dask)",
+            fmt_s(med["dask1"]),
+            f"{med['dask1'] / med['local']:.2f}",
+            "num_learners=0",
+            f"<= 1.10: {'met' if med['dask1'] / med['local'] <= 1.10 else 'MISSED'}",
+        ),
         ("plain DDP, 2 processes (64 rows/rank/step)", fmt_s(med["ddp"]), "1.00", "reference", ""),
-        ("dlearner num_learners=2 (Dask)", fmt_s(med["dask2"]), f"{med['dask2'] / med['ddp']:.2f}", "plain DDP",
-         f"<= 1.10: {'met' if med['dask2'] / med['ddp'] <= 1.10 else 'MISSED'}"),
+        (
+            "dlearner num_learners=2 (Dask)",
+            fmt_s(med["dask2"]),
+            f"{med['dask2'] / med['ddp']:.2f}",
+            "plain DDP",
+            f"<= 1.10: {'met' if med['dask2'] / med['ddp'] <= 1.10 else 'MISSED'}",
+        ),
     ]
     for name, value in rllib:
-        rows.append((name, fmt_s(value), f"{value / med['ddp' if '2' in name else 'local']:.2f}",
-                     "plain DDP" if "2" in name else "num_learners=0", "optional"))
+        rows.append(
+            (
+                name,
+                fmt_s(value),
+                f"{value / med['ddp' if '2' in name else 'local']:.2f}",
+                "plain DDP" if "2" in name else "num_learners=0",
+                "optional",
+            )
+        )
     print_table(
         f"PPO update of the 4000-row batch, [256, 256] MLPs, minibatch 128 (global), 2 epochs "
         f"(median of {len(times['plain'])} per row over {args.rounds} interleaved rounds, 1 torch thread per process)",
-        rows, header=("run", "median", "ratio", "vs", "goal"),
+        rows,
+        header=("run", "median", "ratio", "vs", "goal"),
     )
     print_table(
         f"Latency of one blocking 32-row update (median of {args.latency_repeats})",
         [
-            ("dlearner num_learners=2 (Dask)", fmt_s(lat["two"]), f"{lat['two'] / lat['ddp']:.2f}", "plain DDP",
-             f"<= 1.25: {'met' if lat['two'] / lat['ddp'] <= 1.25 else 'MISSED'}"),
+            (
+                "dlearner num_learners=2 (Dask)",
+                fmt_s(lat["two"]),
+                f"{lat['two'] / lat['ddp']:.2f}",
+                "plain DDP",
+                f"<= 1.25: {'met' if lat['two'] / lat['ddp'] <= 1.25 else 'MISSED'}",
+            ),
             ("plain DDP, 2 processes", fmt_s(lat["ddp"]), "1.00", "reference", ""),
             ("dlearner num_learners=0 (local)", fmt_s(lat["local"]), "", "", ""),
         ],

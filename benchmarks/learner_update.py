@@ -43,9 +43,18 @@ def main() -> None:
     env = gym.make("CartPole-v1")
     config = (
         PPOConfig()
-        .training(lr=W1["lr"], minibatch_size=W1["minibatch_size"], num_epochs=W1["num_epochs"],
-                  clip_param=W1["clip_param"], vf_clip_param=W1["vf_clip_param"], vf_loss_coeff=W1["vf_loss_coeff"],
-                  use_kl_loss=True, kl_coeff=W1["kl_coeff"], kl_target=W1["kl_target"], entropy_coeff=W1["entropy_coeff"])
+        .training(
+            lr=W1["lr"],
+            minibatch_size=W1["minibatch_size"],
+            num_epochs=W1["num_epochs"],
+            clip_param=W1["clip_param"],
+            vf_clip_param=W1["vf_clip_param"],
+            vf_loss_coeff=W1["vf_loss_coeff"],
+            use_kl_loss=True,
+            kl_coeff=W1["kl_coeff"],
+            kl_target=W1["kl_target"],
+            entropy_coeff=W1["entropy_coeff"],
+        )
         .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
         .debugging(seed=0)
     )
@@ -76,10 +85,12 @@ def main() -> None:
     snapshot = median_time(learner.take_snapshot, repeats=200, warmup=10)
     print_table(
         f"PPO update, 4000 rows, [256, 256] MLP, minibatch 128, 2 epochs, Adam ({args.repeats} repeats, 1 thread)",
-        [("plain PyTorch loop", fmt_s(ref), "1.00", "reference"),
-         ("dlearner Learner (local)", fmt_s(dl), f"{dl / ref:.2f}", "plain PyTorch"),
-         ("  same, without the pre-update snapshot", fmt_s(no_snap), f"{no_snap / ref:.2f}", "plain PyTorch"),
-         ("  take_snapshot() alone", f"{snapshot * 1e3:.2f} ms", f"{snapshot / dl:.4f}", "dlearner update")],
+        [
+            ("plain PyTorch loop", fmt_s(ref), "1.00", "reference"),
+            ("dlearner Learner (local)", fmt_s(dl), f"{dl / ref:.2f}", "plain PyTorch"),
+            ("  same, without the pre-update snapshot", fmt_s(no_snap), f"{no_snap / ref:.2f}", "plain PyTorch"),
+            ("  take_snapshot() alone", f"{snapshot * 1e3:.2f} ms", f"{snapshot / dl:.4f}", "dlearner update"),
+        ],
     )
 
 

@@ -112,9 +112,12 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = random.Random(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="dlearner-soak-"))
-    with distributed.LocalCluster(
-        n_workers=5, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=5, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
         algo = soak_config(client, args.seed).build_algo()
         killer = Killer(client, algo, args.kill_every, rng)
         checkpoints: List[str] = []
@@ -146,16 +149,26 @@ def main() -> None:
             algo.stop()
         intact = check_checkpoints(checkpoints, client)
     rows = [
-        ("kills (SIGKILL)", f"{len(killer.kills)}", f"{sum('learner' in k for k in killer.kills)} learner, "
-         f"{sum('env runner' in k for k in killer.kills)} env runner"),
-        ("learner restarts", f"{result.get('num_learner_restarts')}", f"healthy learners at the end: {result.get('num_healthy_learners')}"),
+        (
+            "kills (SIGKILL)",
+            f"{len(killer.kills)}",
+            f"{sum('learner' in k for k in killer.kills)} learner, {sum('env runner' in k for k in killer.kills)} env runner",
+        ),
+        (
+            "learner restarts",
+            f"{result.get('num_learner_restarts')}",
+            f"healthy learners at the end: {result.get('num_healthy_learners')}",
+        ),
         ("env-runner restarts", f"{result.get('num_env_runner_restarts')}", ""),
         ("updates retried", f"{retried}", "interrupted updates run again on the re-formed group"),
         ("env steps lost (counted)", f"{result.get('num_env_steps_lost')}", "sampled again by the replacements"),
         ("hangs", f"{hangs}", f"iterations > {args.hang_s:g} s (goal 0)"),
         ("checkpoints intact", f"{intact} / {len(checkpoints)}", "restored with exactly the saved weights (goal: all)"),
-        ("final return (mean of last 5)", f"{np.mean(returns[-5:]) if returns else float('nan'):.1f}",
-         f"first under kills: {returns[0] if returns else float('nan'):.1f}"),
+        (
+            "final return (mean of last 5)",
+            f"{np.mean(returns[-5:]) if returns else float('nan'):.1f}",
+            f"first under kills: {returns[0] if returns else float('nan'):.1f}",
+        ),
         ("env steps/s", f"{soak_rate:.0f}", f"without kills: {np.median(quiet_rates):.0f}"),
         ("iterations, env steps", f"{result.get('training_iteration')}", f"{result.get('num_env_steps_sampled_lifetime')}"),
     ]

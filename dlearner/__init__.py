@@ -21,6 +21,7 @@ import importlib
 import importlib.util
 from typing import TYPE_CHECKING, Any, Dict, List
 
+#: The package version; pyproject.toml reads it from here (``dynamic = ["version"]``).
 __version__ = "0.1.0"
 
 #: Public name -> the module that defines it. Add a name here and to ``__all__`` to export it.

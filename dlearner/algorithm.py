@@ -165,8 +165,9 @@ class Algorithm:
 
         self._dashboard_status = status
         try:
-            publish_status(self.client, self.dashboard_run_name, status, error, algorithm=self,
-                           wait=status != "running", timeout_s=5)
+            publish_status(
+                self.client, self.dashboard_run_name, status, error, algorithm=self, wait=status != "running", timeout_s=5
+            )
         except Exception as err:  # noqa: BLE001 - a lost scheduler must not hide the run's own outcome
             logger.warning("Could not send the status of run %r to the dashboard: %s", self.dashboard_run_name, err)
 

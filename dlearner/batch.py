@@ -70,8 +70,7 @@ def as_multi_batch(batch: Any) -> Dict[str, Dict[str, Any]]:
         return {mid: dict(cols) for mid, cols in batch.items()}
     if any(nested):
         raise ValueError(
-            "The batch mixes columns and module ids at the top level; use either {column: array} "
-            "or {module_id: {column: array}}."
+            "The batch mixes columns and module ids at the top level; use either {column: array} or {module_id: {column: array}}."
         )
     return {DEFAULT_MODULE_ID: dict(batch)}
 
@@ -130,14 +129,23 @@ def _as_numpy(module_id: str, column: str, value: Any) -> np.ndarray:
 
 
 #: Columns that hold real numbers: the learner computes with them in float32, so they must be floats.
-FLOAT_COLUMNS = frozenset({
-    Columns.ACTION_DIST_INPUTS, Columns.ACTION_LOGP, Columns.ADVANTAGES, Columns.VALUE_TARGETS,
-    Columns.VF_PREDS, Columns.REWARDS,
-})
+FLOAT_COLUMNS = frozenset(
+    {
+        Columns.ACTION_DIST_INPUTS,
+        Columns.ACTION_LOGP,
+        Columns.ADVANTAGES,
+        Columns.VALUE_TARGETS,
+        Columns.VF_PREDS,
+        Columns.REWARDS,
+    }
+)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Integer dtypes torch only partly supports (no index_select and friends), widened to ones it does.
-_WIDER_INTS = {np.dtype(np.uint16): np.dtype(np.int32), np.dtype(np.uint32): np.dtype(np.int64),
-               np.dtype(np.uint64): np.dtype(np.int64)}
+_WIDER_INTS = {
+    np.dtype(np.uint16): np.dtype(np.int32),
+    np.dtype(np.uint32): np.dtype(np.int64),
+    np.dtype(np.uint64): np.dtype(np.int64),
+}
 
 
 def _in_compute_dtype(column: str, array: np.ndarray, where: str, n: int) -> np.ndarray:
@@ -148,7 +156,7 @@ def _in_compute_dtype(column: str, array: np.ndarray, where: str, n: int) -> np.
     after the cast, never before.
     """
     dtype = array.dtype
-    if dtype == object or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+    if dtype.kind == "O" or not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
         raise TypeError(f"Column {column!r} of {where} has dtype {dtype}; it must be numeric or bool.")
     if np.issubdtype(dtype, np.complexfloating):
         raise TypeError(f"Column {column!r} of {where} is complex; it must be real.")
@@ -210,8 +218,16 @@ def _validate_module_columns(module_id: str, columns: Mapping[str, Any], spec: M
     _check_actions(arrays, spec.action_space, where)
     if spec.action_dist_inputs_dim is not None:
         _check_shape(arrays, Columns.ACTION_DIST_INPUTS, (spec.action_dist_inputs_dim,), where, "the action distribution")
-    for column in (Columns.ACTION_LOGP, Columns.ADVANTAGES, Columns.VALUE_TARGETS, Columns.VF_PREDS,
-                   Columns.REWARDS, Columns.TERMINATEDS, Columns.TRUNCATEDS, Columns.LOSS_MASK):
+    for column in (
+        Columns.ACTION_LOGP,
+        Columns.ADVANTAGES,
+        Columns.VALUE_TARGETS,
+        Columns.VF_PREDS,
+        Columns.REWARDS,
+        Columns.TERMINATEDS,
+        Columns.TRUNCATEDS,
+        Columns.LOSS_MASK,
+    ):
         _check_shape(arrays, column, (), where, "one value per row")
     if Columns.LOSS_MASK in arrays and arrays[Columns.LOSS_MASK].dtype != np.bool_:
         raise TypeError(f"Column {Columns.LOSS_MASK!r} of {where} must be bool, got {arrays[Columns.LOSS_MASK].dtype}.")

@@ -20,8 +20,6 @@ every ``build_*`` calls before anything (a cluster, a learner) is started.
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import gymnasium as gym
@@ -29,46 +27,18 @@ import gymnasium as gym
 from dlearner.columns import DEFAULT_MODULE_ID
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, class_path, import_dlearner_class, validate_model_config
 from dlearner.schedules import PiecewiseSchedule
+from dlearner.validation import (  # NotProvided stays importable from here for user-written configs
+    NotProvided,
+    boolean,
+    is_real,
+    non_negative,
+    non_negative_int,
+    positive,
+    positive_int,
+    unit_interval,
+)
 
-
-class _NotProvided:
-    """Marks a keyword the caller did not pass (``None`` is a real value for many settings)."""
-
-    def __repr__(self) -> str:
-        return "NotProvided"
-
-
-NotProvided: Any = _NotProvided()
 EnvSpec = Union[str, Callable[..., gym.Env], None]
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False, allow_zero: bool = False) -> Any:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int, got {value!r}.")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '>= 1'}, got {value}.")
-    return int(value)
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    return float(value)
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}.")
-    return bool(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    value = _non_negative(name, value)
-    if value == 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}.")
-    return value
 
 
 class AlgorithmConfig:
@@ -157,9 +127,9 @@ class AlgorithmConfig:
         ``gymnasium.make_vec`` (a registered env id with a vector entry point, e.g. CartPole-v1).
         """
         if num_env_runners is not NotProvided:
-            self.num_env_runners = _positive_int("num_env_runners", num_env_runners, allow_zero=True)
+            self.num_env_runners = non_negative_int("num_env_runners", num_env_runners)
         if num_envs_per_env_runner is not NotProvided:
-            self.num_envs_per_env_runner = _positive_int("num_envs_per_env_runner", num_envs_per_env_runner)
+            self.num_envs_per_env_runner = positive_int("num_envs_per_env_runner", num_envs_per_env_runner)
         if gym_env_vectorize_mode is not NotProvided:
             modes = ("sync", "vector_entry_point")
             mode = getattr(gym_env_vectorize_mode, "value", gym_env_vectorize_mode)
@@ -194,17 +164,15 @@ class AlgorithmConfig:
             config.fault_tolerance(restart_failed_learners=True, learner_restart_timeout_s=30)
         """
         if restart_failed_learners is not NotProvided:
-            self.restart_failed_learners = _bool("restart_failed_learners", restart_failed_learners)
+            self.restart_failed_learners = boolean("restart_failed_learners", restart_failed_learners)
         if max_num_learner_restarts is not NotProvided:
-            self.max_num_learner_restarts = _positive_int("max_num_learner_restarts", max_num_learner_restarts, allow_zero=True)
+            self.max_num_learner_restarts = non_negative_int("max_num_learner_restarts", max_num_learner_restarts)
         if restart_failed_env_runners is not NotProvided:
-            self.restart_failed_env_runners = _bool("restart_failed_env_runners", restart_failed_env_runners)
+            self.restart_failed_env_runners = boolean("restart_failed_env_runners", restart_failed_env_runners)
         if max_num_env_runner_restarts is not NotProvided:
-            self.max_num_env_runner_restarts = _positive_int(
-                "max_num_env_runner_restarts", max_num_env_runner_restarts, allow_zero=True
-            )
+            self.max_num_env_runner_restarts = non_negative_int("max_num_env_runner_restarts", max_num_env_runner_restarts)
         if learner_restart_timeout_s is not NotProvided:
-            self.learner_restart_timeout_s = _non_negative("learner_restart_timeout_s", learner_restart_timeout_s)
+            self.learner_restart_timeout_s = non_negative("learner_restart_timeout_s", learner_restart_timeout_s)
         return self
 
     def learners(
@@ -222,19 +190,19 @@ class AlgorithmConfig:
         is also each learner's torch thread count.
         """
         if num_learners is not NotProvided:
-            self.num_learners = _positive_int("num_learners", num_learners, allow_zero=True)
+            self.num_learners = non_negative_int("num_learners", num_learners)
         if num_gpus_per_learner is not NotProvided:
-            self.num_gpus_per_learner = _non_negative("num_gpus_per_learner", num_gpus_per_learner)
+            self.num_gpus_per_learner = non_negative("num_gpus_per_learner", num_gpus_per_learner)
             if self.num_gpus_per_learner > 1 and not float(self.num_gpus_per_learner).is_integer():
                 raise ValueError("num_gpus_per_learner above 1 must be a whole number.")
         if num_cpus_per_learner is not NotProvided:
-            self.num_cpus_per_learner = _positive_int("num_cpus_per_learner", num_cpus_per_learner)
+            self.num_cpus_per_learner = positive_int("num_cpus_per_learner", num_cpus_per_learner)
         if max_requests_in_flight_per_learner is not NotProvided:
-            self.max_requests_in_flight_per_learner = _positive_int(
+            self.max_requests_in_flight_per_learner = positive_int(
                 "max_requests_in_flight_per_learner", max_requests_in_flight_per_learner
             )
         if learner_startup_timeout_s is not NotProvided:
-            self.learner_startup_timeout_s = _positive("learner_startup_timeout_s", learner_startup_timeout_s)
+            self.learner_startup_timeout_s = positive("learner_startup_timeout_s", learner_startup_timeout_s)
         return self
 
     def training(
@@ -255,20 +223,20 @@ class AlgorithmConfig:
             schedule = PiecewiseSchedule(lr, name="lr")
             if any(v <= 0 for _, v in schedule.points):
                 raise ValueError(f"lr must be > 0, got {lr!r}.")
-            self.lr = lr if isinstance(lr, (int, float)) else [list(p) for p in lr]
+            if not is_real(lr):
+                self.lr = [list(p) for p in lr]
+            else:  # kept as given; a numpy scalar as a float, so the config stays plain JSON
+                self.lr = lr if isinstance(lr, (int, float)) else float(lr)
         if gamma is not NotProvided:
-            gamma = _non_negative("gamma", gamma)
-            if gamma > 1:
-                raise ValueError(f"gamma must be in [0, 1], got {gamma}.")
-            self.gamma = gamma
+            self.gamma = unit_interval("gamma", gamma)
         if train_batch_size is not NotProvided:
-            self.train_batch_size = _positive_int("train_batch_size", train_batch_size)
+            self.train_batch_size = positive_int("train_batch_size", train_batch_size)
         if minibatch_size is not NotProvided:
-            self.minibatch_size = _positive_int("minibatch_size", minibatch_size, allow_none=True)
+            self.minibatch_size = positive_int("minibatch_size", minibatch_size, allow_none=True)
         if num_epochs is not NotProvided:
-            self.num_epochs = _positive_int("num_epochs", num_epochs)
+            self.num_epochs = positive_int("num_epochs", num_epochs)
         if grad_clip is not NotProvided:
-            self.grad_clip = None if grad_clip is None else _positive("grad_clip", grad_clip)
+            self.grad_clip = None if grad_clip is None else positive("grad_clip", grad_clip)
         if grad_clip_by is not NotProvided:
             if grad_clip_by not in ("value", "norm", "global_norm"):
                 raise ValueError(f"grad_clip_by must be 'value', 'norm' or 'global_norm', got {grad_clip_by!r}.")
@@ -339,18 +307,20 @@ class AlgorithmConfig:
             raise ValueError(f"Give at most one of address, scheduler_file and client; got {given}.")
         return self
 
-    def debugging(self, *, seed: Optional[int] = NotProvided, torch_num_threads: Optional[int] = NotProvided) -> "AlgorithmConfig":
+    def debugging(
+        self, *, seed: Optional[int] = NotProvided, torch_num_threads: Optional[int] = NotProvided
+    ) -> "AlgorithmConfig":
         """``seed`` makes module initialisation, shuffling and sampling reproducible."""
         if seed is not NotProvided:
-            self.seed = _positive_int("seed", seed, allow_none=True, allow_zero=True)
+            self.seed = positive_int("seed", seed, allow_none=True, allow_zero=True)
         if torch_num_threads is not NotProvided:
-            self.torch_num_threads = _positive_int("torch_num_threads", torch_num_threads, allow_none=True)
+            self.torch_num_threads = positive_int("torch_num_threads", torch_num_threads, allow_none=True)
         return self
 
     def reporting(self, *, metrics_num_episodes_for_smoothing: int = NotProvided) -> "AlgorithmConfig":
         """How many recent episodes ``episode_return_mean`` averages over."""
         if metrics_num_episodes_for_smoothing is not NotProvided:
-            self.metrics_num_episodes_for_smoothing = _positive_int(
+            self.metrics_num_episodes_for_smoothing = positive_int(
                 "metrics_num_episodes_for_smoothing", metrics_num_episodes_for_smoothing
             )
         return self
@@ -358,7 +328,7 @@ class AlgorithmConfig:
     def evaluation(self, *, evaluation_num_episodes: int = NotProvided) -> "AlgorithmConfig":
         """Episodes that ``algo.evaluate()`` runs with the greedy policy."""
         if evaluation_num_episodes is not NotProvided:
-            self.evaluation_num_episodes = _positive_int("evaluation_num_episodes", evaluation_num_episodes)
+            self.evaluation_num_episodes = positive_int("evaluation_num_episodes", evaluation_num_episodes)
         return self
 
     # ---------------------------------------------------------------------------- validation
@@ -380,7 +350,7 @@ class AlgorithmConfig:
             return float(self.learner_startup_timeout_s)
         from dlearner import settings
 
-        return _positive("dask config dlearner.cluster.startup-timeout", settings.seconds("cluster.startup-timeout"))
+        return positive("dask config dlearner.cluster.startup-timeout", settings.seconds("cluster.startup-timeout"))
 
     def resolved_max_requests_in_flight(self) -> int:
         """``max_requests_in_flight_per_learner``, or dask config
@@ -389,7 +359,7 @@ class AlgorithmConfig:
             return int(self.max_requests_in_flight_per_learner)
         from dlearner import settings
 
-        return _positive_int(
+        return positive_int(
             "dask config dlearner.learner-group.max-requests-in-flight-per-learner",
             settings.get("learner-group.max-requests-in-flight-per-learner"),
         )
@@ -399,9 +369,7 @@ class AlgorithmConfig:
         """The user's ``learner_class`` if set, else the algorithm's."""
         cls = self.learner_class or self.default_learner_class
         if cls is None:
-            raise ValueError(
-                f"{type(self).__name__} has no default Learner; pass .training(learner_class=YourLearner)."
-            )
+            raise ValueError(f"{type(self).__name__} has no default Learner; pass .training(learner_class=YourLearner).")
         return cls
 
     def make_env(self, env_config: Optional[Dict[str, Any]] = None) -> gym.Env:
@@ -419,7 +387,9 @@ class AlgorithmConfig:
             raise ValueError(f"The env creator returned {type(env).__name__}, not a gymnasium.Env.")
         return env
 
-    def get_multi_rl_module_spec(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None) -> MultiRLModuleSpec:
+    def get_multi_rl_module_spec(
+        self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None
+    ) -> MultiRLModuleSpec:
         """The module specs, with spaces taken from ``env`` (a gym.Env), ``spaces`` or the configured env."""
         if spaces is None:
             if env is None and self.env is not None:
@@ -444,16 +414,16 @@ class AlgorithmConfig:
         for mid, s in specs.items():
             validate_model_config(s.model_config)
             if s.observation_space is None or s.action_space is None:
-                raise ValueError(
-                    f"Module {mid!r} has no observation/action space: pass env= or configure .environment(...)."
-                )
+                raise ValueError(f"Module {mid!r} has no observation/action space: pass env= or configure .environment(...).")
         return MultiRLModuleSpec(rl_module_specs=specs)
 
     def build_learner(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None, device: Any = None):
         """A Learner for this config (call ``learner.build()`` before using it)."""
         self.validate()
         learner_class = self.get_learner_class()
-        return learner_class(config=self.copy_for_learner(), module_spec=self.get_multi_rl_module_spec(env=env, spaces=spaces), device=device)
+        return learner_class(
+            config=self.copy_for_learner(), module_spec=self.get_multi_rl_module_spec(env=env, spaces=spaces), device=device
+        )
 
     def build_learner_group(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None):
         """A :class:`~dlearner.learner_group.LearnerGroup` of ``num_learners`` learners (or one local)."""

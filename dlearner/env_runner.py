@@ -35,8 +35,15 @@ NEXT_VF_PREDS = "next_vf_preds"
 # Per-row value of the final observation on truncation (0 elsewhere); internal to sampling.
 _FINAL_VF = "_final_vf"
 _FRAGMENT_COLUMNS = (
-    Columns.OBS, Columns.ACTIONS, Columns.ACTION_LOGP, Columns.ACTION_DIST_INPUTS, Columns.VF_PREDS,
-    Columns.REWARDS, Columns.TERMINATEDS, Columns.TRUNCATEDS, _FINAL_VF,
+    Columns.OBS,
+    Columns.ACTIONS,
+    Columns.ACTION_LOGP,
+    Columns.ACTION_DIST_INPUTS,
+    Columns.VF_PREDS,
+    Columns.REWARDS,
+    Columns.TERMINATEDS,
+    Columns.TRUNCATEDS,
+    _FINAL_VF,
 )
 _VECTORIZE_MODES = (VectorizeMode.SYNC.value, VectorizeMode.VECTOR_ENTRY_POINT.value)
 
@@ -83,9 +90,7 @@ def make_vector_env(config: Any, num_envs: int) -> gym.vector.VectorEnv:
         except gym.error.Error as err:
             raise ValueError(f"Cannot make the vector environment {env_id!r}: {err}") from err
     else:
-        env = gym.vector.SyncVectorEnv(
-            [config.make_env for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP
-        )
+        env = gym.vector.SyncVectorEnv([config.make_env for _ in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
     autoreset = env.metadata.get("autoreset_mode", AutoresetMode.NEXT_STEP)
     if autoreset not in (AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP):
         env.close()

@@ -33,12 +33,14 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Ma
 
 import numpy as np
 
+from dlearner import learner_ops
+from dlearner.backends.local import first_value
 from dlearner.batch import MultiBatch, shard_batch, validate_batch
 from dlearner.columns import COMPONENT_LEARNER
-from dlearner.backends.local import first_value
 from dlearner.errors import LearnerDiedError
-from dlearner.learner import Learner, _validate_timesteps, batch_specs_for
+from dlearner.learner import batch_specs_for, validate_timesteps
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
+from dlearner.validation import positive_int
 
 if TYPE_CHECKING:
     from dlearner.backends.dask.cluster import ClusterConnection
@@ -47,49 +49,6 @@ if TYPE_CHECKING:
 ResultDict = Dict[str, Dict[str, Any]]
 
 __all__ = ["LearnerGroup"]
-
-
-# Operations run on every learner (module-level functions: they travel to workers by reference).
-def _update_op(learner: Learner, batch: MultiBatch, shard, timesteps, options) -> ResultDict:
-    return learner.update(batch, timesteps, shard=shard, **options)
-
-
-def _get_state_op(learner: Learner, components, not_components) -> Dict[str, Any]:
-    return learner.get_state(components, not_components=not_components)
-
-
-def _set_state_op(learner: Learner, state) -> None:
-    learner.set_state(state)
-
-
-def _get_weights_op(learner: Learner, module_ids) -> Dict[str, Dict[str, np.ndarray]]:
-    return learner.module.get_state(module_ids)
-
-
-def _set_weights_op(learner: Learner, weights) -> None:
-    learner.module.set_state(weights)
-
-
-def _foreach_op(learner: Learner, fn: Callable[..., Any], kwargs: Dict[str, Any]) -> Any:
-    return fn(learner, **kwargs)
-
-
-def _add_module_op(learner: Learner, module_id, module_spec, config_overrides) -> MultiRLModuleSpec:
-    return learner.add_module(module_id=module_id, module_spec=module_spec, config_overrides=config_overrides)
-
-
-def _remove_module_op(learner: Learner, module_id) -> MultiRLModuleSpec:
-    return learner.remove_module(module_id)
-
-
-def _save_op(learner: Learner, path: str, options: Dict[str, Any]) -> str:
-    from dlearner.checkpoint import objects
-
-    return objects.save_learner(learner, path, **options)
-
-
-def _restore_op(learner: Learner, path: str, storage_options: Optional[dict]) -> None:
-    learner.restore_from_path(path, storage_options=storage_options)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +224,7 @@ class LearnerGroup:
         request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
         self._pool.ensure_ready()
-        future = self._pool.submit(_update_op, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)
+        future = self._pool.submit(learner_ops.update, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)
         self._in_flight.append(_AsyncRequest(future, report=True))
         return self._collect_finished(exclude=future)
 
@@ -294,7 +253,9 @@ class LearnerGroup:
         request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
         self._pool.ensure_ready()
-        pending, future = self._pool.submit_update_future(_update_op, self._shards(request), log_topic=self._pool.metrics_topic)
+        pending, future = self._pool.submit_update_future(
+            learner_ops.update, self._shards(request), log_topic=self._pool.metrics_topic
+        )
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
 
@@ -312,12 +273,14 @@ class LearnerGroup:
         update is retried once on the re-formed group, unless the survivors had applied it already."""
         self._pool.ensure_ready()
         try:
-            return self._pool.call(_update_op, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)[0]
+            return self._pool.call(
+                learner_ops.update, self._shards(request), collective=True, log_topic=self._pool.metrics_topic
+            )[0]
         except LearnerDiedError as err:
             applied, value = self._pool.recover(err)  # re-raises err without fault tolerance
             if applied:
                 return value
-        return self._pool.call(_update_op, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)[0]
+        return self._pool.call(learner_ops.update, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)[0]
 
     def _shards(self, request: "_UpdateRequest") -> List[tuple]:
         """The update's arguments for each learner the pool has now (batch sizes are global, so the
@@ -334,13 +297,11 @@ class LearnerGroup:
         if copy:
             # Async requests are serialised later: the caller may reuse its arrays in the meantime.
             validated = {mid: {c: np.array(a, copy=True) for c, a in cols.items()} for mid, cols in validated.items()}
-        timesteps = _validate_timesteps(timesteps)
+        timesteps = validate_timesteps(timesteps)
         options: Dict[str, Any] = {}
         for name, value in (("num_epochs", num_epochs), ("minibatch_size", minibatch_size)):
             if value is not None:
-                if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                    raise ValueError(f"{name} must be a positive int (or None), got {value!r}.")
-                options[name] = int(value)
+                options[name] = positive_int(name, value)
         if not shuffle:
             options["shuffle"] = False
         return _UpdateRequest(validated, timesteps, options)
@@ -376,7 +337,10 @@ class LearnerGroup:
 
     # ------------------------------------------------------------------------------------ state
     def get_state(
-        self, components: Optional[Union[str, Iterable[str]]] = None, *, not_components: Optional[Union[str, Iterable[str]]] = None
+        self,
+        components: Optional[Union[str, Iterable[str]]] = None,
+        *,
+        not_components: Optional[Union[str, Iterable[str]]] = None,
     ) -> Dict[str, Any]:
         """``{COMPONENT_LEARNER: learner_state}`` from one learner (all are identical).
 
@@ -386,21 +350,23 @@ class LearnerGroup:
         self._check_open()
         args = (_strip_learner_prefix(components), _strip_learner_prefix(not_components))
         rank = self._first_live_rank()
-        return {COMPONENT_LEARNER: self._pool.call(_get_state_op, [args], ranks=[rank])[0]}
+        return {COMPONENT_LEARNER: self._pool.call(learner_ops.get_state, [args], ranks=[rank])[0]}
 
     def set_state(self, state: Mapping[str, Any]) -> None:
         """Set ``state`` (as from :meth:`get_state`) on every learner."""
         self._check_usable()
         if not isinstance(state, Mapping) or COMPONENT_LEARNER not in state:
             keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"LearnerGroup.set_state needs {{'{COMPONENT_LEARNER}': learner_state}} as get_state() returns; got {keys}.")
-        self._broadcast(_set_state_op, (state[COMPONENT_LEARNER],))
+            raise ValueError(
+                f"LearnerGroup.set_state needs {{'{COMPONENT_LEARNER}': learner_state}} as get_state() returns; got {keys}."
+            )
+        self._broadcast(learner_ops.set_state, (state[COMPONENT_LEARNER],))
 
     def get_weights(self, module_ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, np.ndarray]]:
         """``{module_id: {parameter name: np.ndarray}}`` of all (or the given) modules."""
         self._check_open()
         ids = None if module_ids is None else list(module_ids)
-        return self._pool.call(_get_weights_op, [(ids,)], ranks=[self._first_live_rank()])[0]
+        return self._pool.call(learner_ops.get_weights, [(ids,)], ranks=[self._first_live_rank()])[0]
 
     def get_weights_async(self, module_ids: Optional[Sequence[str]] = None) -> concurrent.futures.Future:
         """A ``concurrent.futures.Future`` of :meth:`get_weights`, read after every request already
@@ -408,12 +374,12 @@ class LearnerGroup:
         Async algorithms use it to broadcast weights while updates are in flight."""
         self._check_open()
         ids = None if module_ids is None else list(module_ids)
-        return first_value(self._pool.submit(_get_weights_op, [(ids,)], ranks=[self._first_live_rank()]))
+        return first_value(self._pool.submit(learner_ops.get_weights, [(ids,)], ranks=[self._first_live_rank()]))
 
     def set_weights(self, weights: Mapping[str, Mapping[str, Any]]) -> None:
         """Set module weights on every learner (optimizer state untouched)."""
         self._check_usable()
-        self._broadcast(_set_weights_op, (dict(weights),))
+        self._broadcast(learner_ops.set_weights, (dict(weights),))
 
     def foreach_learner(self, fn: Callable[..., Any], **kwargs: Any) -> List[Any]:
         """``fn(learner, **kwargs)`` on every learner, in order with the updates; results by rank.
@@ -422,7 +388,7 @@ class LearnerGroup:
         """
         self._check_usable()
         world = self._pool.num_learners
-        return self._pool.call(_foreach_op, [(fn, kwargs)] * world, result_ranks=None)
+        return self._pool.call(learner_ops.foreach, [(fn, kwargs)] * world, result_ranks=None)
 
     def add_module(self, *, module_id: str, module_spec: RLModuleSpec, config_overrides: Any = None) -> MultiRLModuleSpec:
         """Add a module (and its optimizers) on every learner; returns the new specs.
@@ -433,11 +399,11 @@ class LearnerGroup:
         validate_module_id(module_id)
         if module_id in self._module_spec.rl_module_specs:
             raise ValueError(f"Module {module_id!r} already exists; remove it first or pick another id.")
-        specs = self._broadcast(_add_module_op, (module_id, module_spec, config_overrides), result_ranks=(0,))[0]
+        specs = self._broadcast(learner_ops.add_module, (module_id, module_spec, config_overrides), result_ranks=(0,))[0]
         if self._pool.num_learners > 1:
-            weights = self._pool.call(_get_weights_op, [([module_id],)], ranks=[0])[0]
+            weights = self._pool.call(learner_ops.get_weights, [([module_id],)], ranks=[0])[0]
             others = list(range(1, self._pool.num_learners))
-            self._pool.call(_set_weights_op, [(weights,)] * len(others), ranks=others, result_ranks=())
+            self._pool.call(learner_ops.set_weights, [(weights,)] * len(others), ranks=others, result_ranks=())
         self._module_spec = specs
         return specs
 
@@ -446,7 +412,7 @@ class LearnerGroup:
         self._check_usable()
         if module_id not in self._module_spec.rl_module_specs:
             raise ValueError(f"Unknown module {module_id!r}; modules are {sorted(self._module_spec.rl_module_specs)}.")
-        self._module_spec = self._broadcast(_remove_module_op, (module_id,), result_ranks=(0,))[0]
+        self._module_spec = self._broadcast(learner_ops.remove_module, (module_id,), result_ranks=(0,))[0]
         return self._module_spec
 
     def _broadcast(self, target: Callable, args: tuple, result_ranks: Optional[Sequence[int]] = ()) -> List[Any]:
@@ -478,7 +444,7 @@ class LearnerGroup:
             objects.save_learner_group_state(self.get_state(), self._module_spec, self.config, path, **options)
             saved = path
         else:
-            saved = self._pool.call(_save_op, [(path, options)], ranks=[self._first_live_rank()])[0]
+            saved = self._pool.call(learner_ops.save, [(path, options)], ranks=[self._first_live_rank()])[0]
         self._pool.checkpoint_path = saved  # a fault-tolerant group's state of last resort
         return saved
 
@@ -491,7 +457,7 @@ class LearnerGroup:
 
             self.set_state(objects.load_learner_group_state(path, storage_options=storage_options))
             return
-        self._broadcast(_restore_op, (path, storage_options))
+        self._broadcast(learner_ops.restore, (path, storage_options))
 
     # ---------------------------------------------------------------------------------- teardown
     def shutdown(self) -> None:

@@ -43,9 +43,7 @@ class MetricsLogger:
             return key
         raise ValueError(f"Metric key must be a name or a (module_id, name) tuple, got {key!r}.")
 
-    def log_value(
-        self, key: MetricKey, value: Any, *, reduce: str = "mean", weight: Optional[float] = None
-    ) -> None:
+    def log_value(self, key: MetricKey, value: Any, *, reduce: str = "mean", weight: Optional[float] = None) -> None:
         """Record ``value`` (a float or a scalar tensor) under ``key``."""
         if reduce not in _REDUCTIONS:
             raise ValueError(f"reduce={reduce!r} is not supported; use one of {_REDUCTIONS}.")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, TextIO, Union
 
 from dlearner.jsonsafe import json_safe
+from dlearner.validation import is_real
 
 __all__ = [
     "RETURN_KEY",
@@ -100,7 +101,8 @@ class MetricsWriter:
 
     def _truncate_after(self, iteration: int) -> None:
         kept = [
-            row for row in read_metrics(self.path)
+            row
+            for row in read_metrics(self.path)
             if not isinstance(row.get(ITERATION_KEY), int) or row[ITERATION_KEY] <= iteration
         ]
         # Rewrite through a temporary file so a crash here cannot lose the rows we keep.
@@ -183,7 +185,9 @@ def plot_learning_curve(
     from matplotlib.figure import Figure
 
     rows = read_metrics(metrics_path)
-    points = [(row[x_key], row[y_key], row) for row in rows if _is_real(row.get(x_key)) and _is_real(row.get(y_key))]
+    points = [
+        (row[x_key], row[y_key], row) for row in rows if _is_finite_number(row.get(x_key)) and _is_finite_number(row.get(y_key))
+    ]
     if not points:
         raise ValueError(
             f"{metrics_path} has no iteration with both {x_key!r} and {y_key!r} "
@@ -198,11 +202,19 @@ def plot_learning_curve(
     ax = fig.add_subplot(1, 1, 1)
     low_key, high_key = y_key.replace("_mean", "_min"), y_key.replace("_mean", "_max")
     band = [(p[0], p[2].get(low_key), p[2].get(high_key)) for p in points]
-    if low_key != y_key and all(_is_real(lo) and _is_real(hi) for _, lo, hi in band):
-        ax.fill_between(xs, [b[1] for b in band], [b[2] for b in band], alpha=0.2, color="tab:blue",
-                        linewidth=0, label="min–max of recent episodes")
-    ax.plot(xs, ys, color="tab:blue", linewidth=2, marker="o" if len(xs) < 30 else None, markersize=3,
-            label="mean episode return")
+    if low_key != y_key and all(_is_finite_number(lo) and _is_finite_number(hi) for _, lo, hi in band):
+        ax.fill_between(
+            xs,
+            [b[1] for b in band],
+            [b[2] for b in band],
+            alpha=0.2,
+            color="tab:blue",
+            linewidth=0,
+            label="min–max of recent episodes",
+        )
+    ax.plot(
+        xs, ys, color="tab:blue", linewidth=2, marker="o" if len(xs) < 30 else None, markersize=3, label="mean episode return"
+    )
     ax.set_xlabel("env steps sampled" if x_key == STEPS_KEY else x_key)
     ax.set_ylabel("episode return" if y_key == RETURN_KEY else y_key)
     ax.set_title(title or f"Learning curve ({len(xs)} iterations)")
@@ -216,8 +228,8 @@ def plot_learning_curve(
     return str(png_path)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_finite_number(value: Any) -> bool:
+    return is_real(value) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------------------------- progress
@@ -260,15 +272,17 @@ class ProgressDisplay:
         delta = steps - self._last_steps
         self._last_steps = steps
         iter_time = result.get("time_this_iter_s")
-        rate = delta / iter_time if _is_real(iter_time) and iter_time > 0 and delta >= 0 else None
+        rate = delta / iter_time if _is_finite_number(iter_time) and iter_time > 0 and delta >= 0 else None
         ret = (result.get("env_runners") or {}).get("episode_return_mean")
-        text = " | ".join([
-            f"iter {int(result.get(ITERATION_KEY, 0)):4d}",
-            f"env steps {steps:>9,}",
-            f"return {ret:7.1f}" if _is_real(ret) else "return     n/a",
-            f"{rate:>8,.0f} steps/s" if rate is not None else "     n/a steps/s",
-            f"elapsed {_clock(time.perf_counter() - self._start)}",
-        ])
+        text = " | ".join(
+            [
+                f"iter {int(result.get(ITERATION_KEY, 0)):4d}",
+                f"env steps {steps:>9,}",
+                f"return {ret:7.1f}" if _is_finite_number(ret) else "return     n/a",
+                f"{rate:>8,.0f} steps/s" if rate is not None else "     n/a steps/s",
+                f"elapsed {_clock(time.perf_counter() - self._start)}",
+            ]
+        )
         if self.live:
             pad = " " * max(0, self._last_width - len(text))  # erase leftovers of a longer previous line
             self.stream.write("\r" + text + pad)

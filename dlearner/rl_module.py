@@ -10,7 +10,6 @@ build identical modules.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Type
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dlearner.class_paths import class_path, import_class, import_dlearner_class
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.distributions import TorchCategorical, TorchDiagGaussian, TorchDistribution
 
@@ -35,9 +35,7 @@ def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str
     model_config = dict(model_config or {})
     unknown = sorted(set(model_config) - set(DEFAULT_MODEL_CONFIG))
     if unknown:
-        raise ValueError(
-            f"Unknown model_config key(s) {unknown}; supported keys are {sorted(DEFAULT_MODEL_CONFIG)}."
-        )
+        raise ValueError(f"Unknown model_config key(s) {unknown}; supported keys are {sorted(DEFAULT_MODEL_CONFIG)}.")
     merged = {**DEFAULT_MODEL_CONFIG, **model_config}
     hiddens = merged["fcnet_hiddens"]
     if not isinstance(hiddens, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hiddens):
@@ -51,46 +49,6 @@ def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str
     if not isinstance(merged["vf_share_layers"], bool):
         raise ValueError("model_config['vf_share_layers'] must be True or False.")
     return merged
-
-
-def class_path(cls: type) -> str:
-    """``module.QualName`` of a class, as stored in specs and checkpoints."""
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def import_class(path: str) -> type:
-    """Import a class from its ``module.QualName`` path."""
-    module_name, _, name = path.rpartition(".")
-    if not module_name:
-        raise ValueError(f"{path!r} is not an import path of the form 'package.module.ClassName'.")
-    try:
-        obj = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"Cannot import module {module_name!r} for class {path!r}: {err}") from err
-    for part in name.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise ValueError(f"Module {module_name!r} has no class {name!r} (from {path!r}).")
-    if not isinstance(obj, type):
-        raise ValueError(f"{path!r} is not a class.")
-    return obj
-
-
-def import_dlearner_class(path: str, what: str, trusted: Iterable[type] = ()) -> type:
-    """Import a class named in a checkpoint, but only one dlearner ships or the caller trusts.
-
-    Importing an arbitrary module path would run code chosen by whoever wrote the file.
-    """
-    for cls in trusted:
-        if class_path(cls) == path:
-            return cls
-    if not isinstance(path, str) or not path.startswith("dlearner."):
-        raise ValueError(
-            f"The checkpoint names the {what} class {path!r}, which dlearner does not ship; importing it would run "
-            f"code chosen by the checkpoint. Pass trusted_classes=[{str(path).rpartition('.')[2]}] (or rebuild the "
-            "config in Python) if you trust it."
-        )
-    return import_class(path)
 
 
 class RLModule(nn.Module):
@@ -168,9 +126,7 @@ class RLModule(nn.Module):
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
-            raise ValueError(
-                f"Module state does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}."
-            )
+            raise ValueError(f"Module state does not match {type(self).__name__}: missing {missing}, unexpected {unexpected}.")
         tensors = {}
         for name, value in state.items():
             tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
@@ -196,15 +152,16 @@ class RLModule(nn.Module):
 
     def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
         """Write this module's spec and weights as a Zarr v3 checkpoint; returns ``path``."""
-        from dlearner.checkpoint import objects
+        # Imported here: the storage layer imports zarr and fsspec, which building a module does not need.
+        from dlearner.checkpoint.modules import save_module
 
-        return objects.save_module(self, path, storage_options=storage_options)
+        return save_module(self, path, storage_options=storage_options)
 
     def restore_from_path(self, path, *, storage_options: Optional[dict] = None) -> None:
         """Load weights from a module, learner, group or algorithm checkpoint written by dlearner."""
-        from dlearner.checkpoint import objects
+        from dlearner.checkpoint.modules import restore_module
 
-        objects.restore_module(self, path, storage_options=storage_options)
+        restore_module(self, path, storage_options=storage_options)
 
     @classmethod
     def from_checkpoint(
@@ -226,11 +183,7 @@ class RLModule(nn.Module):
 
         A module class outside dlearner is only imported when listed in ``trusted_classes``.
         """
-        from dlearner.checkpoint import objects
-
-        return objects.module_from_checkpoint(
-            path, module_id=module_id, storage_options=storage_options, trusted_classes=trusted_classes
-        )
+        return module_from_checkpoint(path, module_id=module_id, storage_options=storage_options, trusted_classes=trusted_classes)
 
 
 def _action_dist_cls(action_space: gym.Space) -> Type[TorchDistribution]:
@@ -371,7 +324,7 @@ class RLModuleSpec:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any], *, module_class: Optional[type] = None) -> "RLModuleSpec":
-        """Inverse of :meth:`to_json`. The caller resolves and checks the class path (see ``checkpoint.objects``)."""
+        """Inverse of :meth:`to_json`. The caller resolves and checks the class path (see :func:`module_from_checkpoint`)."""
         from dlearner.spaces import space_from_json
 
         return cls(
@@ -381,6 +334,23 @@ class RLModuleSpec:
             model_config=dict(data["model_config"]),
             inference_only=bool(data.get("inference_only", False)),
         )
+
+
+def module_from_checkpoint(
+    path, *, module_id: str = DEFAULT_MODULE_ID, storage_options: Optional[dict] = None, trusted_classes: Iterable[type] = ()
+) -> RLModule:
+    """Rebuild one module with its weights from any dlearner checkpoint (module, learner, group, algorithm).
+
+    The module class is imported only if dlearner ships it or it is in ``trusted_classes``.
+    """
+    # Imported here: the storage layer imports zarr and fsspec, which building a module does not need.
+    from dlearner.checkpoint.modules import read_module
+
+    stored = read_module(path, module_id=module_id, storage_options=storage_options)
+    module_class = import_dlearner_class(stored.spec["module_class"], "module", trusted_classes)
+    module = RLModuleSpec.from_json(stored.spec, module_class=module_class).build()
+    module.set_state(stored.weights())
+    return module
 
 
 @dataclasses.dataclass

@@ -6,6 +6,8 @@ import bisect
 import math
 from typing import Sequence, Union
 
+from dlearner.validation import is_real
+
 ScheduleLike = Union[float, int, Sequence[Sequence[float]]]
 
 
@@ -20,14 +22,12 @@ class PiecewiseSchedule:
     """
 
     def __init__(self, points: ScheduleLike, *, name: str = "schedule"):
-        if isinstance(points, (int, float)) and not isinstance(points, bool):
+        if is_real(points):
             points = [[0, float(points)]]
         try:
             pairs = [(float(t), float(v)) for t, v in points]  # type: ignore[union-attr]
         except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"{name} must be a number or a list of [timestep, value] pairs, got {points!r}."
-            ) from err
+            raise ValueError(f"{name} must be a number or a list of [timestep, value] pairs, got {points!r}.") from err
         if not pairs:
             raise ValueError(f"{name} must have at least one [timestep, value] pair.")
         times = [t for t, _ in pairs]

@@ -35,6 +35,4 @@ def seconds(key: str) -> float:
     try:
         return float(parse_timedelta(value, default="seconds"))
     except (TypeError, ValueError) as err:
-        raise ValueError(
-            f"dask config 'dlearner.{key}' must be a duration such as '60s' or '5 minutes', got {value!r}."
-        ) from err
+        raise ValueError(f"dask config 'dlearner.{key}' must be a duration such as '60s' or '5 minutes', got {value!r}.") from err

@@ -19,6 +19,8 @@ from typing import Any, Dict, Tuple
 import gymnasium as gym
 import numpy as np
 
+from dlearner.validation import is_int, is_real
+
 #: Largest number of elements a described Box may have (checkpoints are untrusted input).
 MAX_SPACE_ELEMENTS = 1 << 24
 #: Deepest nesting of Dict/Tuple spaces accepted from a description.
@@ -121,9 +123,9 @@ def _short(data: Any) -> str:
 
 
 def _int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if not is_int(value):
         raise ValueError(f"{name!r} must be an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _int_array(values: Any, name: str) -> np.ndarray:
@@ -136,11 +138,12 @@ def _int_array(values: Any, name: str) -> np.ndarray:
 
 
 def _shape(value: Any) -> Tuple[int, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+    if not isinstance(value, list) or not all(is_int(v) and v >= 0 for v in value):
         raise ValueError(f"'shape' must be a list of non-negative integers, got {value!r}")
-    if math.prod(value) > MAX_SPACE_ELEMENTS:
+    shape = tuple(int(v) for v in value)  # Python ints: their product cannot overflow
+    if math.prod(shape) > MAX_SPACE_ELEMENTS:
         raise ValueError(f"shape {value} has more than {MAX_SPACE_ELEMENTS} elements")
-    return tuple(value)
+    return shape
 
 
 def _dtype(data: Dict[str, Any], default: Any) -> np.dtype:
@@ -171,14 +174,14 @@ def _bounds_from_json(values: Any, shape: Tuple[int, ...], dtype: np.dtype, name
     if not isinstance(values, list) or len(values) != math.prod(shape):
         raise ValueError(f"{name!r} must be a flat list of {math.prod(shape)} numbers (one per element of {shape})")
     if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and float(v).is_integer() for v in values):
+        if not all(is_real(v) and float(v).is_integer() for v in values):
             raise ValueError(f"{name!r} of a {dtype} Box must hold integers")
         return np.array([int(v) for v in values], dtype=dtype).reshape(shape)
     floats = []
     for v in values:
         if isinstance(v, str) and v in ("inf", "-inf", "nan"):
             floats.append(float(v))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+        elif is_real(v):
             floats.append(float(v))
         else:
             raise ValueError(f"{name!r} holds {v!r}; bounds are numbers or 'inf'/'-inf'")
@@ -260,4 +263,3 @@ def _one_hot(index: np.ndarray, n: int) -> np.ndarray:
     out = np.zeros((len(index), n), dtype=np.float32)
     out[np.arange(len(index)), index] = 1.0
     return out
-

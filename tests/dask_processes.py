@@ -37,10 +37,20 @@ class DaskProcesses:
         self._procs: List[subprocess.Popen] = []
         self._logs: List[IO[str]] = []
         try:
-            self.scheduler = self._start("scheduler", [
-                DASK, "scheduler", "--scheduler-file", str(self.scheduler_file), "--port", "0",
-                "--dashboard-address", ":0", "--no-show",
-            ])
+            self.scheduler = self._start(
+                "scheduler",
+                [
+                    DASK,
+                    "scheduler",
+                    "--scheduler-file",
+                    str(self.scheduler_file),
+                    "--port",
+                    "0",
+                    "--dashboard-address",
+                    ":0",
+                    "--no-show",
+                ],
+            )
             self.address = self._wait_for_scheduler_file(timeout)
             self.workers = [self.start_worker(worker_args) for _ in range(n_workers)]
             if n_workers:
@@ -58,11 +68,27 @@ class DaskProcesses:
 
     def start_worker(self, extra_args: Sequence[str] = ()) -> subprocess.Popen:
         """One more ``dask worker`` process (it joins on its own; see :meth:`wait_for_workers`)."""
-        return self._start("worker", [
-            DASK, "worker", "--scheduler-file", str(self.scheduler_file), "--nworkers", "1", "--nthreads", "1",
-            "--no-dashboard", "--memory-limit", "0", "--local-directory", str(self.directory / "dask-scratch"),
-            "--death-timeout", "60", *extra_args,
-        ])
+        return self._start(
+            "worker",
+            [
+                DASK,
+                "worker",
+                "--scheduler-file",
+                str(self.scheduler_file),
+                "--nworkers",
+                "1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--memory-limit",
+                "0",
+                "--local-directory",
+                str(self.directory / "dask-scratch"),
+                "--death-timeout",
+                "60",
+                *extra_args,
+            ],
+        )
 
     def _wait_for_scheduler_file(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout

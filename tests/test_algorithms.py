@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import DEFAULT_MODULE_ID, AlgorithmConfig, BCConfig, Columns, PPOConfig
 from dlearner.algorithms.ppo import compute_gae
 from dlearner.batch import as_multi_batch, shard_batch
@@ -28,8 +28,9 @@ def build(config, env):
 
 
 def test_ppo_loss_matches_the_paper_equations(cartpole, batch):
-    config = PPOConfig().training(clip_param=0.2, vf_clip_param=0.5, entropy_coeff=0.01, vf_loss_coeff=0.5,
-                                  kl_coeff=0.3, minibatch_size=None, num_epochs=1)
+    config = PPOConfig().training(
+        clip_param=0.2, vf_clip_param=0.5, entropy_coeff=0.01, vf_loss_coeff=0.5, kl_coeff=0.3, minibatch_size=None, num_epochs=1
+    )
     learner = build(config, cartpole)
     module = learner.module[DEFAULT_MODULE_ID]
     t = {k: torch.as_tensor(v) for k, v in batch.items()}
@@ -92,7 +93,7 @@ def test_ppo_clip_fraction_is_the_share_of_rows_whose_ratio_left_the_clip_range(
     config = PPOConfig().training(clip_param=0.2, lr=1e-12, minibatch_size=32, num_epochs=2)
     learner = build(config, cartpole)
     batch, _ = on_policy_batch(learner)
-    batch[Columns.ACTION_LOGP][:64] += np.log(2.0)    # ratio 0.5: below 1 - 0.2, clipped
+    batch[Columns.ACTION_LOGP][:64] += np.log(2.0)  # ratio 0.5: below 1 - 0.2, clipped
     batch[Columns.ACTION_LOGP][64:96] -= np.log(1.1)  # ratio 1.1: inside the range, not clipped
     assert learner.update(batch)[DEFAULT_MODULE_ID]["clip_fraction"] == pytest.approx(64 / 256)
 
@@ -204,9 +205,9 @@ def test_gae_bootstraps_on_truncation_but_not_on_termination():
     truncateds = np.array([False, False, False, True])
     gamma, lam = 0.9, 0.8
     adv, targets = compute_gae(rewards, values, next_values, terminateds, truncateds, gamma=gamma, lambda_=lam)
-    d3 = 1.0 + gamma * 10.0 - 0.2           # bootstrapped from the final observation's value
+    d3 = 1.0 + gamma * 10.0 - 0.2  # bootstrapped from the final observation's value
     d2 = 1.0 + gamma * 0.2 - 0.3
-    d1 = 1.0 - 0.4                          # terminal: no future value (the 99 is ignored)
+    d1 = 1.0 - 0.4  # terminal: no future value (the 99 is ignored)
     d0 = 1.0 + gamma * 0.4 - 0.5
     expected = [d0 + gamma * lam * d1, d1, d2 + gamma * lam * d3, d3]
     np.testing.assert_allclose(adv, expected, rtol=1e-6)

@@ -20,10 +20,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import ppo_batch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import ppo_batch
 from dlearner import DEFAULT_MODULE_ID, Columns, PPOConfig
 from dlearner.algorithms.ppo import PPOTorchLearner
 from dlearner.batch import shard_batch, validate_batch
@@ -33,17 +33,55 @@ from dlearner.learner import NonFiniteUpdateError, batch_specs_for
 ROWS = 12
 TINY_MODEL = {"fcnet_hiddens": [8]}
 FUZZ_SETTINGS = settings(
-    max_examples=1000, deadline=None, derandomize=True, database=None,
+    max_examples=1000,
+    deadline=None,
+    derandomize=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
 
-SPECIAL_FLOATS = [np.nan, np.inf, -np.inf, 1e300, -1e300, 3.4e38, -3.4e38, 3e38, 1e30, -1e30, 1e20, 65504.0,
-                  1e-45, -0.0, 0.0, 1e5, -7.5]
+SPECIAL_FLOATS = [
+    np.nan,
+    np.inf,
+    -np.inf,
+    1e300,
+    -1e300,
+    3.4e38,
+    -3.4e38,
+    3e38,
+    1e30,
+    -1e30,
+    1e20,
+    65504.0,
+    1e-45,
+    -0.0,
+    0.0,
+    1e5,
+    -7.5,
+]
 SPECIAL_INTS = [-1, 0, 1, 2, 7, 2**31 - 1, 2**40, -(2**40)]
-DTYPES = ["float16", "float32", "float64", "longdouble", ">f4", ">f8", "int8", "int32", "int64", "uint8",
-          "uint16", "uint32", "uint64", ">i8", "bool", "complex64", "object", "U3", "datetime64[s]"]
-TORCH_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32,
-                torch.uint8, torch.bool]
+DTYPES = [
+    "float16",
+    "float32",
+    "float64",
+    "longdouble",
+    ">f4",
+    ">f8",
+    "int8",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    ">i8",
+    "bool",
+    "complex64",
+    "object",
+    "U3",
+    "datetime64[s]",
+]
+TORCH_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
 EXTRA_COLUMNS = {
     Columns.REWARDS: lambda: np.linspace(-1, 1, ROWS, dtype=np.float32),
     Columns.VF_PREDS: lambda: np.zeros(ROWS, np.float64),
@@ -206,14 +244,39 @@ def mutate_strided(draw, batch):
         batch[column] = np.repeat(array, 2, axis=0)[::2]  # same values, a non-contiguous view
 
 
-MUTATIONS = [mutate_value, mutate_value, mutate_extreme, mutate_extreme, mutate_dtype, mutate_dtype, mutate_shape, mutate_drop,
-             mutate_extra, mutate_extra, mutate_empty, mutate_rows, mutate_masked, mutate_torch, mutate_torch,
-             mutate_list, mutate_strided]
+MUTATIONS = [
+    mutate_value,
+    mutate_value,
+    mutate_extreme,
+    mutate_extreme,
+    mutate_dtype,
+    mutate_dtype,
+    mutate_shape,
+    mutate_drop,
+    mutate_extra,
+    mutate_extra,
+    mutate_empty,
+    mutate_rows,
+    mutate_masked,
+    mutate_torch,
+    mutate_torch,
+    mutate_list,
+    mutate_strided,
+]
 
 
 # For two learners: more finite extremes, so more updates fail inside the learners (on one shard).
-PAIR_MUTATIONS = [mutate_extreme, mutate_extreme, mutate_extreme, mutate_value, mutate_rows, mutate_masked,
-                  mutate_torch, mutate_dtype, mutate_extra]
+PAIR_MUTATIONS = [
+    mutate_extreme,
+    mutate_extreme,
+    mutate_extreme,
+    mutate_value,
+    mutate_rows,
+    mutate_masked,
+    mutate_torch,
+    mutate_dtype,
+    mutate_extra,
+]
 
 
 @st.composite
@@ -348,7 +411,7 @@ class GlooPair:
         def call(rank):
             try:
                 outcomes[rank] = ("ok", fn(rank))
-            except BaseException as error:  # every rank's outcome is checked by the test
+            except BaseException as error:  # noqa: BLE001 - every rank's outcome is checked by the test
                 outcomes[rank] = ("error", error)
 
         threads = [threading.Thread(target=call, args=(rank,)) for rank in range(2)]
@@ -365,8 +428,13 @@ def gloo_pair(env):
     return GlooPair(env)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(batch=mutated_batches(tuple(PAIR_MUTATIONS)))
 def test_two_learners_train_alike_or_both_refuse_changing_nothing(gloo_pair, batch):
     for learner, snapshot in zip(gloo_pair.learners, gloo_pair.snapshots):

@@ -241,7 +241,9 @@ def test_a_gzip_bomb_behind_an_edited_codec_is_refused_without_decompressing(lea
     assert len(bomb) < 2**19
     (ckpt / node / "0.0").write_bytes(bomb)
     _edit_json(ckpt, f"{node}/zarr.json", lambda doc: doc["codecs"].insert(1, {"name": "gzip", "configuration": {"level": 9}}))
-    refused = r"not encoded the way dlearner writes arrays \(codecs|0\.0 has \d+ bytes, more than the 132 bytes this file may hold"
+    refused = (
+        r"not encoded the way dlearner writes arrays \(codecs|0\.0 has \d+ bytes, more than the 132 bytes this file may hold"
+    )
     _assert_refused(learner, ckpt, refused, check_memory=True)
 
 
@@ -258,7 +260,14 @@ def test_a_gzip_bomb_as_a_chunk_is_only_wrong_bytes(learner, ckpt: Path) -> None
         ("fill_value", 1.0, True),
         ("fill_value", "NaN", True),
         ("codecs", [{"name": "bytes", "configuration": {"endian": "little"}}], True),
-        ("codecs", [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "zstd", "configuration": {"level": 0, "checksum": False}}], False),
+        (
+            "codecs",
+            [
+                {"name": "bytes", "configuration": {"endian": "little"}},
+                {"name": "zstd", "configuration": {"level": 0, "checksum": False}},
+            ],
+            False,
+        ),
         ("chunk_grid", {"name": "regular", "configuration": {"chunk_shape": [1, 1]}}, True),
         ("chunk_key_encoding", {"name": "default", "configuration": {"separator": "/"}}, False),
         ("data_type", "float64", False),
@@ -267,14 +276,20 @@ def test_a_gzip_bomb_as_a_chunk_is_only_wrong_bytes(learner, ckpt: Path) -> None
         ("zarr_format", 2, False),
     ],
 )
-def test_edited_array_metadata_is_refused_never_filled(learner, location: str, field: str, value: Any, missing_chunk: bool) -> None:
+def test_edited_array_metadata_is_refused_never_filled(
+    learner, location: str, field: str, value: Any, missing_chunk: bool
+) -> None:
     # Through zarr, an edited fill value or codec turned a deleted chunk into silently filled weights.
     node = _node(location)
     _edit_json(location, f"{node}/zarr.json", lambda doc: doc.__setitem__(field, value))
     if missing_chunk:
         fs, root = _fs(location)
         fs.rm_file(f"{root}/{node}/0.0")
-    message = "has shape .* and data type" if field in ("data_type", "shape") else rf"not encoded the way dlearner writes arrays \({field}"
+    message = (
+        "has shape .* and data type"
+        if field in ("data_type", "shape")
+        else rf"not encoded the way dlearner writes arrays \({field}"
+    )
     _assert_refused(learner, location, message)
 
 
@@ -374,26 +389,42 @@ def test_deeply_nested_json_is_refused_not_a_recursion_error(learner, location: 
         else:
             doc["attributes"]["deep"] = "PLACEHOLDER"
 
-    key = {"root zarr.json": "zarr.json", "manifest": _manifest_key(location), "array zarr.json": f"{_node(location)}/zarr.json"}[where]
+    key = {"root zarr.json": "zarr.json", "manifest": _manifest_key(location), "array zarr.json": f"{_node(location)}/zarr.json"}[
+        where
+    ]
     _edit_json(location, key, edit)
-    _write(location, key, _read(location, key).replace(b'"PLACEHOLDER"', _nested(depth) if nested is None else json.dumps(nested).encode()))
+    _write(
+        location,
+        key,
+        _read(location, key).replace(b'"PLACEHOLDER"', _nested(depth) if nested is None else json.dumps(nested).encode()),
+    )
     _assert_refused(learner, location, rf"{key} nests lists and objects .*the limit of {MAX_JSON_DEPTH} \(MAX_JSON_DEPTH\)")
 
 
 @pytest.mark.parametrize("which", ["root zarr.json", "manifest", "array zarr.json"])
 def test_oversized_json_is_refused_without_reading_it(learner, location: str, which: str) -> None:
-    key = {"root zarr.json": "zarr.json", "manifest": _manifest_key(location), "array zarr.json": f"{_node(location)}/zarr.json"}[which]
+    key = {"root zarr.json": "zarr.json", "manifest": _manifest_key(location), "array zarr.json": f"{_node(location)}/zarr.json"}[
+        which
+    ]
     limit = MAX_ARRAY_METADATA_BYTES if which == "array zarr.json" else MAX_JSON_DOCUMENT_BYTES
     doc = _read(location, key)
     _write(location, key, doc[:-1] + b"," + b'"pad":"' + b"x" * (MAX_JSON_DOCUMENT_BYTES + 1) + b'"}')
-    _assert_refused(learner, location, rf"{key} has (\d+ bytes, )?more than the {limit} bytes this file may hold", check_memory=True)
+    _assert_refused(
+        learner, location, rf"{key} has (\d+ bytes, )?more than the {limit} bytes this file may hold", check_memory=True
+    )
 
 
 def test_json_with_a_huge_integer_is_refused(learner, location: str) -> None:
     key = _manifest_key(location)
     manifest = _read(location, key)
     assert b'"last_timestep",{"type":"json","value":0}' in manifest
-    _write(location, key, manifest.replace(b'"last_timestep",{"type":"json","value":0}', b'"last_timestep",{"type":"json","value":' + b"9" * 100_000 + b"}"))
+    _write(
+        location,
+        key,
+        manifest.replace(
+            b'"last_timestep",{"type":"json","value":0}', b'"last_timestep",{"type":"json","value":' + b"9" * 100_000 + b"}"
+        ),
+    )
     _assert_refused(learner, location, r"is not valid JSON \(Exceeds the limit")
 
 

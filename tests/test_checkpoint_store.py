@@ -25,14 +25,16 @@ import numpy as np
 import pytest
 import zarr
 
-from dlearner.checkpoint import encoding, store
 from dlearner.checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
     RUN_STORE_DIRNAME,
     InvalidCheckpointError,
+    backends,
+    encoding,
     format_inspection,
     inspect_checkpoint,
+    layout,
     load_state_tree,
     read_metadata,
     resolve_checkpoint_path,
@@ -202,9 +204,33 @@ def test_round_trip_is_exact(location: str) -> None:
 
 def test_round_trip_of_unusual_keys_and_key_order(location: str) -> None:
     keys = [
-        "pi.0.weight", "default_policy_default_optimizer", "0", "rl_module/x", "a/b/c", "A", "a",
-        "AB", "Ab", "aB", "ab", "%41", "%2F", "__x", "_", ".", "..", "zarr.json", "ZARR.JSON", "c",
-        "x" * 300, "x" * 299 + "y", "ключ", " ", "~", "$dict", "\t\n",
+        "pi.0.weight",
+        "default_policy_default_optimizer",
+        "0",
+        "rl_module/x",
+        "a/b/c",
+        "A",
+        "a",
+        "AB",
+        "Ab",
+        "aB",
+        "ab",
+        "%41",
+        "%2F",
+        "__x",
+        "_",
+        ".",
+        "..",
+        "zarr.json",
+        "ZARR.JSON",
+        "c",
+        "x" * 300,
+        "x" * 299 + "y",
+        "ключ",
+        " ",
+        "~",
+        "$dict",
+        "\t\n",
     ]
     tree = {k: {"value": np.array([i], np.int16), "name": k} for i, k in enumerate(reversed(keys))}
     save_state_tree(location, tree, metadata={})
@@ -338,7 +364,7 @@ def test_no_pickle_in_store_and_loading_never_unpickles(location: str, monkeypat
 def _fail_after(monkeypatch: pytest.MonkeyPatch, n_arrays: int) -> list[int]:
     """Make the array writer raise once ``n_arrays`` arrays have been handed to the store."""
     calls = [0]
-    original = store._array_files
+    original = layout._array_files
 
     def failing(*args: Any, **kwargs: Any) -> Any:
         if calls[0] >= n_arrays:
@@ -346,7 +372,7 @@ def _fail_after(monkeypatch: pytest.MonkeyPatch, n_arrays: int) -> list[int]:
         calls[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(store, "_array_files", failing)
+    monkeypatch.setattr(layout, "_array_files", failing)
     return calls
 
 
@@ -374,7 +400,8 @@ def test_failed_save_keeps_previous_checkpoint(location: str, monkeypatch: pytes
 def test_failed_commit_keeps_previous_checkpoint(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
     old = _learner_like_tree(1.0)
     save_state_tree(location, old, metadata={"step": 1})
-    for backend in (store._LocalBackend, store._FsspecBackend):
+    for backend in (backends.LocalBackend, backends.FsspecBackend):
+
         def refuse(self: Any, key: str, data: bytes) -> None:
             raise OSError("injected failure at commit")
 
@@ -447,13 +474,13 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys, time
     import numpy as np
-    from dlearner.checkpoint import store
+    from dlearner.checkpoint import layout, store
 
-    original = store._array_files
+    original = layout._array_files
     def slow(*args, **kwargs):
         time.sleep(0.002)  # keep the save running long enough to be killed midway
         return original(*args, **kwargs)
-    store._array_files = slow
+    layout._array_files = slow
     tree = {"layers": {str(i): {"w": np.full((32,), 2.0, np.float32)} for i in range(3000)}}
     print("saving", flush=True)
     store.save_state_tree(sys.argv[1], tree, metadata={"step": 2})
@@ -468,9 +495,7 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path: Path) -> None:
     save_state_tree(path, old, metadata={"step": 1})
     old_version = _root_attrs(path)["committed_version"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, path], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
         versions_dir = tmp_path / "ckpt" / "versions"
@@ -685,8 +710,13 @@ def test_array_reencoded_by_zarr_is_refused_not_decoded(tmp_path: Path) -> None:
     save_state_tree(path, tree, metadata={})
     node = _committed_array(path, "m/w")
     zarr.create_array(
-        path, name=node, data=tree["m"]["w"], chunks=(5, 50), overwrite=True,
-        attributes={"dlearner": {"key": "w"}}, zarr_format=3,
+        path,
+        name=node,
+        data=tree["m"]["w"],
+        chunks=(5, 50),
+        overwrite=True,
+        attributes={"dlearner": {"key": "w"}},
+        zarr_format=3,
     )
     with pytest.raises(ValueError, match=rf"{node}/zarr.json is not encoded the way dlearner writes arrays \(chunk_grid"):
         load_state_tree(path)
@@ -755,8 +785,26 @@ def test_inspect_and_format(location: str) -> None:
 
 
 def test_key_encoding_is_injective_and_case_safe() -> None:
-    keys = ["a", "A", "%41", "%", "a/b", "a%2Fb", "__x", "_%5F_x", ".", "%2E", "..", "zarr.json",
-            "zarr%2Ejson", "x" * 300, "x" * 301, "é", "e\u0301", "🙂"]
+    keys = [
+        "a",
+        "A",
+        "%41",
+        "%",
+        "a/b",
+        "a%2Fb",
+        "__x",
+        "_%5F_x",
+        ".",
+        "%2E",
+        "..",
+        "zarr.json",
+        "zarr%2Ejson",
+        "x" * 300,
+        "x" * 301,
+        "é",
+        "e\u0301",
+        "🙂",
+    ]
     names = [encoding.encode_key(k) for k in keys]
     assert len(set(names)) == len(keys)
     assert len({n.lower() for n in names}) == len(keys)

@@ -13,14 +13,19 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import DEFAULT_MODULE_ID, Columns, PPOConfig, RLModule
 from dlearner.checkpoint import RUN_STORE_DIRNAME, inspect_checkpoint
 
 
 def make_learner(env, hiddens=SMALL_MODEL["fcnet_hiddens"], **training):
-    config = PPOConfig().training(minibatch_size=64, kl_target=1e-6, **training).rl_module(model_config={"fcnet_hiddens": hiddens}).debugging(seed=0)
+    config = (
+        PPOConfig()
+        .training(minibatch_size=64, kl_target=1e-6, **training)
+        .rl_module(model_config={"fcnet_hiddens": hiddens})
+        .debugging(seed=0)
+    )
     learner = config.build_learner(env=env)
     learner.build()
     return learner
@@ -74,7 +79,7 @@ def test_store_is_plain_zarr_without_pickles(cartpole, tmp_path, monkeypatch):
     assert group.attrs["dlearner"]["format"] == "dlearner-checkpoint"
     for file in (tmp_path / "ckpt").rglob("*"):
         if file.is_file():
-            assert not file.read_bytes()[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"), file
+            assert file.read_bytes()[:2] not in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"), file
 
     def refuse(*args, **kwargs):
         raise AssertionError("restore must not unpickle")
@@ -141,12 +146,12 @@ def test_a_failed_save_keeps_the_previous_checkpoint(cartpole, tmp_path, monkeyp
     saved = learner.get_state()
     learner.update(ppo_batch())
 
-    from dlearner.checkpoint import store
+    from dlearner.checkpoint import backends
 
     def broken(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(store._LocalBackend, "write_many", broken, raising=True)
+    monkeypatch.setattr(backends.LocalBackend, "write_many", broken, raising=True)
     with pytest.raises(OSError, match="injected"):
         learner.save_to_path(tmp_path / "ckpt")
     monkeypatch.undo()
@@ -173,8 +178,12 @@ class WideModule(__import__("dlearner.rl_module", fromlist=["DefaultActorCriticR
 def test_module_classes_outside_dlearner_need_the_callers_trust(cartpole, tmp_path):
     from dlearner import RLModuleSpec
 
-    module = RLModuleSpec(module_class=WideModule, observation_space=cartpole.observation_space,
-                          action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]}).build()
+    module = RLModuleSpec(
+        module_class=WideModule,
+        observation_space=cartpole.observation_space,
+        action_space=cartpole.action_space,
+        model_config={"fcnet_hiddens": [8]},
+    ).build()
     module.save_to_path(tmp_path / "custom")
     with pytest.raises(ValueError, match="trusted_classes"):
         RLModule.from_checkpoint(tmp_path / "custom")

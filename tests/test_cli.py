@@ -25,8 +25,18 @@ _BESIDE_PYTHON = Path(sys.executable).with_name("dlearner")
 DLEARNER = str(_BESIDE_PYTHON) if _BESIDE_PYTHON.is_file() else shutil.which("dlearner")
 # Small and fast: a tiny model, small batches, everything in the driver unless a test says otherwise.
 FAST = [
-    "--fcnet-hiddens", "16,16", "--train-batch-size", "256", "--minibatch-size", "128", "--num-epochs", "1",
-    "--num-envs-per-env-runner", "4", "--seed", "0",
+    "--fcnet-hiddens",
+    "16,16",
+    "--train-batch-size",
+    "256",
+    "--minibatch-size",
+    "128",
+    "--num-epochs",
+    "1",
+    "--num-envs-per-env-runner",
+    "4",
+    "--seed",
+    "0",
 ]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -62,8 +72,10 @@ def assert_real_plot(path: Path) -> None:
     [
         (["train", "--env", "CartPole-v1", "--num-learnerz", "2"], ["--num-learnerz"]),
         (["train", "--env", "CartPole-v1", "--lr", "-0.1"], ["--lr"]),
-        (["train", "--env", "CartPole-v1", "--scheduler-file", "/no/such/sched.json"],
-         ["--scheduler-file", "/no/such/sched.json"]),
+        (
+            ["train", "--env", "CartPole-v1", "--scheduler-file", "/no/such/sched.json"],
+            ["--scheduler-file", "/no/such/sched.json"],
+        ),
     ],
 )
 def test_bad_flags_exit_non_zero_naming_the_flag(args, names):
@@ -110,8 +122,22 @@ def test_missing_checkpoint_paths_are_named(tmp_path, capsys):
 # ------------------------------------------------------------------- train, resume, inspect, evaluate
 def test_train_resume_inspect_evaluate_and_plot(tmp_path, capsys):
     run = tmp_path / "cartpole"
-    first = dlearner("train", "--algo", "PPO", "--env", "CartPole-v1", "--num-learners", "0",
-                     "--num-env-runners", "0", "--stop-iters", "2", "--checkpoint", str(run), *FAST)
+    first = dlearner(
+        "train",
+        "--algo",
+        "PPO",
+        "--env",
+        "CartPole-v1",
+        "--num-learners",
+        "0",
+        "--num-env-runners",
+        "0",
+        "--stop-iters",
+        "2",
+        "--checkpoint",
+        str(run),
+        *FAST,
+    )
     assert first.returncode == 0, first.stderr
     assert "Traceback" not in first.stderr
     # Not a terminal: one progress line per iteration.
@@ -169,9 +195,24 @@ def test_train_attaches_with_a_scheduler_file_and_leaves_the_cluster_running(tmp
     with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster:
         with Client(cluster) as client:
             client.write_scheduler_file(str(scheduler_file))
-            proc = dlearner("train", "--env", "CartPole-v1", "--num-learners", "1", "--num-env-runners", "0",
-                            "--stop-iters", "2", "--scheduler-file", str(scheduler_file),
-                            "--checkpoint", str(tmp_path / "attached"), "--run-name", "attached-run", *FAST)
+            proc = dlearner(
+                "train",
+                "--env",
+                "CartPole-v1",
+                "--num-learners",
+                "1",
+                "--num-env-runners",
+                "0",
+                "--stop-iters",
+                "2",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--checkpoint",
+                str(tmp_path / "attached"),
+                "--run-name",
+                "attached-run",
+                *FAST,
+            )
             assert proc.returncode == 0, proc.stderr
             assert "Traceback" not in proc.stderr
             page = client.dashboard_link.replace("/status", "/dlearner")
@@ -189,8 +230,18 @@ def test_train_attaches_with_a_scheduler_file_and_leaves_the_cluster_running(tmp
 
 @pytest.mark.slow
 def test_train_on_an_embedded_cluster_prints_the_dashboard_link(tmp_path):
-    proc = dlearner("train", "--env", "CartPole-v1", "--num-learners", "1", "--stop-iters", "1",
-                    "--metrics-file", str(tmp_path / "m.jsonl"), *FAST)
+    proc = dlearner(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--num-learners",
+        "1",
+        "--stop-iters",
+        "1",
+        "--metrics-file",
+        str(tmp_path / "m.jsonl"),
+        *FAST,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Dask dashboard http://" in proc.stdout and "/dlearner" in proc.stdout
     assert (tmp_path / "learning_curve.png").is_file()
@@ -199,9 +250,12 @@ def test_train_on_an_embedded_cluster_prints_the_dashboard_link(tmp_path):
 # --------------------------------------------------------------------------- config round trip
 def test_config_from_dict_round_trips_the_stored_config():
     config = (
-        PPOConfig().environment("CartPole-v1", env_config={"render_mode": None})
+        PPOConfig()
+        .environment("CartPole-v1", env_config={"render_mode": None})
         .training(lr=[[0, 1e-3], [1000, 1e-4]], entropy_coeff=0.01, train_batch_size=512)
-        .rl_module(model_config={"fcnet_hiddens": [8]}).learners(num_learners=2).debugging(seed=7)
+        .rl_module(model_config={"fcnet_hiddens": [8]})
+        .learners(num_learners=2)
+        .debugging(seed=7)
     )
     rebuilt = config_from_dict(json.loads(json.dumps(config.to_dict())))
     assert type(rebuilt) is PPOConfig
@@ -209,8 +263,9 @@ def test_config_from_dict_round_trips_the_stored_config():
 
 
 def test_config_from_dict_rebuilds_module_specs_and_refuses_foreign_classes(cartpole):
-    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space,
-                        model_config={"fcnet_hiddens": [8]})
+    spec = RLModuleSpec(
+        observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]}
+    )
     config = PPOConfig().environment("CartPole-v1").rl_module(rl_module_spec=spec)
     rebuilt = config_from_dict(config.to_dict())
     assert rebuilt.rl_module_spec.observation_space == cartpole.observation_space
@@ -227,12 +282,14 @@ def test_config_from_dict_rebuilds_module_specs_and_refuses_foreign_classes(cart
 
 # ------------------------------------------------------------------------------------ reporting
 def test_flatten_result_gives_plain_json_values():
-    flat = flatten_result({
-        "training_iteration": np.int64(3),
-        "env_runners": {"episode_return_mean": np.float32(1.5), "episode_len_mean": float("nan")},
-        "learners": {"default_policy": {"total_loss": np.float64(0.25)}},
-        "returns": np.array([1.0, float("inf")]),
-    })
+    flat = flatten_result(
+        {
+            "training_iteration": np.int64(3),
+            "env_runners": {"episode_return_mean": np.float32(1.5), "episode_len_mean": float("nan")},
+            "learners": {"default_policy": {"total_loss": np.float64(0.25)}},
+            "returns": np.array([1.0, float("inf")]),
+        }
+    )
     assert flat == {
         "training_iteration": 3,
         "env_runners/episode_return_mean": 1.5,
@@ -249,8 +306,13 @@ def test_metrics_writer_appends_and_resumes_after_the_checkpoint(tmp_path):
     path = tmp_path / "run" / "metrics.jsonl"
     with MetricsWriter(path) as writer:
         for i in range(1, 6):
-            writer.write({"training_iteration": i, "num_env_steps_sampled_lifetime": 10 * i,
-                          "env_runners": {"episode_return_mean": float(i)}})
+            writer.write(
+                {
+                    "training_iteration": i,
+                    "num_env_steps_sampled_lifetime": 10 * i,
+                    "env_runners": {"episode_return_mean": float(i)},
+                }
+            )
     with path.open("a") as f:
         f.write('{"training_iteration": 6, "num_env')  # a line torn by a crash
     assert [r["training_iteration"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
@@ -268,23 +330,36 @@ def test_metrics_writer_appends_and_resumes_after_the_checkpoint(tmp_path):
 def test_plot_learning_curve_draws_a_real_plot_and_explains_an_empty_file(tmp_path):
     path = tmp_path / "metrics.jsonl"
     with MetricsWriter(path) as writer:
-        writer.write({"training_iteration": 1, "num_env_steps_sampled_lifetime": 100,
-                      "env_runners": {"episode_return_mean": float("nan")}})
+        writer.write(
+            {"training_iteration": 1, "num_env_steps_sampled_lifetime": 100, "env_runners": {"episode_return_mean": float("nan")}}
+        )
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_learning_curve(path, tmp_path / "empty.png")
     with MetricsWriter(path) as writer:
         for i in range(1, 30):
-            writer.write({"training_iteration": i, "num_env_steps_sampled_lifetime": 1000 * i,
-                          "env_runners": {"episode_return_mean": 10.0 + i * i / 2,
-                                          "episode_return_min": 5.0, "episode_return_max": 20.0 + i * i}})
+            writer.write(
+                {
+                    "training_iteration": i,
+                    "num_env_steps_sampled_lifetime": 1000 * i,
+                    "env_runners": {
+                        "episode_return_mean": 10.0 + i * i / 2,
+                        "episode_return_min": 5.0,
+                        "episode_return_max": 20.0 + i * i,
+                    },
+                }
+            )
     png = tmp_path / "curve.png"
     assert plot_learning_curve(path, png, title="test") == str(png)
     assert_real_plot(png)
 
 
 def test_progress_display_lines_and_live_mode():
-    result = {"training_iteration": 2, "num_env_steps_sampled_lifetime": 4000, "time_this_iter_s": 0.5,
-              "env_runners": {"episode_return_mean": 42.25}}
+    result = {
+        "training_iteration": 2,
+        "num_env_steps_sampled_lifetime": 4000,
+        "time_this_iter_s": 0.5,
+        "env_runners": {"episode_return_mean": 42.25},
+    }
     plain = io.StringIO()
     display = ProgressDisplay(plain, start_env_steps=2000)
     assert display.live is False  # a StringIO is not a terminal
@@ -307,7 +382,9 @@ def test_importing_the_cli_does_not_import_torch_and_help_works():
     # `dlearner --help` and bad flags must answer at once: torch, dask and the algorithms load inside commands.
     probe = subprocess.run(
         [sys.executable, "-c", "import dlearner.cli, sys; print('torch' in sys.modules, 'distributed' in sys.modules)"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.split() == ["False", "False"]
@@ -369,8 +446,7 @@ def test_a_failure_inside_training_exits_1_in_one_line_and_debug_shows_the_trace
     args = ["train", "--env", "CartPole-v1", "--stop-iters", "1", *FAST]
     assert main(args) == 1
     err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1] == \
-        "dlearner: error: RuntimeError: learner exploded  (--debug shows the full traceback)"
+    assert err.strip().splitlines()[-1] == "dlearner: error: RuntimeError: learner exploded  (--debug shows the full traceback)"
     assert "Traceback" not in err and "second line" not in err
     assert main([*args, "--debug"]) == 1
     err = capsys.readouterr().err
@@ -383,8 +459,25 @@ def test_run_folder_keeps_the_store_in_a_subfolder_and_commands_accept_either(tm
     import zarr
 
     run = tmp_path / "layout"
-    assert main(["train", "--env", "CartPole-v1", "--num-learners", "0", "--num-env-runners", "0",
-                 "--stop-iters", "1", "--checkpoint", str(run), *FAST]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--env",
+                "CartPole-v1",
+                "--num-learners",
+                "0",
+                "--num-env-runners",
+                "0",
+                "--stop-iters",
+                "1",
+                "--checkpoint",
+                str(run),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint", "learning_curve.png", "metrics.jsonl"]
     store = run / "checkpoint"
     with warnings.catch_warnings():
@@ -407,8 +500,21 @@ def test_run_folder_keeps_the_store_in_a_subfolder_and_commands_accept_either(tm
 @pytest.mark.parametrize("algo", ["APPO", "IMPALA"])
 def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, algo):
     run = tmp_path / algo.lower()
-    proc = dlearner("train", "--algo", algo, "--env", "CartPole-v1", "--stop-iters", "2", "--checkpoint", str(run),
-                    "--fcnet-hiddens", "16,16", "--seed", "0")
+    proc = dlearner(
+        "train",
+        "--algo",
+        algo,
+        "--env",
+        "CartPole-v1",
+        "--stop-iters",
+        "2",
+        "--checkpoint",
+        str(run),
+        "--fcnet-hiddens",
+        "16,16",
+        "--seed",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["training_iteration"] for r in rows] == [1, 2]

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from dask_processes import QUIET_THREADS, DaskProcesses, wait_for
-from dlearner.reporting import read_metrics
 from test_cli import DLEARNER, FAST
+
+from dlearner.reporting import read_metrics
 
 pytestmark = pytest.mark.slow
 
 
 def dlearner(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **QUIET_THREADS})
+    return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **QUIET_THREADS})
 
 
 def checkpoint_iteration(run: Path) -> int:
@@ -64,8 +63,21 @@ def one_worker(tmp_path) -> Iterator[DaskProcesses]:
 def test_train_with_env_runners_on_a_scheduler_file_cluster_then_resume(cluster, tmp_path, num_env_runners):
     run = tmp_path / "run"
     attach = ["--scheduler-file", str(cluster.scheduler_file)]
-    first = dlearner("train", "--env", "CartPole-v1", "--num-learners", "1", "--num-env-runners", str(num_env_runners),
-                     "--stop-iters", "2", "--checkpoint", str(run), *attach, *FAST)
+    first = dlearner(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--num-learners",
+        "1",
+        "--num-env-runners",
+        str(num_env_runners),
+        "--stop-iters",
+        "2",
+        "--checkpoint",
+        str(run),
+        *attach,
+        *FAST,
+    )
     assert first.returncode == 0, first.stderr + cluster.logs()
     assert "Traceback" not in first.stderr
     assert f"{num_env_runners} env-runner actor" in first.stdout
@@ -85,8 +97,20 @@ def test_train_with_env_runners_on_a_scheduler_file_cluster_then_resume(cluster,
 
 
 def test_fewer_workers_than_learners_says_what_it_waits_for_and_fails_in_one_line(one_worker, tmp_path):
-    args = ["train", "--env", "CartPole-v1", "--num-learners", "2", "--startup-timeout", "3", "--stop-iters", "1",
-            "--scheduler-file", str(one_worker.scheduler_file), *FAST]
+    args = [
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--num-learners",
+        "2",
+        "--startup-timeout",
+        "3",
+        "--stop-iters",
+        "1",
+        "--scheduler-file",
+        str(one_worker.scheduler_file),
+        *FAST,
+    ]
     start = time.monotonic()
     proc = dlearner(*args)
     assert time.monotonic() - start < 60  # --startup-timeout 3, not the 60 s default
@@ -117,8 +141,20 @@ def test_a_learners_exception_exits_1_with_its_summary(cluster, tmp_path):
     gpu_worker = cluster.start_worker(["--resources", "GPU=1"])
     try:
         cluster.wait_for_workers(3)
-        args = ["train", "--env", "CartPole-v1", "--num-learners", "1", "--num-gpus-per-learner", "1",
-                "--stop-iters", "1", "--scheduler-file", str(cluster.scheduler_file), *FAST]
+        args = [
+            "train",
+            "--env",
+            "CartPole-v1",
+            "--num-learners",
+            "1",
+            "--num-gpus-per-learner",
+            "1",
+            "--stop-iters",
+            "1",
+            "--scheduler-file",
+            str(cluster.scheduler_file),
+            *FAST,
+        ]
         proc = dlearner(*args)
         assert proc.returncode == 1, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -127,7 +163,7 @@ def test_a_learners_exception_exits_1_with_its_summary(cluster, tmp_path):
         debug = dlearner(*args, "--debug")
         assert debug.returncode == 1
         # The full traceback reaches into the learner's own code on the worker.
-        assert "Traceback (most recent call last)" in debug.stderr and "learner.py" in debug.stderr
+        assert "Traceback (most recent call last)" in debug.stderr and "learner/core.py" in debug.stderr
     finally:
         os.killpg(gpu_worker.pid, signal.SIGTERM)
         gpu_worker.wait(timeout=30)
@@ -137,13 +173,35 @@ def test_a_learners_exception_exits_1_with_its_summary(cluster, tmp_path):
 def test_a_lost_worker_exits_1_and_says_where_the_checkpoint_is(one_worker, tmp_path):
     run = tmp_path / "lost"
     proc = subprocess.Popen(
-        [DLEARNER, "train", "--env", "CartPole-v1", "--num-learners", "1", "--stop-iters", "100000",
-         "--checkpoint", str(run), "--checkpoint-every", "1", "--scheduler-file", str(one_worker.scheduler_file), *FAST],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **QUIET_THREADS},
+        [
+            DLEARNER,
+            "train",
+            "--env",
+            "CartPole-v1",
+            "--num-learners",
+            "1",
+            "--stop-iters",
+            "100000",
+            "--checkpoint",
+            str(run),
+            "--checkpoint-every",
+            "1",
+            "--scheduler-file",
+            str(one_worker.scheduler_file),
+            *FAST,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **QUIET_THREADS},
     )
     try:
-        wait_for(lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run / "metrics.jsonl")) >= 2,
-                 timeout=120, proc=proc, what="two iterations")
+        wait_for(
+            lambda: (run / "metrics.jsonl").is_file() and len(read_metrics(run / "metrics.jsonl")) >= 2,
+            timeout=120,
+            proc=proc,
+            what="two iterations",
+        )
         one_worker.kill_worker(one_worker.workers[0])
         out, err = proc.communicate(timeout=180)
     finally:

@@ -18,10 +18,10 @@ from typing import Dict, List
 
 import numpy as np
 import pytest
-
 from dask_processes import QUIET_THREADS, wait_for
-from dlearner.reporting import read_metrics
 from test_cli import DLEARNER, FAST
+
+from dlearner.reporting import read_metrics
 
 pytestmark = [
     pytest.mark.slow,
@@ -30,14 +30,16 @@ pytestmark = [
 
 
 def dlearner(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **QUIET_THREADS})
+    return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **QUIET_THREADS})
 
 
 def start_training(run: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [DLEARNER, "train", "--env", "CartPole-v1", "--checkpoint", str(run), "--stop-iters", "100000", *FAST, *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **QUIET_THREADS},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **QUIET_THREADS},
     )
 
 
@@ -67,8 +69,9 @@ def checkpoint_weights(run: Path) -> np.ndarray:
 
 def stop_with(proc: subprocess.Popen, signum: int, run: Path, after_iterations: int = 3):
     try:
-        wait_for(lambda: len(iterations_logged(run)) >= after_iterations, timeout=120, proc=proc,
-                 what=f"{after_iterations} iterations")
+        wait_for(
+            lambda: len(iterations_logged(run)) >= after_iterations, timeout=120, proc=proc, what=f"{after_iterations} iterations"
+        )
         proc.send_signal(signum)
         return proc.communicate(timeout=120)
     finally:
@@ -96,11 +99,21 @@ def test_a_signal_finishes_the_iteration_saves_it_whole_and_resume_goes_on(tmp_p
     # a run that stops after exactly `done` iterations (training is deterministic with --seed).
     counters = inspect_metadata(run)["counters"]
     assert counters["iteration"] == done
-    assert counters["num_env_steps_sampled_lifetime"] == read_metrics(run / "metrics.jsonl")[-1][
-        "num_env_steps_sampled_lifetime"]
+    assert counters["num_env_steps_sampled_lifetime"] == read_metrics(run / "metrics.jsonl")[-1]["num_env_steps_sampled_lifetime"]
     reference = tmp_path / "reference"
-    ref = dlearner("train", "--env", "CartPole-v1", "--checkpoint", str(reference), "--stop-iters", str(done),
-                   "--num-learners", "0", "-q", *FAST)
+    ref = dlearner(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--checkpoint",
+        str(reference),
+        "--stop-iters",
+        str(done),
+        "--num-learners",
+        "0",
+        "-q",
+        *FAST,
+    )
     assert ref.returncode == 0, ref.stderr
     np.testing.assert_array_equal(checkpoint_weights(run), checkpoint_weights(reference))
 
@@ -115,16 +128,21 @@ def test_a_second_signal_abandons_the_iteration_and_keeps_the_last_checkpoint(tm
     run = tmp_path / "run"
     # Long iterations (a big batch, several epochs) so that both signals land inside one; no periodic
     # checkpoint, so the only one is the one written at the start (iteration 0).
-    proc = start_training(run, "--num-learners", "0", "--checkpoint-every", "0", "--train-batch-size", "4096",
-                          "--num-epochs", "8")
+    proc = start_training(
+        run, "--num-learners", "0", "--checkpoint-every", "0", "--train-batch-size", "4096", "--num-epochs", "8"
+    )
     try:
         wait_for(lambda: len(iterations_logged(run)) >= 1, timeout=120, proc=proc, what="one iteration")
         time.sleep(0.3)  # into the next iteration
         proc.send_signal(signal.SIGTERM)
         # Second signal once the first is acknowledged (the driver is inside the next iteration).
         lines: List[str] = []
-        wait_for(lambda: lines.append(proc.stderr.readline()) or "SIGTERM received" in lines[-1], timeout=60,
-                 proc=proc, what="the first signal's notice")
+        wait_for(
+            lambda: lines.append(proc.stderr.readline()) or "SIGTERM received" in lines[-1],
+            timeout=60,
+            proc=proc,
+            what="the first signal's notice",
+        )
         assert "finishing iteration" in lines[-1], lines
         proc.send_signal(signal.SIGTERM)
         out, rest = proc.communicate(timeout=120)
@@ -149,14 +167,32 @@ def test_sigterm_before_training_starts_stops_at_once(tmp_path):
     cluster = DaskProcesses(tmp_path / "dask", n_workers=0)
     try:
         proc = subprocess.Popen(
-            [DLEARNER, "train", "--env", "CartPole-v1", "--num-learners", "1", "--startup-timeout", "300",
-             "--scheduler-file", str(cluster.scheduler_file), *FAST],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **QUIET_THREADS},
+            [
+                DLEARNER,
+                "train",
+                "--env",
+                "CartPole-v1",
+                "--num-learners",
+                "1",
+                "--startup-timeout",
+                "300",
+                "--scheduler-file",
+                str(cluster.scheduler_file),
+                *FAST,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **QUIET_THREADS},
         )
         try:
             lines: List[str] = []
-            wait_for(lambda: lines.append(proc.stderr.readline()) or "wait" in lines[-1].lower(), timeout=120,
-                     proc=proc, what="the 'waiting for workers' message")
+            wait_for(
+                lambda: lines.append(proc.stderr.readline()) or "wait" in lines[-1].lower(),
+                timeout=120,
+                proc=proc,
+                what="the 'waiting for workers' message",
+            )
             proc.send_signal(signal.SIGTERM)
             out, rest = proc.communicate(timeout=60)
         finally:

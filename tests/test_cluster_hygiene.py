@@ -16,8 +16,8 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import pytest
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import PPOConfig
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -45,9 +45,12 @@ def settled_facts(client, timeout=10.0):
 
 @pytest.fixture(scope="module")
 def cluster():
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
-    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
         yield cluster, client
 
 
@@ -88,7 +91,9 @@ def test_a_group_whose_driver_was_killed_is_cleaned_up_by_the_workers(cluster):
     before = settled_facts(client)
     driver = subprocess.Popen(
         [sys.executable, "-c", DRIVER.format(tests=str(ROOT / "tests")), local_cluster.scheduler_address],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert driver.stdout.readline().strip() == "trained"

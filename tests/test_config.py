@@ -13,9 +13,23 @@ from dlearner.schedules import PiecewiseSchedule
 def test_fluent_methods_return_the_config():
     config = PPOConfig()
     assert config.learners(num_learners=0, num_gpus_per_learner=0, num_cpus_per_learner=1) is config
-    assert config.training(lr=3e-4, minibatch_size=128, num_epochs=2, grad_clip=None, use_kl_loss=True, kl_coeff=0.01,
-                           kl_target=0.05, clip_param=0.2, vf_clip_param=0.2, entropy_coeff=0.05, vf_loss_coeff=0.5,
-                           learner_class=None) is config
+    assert (
+        config.training(
+            lr=3e-4,
+            minibatch_size=128,
+            num_epochs=2,
+            grad_clip=None,
+            use_kl_loss=True,
+            kl_coeff=0.01,
+            kl_target=0.05,
+            clip_param=0.2,
+            vf_clip_param=0.2,
+            entropy_coeff=0.05,
+            vf_loss_coeff=0.5,
+            learner_class=None,
+        )
+        is config
+    )
     assert config.rl_module(model_config={"fcnet_hiddens": [256, 256]}, rl_module_spec=None) is config
     assert config.cluster(address=None, scheduler_file=None, client=None) is config
     assert config.environment("CartPole-v1").env_runners(num_env_runners=0, num_envs_per_env_runner=4) is config
@@ -85,7 +99,11 @@ def test_multi_module_specs_get_spaces_from_the_env(cartpole):
 
 
 def test_config_is_json_describable():
-    json.dumps(PPOConfig().environment("CartPole-v1").training(lr=[[0, 1e-3], [100, 1e-4]]).to_dict())
+    described = PPOConfig().environment("CartPole-v1").training(lr=[[0, 1e-3], [100, 1e-4]]).to_dict()
+    text = json.dumps(described, allow_nan=False)  # strict JSON: no NaN or infinity either
+    assert json.loads(text) == described  # nothing is lost or changed in JSON (no tuples, no objects)
+    assert described["env"] == "CartPole-v1" and described["lr"] == [[0, 1e-3], [100, 1e-4]]
+    assert PPOConfig.from_dict(json.loads(text)).to_dict() == described  # and the JSON rebuilds the config
 
 
 def test_piecewise_schedule_interpolates_and_holds_the_last_value():

@@ -34,7 +34,8 @@ from dlearner.dashboard import (
     render_page,
     render_svg_curve,
 )
-from dlearner.dashboard.html import env_runners_table, nice_ticks
+from dlearner.dashboard.formatting import nice_ticks
+from dlearner.dashboard.html import env_runners_table
 
 SMALL = {"fcnet_hiddens": [16, 16]}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -96,10 +97,12 @@ def train_result(iteration: int, ret: float) -> dict:
 
 def publish_runs_in_each_status(client, prefix: str = "run") -> None:
     """Four runs, oldest first: ``<prefix>-finished``, ``-failed``, ``-stopped`` (by a signal), ``-running``."""
-    for suffix, status, error in (("finished", "finished", None),
-                                  ("failed", "failed", ValueError("loss is NaN\nTraceback ...")),
-                                  ("stopped", "stopped", "SIGTERM received after iteration 2"),
-                                  ("running", "running", None)):
+    for suffix, status, error in (
+        ("finished", "finished", None),
+        ("failed", "failed", ValueError("loss is NaN\nTraceback ...")),
+        ("stopped", "stopped", "SIGTERM received after iteration 2"),
+        ("running", "running", None),
+    ):
         run_id = f"{prefix}-{suffix}"
         publish_status(client, run_id, "running", wait=True)
         for i in (1, 2):
@@ -175,8 +178,15 @@ def test_plain_page_where_the_scheduler_started_without_dlearner():
             wait_for(url, "run-running", step=2)
             html = get(url)
             assert html.index("run-running") < html.index("run-stopped") < html.index("run-failed")
-            for text in ("ValueError: loss is NaN", ">finished<", ">stopped<", "<polyline", "statics/css/base.css",
-                         "href='dlearner'", "href='status'"):
+            for text in (
+                "ValueError: loss is NaN",
+                ">finished<",
+                ">stopped<",
+                "<polyline",
+                "statics/css/base.css",
+                "href='dlearner'",
+                "href='status'",
+            ):
                 assert text in html, text
             assert "<script" not in html  # works without JavaScript
             assert "run-failed" in get(url + "?run=run-failed") and "run-running" not in get(url + "?run=run-failed")
@@ -239,10 +249,20 @@ def test_publish_rejects_bad_arguments(client):
 def test_store_orders_by_start_folds_finished_runs_and_hides_claimed_groups():
     store = MetricsStore(max_history=3)
     for i in (1, 3, 2, 4, 5):  # iteration 2 arrives late
-        store.add({"run_id": "r", "kind": "train", "time": 100.0, "result": {
-            "training_iteration": i, "num_env_steps_sampled_lifetime": 10 * i,
-            "env_runners": {"episode_return_mean": float(i)}, "learners": {"m": {"total_loss": float(i)}},
-        }}, received=100.0)
+        store.add(
+            {
+                "run_id": "r",
+                "kind": "train",
+                "time": 100.0,
+                "result": {
+                    "training_iteration": i,
+                    "num_env_steps_sampled_lifetime": 10 * i,
+                    "env_runners": {"episode_return_mean": float(i)},
+                    "learners": {"m": {"total_loss": float(i)}},
+                },
+            },
+            received=100.0,
+        )
     store.add("not a message")  # ignored (logged)
     store.add_group_result("g1", {"m": {"total_loss": 1.0}}, received=200.0)
     store.add({"run_id": "owner", "kind": "status", "status": "finished", "time": 300.0, "learner_groups": ["g1"]})
@@ -262,11 +282,26 @@ def test_curves_have_round_ticks_and_pages_render_without_data():
     assert ">50<" in svg and ">1.2<" in svg and "25.9" not in svg
     assert "no episode return yet" in render_svg_curve([], x_label="env steps", y_label="episode return")
     assert "No metrics yet" in render_page([])
-    assert "&lt;b&gt;" in render_page([{  # run ids are escaped
-        "run_id": "<b>", "kind": "train", "status": "running", "error": None, "updated": time.time(),
-        "first_seen": time.time(), "step": 1, "summary": {}, "learners": {}, "env_runners": {}, "history": [],
-        "x_label": "x", "y_label": "y", "folded": False,
-    }])
+    assert "&lt;b&gt;" in render_page(
+        [
+            {  # run ids are escaped
+                "run_id": "<b>",
+                "kind": "train",
+                "status": "running",
+                "error": None,
+                "updated": time.time(),
+                "first_seen": time.time(),
+                "step": 1,
+                "summary": {},
+                "learners": {},
+                "env_runners": {},
+                "history": [],
+                "x_label": "x",
+                "y_label": "y",
+                "folded": False,
+            }
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------ in a browser
@@ -276,9 +311,19 @@ class Chromium:
     def __init__(self, executable: str, width: int = 1400, height: int = 1000):
         self.profile = tempfile.mkdtemp(prefix="dlearner-chromium-")
         self.proc = subprocess.Popen(
-            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
-             f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                executable,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         line = ""
         while "DevTools listening on" not in line:
@@ -323,8 +368,9 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH: install Debian's `chromium` package to "
-                                              "check the page in a real browser")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH: install Debian's `chromium` package to check the page in a real browser"
+)
 def test_page_in_a_real_browser_has_the_nav_link_and_draws_the_curve(client):
     url = register_dashboard(client)
     publish_status(client, "browser-run", "running", wait=True)
@@ -332,6 +378,7 @@ def test_page_in_a_real_browser_has_the_nav_link_and_draws_the_curve(client):
         publish_metrics(client, "browser-run", train_result(i, 5.0 * i), wait=True)
     browser = Chromium(CHROMIUM)
     try:
+
         async def check() -> int:
             await browser.open(url)
             assert await browser.wait_for("!!document.querySelector('.navbar a[href=\"dlearner\"]')")
@@ -339,13 +386,14 @@ def test_page_in_a_real_browser_has_the_nav_link_and_draws_the_curve(client):
             points = await browser.wait_for(
                 "(() => { const d = window.Bokeh && Bokeh.documents[0]; if (!d) return 0;"
                 " const s = d.get_model_by_name('return-source-browser-run'); if (!s) return 0;"
-                " return s.data.x.length; })()")
+                " return s.data.x.length; })()"
+            )
             publish_metrics(client, "browser-run", train_result(6, 30.0))  # it updates live
-            await browser.wait_for("Bokeh.documents[0].get_model_by_name('return-source-browser-run').data.x.length"
-                                   " == 6")
+            await browser.wait_for("Bokeh.documents[0].get_model_by_name('return-source-browser-run').data.x.length == 6")
             png = await browser.screenshot()
             assert len(png) > 10_000  # a drawn page, not a blank one
             return points
+
         assert asyncio.run(check()) == 5
     finally:
         browser.close()
@@ -357,9 +405,20 @@ def test_scheduler_preload_serves_the_page_from_the_start(tmp_path):
     assert dask_cli is not None, "the `dask` command is needed"
     scheduler_file = tmp_path / "scheduler.json"
     proc = subprocess.Popen(
-        [dask_cli, "scheduler", "--scheduler-file", str(scheduler_file), "--port", "0",
-         "--dashboard-address", ":0", "--preload", "dlearner.dashboard"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            dask_cli,
+            "scheduler",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--port",
+            "0",
+            "--dashboard-address",
+            ":0",
+            "--preload",
+            "dlearner.dashboard",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60
@@ -370,8 +429,9 @@ def test_scheduler_preload_serves_the_page_from_the_start(tmp_path):
         with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
             url = client.dashboard_link.replace("/status", "/dlearner")
             assert 'id="myTopnav"' in get(url)  # the Bokeh page, before any client registered anything
-            assert client.run_on_scheduler(
-                lambda dask_scheduler: dask_scheduler.plugins["dlearner-dashboard"].served_by) == "bokeh"
+            assert (
+                client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.plugins["dlearner-dashboard"].served_by) == "bokeh"
+            )
             publish_metrics(client, "preloaded", train_result(1, 5.0), wait=True)
             assert wait_for(url, "preloaded", step=1)["env_runners"]["episode_return_mean"] == 5.0
             assert register_dashboard(client) == url  # registering again keeps the preloaded plugin
@@ -382,16 +442,38 @@ def test_scheduler_preload_serves_the_page_from_the_start(tmp_path):
 
 def test_each_env_runner_actor_has_its_own_row_with_throughput_episodes_and_policy_lag():
     store = MetricsStore()
-    store.add({"run_id": "appo", "kind": "status", "status": "running", "time": 10.0,
-               "env_runner_keys": ("env-runner-0-x", "env-runner-1-x")})  # Dask's events decode lists as tuples
-    store.add({"run_id": "appo", "kind": "train", "time": 11.0, "result": {
-        "training_iteration": 1, "num_env_steps_sampled_lifetime": 800,
-        "env_runners": {"runners": {"1": {"env_steps_per_s": 900.0, "num_episodes_lifetime": 12},
-                                    "2": {"env_steps_per_s": 700.0, "num_episodes_lifetime": 9}}},
-        "policy_lag_mean_by_runner": {"1": 1.5, "2": 2.0},
-    }}, received=11.0)
+    store.add(
+        {
+            "run_id": "appo",
+            "kind": "status",
+            "status": "running",
+            "time": 10.0,
+            "env_runner_keys": ("env-runner-0-x", "env-runner-1-x"),
+        }
+    )  # Dask's events decode lists as tuples
+    store.add(
+        {
+            "run_id": "appo",
+            "kind": "train",
+            "time": 11.0,
+            "result": {
+                "training_iteration": 1,
+                "num_env_steps_sampled_lifetime": 800,
+                "env_runners": {
+                    "runners": {
+                        "1": {"env_steps_per_s": 900.0, "num_episodes_lifetime": 12},
+                        "2": {"env_steps_per_s": 700.0, "num_episodes_lifetime": 9},
+                    }
+                },
+                "policy_lag_mean_by_runner": {"1": 1.5, "2": 2.0},
+            },
+        },
+        received=11.0,
+    )
     (run,) = store.to_json(now=12.0)["runs"]
     rows = run["env_runner_actors"]
     assert [(r["index"], r["env_steps_per_s"], r["episodes"], r["policy_lag_mean"]) for r in rows] == [
-        (0, 900.0, 12, 1.5), (1, 700.0, 9, 2.0)]
+        (0, 900.0, 12, 1.5),
+        (1, 700.0, 9, 2.0),
+    ]
     assert "policy lag" in env_runners_table(run) and "900" in env_runners_table(run)

@@ -11,11 +11,11 @@ import socket
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import COMPONENT_OPTIMIZER, COMPONENT_RL_MODULE, PPOConfig
 from dlearner.backends.dask import cluster
-from dlearner.backends.dask.devices import (
+from dlearner.devices import (
     choose_backend,
     device_facts,
     device_for_rank,

@@ -51,10 +51,11 @@ def test_api_reference_has_the_main_examples():
 
 def test_every_command_line_flag_in_the_api_reference_exists():
     text = (ROOT / "docs" / "api.md").read_text()
-    section = text[text.index("## The command line"):text.index("## Other modules")]
+    section = text[text.index("## The command line") : text.index("## Other modules")]
     helps = " ".join(
-        subprocess.run([sys.executable, "-m", "dlearner.cli", *command, "--help"], capture_output=True, text=True,
-                       timeout=120, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-m", "dlearner.cli", *command, "--help"], capture_output=True, text=True, timeout=120, check=True
+        ).stdout
         for command in ([], ["train"], ["evaluate"], ["inspect"], ["plot"])
     )
     documented = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*|-[a-z])\b", section))

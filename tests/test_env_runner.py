@@ -145,9 +145,7 @@ def test_discrete_start_logp_in_fragments_is_that_of_the_env_action():
 
 
 def test_ppo_learns_and_evaluates_with_discrete_start_actions():
-    config = _config(lambda cfg: OffsetActionsEnv()).training(
-        train_batch_size=256, minibatch_size=64, num_epochs=4, lr=3e-3
-    )
+    config = _config(lambda cfg: OffsetActionsEnv()).training(train_batch_size=256, minibatch_size=64, num_epochs=4, lr=3e-3)
     with config.build_algo() as algo:
         for _ in range(8):
             result = algo.train()

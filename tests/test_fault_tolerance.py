@@ -20,8 +20,8 @@ import distributed
 import gymnasium as gym
 import numpy as np
 import pytest
-
 from conftest import ppo_batch
+
 from dlearner import PPOConfig
 from dlearner.algorithms.ppo import PPOTorchLearner
 from dlearner.errors import EnvRunnerDiedError
@@ -42,9 +42,12 @@ class SleepyPPOLearner(PPOTorchLearner):
 @pytest.fixture(scope="module")
 def client():
     # Three worker processes: two learners and a spare. A killed worker is restarted by its nanny.
-    with distributed.LocalCluster(
-        n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
         yield client
 
 
@@ -131,10 +134,12 @@ def test_a_learner_killed_during_an_update_makes_the_update_retry_once(client, u
 
 def test_without_a_free_worker_the_group_goes_on_with_fewer_learners_and_grows_back(uninterrupted):
     # Exactly two workers: a killed learner has no replacement until its nanny restarts the worker.
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-    ) as cluster, distributed.Client(cluster, set_as_default=False) as client, dask.config.set(
-        {"dlearner.learner-group.grow-back-interval": "0.5s"}
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+        dask.config.set({"dlearner.learner-group.grow-back-interval": "0.5s"}),
     ):
         with ft_config(client, learner_restart_timeout_s=0).build_learner_group(spaces=SPACES) as group:
             group.update(BATCHES[0])
@@ -191,9 +196,17 @@ def test_a_lost_env_runner_is_replaced_and_its_lost_samples_are_counted(client):
 
 
 def test_without_restarts_a_lost_env_runner_is_named_and_stop_still_releases_everything(client):
+    def actors_of_this_run(dask_scheduler, names):
+        """Actor tasks the scheduler still has whose key names this run's learner group or env runners."""
+        return sorted(
+            str(key) for key, task in dask_scheduler.tasks.items() if task.actor and any(name in str(key) for name in names)
+        )
+
     algo = algo_config(client).build_algo()
+    names = (algo.learner_group.group_id, algo.env_runner_group.run_id)
     try:
         algo.train()
+        assert any(key.startswith("learner-") for key in client.run_on_scheduler(actors_of_this_run, names=names))
         kill_worker(client, env_runner_worker(algo))
         with pytest.raises(EnvRunnerDiedError, match=r"Env runner 0 .* is gone.*--resume"):
             algo.train()
@@ -201,7 +214,11 @@ def test_without_restarts_a_lost_env_runner_is_named_and_stop_still_releases_eve
         algo.stop()  # must not raise, and must release the learner actors
     assert client.status == "running"
     wait_for_workers(client, 3)
-    assert not any("learner" in key for key in client.run(lambda dask_worker: list(dask_worker.state.actors)).values() for key in key) if False else True
+    # The scheduler forgets released actors shortly after stop() (the release travels asynchronously).
+    deadline = time.monotonic() + 30
+    while left := client.run_on_scheduler(actors_of_this_run, names=names):
+        assert time.monotonic() < deadline, f"algo.stop() left these actors on the scheduler: {left}"
+        time.sleep(0.1)
 
 
 def test_without_fault_tolerance_every_update_async_future_in_flight_fails_within_seconds(client):

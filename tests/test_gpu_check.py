@@ -29,7 +29,10 @@ def test_the_cpu_dry_run_measures_every_phase_and_writes_the_figures(tmp_path):
     out = tmp_path / "gpu_check.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads(out.read_text())
@@ -72,5 +75,7 @@ def test_without_a_gpu_the_real_check_says_how_to_get_one():
 
 
 def test_an_unknown_phase_is_named():
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-dry-run", "--phases", "w1,warp"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu-dry-run", "--phases", "w1,warp"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "warp" in proc.stderr

@@ -32,8 +32,13 @@ def test_jobqueue_job_script_requests_gpus_and_points_at_the_scheduler():
     example = load_example("jobqueue_slurm")
     # Builds the cluster (its scheduler runs in this process) without submitting any job.
     cluster = example.make_cluster(
-        queue="gpu", account="proj42", cores=4, memory="16GB", walltime="01:30:00",
-        dashboard_address=":0", job_script_prologue=["source ~/venvs/dlearner/bin/activate"],
+        queue="gpu",
+        account="proj42",
+        cores=4,
+        memory="16GB",
+        walltime="01:30:00",
+        dashboard_address=":0",
+        job_script_prologue=["source ~/venvs/dlearner/bin/activate"],
     )
     try:
         script = cluster.job_script()
@@ -73,7 +78,7 @@ def test_slurm_batch_script_is_valid_bash_and_uses_a_scheduler_file_with_gpu_wor
     worker = re.search(r"dask worker --scheduler-file [^\n]+\n[^\n]+", script).group(0)
     assert "--nthreads 1" in worker and "--nworkers 1" in worker
     assert "WORKER_GPUS=(--resources GPU=1)" in script
-    train = script[script.index("dlearner train"):]
+    train = script[script.index("dlearner train") :]
     assert "--scheduler-file" in train and "--checkpoint" in train and "--num-gpus-per-learner 1" in train
 
 
@@ -90,8 +95,9 @@ for _ in $(seq "$ntasks"); do "$@" & pids+=($!); done
 trap 'kill "${pids[@]}" 2>/dev/null; wait' TERM INT
 wait
 """
-FAST_TRAIN = ("--fcnet-hiddens 16,16 --train-batch-size 256 --minibatch-size 128 --num-epochs 1 "
-              "--num-envs-per-env-runner 4 --seed 0")
+FAST_TRAIN = (
+    "--fcnet-hiddens 16,16 --train-batch-size 256 --minibatch-size 128 --num-epochs 1 --num-envs-per-env-runner 4 --seed 0"
+)
 
 
 def job_environment(tmp_path: Path, busy_port: int, train_args: str) -> Dict[str, str]:
@@ -105,18 +111,32 @@ def job_environment(tmp_path: Path, busy_port: int, train_args: str) -> Dict[str
     return {
         **os.environ,
         "PATH": os.pathsep.join([str(bin_dir), venv_bin, os.environ.get("PATH", "")]),
-        "SLURM_SUBMIT_DIR": str(tmp_path), "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_CPUS_PER_TASK": "1",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NTASKS": "2",
+        "SLURM_CPUS_PER_TASK": "1",
         "TMPDIR": str(tmp_path),
-        "RUN_DIR": str(tmp_path / "run"), "NUM_LEARNERS": "1", "NUM_ENV_RUNNERS": "1", "GPUS_PER_LEARNER": "0",
-        "DASHBOARD_PORT": str(busy_port), "TRAIN_ARGS": f"{train_args} {FAST_TRAIN}",
-        "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+        "RUN_DIR": str(tmp_path / "run"),
+        "NUM_LEARNERS": "1",
+        "NUM_ENV_RUNNERS": "1",
+        "GPUS_PER_LEARNER": "0",
+        "DASHBOARD_PORT": str(busy_port),
+        "TRAIN_ARGS": f"{train_args} {FAST_TRAIN}",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
 
 
 def start_job(env: Dict[str, str]) -> subprocess.Popen:
     # Its own session, like a batch job: the test can check afterwards that nothing of it is left.
-    return subprocess.Popen(["bash", str(EXAMPLES / "slurm_job.sh")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        ["bash", str(EXAMPLES / "slurm_job.sh")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def finish_job(proc: subprocess.Popen, timeout: float = 300):
@@ -162,8 +182,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def inspect_counters(run: Path, env: Dict[str, str]) -> Dict:
-    proc = subprocess.run(["dlearner", "inspect", str(run), "--json"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(["dlearner", "inspect", str(run), "--json"], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)["metadata"]["counters"]
 

@@ -12,6 +12,7 @@ import distributed
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import SMALL_MODEL, ppo_batch
 
 from dlearner import (
     ALL_MODULES,
@@ -20,7 +21,6 @@ from dlearner import (
     IMPALAConfig,
     PPOConfig,
 )
-from conftest import SMALL_MODEL, ppo_batch
 from dlearner.checkpoint.store import load_state_tree
 from dlearner.env_runner import NEXT_VF_PREDS
 
@@ -66,12 +66,23 @@ def count_arrays(tree):
 
 
 # ------------------------------------------------------------------------------------ configs
-@pytest.mark.parametrize("setting, value", [
-    ("tau", -0.5), ("tau", 1.5), ("target_network_update_freq", 0), ("rollout_fragment_length", 0),
-    ("broadcast_interval", 0), ("learner_queue_size", 0), ("vtrace_clip_rho_threshold", -1.0),
-    ("vtrace_clip_pg_rho_threshold", 0.0), ("clip_param", 0.0), ("kl_target", -1.0),
-    ("entropy_coeff", -0.1), ("min_time_s_per_iteration", 0),
-])
+@pytest.mark.parametrize(
+    "setting, value",
+    [
+        ("tau", -0.5),
+        ("tau", 1.5),
+        ("target_network_update_freq", 0),
+        ("rollout_fragment_length", 0),
+        ("broadcast_interval", 0),
+        ("learner_queue_size", 0),
+        ("vtrace_clip_rho_threshold", -1.0),
+        ("vtrace_clip_pg_rho_threshold", 0.0),
+        ("clip_param", 0.0),
+        ("kl_target", -1.0),
+        ("entropy_coeff", -0.1),
+        ("min_time_s_per_iteration", 0),
+    ],
+)
 def test_bad_settings_raise_naming_them_at_the_fluent_call(setting, value):
     with pytest.raises(ValueError, match=setting):
         APPOConfig().training(**{setting: value})
@@ -160,6 +171,48 @@ def test_appo_checkpoint_holds_the_target_network_and_restores_exactly(tmp_path)
             assert a == b
 
 
+def kl_adapting_appo():
+    """An APPO learner whose KL coefficient moved: a target update after every update, any KL too low."""
+    config = small(APPOConfig, use_kl_loss=True, kl_coeff=0.2, kl_target=1e3, target_network_update_freq=1)
+    learner = config.build_learner(spaces=SPACES)
+    learner.build()
+    for seed in range(2):
+        learner.update(fragments_batch(seed=seed))
+    assert learner.curr_kl_coeffs["default_policy"] == pytest.approx(0.2 * 0.5**2)
+    return config, learner
+
+
+def test_ppo_and_appo_keep_the_kl_coefficients_at_the_same_state_path():
+    _, appo = kl_adapting_appo()
+    ppo = PPOConfig().rl_module(model_config=SMALL_MODEL).training(kl_coeff=0.2, kl_target=1e3).build_learner(spaces=SPACES)
+    ppo.build()
+    ppo.update(ppo_batch())
+    for learner, expected in ((ppo, 0.2 * 0.5), (appo, 0.2 * 0.5**2)):
+        assert learner.get_state()["learner_state"]["curr_kl_coeffs"] == {"default_policy": pytest.approx(expected)}
+    assert "curr_kl_coeffs" not in appo.get_state()["learner_state"]["appo"]
+
+
+def test_appo_state_with_the_kl_coefficients_at_their_old_path_still_restores():
+    config, saved = kl_adapting_appo()
+    # As earlier versions wrote it: the coefficients inside APPO's own section.
+    old_state = saved.get_state()
+    old_state["learner_state"]["appo"]["curr_kl_coeffs"] = old_state["learner_state"].pop("curr_kl_coeffs")
+    restored = config.build_learner(spaces=SPACES)
+    restored.build()
+    restored.set_state(old_state)
+    assert restored.curr_kl_coeffs == saved.curr_kl_coeffs
+    for a, b in zip(leaves(saved.get_state()), leaves(restored.get_state()), strict=True):
+        if isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b
+
+    old_state["learner_state"]["appo"]["curr_kl_coeffs"]["default_policy"] = float("nan")
+    with pytest.raises(ValueError, match="learner_state/appo/curr_kl_coeffs/default_policy must be a finite number"):
+        restored.set_state(old_state)
+    assert restored.curr_kl_coeffs == saved.curr_kl_coeffs
+
+
 def test_appo_restores_refuse_a_target_network_of_another_shape():
     learner = small(APPOConfig).build_learner(spaces=SPACES)
     learner.build()
@@ -218,9 +271,12 @@ def test_min_time_s_per_iteration_makes_an_iteration_last_that_long():
 # ------------------------------------------------------------------------------- on Dask actors
 @pytest.fixture(scope="module")
 def client():
-    with distributed.LocalCluster(
-        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
-    ) as cluster, distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         yield client
 
 
@@ -272,9 +328,12 @@ def test_two_learners_make_the_update_of_one_learner_on_the_whole_batch(client):
 @pytest.mark.parametrize("config_class, target", [(APPOConfig, 300.0), (IMPALAConfig, 200.0)])
 def test_learns_cartpole_on_dask_actors(client, config_class, target):
     config = (
-        config_class().environment("CartPole-v1")
-        .env_runners(num_env_runners=1).learners(num_learners=1)
-        .cluster(client=client).debugging(seed=0)
+        config_class()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=1)
+        .learners(num_learners=1)
+        .cluster(client=client)
+        .debugging(seed=0)
     )
     with config.build_algo() as algo:
         returns = []

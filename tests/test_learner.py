@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import (
     ALL_MODULES,
     COMPONENT_OPTIMIZER,
@@ -24,7 +23,12 @@ from dlearner.algorithms.ppo import PPOTorchLearner
 
 
 def make_learner(env, **training):
-    config = PPOConfig().training(**{"minibatch_size": 64, "num_epochs": 2, **training}).rl_module(model_config=SMALL_MODEL).debugging(seed=0)
+    config = (
+        PPOConfig()
+        .training(**{"minibatch_size": 64, "num_epochs": 2, **training})
+        .rl_module(model_config=SMALL_MODEL)
+        .debugging(seed=0)
+    )
     learner = config.build_learner(env=env)
     learner.build()
     return learner
@@ -49,7 +53,15 @@ def test_update_returns_plain_float_results_per_module(cartpole, batch):
     learner = make_learner(cartpole)
     result = learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": 256})
     metrics = result[DEFAULT_MODULE_ID]
-    for key in ("total_loss", "policy_loss", "vf_loss", "entropy", "mean_kl_loss", "curr_kl_coeff", "default_optimizer_learning_rate"):
+    for key in (
+        "total_loss",
+        "policy_loss",
+        "vf_loss",
+        "entropy",
+        "mean_kl_loss",
+        "curr_kl_coeff",
+        "default_optimizer_learning_rate",
+    ):
         assert type(metrics[key]) is float, key
     assert result[ALL_MODULES]["num_env_steps_trained"] == 256 * 2
     json.dumps(result)  # JSON-serialisable as promised
@@ -81,6 +93,50 @@ def test_state_round_trips_exactly_and_the_next_update_matches(cartpole, batch):
     # Same state, same batch: the same update (the shuffling generator is part of the state).
     assert learner.update(batch) == twin.update(batch)
     assert_same_arrays(learner.get_state(), twin.get_state())
+
+
+def as_decimal_strings(tree):
+    """A generator state as learners wrote it before big ints were left to the checkpoint encoding."""
+    return {
+        k: as_decimal_strings(v) if isinstance(v, dict) else str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        for k, v in tree.items()
+    }
+
+
+def test_generator_state_holds_its_128_bit_words_as_ints_and_checkpoints_keep_them_exact(cartpole, batch, tmp_path):
+    learner = make_learner(cartpole)
+    learner.update(batch)
+    state = learner.get_state()
+    words = state["learner_state"]["rng"]["state"]["state"]
+    assert all(type(w) is int for w in words.values()) and max(words.values()) > 2**53
+    path = learner.save_to_path(str(tmp_path / "learner"))
+    # One policy for big ints: the checkpoint encoding's exact {"$int": "..."} (never a float).
+    assert any('{"$int":' in f.read_text() for f in (tmp_path / "learner").rglob("zarr.json"))
+    twin = make_learner(cartpole)
+    twin.restore_from_path(path)
+    assert twin.get_state()["learner_state"] == state["learner_state"]
+    assert learner.update(batch) == twin.update(batch)
+
+
+@pytest.mark.parametrize("where", ["in memory", "checkpoint"])
+def test_a_generator_state_written_as_decimal_strings_by_older_versions_still_restores(cartpole, batch, tmp_path, where):
+    from dlearner.checkpoint import save_learner_state
+
+    learner = make_learner(cartpole)
+    learner.update(batch)
+    state = learner.get_state()
+    old = {**state, "learner_state": {**state["learner_state"], "rng": as_decimal_strings(state["learner_state"]["rng"])}}
+    assert isinstance(old["learner_state"]["rng"]["state"]["state"]["state"], str)
+    twin = make_learner(cartpole)
+    if where == "in memory":
+        twin.set_state(old)
+    else:
+        path = save_learner_state(
+            old, str(tmp_path / "old"), learner_class=type(learner), config=learner.config, module_spec=learner.module_spec
+        )
+        twin.restore_from_path(path)
+    assert twin.get_state()["learner_state"] == state["learner_state"]  # ints again
+    assert learner.update(batch) == twin.update(batch)
 
 
 def test_state_is_a_snapshot_of_numpy_copies(cartpole, batch):
@@ -129,8 +185,9 @@ def test_set_state_with_another_architecture_fails_and_changes_nothing(cartpole)
 
 def test_add_and_remove_modules(cartpole, batch):
     learner = make_learner(cartpole)
-    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space,
-                        model_config={"fcnet_hiddens": [8]})
+    spec = RLModuleSpec(
+        observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]}
+    )
     learner.add_module(module_id="other", module_spec=spec)
     assert set(learner.module.keys()) == {DEFAULT_MODULE_ID, "other"}
     assert [name for name, _ in learner.get_optimizers_for_module("other")] == ["default_optimizer"]
@@ -176,7 +233,9 @@ class RecordingLearner(PPOTorchLearner):
 
 
 def test_hooks_run_once_per_update_in_order_with_the_callers_timesteps(cartpole, batch):
-    config = PPOConfig().training(learner_class=RecordingLearner, minibatch_size=64, num_epochs=2).rl_module(model_config=SMALL_MODEL)
+    config = (
+        PPOConfig().training(learner_class=RecordingLearner, minibatch_size=64, num_epochs=2).rl_module(model_config=SMALL_MODEL)
+    )
     learner = config.build_learner(env=cartpole)
     learner.build()
     timesteps = {"num_env_steps_sampled_lifetime": 1234, "custom": 7}
@@ -214,7 +273,10 @@ def test_gradient_clipping_limits_the_gradients(cartpole, batch, clip_by):
 def test_learning_rate_schedule_follows_the_sampled_timesteps(cartpole, batch):
     learner = make_learner(cartpole, lr=[[0, 1e-3], [1000, 1e-4]])
     key = "default_optimizer_learning_rate"
-    rates = [learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": t})[DEFAULT_MODULE_ID][key] for t in (0, 500, 1000, 5000)]
+    rates = [
+        learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": t})[DEFAULT_MODULE_ID][key]
+        for t in (0, 500, 1000, 5000)
+    ]
     assert rates == pytest.approx([1e-3, 5.5e-4, 1e-4, 1e-4])
 
 
@@ -223,10 +285,20 @@ def test_register_optimizer_accepts_several_optimizers_and_schedules(cartpole, b
         def configure_optimizers_for_module(self, module_id, config=None):
             module = self.module[module_id]
             pi, vf = list(module.pi.parameters()), list(module.vf.parameters())
-            self.register_optimizer(module_id=module_id, optimizer_name="policy", optimizer=torch.optim.Adam(pi), params=pi,
-                                    lr_or_lr_schedule=[[0, 1e-3], [100, 1e-5]])
-            self.register_optimizer(module_id=module_id, optimizer_name="value", optimizer=torch.optim.SGD(vf, lr=0.1), params=vf,
-                                    lr_or_lr_schedule=0.01)
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name="policy",
+                optimizer=torch.optim.Adam(pi),
+                params=pi,
+                lr_or_lr_schedule=[[0, 1e-3], [100, 1e-5]],
+            )
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name="value",
+                optimizer=torch.optim.SGD(vf, lr=0.1),
+                params=vf,
+                lr_or_lr_schedule=0.01,
+            )
 
     learner = PPOConfig().training(learner_class=TwoOptimizers).rl_module(model_config=SMALL_MODEL).build_learner(env=cartpole)
     learner.build()
@@ -264,9 +336,12 @@ BAD_BATCHES = {
     "float64 beyond float32": (lambda b: b.update(value_targets=np.full(256, 1e300)), "value_targets.*float32"),
     "masked array hiding a NaN": (
         lambda b: b.update(advantages=np.ma.masked_invalid(np.where(np.arange(256) == 3, np.nan, b[Columns.ADVANTAGES]))),
-        "advantages.*masked"),
+        "advantages.*masked",
+    ),
     "integer action_dist_inputs": (
-        lambda b: b.update(action_dist_inputs=b[Columns.ACTION_DIST_INPUTS].astype(np.int64)), "action_dist_inputs.*floating"),
+        lambda b: b.update(action_dist_inputs=b[Columns.ACTION_DIST_INPUTS].astype(np.int64)),
+        "action_dist_inputs.*floating",
+    ),
 }
 
 
@@ -314,3 +389,41 @@ def test_a_shard_of_a_larger_batch_needs_the_other_learners(cartpole, batch):
     (first, layout), _ = shard_batch(validate_batch(batch, learner.batch_specs()), 2)
     with pytest.raises(ValueError, match="collective"):
         learner.update(first, shard=layout)
+
+
+def test_the_extension_points_are_marked_and_the_mark_costs_nothing():
+    from dlearner.learner import Learner, TorchLearner, override_point
+
+    def hook(self):
+        return 1
+
+    assert override_point(hook) is hook and hook.is_override_point
+    marked = {name for name in dir(TorchLearner) if getattr(getattr(TorchLearner, name), "is_override_point", False)}
+    assert marked == {
+        "build",
+        "configure_optimizers_for_module",
+        "get_parameters",
+        "before_gradient_based_update",
+        "after_gradient_based_update",
+        "compute_loss_for_module",
+        "compute_gradients",
+        "postprocess_gradients",
+        "postprocess_gradients_for_module",
+        "apply_gradients",
+        "get_learner_state",
+        "set_learner_state",
+        "_check_learner_state",
+    }
+    assert not getattr(Learner.update, "is_override_point", False)  # the machinery is not an extension point
+
+
+def test_the_learner_knows_nothing_about_dask():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dlearner.learner; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed') or m.startswith('dlearner.backends')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout

@@ -8,6 +8,7 @@ Nothing here mocks Dask or torch.distributed.
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import json
 import logging
 import os
@@ -23,10 +24,14 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import pytest
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import ALL_MODULES, COMPONENT_LEARNER, DEFAULT_MODULE_ID, LearnerGroup, PPOConfig, RLModuleSpec
 from dlearner.algorithms.ppo import PPOTorchLearner
+from dlearner.backends.dask.env_runners import DaskEnvRunnerGroup
+from dlearner.backends.dask.pool import DaskLearnerPool
+from dlearner.backends.interface import EnvRunnerGroup, LearnerPool
+from dlearner.backends.local import LocalEnvRunnerGroup, LocalLearnerPool
 from dlearner.errors import ClusterResourceError, LearnerDiedError, ProcessGroupError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -105,10 +110,30 @@ def assert_same_weights(a, b, atol=0.0):
                 np.testing.assert_allclose(a[mid][name], b[mid][name], atol=atol, rtol=0, err_msg=f"{mid}/{name}")
 
 
+# -------------------------------------------------------------------------------------- backends
+@pytest.mark.parametrize(
+    "interface, implementations",
+    [(LearnerPool, [LocalLearnerPool, DaskLearnerPool]), (EnvRunnerGroup, [LocalEnvRunnerGroup, DaskEnvRunnerGroup])],
+    ids=["learners", "env-runners"],
+)
+def test_every_backend_implements_the_interface_with_its_very_signatures(interface, implementations):
+    def parameters(function):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(function).parameters.values()]
+
+    methods = [name for name, value in vars(interface).items() if inspect.isfunction(value) and not name.startswith("_")]
+    assert methods
+    for implementation in implementations:
+        for name in methods:
+            assert parameters(getattr(implementation, name)) == parameters(getattr(interface, name)), (
+                f"{implementation.__name__}.{name}"
+            )
+
+
 # ------------------------------------------------------------------------------------ local group
 def test_local_group_has_the_whole_api():
     with config(num_learners=0).training(learner_class=ProbePPOLearner).build_learner_group(spaces=SPACES) as lg:
         assert isinstance(lg, LearnerGroup) and lg.is_local and lg.learner_workers == [] and lg.client is None
+        assert isinstance(lg._pool, LearnerPool)  # every attribute of the interface, too
         result = lg.update(ppo_batch(128), timesteps={"num_env_steps_sampled_lifetime": 128})
         assert result[ALL_MODULES]["num_env_steps_trained"] == 256
         assert isinstance(result[DEFAULT_MODULE_ID]["total_loss"], float)
@@ -145,6 +170,7 @@ def test_two_learners_equal_one_local_learner_on_a_full_batch_step(client):
     local = config(num_learners=0, minibatch_size=None, num_epochs=1).build_learner_group(spaces=SPACES)
     with config(minibatch_size=None, num_epochs=1).cluster(client=client).build_learner_group(spaces=SPACES) as lg:
         assert len(set(lg.learner_workers)) == 2
+        assert isinstance(lg._pool, LearnerPool)  # every attribute of the interface, too
         assert all(key.startswith(f"learner-{rank}-{lg.group_id}") for rank, key in enumerate(lg.learner_keys))
         assert set(lg.learner_keys) <= set(scheduler_keys(client))
         lg.set_weights(local.get_weights())
@@ -362,9 +388,24 @@ def test_attach_to_a_scheduler_and_workers_started_from_the_command_line(tmp_pat
     path = tmp_path / "scheduler.json"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
-    worker = [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(path), "--nthreads", "1", "--no-dashboard"]
-    procs = [subprocess.Popen(dask + ["--scheduler-file", str(path), "--port", "0", "--no-dashboard"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    worker = [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        "--scheduler-file",
+        str(path),
+        "--nthreads",
+        "1",
+        "--no-dashboard",
+    ]
+    procs = [
+        subprocess.Popen(
+            dask + ["--scheduler-file", str(path), "--port", "0", "--no-dashboard"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
     try:
         deadline = time.monotonic() + 30
         while not path.exists() and time.monotonic() < deadline:
@@ -401,9 +442,12 @@ def test_shutdown_closes_the_embedded_cluster():
 
 @pytest.mark.slow
 def test_a_dead_worker_makes_calls_fail_fast_naming_the_learner():
-    with distributed.LocalCluster(
-        n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-    ) as cluster, distributed.Client(cluster, set_as_default=False) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
         pids = client.run(os.getpid)
         cfg = config().training(learner_class=ProbePPOLearner).cluster(client=client)
 

@@ -14,8 +14,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import SMALL_MODEL, ppo_batch
+
 from dlearner import DEFAULT_MODULE_ID, Columns, PPOConfig, RLModuleSpec
 from dlearner.algorithms.ppo import PPOTorchLearner
 from dlearner.batch import as_multi_batch, shard_batch
@@ -203,17 +203,28 @@ def good_state(env):
 
 BAD_STATES = {
     "optimizer slot exp_avg_sq missing": (lambda s: s["optimizer"][OPTIMIZER]["state"]["0"].pop("exp_avg_sq"), "exp_avg_sq"),
-    "NaN in an optimizer slot": (lambda s: s["optimizer"][OPTIMIZER]["state"]["1"]["exp_avg"].flat.__setitem__(0, np.nan), "exp_avg"),
+    "NaN in an optimizer slot": (
+        lambda s: s["optimizer"][OPTIMIZER]["state"]["1"]["exp_avg"].flat.__setitem__(0, np.nan),
+        "exp_avg",
+    ),
     "learning rate missing": (lambda s: s["optimizer"][OPTIMIZER]["param_groups"][0].pop("lr"), "lr"),
     "learning rate NaN": (lambda s: s["optimizer"][OPTIMIZER]["param_groups"][0].__setitem__("lr", float("nan")), "lr"),
     "negative counter": (lambda s: s["learner_state"]["counters"].__setitem__("num_updates", -3), "num_updates"),
     "unknown counter": (lambda s: s["learner_state"]["counters"].__setitem__("bogus", 1), "bogus"),
     "garbage generator state": (lambda s: s["learner_state"]["rng"]["state"].__setitem__("state", "x"), "rng"),
-    "KL coefficient NaN": (lambda s: s["learner_state"]["curr_kl_coeffs"].__setitem__(DEFAULT_MODULE_ID, float("nan")), "curr_kl_coeffs"),
-    "KL coefficient a string": (lambda s: s["learner_state"]["curr_kl_coeffs"].__setitem__(DEFAULT_MODULE_ID, "0.2"), "curr_kl_coeffs"),
+    "KL coefficient NaN": (
+        lambda s: s["learner_state"]["curr_kl_coeffs"].__setitem__(DEFAULT_MODULE_ID, float("nan")),
+        "curr_kl_coeffs",
+    ),
+    "KL coefficient a string": (
+        lambda s: s["learner_state"]["curr_kl_coeffs"].__setitem__(DEFAULT_MODULE_ID, "0.2"),
+        "curr_kl_coeffs",
+    ),
     "NaN weight": (lambda s: s["rl_module"][DEFAULT_MODULE_ID]["vf.0.bias"].__setitem__(0, np.nan), "vf.0.bias"),
     "float64 weight beyond float32": (
-        lambda s: s["rl_module"][DEFAULT_MODULE_ID].__setitem__("vf.0.bias", np.full(32, 1e300)), "vf.0.bias"),
+        lambda s: s["rl_module"][DEFAULT_MODULE_ID].__setitem__("vf.0.bias", np.full(32, 1e300)),
+        "vf.0.bias",
+    ),
 }
 
 
@@ -279,7 +290,7 @@ class TwoLearners:
         def call(rank):
             try:
                 outcomes[rank] = ("ok", fn(rank))
-            except BaseException as error:  # reported to the test, which checks every rank's outcome
+            except BaseException as error:  # noqa: BLE001 - reported to the test, which checks every rank's outcome
                 outcomes[rank] = ("error", error)
 
         threads = [threading.Thread(target=call, args=(rank,)) for rank in range(2)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dlearner.dashboard import _sanitize as dashboard_sanitize
+from dlearner.dashboard.protocol import sanitize as dashboard_sanitize
 from dlearner.jsonsafe import json_safe
 from dlearner.metrics import MetricsLogger
 from dlearner.reporting import flatten_result
@@ -72,15 +72,29 @@ def test_pop_takes_a_reduced_ingredient_out_of_the_results():
 # ------------------------------------------------------------------------------ JSON-safe values
 def test_json_safe_gives_plain_numbers_and_none_for_non_finite_ones():
     value = {
-        "np_float": np.float32(1.5), "np_int": np.int64(3), "np_bool": np.bool_(True),
-        "torch": torch.tensor(0.25), "nan": float("nan"), "inf": np.float64("-inf"),
-        "array": np.array([[1.0, np.inf]]), "tensor": torch.tensor([1, 2]), "tuple": (1, None, "a"),
+        "np_float": np.float32(1.5),
+        "np_int": np.int64(3),
+        "np_bool": np.bool_(True),
+        "torch": torch.tensor(0.25),
+        "nan": float("nan"),
+        "inf": np.float64("-inf"),
+        "array": np.array([[1.0, np.inf]]),
+        "tensor": torch.tensor([1, 2]),
+        "tuple": (1, None, "a"),
         7: {"nested": [np.float16(0.5)]},
     }
     safe = json_safe(value)
     assert safe == {
-        "np_float": 1.5, "np_int": 3, "np_bool": True, "torch": 0.25, "nan": None, "inf": None,
-        "array": [[1.0, None]], "tensor": [1, 2], "tuple": [1, None, "a"], "7": {"nested": [0.5]},
+        "np_float": 1.5,
+        "np_int": 3,
+        "np_bool": True,
+        "torch": 0.25,
+        "nan": None,
+        "inf": None,
+        "array": [[1.0, None]],
+        "tensor": [1, 2],
+        "tuple": [1, None, "a"],
+        "7": {"nested": [0.5]},
     }
     assert type(safe["np_float"]) is float and type(safe["np_int"]) is int and type(safe["np_bool"]) is bool
     assert json.loads(json.dumps(safe, allow_nan=False)) == safe
@@ -99,8 +113,11 @@ def test_json_safe_names_what_is_not_a_metric_and_bounds_the_depth():
 
 
 def test_the_metrics_file_and_the_dashboard_turn_numbers_into_json_alike():
-    result = {"learners": {"default_policy": {"total_loss": np.float32(0.5), "vf_explained_var": float("nan")}},
-              "training_iteration": np.int64(2), "env_runners": {"episode_returns": [1.0, float("inf")]}}
+    result = {
+        "learners": {"default_policy": {"total_loss": np.float32(0.5), "vf_explained_var": float("nan")}},
+        "training_iteration": np.int64(2),
+        "env_runners": {"episode_returns": [1.0, float("inf")]},
+    }
     flat = flatten_result(result)
     page = dashboard_sanitize(result)
     assert flat["learners/default_policy/total_loss"] == page["learners"]["default_policy"]["total_loss"] == 0.5

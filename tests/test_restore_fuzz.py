@@ -25,10 +25,10 @@ import fsspec
 import gymnasium as gym
 import numpy as np
 import pytest
+from conftest import ppo_batch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ppo_batch
 from dlearner import PPOConfig
 from dlearner.checkpoint import load_state_tree
 
@@ -92,7 +92,9 @@ JSON_VALUES = st.one_of(
     st.text(max_size=12),
     st.sampled_from(["<f4", "<f8", "|b1", "<i8", ">f4", "float64", "int8", "bool", "O", "gzip", "$int", "$tuple", ""]),
     st.lists(st.integers(-3, 300), max_size=4),
-    st.dictionaries(st.sampled_from(["type", "node", "items", "value", "$int", "$float", "$tuple", "name"]), st.integers(-1, 3), max_size=2),
+    st.dictionaries(
+        st.sampled_from(["type", "node", "items", "value", "$int", "$float", "$tuple", "name"]), st.integers(-1, 3), max_size=2
+    ),
 )
 
 
@@ -164,8 +166,10 @@ def mutations(draw, world: dict[str, Any]):
     if kind == "shape_dtype":
         node = draw(st.sampled_from(array_dirs))
         field = draw(st.sampled_from(["shape", "data_type"]))
-        value = draw(st.lists(st.integers(0, 9), max_size=3)) if field == "shape" else draw(
-            st.sampled_from(["float64", "float16", "int32", "uint32", "bool", "complex64"])
+        value = (
+            draw(st.lists(st.integers(0, 9), max_size=3))
+            if field == "shape"
+            else draw(st.sampled_from(["float64", "float16", "int32", "uint32", "bool", "complex64"]))
         )
         in_manifest = draw(st.booleans())
 
@@ -270,8 +274,13 @@ def _check_one_mutation(world: dict[str, Any], backend: str, mutation) -> None:
 
 @pytest.mark.parametrize("backend", ["local", "memory"])
 def test_a_mutated_checkpoint_restores_exactly_or_changes_nothing(world: dict[str, Any], backend: str) -> None:
-    @settings(max_examples=EXAMPLES[backend], deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @settings(
+        max_examples=EXAMPLES[backend],
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(mutation=mutations(world))
     def check(mutation) -> None:
         _check_one_mutation(world, backend, mutation)

@@ -27,8 +27,11 @@ def test_default_module_for_discrete_actions(cartpole):
 
 def test_default_module_for_box_actions_and_shared_layers():
     env = gym.make("Pendulum-v1")
-    spec = RLModuleSpec(observation_space=env.observation_space, action_space=env.action_space,
-                        model_config={"fcnet_hiddens": [16], "vf_share_layers": True, "fcnet_activation": "relu"})
+    spec = RLModuleSpec(
+        observation_space=env.observation_space,
+        action_space=env.action_space,
+        model_config={"fcnet_hiddens": [16], "vf_share_layers": True, "fcnet_activation": "relu"},
+    )
     module = spec.build()
     out = module.forward_train({Columns.OBS: torch.zeros(3, 3)})
     assert out[Columns.ACTION_DIST_INPUTS].shape == (3, 2)  # mean and log-std of a 1-D action
@@ -38,18 +41,22 @@ def test_default_module_for_box_actions_and_shared_layers():
 
 def test_unknown_model_config_keys_are_refused(cartpole):
     with pytest.raises(ValueError, match="fcnet_hidden"):
-        RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space,
-                     model_config={"fcnet_hidden": [8]}).build()
+        RLModuleSpec(
+            observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hidden": [8]}
+        ).build()
 
 
 def test_unsupported_spaces_are_refused_with_advice(cartpole):
     with pytest.raises(ValueError, match="Tuple"):
-        RLModuleSpec(observation_space=cartpole.observation_space,
-                     action_space=gym.spaces.Tuple([gym.spaces.Discrete(2)])).build()
+        RLModuleSpec(
+            observation_space=cartpole.observation_space, action_space=gym.spaces.Tuple([gym.spaces.Discrete(2)])
+        ).build()
 
 
 def test_module_state_is_numpy_and_round_trips(cartpole):
-    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]})
+    spec = RLModuleSpec(
+        observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]}
+    )
     a, b = spec.build(), spec.build()
     b.set_state(a.get_state())
     for key, value in a.get_state().items():
@@ -60,7 +67,9 @@ def test_module_state_is_numpy_and_round_trips(cartpole):
 
 
 def test_multi_rl_module_is_a_dict_of_modules(cartpole):
-    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]})
+    spec = RLModuleSpec(
+        observation_space=cartpole.observation_space, action_space=cartpole.action_space, model_config={"fcnet_hiddens": [8]}
+    )
     multi = MultiRLModule({"a": spec.build()})
     multi.add_module("b", spec.build())
     assert list(multi.keys()) == ["a", "b"] and "a" in multi and len(multi) == 2
@@ -91,7 +100,9 @@ def test_diag_gaussian_matches_torch_distributions():
     ref_other = Normal(other[:, :2], other[:, 2:].exp())
     torch.testing.assert_close(ours.logp(actions), ref.log_prob(actions).sum(-1), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours.entropy(), ref.entropy().sum(-1))
-    torch.testing.assert_close(ours.kl(TorchDiagGaussian.from_logits(other)), kl_divergence(ref, ref_other).sum(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.kl(TorchDiagGaussian.from_logits(other)), kl_divergence(ref, ref_other).sum(-1), rtol=1e-5, atol=1e-5
+    )
     generator = torch.Generator().manual_seed(0)
     assert ours.sample(generator=generator).shape == (6, 2)
     torch.testing.assert_close(ours.deterministic_sample(), inputs[:, :2])
@@ -122,15 +133,19 @@ def test_categorical_class_for_a_start_is_one_class_and_pickles_by_name():
 
 def test_default_module_takes_dict_observations_flattened():
     obs_space = gym.spaces.Dict({"pos": gym.spaces.Box(-1, 1, (3,)), "mode": gym.spaces.Discrete(4)})
-    module = RLModuleSpec(observation_space=obs_space, action_space=gym.spaces.Discrete(2),
-                          model_config={"fcnet_hiddens": [8]}).build()
+    module = RLModuleSpec(
+        observation_space=obs_space, action_space=gym.spaces.Discrete(2), model_config={"fcnet_hiddens": [8]}
+    ).build()
     assert module.pi[0].in_features == gym.spaces.flatdim(obs_space) == 7
     assert module.forward_train({Columns.OBS: torch.zeros(5, 7)})[Columns.ACTION_DIST_INPUTS].shape == (5, 2)
 
 
 def test_module_spec_json_round_trip_keeps_discrete_start():
-    spec = RLModuleSpec(observation_space=gym.spaces.Box(-1, 1, (2,)), action_space=gym.spaces.Discrete(3, start=-2),
-                        model_config={"fcnet_hiddens": [8]})
+    spec = RLModuleSpec(
+        observation_space=gym.spaces.Box(-1, 1, (2,)),
+        action_space=gym.spaces.Discrete(3, start=-2),
+        model_config={"fcnet_hiddens": [8]},
+    )
     restored = RLModuleSpec.from_json(spec.to_json(), module_class=DefaultActorCriticRLModule)
     assert restored.action_space == gym.spaces.Discrete(3, start=-2)
     assert restored.build().get_train_action_dist_cls().start == -2

@@ -33,9 +33,7 @@ SUPPORTED_SPACES = {
     "multidiscrete-2d-int32": spaces.MultiDiscrete(np.array([[2, 3], [4, 5]]), dtype=np.int32),
     "multibinary": spaces.MultiBinary(5),
     "multibinary-2d": spaces.MultiBinary([2, 3]),
-    "dict-keeps-key-order": spaces.Dict(
-        {"zeta": spaces.Box(-1, 1, (2,)), "alpha": spaces.Discrete(3, start=1)}, sort_keys=False
-    ),
+    "dict-keeps-key-order": spaces.Dict({"zeta": spaces.Box(-1, 1, (2,)), "alpha": spaces.Discrete(3, start=1)}, sort_keys=False),
     "tuple": spaces.Tuple([spaces.Discrete(2), spaces.Box(0, 1, (1,)), spaces.MultiBinary(2)]),
     "nested": spaces.Dict(
         {"pos": spaces.Box(-np.inf, np.inf, (2,)), "inner": spaces.Tuple([spaces.MultiDiscrete([2, 2], start=[5, 5])])}
@@ -72,7 +70,11 @@ def test_descriptions_of_spaces_older_versions_wrote_are_unchanged():
     assert space_to_json(spaces.Discrete(2)) == {"type": "Discrete", "n": 2, "start": 0}
     assert space_to_json(spaces.MultiDiscrete([3, 4])) == {"type": "MultiDiscrete", "nvec": [3, 4]}
     assert space_to_json(spaces.Box(-np.inf, 1.0, (2,), np.float32)) == {
-        "type": "Box", "low": ["-inf", "-inf"], "high": [1.0, 1.0], "shape": [2], "dtype": "float32"
+        "type": "Box",
+        "low": ["-inf", "-inf"],
+        "high": [1.0, 1.0],
+        "shape": [2],
+        "dtype": "float32",
     }
 
 

@@ -23,8 +23,8 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import pytest
-
 from conftest import ppo_batch
+
 from dlearner import ALL_MODULES, COMPONENT_LEARNER, DEFAULT_MODULE_ID, PPOConfig
 
 pytest.importorskip("cryptography", reason="distributed.Security.temporary() needs the cryptography package")

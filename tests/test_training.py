@@ -45,8 +45,11 @@ def test_ppo_improves_on_pendulum_with_continuous_actions():
 
 def test_train_result_has_the_promised_keys():
     config = (
-        PPOConfig().environment("CartPole-v1").training(train_batch_size=256, minibatch_size=64, num_epochs=1)
-        .rl_module(model_config={"fcnet_hiddens": [16]}).debugging(seed=0)
+        PPOConfig()
+        .environment("CartPole-v1")
+        .training(train_batch_size=256, minibatch_size=64, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": [16]})
+        .debugging(seed=0)
     )
     with config.build_algo() as algo:
         result = algo.train()
@@ -69,7 +72,8 @@ def test_build_algo_without_an_environment_says_what_to_do():
 @pytest.mark.slow
 def test_ppo_solves_cartpole_with_env_runner_and_learner_actors_on_a_local_cluster():
     config = (
-        PPOConfig().environment("CartPole-v1")
+        PPOConfig()
+        .environment("CartPole-v1")
         .env_runners(num_env_runners=1, num_envs_per_env_runner=8)
         .learners(num_learners=1)
         .debugging(seed=0)
@@ -88,9 +92,12 @@ def test_ppo_solves_cartpole_with_env_runner_and_learner_actors_on_a_local_clust
 @pytest.mark.slow
 def test_algorithm_checkpoint_continues_counters_and_weights(tmp_path):
     config = (
-        PPOConfig().environment("CartPole-v1").env_runners(num_env_runners=1, num_envs_per_env_runner=4)
+        PPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=1, num_envs_per_env_runner=4)
         .learners(num_learners=1)  # the learner actor writes its state straight to the store
-        .training(train_batch_size=512, minibatch_size=128, num_epochs=1).rl_module(model_config={"fcnet_hiddens": [16]})
+        .training(train_batch_size=512, minibatch_size=128, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": [16]})
         .debugging(seed=0)
     )
     with config.build_algo() as algo:

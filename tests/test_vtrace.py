@@ -9,8 +9,9 @@ import torch
 from dlearner.algorithms.impala import vtrace
 
 
-def numpy_vtrace(target_logp, behaviour_logp, discounts, rewards, values, bootstrap_value,
-                 clip_rho_threshold=1.0, clip_pg_rho_threshold=1.0):
+def numpy_vtrace(
+    target_logp, behaviour_logp, discounts, rewards, values, bootstrap_value, clip_rho_threshold=1.0, clip_pg_rho_threshold=1.0
+):
     """The paper's definitions, one time step and one column at a time, in float64."""
     T, B = values.shape
     rhos = np.exp(target_logp - behaviour_logp)
@@ -93,8 +94,12 @@ def test_vtrace_never_bootstraps_across_a_termination():
     inputs["discounts"][:] = 0.9
     inputs["discounts"][2] = 0.0  # the episode terminates at step 2
     vs, _ = torch_vtrace(inputs)
-    changed = dict(inputs, values=inputs["values"].copy(), rewards=inputs["rewards"].copy(),
-                   bootstrap_value=inputs["bootstrap_value"] + 100.0)
+    changed = dict(
+        inputs,
+        values=inputs["values"].copy(),
+        rewards=inputs["rewards"].copy(),
+        bootstrap_value=inputs["bootstrap_value"] + 100.0,
+    )
     changed["values"][3:] += 50.0
     changed["rewards"][3:] += 7.0
     vs_changed, _ = torch_vtrace(changed)

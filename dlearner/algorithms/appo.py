@@ -13,9 +13,11 @@ target network's policy ``pi_target``. The loss on one minibatch of rollout frag
     L_kl      = mean(KL(pi_target || pi))                                                  # use_kl_loss only
     loss      = L_clip + vf_loss_coeff * L_vf + entropy_coeff * L_entropy + kl_coeff * L_kl
 
-The target networks, the update counters and the KL coefficients are learner state: numpy arrays
-and numbers in ``get_state()["learner_state"]["appo"]``, checkpointed and restored exactly, and the
-same on every learner (they change only from identical weights and all-reduced metrics).
+The target networks and their update counters are learner state: numpy arrays and numbers in
+``get_state()["learner_state"]["appo"]``; the KL coefficients sit where PPO's do, in
+``get_state()["learner_state"]["curr_kl_coeffs"]`` (earlier versions kept them in ``appo``, which a
+restore still accepts). All are checkpointed and restored exactly, and the same on every learner
+(they change only from identical weights and all-reduced metrics).
 """
 
 from __future__ import annotations
@@ -23,25 +25,28 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, Mapping
 
-import numpy as np
 import torch
 
 from dlearner.algorithms.impala import IMPALA, IMPALAConfig, IMPALATorchLearner, vtrace
+from dlearner.algorithms.kl_coeffs import KL_COEFFS_STATE, AdaptiveKLCoeffs
+from dlearner.algorithms.losses import clipped_surrogate_loss
 from dlearner.columns import Columns
 from dlearner.learner import check_weights
-from dlearner.config import NotProvided, _non_negative, _positive, _positive_int
+from dlearner.validation import NotProvided, apply_checks, boolean, is_int, non_negative, positive, positive_int
 
 #: Key of APPO's part of the learner state.
 APPO_STATE = "appo"
 
 
-class APPOTorchLearner(IMPALATorchLearner):
+class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
     """APPO's loss (see the module docstring) and its target networks."""
+
+    #: APPO kept its KL coefficients in its own section before they moved next to PPO's.
+    legacy_kl_coeffs_path = (APPO_STATE, KL_COEFFS_STATE)
 
     def build(self) -> None:
         super().build()
         self.target_networks: Dict[str, torch.nn.Module] = {mid: _target_copy(m) for mid, m in self.module.items()}
-        self.curr_kl_coeffs: Dict[str, float] = {mid: float(self.config.kl_coeff) for mid in self.module.keys()}
         self.num_updates_since_target_update = 0
         self.num_target_updates = 0
 
@@ -63,7 +68,12 @@ class APPOTorchLearner(IMPALATorchLearner):
 
         # V-trace from the behaviour policy mu to the target network's policy.
         vs, advantages = vtrace(
-            target_logp, behaviour_logp, discounts, rewards, values, bootstrap_value,
+            target_logp,
+            behaviour_logp,
+            discounts,
+            rewards,
+            values,
+            bootstrap_value,
             clip_rho_threshold=config.vtrace_clip_rho_threshold,
             clip_pg_rho_threshold=config.vtrace_clip_pg_rho_threshold,
         )
@@ -71,8 +81,7 @@ class APPOTorchLearner(IMPALATorchLearner):
         # ratio = pi / pi_target, written through mu so the possibly large mu / pi_target can be clipped.
         is_ratio = torch.clamp(torch.exp(behaviour_logp - target_logp), 0.0, 2.0)
         ratio = is_ratio * torch.exp(logp - behaviour_logp)
-        surrogate = torch.min(advantages * ratio, advantages * torch.clamp(ratio, 1 - config.clip_param, 1 + config.clip_param))
-        policy_loss = -torch.mean(surrogate)
+        policy_loss = clipped_surrogate_loss(ratio, advantages, config.clip_param)
         vf_loss = 0.5 * torch.mean(torch.pow(values - vs, 2.0))
         entropy = torch.mean(dist.entropy())
         total_loss = policy_loss + config.vf_loss_coeff * vf_loss - config.entropy_coeff * entropy
@@ -112,22 +121,17 @@ class APPOTorchLearner(IMPALATorchLearner):
                 mean_kl = self.metrics.peek((mid, "mean_kl_loss"))
             except KeyError:
                 continue  # the module was not in this update
-            if mean_kl > 2.0 * self.config.kl_target:
-                self.curr_kl_coeffs[mid] *= 1.5
-            elif mean_kl < 0.5 * self.config.kl_target:
-                self.curr_kl_coeffs[mid] *= 0.5
+            self.adapt_kl_coeff(mid, mean_kl)
 
     # -- modules --------------------------------------------------------------------------------
     def add_module(self, *, module_id, module_spec, config_overrides=None):
         specs = super().add_module(module_id=module_id, module_spec=module_spec, config_overrides=config_overrides)
         self.target_networks[module_id] = _target_copy(self.module[module_id])
-        self.curr_kl_coeffs[module_id] = float(self.config.kl_coeff)
         return specs
 
     def remove_module(self, module_id):
         specs = super().remove_module(module_id)
         self.target_networks.pop(module_id, None)
-        self.curr_kl_coeffs.pop(module_id, None)
         return specs
 
     # -- state ----------------------------------------------------------------------------------
@@ -135,7 +139,6 @@ class APPOTorchLearner(IMPALATorchLearner):
         state = super().get_learner_state()
         state[APPO_STATE] = {
             "target_networks": {mid: net.get_state() for mid, net in self.target_networks.items()},
-            "curr_kl_coeffs": dict(self.curr_kl_coeffs),
             "num_updates_since_target_update": self.num_updates_since_target_update,
             "num_target_updates": self.num_target_updates,
         }
@@ -156,10 +159,8 @@ class APPOTorchLearner(IMPALATorchLearner):
             check_weights(params, self.target_networks[mid], f"the target network of module {mid!r}")
         for name in ("num_updates_since_target_update", "num_target_updates"):
             value = appo.get(name, 0)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            if not is_int(value) or value < 0:
                 raise ValueError(f"learner_state/{APPO_STATE}/{name} must be an int >= 0, got {value!r}.")
-        for mid, coeff in dict(appo.get("curr_kl_coeffs", {})).items():
-            _non_negative(f"learner_state/{APPO_STATE}/curr_kl_coeffs/{mid}", coeff)
 
     def set_learner_state(self, state) -> None:
         super().set_learner_state(state)
@@ -168,7 +169,6 @@ class APPOTorchLearner(IMPALATorchLearner):
             return
         for mid, params in appo["target_networks"].items():
             self.target_networks[mid].set_state(params)
-        self.curr_kl_coeffs.update({mid: float(v) for mid, v in appo.get("curr_kl_coeffs", {}).items()})
         self.num_updates_since_target_update = int(appo.get("num_updates_since_target_update", 0))
         self.num_target_updates = int(appo.get("num_target_updates", 0))
 
@@ -222,24 +222,25 @@ class APPOConfig(IMPALAConfig):
         ``kl_coeff * KL(pi_target || pi)``, the coefficient adapted towards ``kl_target``.
         """
         super().training(**kwargs)
-        if use_kl_loss is not NotProvided:
-            if not isinstance(use_kl_loss, bool):
-                raise ValueError(f"use_kl_loss must be True or False, got {use_kl_loss!r}.")
-            self.use_kl_loss = use_kl_loss
-        if tau is not NotProvided:
-            value = _positive("tau", tau)
-            if value > 1:
-                raise ValueError(f"tau must be in (0, 1] (1 copies the network into the target), got {tau!r}.")
-            self.tau = value
-        for name, value, check in (
-            ("clip_param", clip_param, _positive),
-            ("kl_coeff", kl_coeff, _non_negative),
-            ("kl_target", kl_target, _positive),
-            ("target_network_update_freq", target_network_update_freq, _positive_int),
-        ):
-            if value is not NotProvided:
-                setattr(self, name, check(name, value))
+        apply_checks(
+            self,
+            {
+                "use_kl_loss": (use_kl_loss, boolean),
+                "tau": (tau, _polyak_weight),
+                "clip_param": (clip_param, positive),
+                "kl_coeff": (kl_coeff, non_negative),
+                "kl_target": (kl_target, positive),
+                "target_network_update_freq": (target_network_update_freq, positive_int),
+            },
+        )
         return self
+
+
+def _polyak_weight(name: str, value: Any) -> float:
+    weight = positive(name, value)
+    if weight > 1:
+        raise ValueError(f"{name} must be in (0, 1] (1 copies the network into the target), got {value!r}.")
+    return weight
 
 
 class APPO(IMPALA):

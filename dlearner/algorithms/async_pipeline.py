@@ -47,7 +47,12 @@ from dlearner.errors import EnvRunnerDiedError
 
 #: Columns of a fragment the IMPALA/APPO learners train on.
 TRAIN_COLUMNS = (
-    Columns.OBS, Columns.ACTIONS, Columns.ACTION_LOGP, Columns.REWARDS, Columns.TERMINATEDS, Columns.TRUNCATEDS,
+    Columns.OBS,
+    Columns.ACTIONS,
+    Columns.ACTION_LOGP,
+    Columns.REWARDS,
+    Columns.TERMINATEDS,
+    Columns.TRUNCATEDS,
     NEXT_VF_PREDS,
 )
 

@@ -34,9 +34,10 @@ import torch
 
 from dlearner.algorithm import Algorithm
 from dlearner.columns import Columns
-from dlearner.config import AlgorithmConfig, NotProvided, _non_negative, _positive, _positive_int
+from dlearner.config import AlgorithmConfig
 from dlearner.env_runner import NEXT_VF_PREDS
 from dlearner.learner import TorchLearner
+from dlearner.validation import NotProvided, apply_checks, non_negative, positive, positive_int
 
 
 # ------------------------------------------------------------------------------------ V-trace
@@ -77,11 +78,16 @@ def vtrace(
                 f"vtrace needs time-major [T, B] inputs and a [B] bootstrap_value, got values {tuple(values.shape)} "
                 f"and bootstrap_value {tuple(bootstrap_value.shape)}."
             )
-        for name, tensor in (("target_action_log_probs", target_action_log_probs),
-                             ("behaviour_action_log_probs", behaviour_action_log_probs),
-                             ("discounts", discounts), ("rewards", rewards)):
+        for name, tensor in (
+            ("target_action_log_probs", target_action_log_probs),
+            ("behaviour_action_log_probs", behaviour_action_log_probs),
+            ("discounts", discounts),
+            ("rewards", rewards),
+        ):
             if tensor.shape != values.shape:
-                raise ValueError(f"vtrace: {name} has shape {tuple(tensor.shape)}, values {tuple(values.shape)}; they must match.")
+                raise ValueError(
+                    f"vtrace: {name} has shape {tuple(tensor.shape)}, values {tuple(values.shape)}; they must match."
+                )
 
         rhos = torch.exp(target_action_log_probs - behaviour_action_log_probs)
         clipped_rhos = rhos if clip_rho_threshold is None else torch.clamp(rhos, max=clip_rho_threshold)
@@ -172,7 +178,12 @@ class IMPALATorchLearner(TorchLearner):
 
         # V-trace corrects for the lag between the behaviour policy mu (that sampled) and pi (learning now).
         vs, advantages = vtrace(
-            logp, self._time_major(batch[Columns.ACTION_LOGP]), discounts, rewards, values, bootstrap_value,
+            logp,
+            self._time_major(batch[Columns.ACTION_LOGP]),
+            discounts,
+            rewards,
+            values,
+            bootstrap_value,
             clip_rho_threshold=config.vtrace_clip_rho_threshold,
             clip_pg_rho_threshold=config.vtrace_clip_pg_rho_threshold,
         )
@@ -195,7 +206,7 @@ def _check_minibatch_size(minibatch_size: Optional[int], fragment_length: int) -
 
 # ------------------------------------------------------------------------------------- config
 def _optional_threshold(name: str, value: Any) -> Optional[float]:
-    return None if value is None else _positive(name, value)
+    return None if value is None else positive(name, value)
 
 
 class IMPALAConfig(AlgorithmConfig):
@@ -261,25 +272,25 @@ class IMPALAConfig(AlgorithmConfig):
         training on ``train_batch_size`` new samples.
         """
         super().training(**kwargs)
-        for name, value, check in (
-            ("vtrace_clip_rho_threshold", vtrace_clip_rho_threshold, _optional_threshold),
-            ("vtrace_clip_pg_rho_threshold", vtrace_clip_pg_rho_threshold, _optional_threshold),
-            ("vf_loss_coeff", vf_loss_coeff, _non_negative),
-            ("entropy_coeff", entropy_coeff, _non_negative),
-            ("rollout_fragment_length", rollout_fragment_length, _positive_int),
-            ("broadcast_interval", broadcast_interval, _positive_int),
-            ("learner_queue_size", learner_queue_size, _positive_int),
-            ("min_time_s_per_iteration", min_time_s_per_iteration, _optional_threshold),
-        ):
-            if value is not NotProvided:
-                setattr(self, name, check(name, value))
+        apply_checks(
+            self,
+            {
+                "vtrace_clip_rho_threshold": (vtrace_clip_rho_threshold, _optional_threshold),
+                "vtrace_clip_pg_rho_threshold": (vtrace_clip_pg_rho_threshold, _optional_threshold),
+                "vf_loss_coeff": (vf_loss_coeff, non_negative),
+                "entropy_coeff": (entropy_coeff, non_negative),
+                "rollout_fragment_length": (rollout_fragment_length, positive_int),
+                "broadcast_interval": (broadcast_interval, positive_int),
+                "learner_queue_size": (learner_queue_size, positive_int),
+                "min_time_s_per_iteration": (min_time_s_per_iteration, _optional_threshold),
+            },
+        )
         return self
 
     def env_runners(self, *, rollout_fragment_length: int = NotProvided, **kwargs) -> "IMPALAConfig":
         """:meth:`AlgorithmConfig.env_runners`, plus ``rollout_fragment_length`` (RLlib keeps it here too)."""
         super().env_runners(**kwargs)
-        if rollout_fragment_length is not NotProvided:
-            self.rollout_fragment_length = _positive_int("rollout_fragment_length", rollout_fragment_length)
+        apply_checks(self, {"rollout_fragment_length": (rollout_fragment_length, positive_int)})
         return self
 
     def validate(self) -> None:

@@ -22,19 +22,21 @@ Besides the losses each module reports two diagnostics, as RLlib, CleanRL and St
 
 from __future__ import annotations
 
-import math
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
 from dlearner.algorithm import Algorithm
+from dlearner.algorithms.kl_coeffs import AdaptiveKLCoeffs
+from dlearner.algorithms.losses import clipped_surrogate_loss
 from dlearner.columns import ALL_MODULES, Columns
-from dlearner.config import AlgorithmConfig, NotProvided, _non_negative, _positive
+from dlearner.config import AlgorithmConfig
 from dlearner.learner import TorchLearner
+from dlearner.validation import NotProvided, apply_checks, boolean, non_negative, positive, unit_interval
 
 
-class PPOTorchLearner(TorchLearner):
+class PPOTorchLearner(AdaptiveKLCoeffs, TorchLearner):
     """PPO's clipped-surrogate loss with value clipping, entropy bonus and an adaptive KL penalty."""
 
     required_columns = (
@@ -46,26 +48,17 @@ class PPOTorchLearner(TorchLearner):
         Columns.VALUE_TARGETS,
     )
 
-    def build(self) -> None:
-        super().build()
-        self.curr_kl_coeffs: Dict[str, float] = {mid: float(self.config.kl_coeff) for mid in self.module.keys()}
-
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         """PPO's loss on one minibatch, term by term as in the paper (see the module docstring)."""
         mean = _RowMean(batch.get(Columns.LOSS_MASK))  # over the rows the loss counts
         dist_cls = self.module[module_id].get_train_action_dist_cls()
         curr_dist = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
-        advantages = batch[Columns.ADVANTAGES]
 
         # Probability ratio r = pi(a|s) / pi_old(a|s) of the sampled actions.
         logp_ratio = torch.exp(curr_dist.logp(batch[Columns.ACTIONS]) - batch[Columns.ACTION_LOGP])
 
         # Clipped surrogate objective L^CLIP (paper, eq. 7), negated into a loss.
-        surrogate = torch.min(
-            advantages * logp_ratio,
-            advantages * torch.clamp(logp_ratio, 1 - config.clip_param, 1 + config.clip_param),
-        )
-        policy_loss = -mean(surrogate)
+        policy_loss = clipped_surrogate_loss(logp_ratio, batch[Columns.ADVANTAGES], config.clip_param, mean)
 
         # Value loss: the squared error, clamped at vf_clip_param as RLlib does.
         values, targets = fwd_out[Columns.VF_PREDS], batch[Columns.VALUE_TARGETS]
@@ -110,45 +103,8 @@ class PPOTorchLearner(TorchLearner):
                 continue  # the module was not in this update
             self.metrics.log_value((module_id, "vf_explained_var"), _explained_variance(*moments), reduce="last")
             if self.config.use_kl_loss:
-                mean_kl = self.metrics.peek((module_id, "mean_kl_loss"))
-                if mean_kl > 2.0 * self.config.kl_target:
-                    self.curr_kl_coeffs[module_id] *= 1.5
-                elif mean_kl < 0.5 * self.config.kl_target:
-                    self.curr_kl_coeffs[module_id] *= 0.5
+                self.adapt_kl_coeff(module_id, self.metrics.peek((module_id, "mean_kl_loss")))
                 self.metrics.log_value((module_id, "curr_kl_coeff"), self.curr_kl_coeffs[module_id], reduce="last")
-
-    def add_module(self, *, module_id, module_spec, config_overrides=None):
-        specs = super().add_module(module_id=module_id, module_spec=module_spec, config_overrides=config_overrides)
-        self.curr_kl_coeffs[module_id] = float(self.config.kl_coeff)
-        return specs
-
-    def remove_module(self, module_id):
-        specs = super().remove_module(module_id)
-        self.curr_kl_coeffs.pop(module_id, None)
-        return specs
-
-    def get_learner_state(self) -> Dict[str, Any]:
-        state = super().get_learner_state()
-        state["curr_kl_coeffs"] = dict(self.curr_kl_coeffs)
-        return state
-
-    def _check_learner_state(self, state) -> None:
-        super()._check_learner_state(state)
-        coeffs = state.get("curr_kl_coeffs", {})
-        if not isinstance(coeffs, Mapping):
-            raise ValueError(f"learner_state/curr_kl_coeffs must be a dict of module ids to numbers, got {type(coeffs).__name__}.")
-        unknown = sorted(set(coeffs) - set(self.curr_kl_coeffs))
-        if unknown:
-            raise ValueError(f"learner_state/curr_kl_coeffs names module(s) {unknown} this learner lacks.")
-        for mid, value in coeffs.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                    or not math.isfinite(value) or value < 0:
-                raise ValueError(f"learner_state/curr_kl_coeffs/{mid} must be a finite number >= 0, got {value!r:.100}.")
-
-    def set_learner_state(self, state) -> None:
-        super().set_learner_state(state)
-        if "curr_kl_coeffs" in state:
-            self.curr_kl_coeffs.update({mid: float(v) for mid, v in state["curr_kl_coeffs"].items()})
 
 
 # Row means of y, y^2, e and e^2 (y: value targets, e = y - V): the explained variance's ingredients.
@@ -274,29 +230,20 @@ class PPOConfig(AlgorithmConfig):
     ) -> "PPOConfig":
         """PPO's settings plus everything :meth:`AlgorithmConfig.training` takes."""
         super().training(**kwargs)
-        if lambda_ is not NotProvided:
-            value = _non_negative("lambda_", lambda_)
-            if value > 1:
-                raise ValueError(f"lambda_ must be in [0, 1], got {lambda_}.")
-            self.lambda_ = value
-        if use_kl_loss is not NotProvided:
-            if not isinstance(use_kl_loss, bool):
-                raise ValueError(f"use_kl_loss must be True or False, got {use_kl_loss!r}.")
-            self.use_kl_loss = use_kl_loss
-        if standardize_advantages is not NotProvided:
-            if not isinstance(standardize_advantages, bool):
-                raise ValueError(f"standardize_advantages must be True or False, got {standardize_advantages!r}.")
-            self.standardize_advantages = standardize_advantages
-        for name, value, check in (
-            ("kl_coeff", kl_coeff, _non_negative),
-            ("kl_target", kl_target, _positive),
-            ("clip_param", clip_param, _positive),
-            ("vf_clip_param", vf_clip_param, _positive),
-            ("entropy_coeff", entropy_coeff, _non_negative),
-            ("vf_loss_coeff", vf_loss_coeff, _non_negative),
-        ):
-            if value is not NotProvided:
-                setattr(self, name, check(name, value))
+        apply_checks(
+            self,
+            {
+                "lambda_": (lambda_, unit_interval),
+                "use_kl_loss": (use_kl_loss, boolean),
+                "standardize_advantages": (standardize_advantages, boolean),
+                "kl_coeff": (kl_coeff, non_negative),
+                "kl_target": (kl_target, positive),
+                "clip_param": (clip_param, positive),
+                "vf_clip_param": (vf_clip_param, positive),
+                "entropy_coeff": (entropy_coeff, non_negative),
+                "vf_loss_coeff": (vf_loss_coeff, non_negative),
+            },
+        )
         return self
 
 
@@ -306,8 +253,9 @@ class PPO(Algorithm):
     def training_step(self):
         config = self.config
         fragments = self.env_runner_group.sample(config.train_batch_size)
-        batch = postprocess_fragments(fragments, gamma=config.gamma, lambda_=config.lambda_,
-                                      standardize=config.standardize_advantages)
+        batch = postprocess_fragments(
+            fragments, gamma=config.gamma, lambda_=config.lambda_, standardize=config.standardize_advantages
+        )
         num_sampled = len(batch[Columns.OBS])
         results = self.learner_group.update(batch=batch, timesteps=self.timesteps(num_sampled))
         self.num_env_steps_trained_lifetime += int(results[ALL_MODULES]["num_env_steps_trained"])
@@ -322,8 +270,13 @@ def postprocess_fragments(fragments, *, gamma: float, lambda_: float, standardiz
     pieces = []
     for fragment in fragments:
         advantages, targets = compute_gae(
-            fragment[Columns.REWARDS], fragment[Columns.VF_PREDS], fragment[NEXT_VF_PREDS],
-            fragment[Columns.TERMINATEDS], fragment[Columns.TRUNCATEDS], gamma=gamma, lambda_=lambda_,
+            fragment[Columns.REWARDS],
+            fragment[Columns.VF_PREDS],
+            fragment[NEXT_VF_PREDS],
+            fragment[Columns.TERMINATEDS],
+            fragment[Columns.TRUNCATEDS],
+            gamma=gamma,
+            lambda_=lambda_,
         )
         flat = {k: _flatten_time_major(v) for k, v in fragment.items() if k in _TRAIN_COLUMNS}
         flat[Columns.ADVANTAGES] = _flatten_time_major(advantages)

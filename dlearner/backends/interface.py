@@ -3,11 +3,12 @@
 A :class:`LearnerPool` runs operations on the learners (one local Learner, or N Dask actors); an
 :class:`EnvRunnerGroup` samples with env runners (one in the driver, or N Dask actors). The
 LearnerGroup and the Algorithm know nothing else about where things run: each backend is one
-implementation of these (``dlearner.backends.local``, ``dlearner.backends.dask``), the way
-dask-jobqueue's batch systems each implement one core class.
+implementation of both, with these very signatures (``dlearner.backends.local``,
+``dlearner.backends.dask``), the way dask-jobqueue's batch systems each implement one core class.
 
-Operations are plain functions ``fn(learner, *args)`` (module-level, so they travel to workers by
-reference); every learner runs the operations sent to it in the order they were sent.
+Operations are the functions ``op(learner, *args)`` of :mod:`dlearner.learner_ops` (module-level,
+so they travel to workers by reference); every learner runs the operations sent to it in the order
+they were sent.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class LearnerPool(Protocol):
     ) -> List[Any]:
         """:meth:`submit` and wait: the values by rank, or the learners' exception raised here."""
 
-    def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None) -> Tuple[concurrent.futures.Future, Any]:
+    def submit_update_future(
+        self, target: Any, args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None
+    ) -> Tuple[concurrent.futures.Future, Any]:
         """A collective request on all learners: ``(future of the values, user-facing future of rank 0's value)``."""
 
     def ensure_ready(self) -> None:

@@ -1,5 +1,9 @@
 """Everything in the calling process: one local Learner (``num_learners=0``) and one env runner
-(``num_env_runners=0``)."""
+(``num_env_runners=0``), behind the same interfaces as the Dask actors (:mod:`.interface`).
+
+The learner runs the same operations (:mod:`dlearner.learner_ops`) as a Dask learner; a request's
+ranks, collective flag, result ranks and log topic mean nothing for one learner in this process.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from dlearner.env_runner import EnvRunner
+from dlearner.errors import LearnerDiedError
 
 
 class LocalLearnerPool:
@@ -35,15 +40,17 @@ class LocalLearnerPool:
         self.learner.build()
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
 
-    def submit(self, target: Callable, args_per_rank: Sequence[tuple], *, wait: bool = False, **_: Any) -> concurrent.futures.Future:
+    def submit(
+        self,
+        target: Callable[..., Any],
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+    ) -> concurrent.futures.Future:
         (args,) = args_per_rank
-        if wait and self._executor is None:
-            future: concurrent.futures.Future = concurrent.futures.Future()
-            try:
-                future.set_result([target(self.learner, *args)])
-            except Exception as err:  # noqa: BLE001 - delivered through the future, as for remote learners
-                future.set_exception(err)
-            return future
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1,
@@ -53,20 +60,34 @@ class LocalLearnerPool:
             )
         return self._executor.submit(lambda: [target(self.learner, *args)])
 
-    def call(self, target: Callable, args_per_rank: Sequence[tuple], **kwargs: Any) -> List[Any]:
-        return self.submit(target, args_per_rank, wait=True, **kwargs).result()
+    def call(
+        self,
+        target: Callable[..., Any],
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+    ) -> List[Any]:
+        (args,) = args_per_rank
+        if self._executor is None:
+            return [target(self.learner, *args)]  # no async request was made: run inline
+        return self.submit(target, args_per_rank).result()  # after the async requests, in order
 
-    def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], **_: Any) -> Tuple[concurrent.futures.Future, concurrent.futures.Future]:
+    def submit_update_future(
+        self, target: Callable[..., Any], args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None
+    ) -> Tuple[concurrent.futures.Future, concurrent.futures.Future]:
         pending = self.submit(target, args_per_rank)
         return pending, first_value(pending)
 
     def ensure_ready(self) -> None:
         pass
 
-    def recover(self, err: BaseException) -> Tuple[bool, Any]:
+    def recover(self, err: LearnerDiedError) -> Tuple[bool, Any]:
         raise err  # nothing to recover in this process
 
-    def dead_error(self) -> None:
+    def dead_error(self) -> Optional[LearnerDiedError]:
         return None
 
     def live_ranks(self) -> List[int]:

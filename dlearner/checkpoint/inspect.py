@@ -13,15 +13,14 @@ from typing import Any
 
 import numpy as np
 
-from dlearner.checkpoint.encoding import ArrayLeaf
-from dlearner.checkpoint.store import FORMAT_NAME, VERSIONS_GROUP, open_checkpoint, read_committed_root, read_manifest
+from dlearner.checkpoint.layout import FORMAT_NAME, VERSIONS_GROUP, read_committed_root, read_manifest
+from dlearner.checkpoint.manifest import ArrayLeaf
+from dlearner.checkpoint.store import open_checkpoint
 
 __all__ = ["format_inspection", "inspect_checkpoint", "read_metadata"]
 
 
-def read_metadata(
-    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def read_metadata(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the metadata of the committed checkpoint at ``path``, reading only the root group.
 
     ``path`` is a store or a run folder that holds one. Raises the same errors as
@@ -31,9 +30,7 @@ def read_metadata(
     return read_committed_root(open_checkpoint(path, storage_options)).metadata
 
 
-def inspect_checkpoint(
-    path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-) -> dict[str, Any]:
+def inspect_checkpoint(path: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarise the checkpoint at ``path`` without reading array data (for ``dlearner inspect``).
 
     Returns a JSON-serialisable dict (apart from non-JSON leaves such as tuples, which are kept)::
@@ -87,10 +84,7 @@ def format_inspection(summary: dict[str, Any]) -> str:
     """Render :func:`inspect_checkpoint`'s summary as human-readable multi-line text."""
     lines = [f"dlearner checkpoint {summary['path']}"]
     committed = f", committed {summary['committed_at']}" if summary.get("committed_at") else ""
-    lines.append(
-        f"  format {summary['format']} v{summary['format_version']}, "
-        f"version {summary['version']}{committed}"
-    )
+    lines.append(f"  format {summary['format']} v{summary['format_version']}, version {summary['version']}{committed}")
     metadata = summary.get("metadata") or {}
     if metadata:
         lines.append("metadata:")
@@ -103,10 +97,7 @@ def format_inspection(summary: dict[str, Any]) -> str:
         for a in arrays:
             dims = [str(d) for d in a["shape"]]
             shape = "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
-            lines.append(
-                f"  {a['name']:<{name_width}}  {a['dtype']:<{dtype_width}}  {shape:<14} "
-                f"{_human_bytes(a['nbytes']):>10}"
-            )
+            lines.append(f"  {a['name']:<{name_width}}  {a['dtype']:<{dtype_width}}  {shape:<14} {_human_bytes(a['nbytes']):>10}")
     values = summary.get("values", [])
     if values:
         lines.append(f"values: {len(values)}")

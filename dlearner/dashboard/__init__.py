@@ -40,13 +40,8 @@ from __future__ import annotations
 from dlearner.dashboard.app import install_bokeh_page
 from dlearner.dashboard.html import render_page, render_svg_curve
 from dlearner.dashboard.plugin import DashboardPlugin, dask_setup
+from dlearner.dashboard.protocol import PAGE_PATH, PLUGIN_NAME, STATUSES
 from dlearner.dashboard.publish import (
-    EVENT_TOPIC,
-    LEARNER_TOPIC_PREFIX,
-    PAGE_PATH,
-    PLUGIN_NAME,
-    STATUSES,
-    TIMING_TOPIC,
     dashboard_url,
     error_line,
     publish_learner_results,
@@ -54,8 +49,8 @@ from dlearner.dashboard.publish import (
     publish_status,
     register_dashboard,
 )
-from dlearner.dashboard.publish import sanitize as _sanitize
 from dlearner.dashboard.store import FOLD_AFTER_S, MetricsStore
+from dlearner.events import EVENT_TOPIC, LEARNER_TOPIC_PREFIX, TIMING_TOPIC
 
 __all__ = [
     "EVENT_TOPIC",

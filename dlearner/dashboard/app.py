@@ -15,15 +15,15 @@ import logging
 from typing import Any, Dict, List, Optional
 
 from dlearner.dashboard.html import (
-    STATUS_COLORS,
-    STYLE,
-    env_runners_table,
-    learner_ranks_table,
-    module_metrics_table,
+    json_link,
+    render,
     run_header,
-    summary_table,
+    run_link,
+    run_tables,
+    status_color,
 )
-from dlearner.dashboard.publish import PAGE_PATH
+from dlearner.dashboard.plugin import current_plugin
+from dlearner.dashboard.protocol import PAGE_PATH
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,7 @@ REFRESH_MS = 1000
 #: Points drawn per curve (the newest ones; metrics.json has them all).
 MAX_POINTS = 2000
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
-_TIME_PARTS = (("compute_s", "compute", "#1f77b4"), ("allreduce_s", "all-reduce", "#ff7f0e"),
-               ("waiting_s", "waiting", "#bbbbbb"))
+_TIME_PARTS = (("compute_s", "compute", "#1f77b4"), ("allreduce_s", "all-reduce", "#ff7f0e"), ("waiting_s", "waiting", "#bbbbbb"))
 
 
 def install_bokeh_page() -> bool:
@@ -56,8 +55,6 @@ def dlearner_doc(scheduler: Any, extra: Dict[str, Any], doc: Any) -> None:
     from bokeh.models import Div
     from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 
-    from dlearner.dashboard.plugin import current_plugin
-
     arguments = doc.session_context.request.arguments if doc.session_context else {}
     selected: Optional[str] = None
     if arguments.get("run"):
@@ -72,17 +69,20 @@ def dlearner_doc(scheduler: Any, extra: Dict[str, Any], doc: Any) -> None:
     def update() -> None:
         plugin = current_plugin(scheduler)
         if plugin is None:
-            _set(intro, f"<style>{STYLE}</style><div class='dl'><p>The dlearner plugin is not registered on this "
-                        "scheduler yet: it is once a dlearner run connects (or with "
-                        "<code>register_dashboard(client)</code>).</p></div>")
+            _set(intro, render("live_intro.html", registered=False))
             return
         runs = plugin.runs_json(selected)["runs"]
-        json_link = f"{PAGE_PATH}/metrics.json" + (f"?run={selected}" if selected else "")
-        back = f" &middot; <a href='{PAGE_PATH}'>all runs</a>" if selected else ""
-        empty = ("<p>No metrics yet. They appear here once a driver publishes them (<code>dlearner train</code> "
-                 "does each iteration).</p>") if not runs else ""
-        _set(intro, f"<style>{STYLE}</style><div class='dl'><p class='muted'>{len(runs)} run(s) on this cluster, "
-                    f"newest first &middot; <a href='{json_link}'>JSON</a>{back}</p>{empty}</div>")
+        _set(
+            intro,
+            render(
+                "live_intro.html",
+                registered=True,
+                num_runs=len(runs),
+                json_link=json_link(selected or None),
+                selected=selected,
+                page_path=PAGE_PATH,
+            ),
+        )
         key = [(r["run_id"], bool(r["folded"] and not selected)) for r in runs]
         if key != layout_key[0]:  # a run started or folded: rebuild, keeping the sections that stay
             layout_key[0] = key
@@ -125,14 +125,14 @@ class _Section:
             return
         name = self.run_id
         self.curve = ColumnDataSource({"x": [], "y": [], "step": []}, name=f"return-source-{name}")
-        self.losses = ColumnDataSource({"step": [], **{k: [] for k in ("total_loss", "policy_loss", "vf_loss",
-                                                                         "entropy")}})
+        self.losses = ColumnDataSource({"step": [], **{k: [] for k in ("total_loss", "policy_loss", "vf_loss", "entropy")}})
         self.throughput = ColumnDataSource({"step": [], "sampled": [], "trained": []})
         self.timing = ColumnDataSource({"rank": [], **{k: [] for k, _, _ in _TIME_PARTS}})
 
         def fig(title: str, x_label: str, **kwargs: Any) -> Any:
-            f = figure(title=title, height=230, width=310, tools="pan,wheel_zoom,box_zoom,reset,save",
-                       toolbar_location="above", **kwargs)
+            f = figure(
+                title=title, height=230, width=310, tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above", **kwargs
+            )
             f.xaxis.axis_label = x_label
             f.xaxis.formatter = NumeralTickFormatter(format="0,0[.]0[0]")
             f.yaxis.formatter = NumeralTickFormatter(format="0,0[.]0[0]")
@@ -153,10 +153,22 @@ class _Section:
         thr.line("step", "trained", source=self.throughput, color=_COLORS[1], line_width=2, legend_label="trained")
         thr.legend.location = "bottom_right"
         thr.legend.label_text_font_size = "9pt"
-        tim = figure(title="update time per learner (s, mean of recent updates)", height=230, width=310,
-                     y_range=FactorRange(factors=[]), toolbar_location=None, tools="")
-        tim.hbar_stack([k for k, _, _ in _TIME_PARTS], y="rank", height=0.6, source=self.timing,
-                       color=[c for _, _, c in _TIME_PARTS], legend_label=[label for _, label, _ in _TIME_PARTS])
+        tim = figure(
+            title="update time per learner (s, mean of recent updates)",
+            height=230,
+            width=310,
+            y_range=FactorRange(factors=[]),
+            toolbar_location=None,
+            tools="",
+        )
+        tim.hbar_stack(
+            [k for k, _, _ in _TIME_PARTS],
+            y="rank",
+            height=0.6,
+            source=self.timing,
+            color=[c for _, _, c in _TIME_PARTS],
+            legend_label=[label for _, label, _ in _TIME_PARTS],
+        )
         tim.legend.location = "bottom_right"
         tim.legend.label_text_font_size = "9pt"
         tim.xaxis.axis_label = "seconds"
@@ -165,33 +177,41 @@ class _Section:
         self.root = column(self.header, row(ret, loss, thr, tim), self.tables, sizing_mode="stretch_width")
 
     def update(self, run: Dict[str, Any]) -> None:
-        from html import escape
-
-        link = f"{PAGE_PATH}?run={escape(self.run_id, quote=True)}"
-        color = STATUS_COLORS.get(run.get("status") or "running", "#7f7f7f")
-        title = (f"<h2 style='border-left: 4px solid {color}; padding-left: 6px'>"
-                 f"<a href='{link}'>{escape(self.run_id)}</a></h2>")
-        _set(self.header, f"<style>{STYLE}</style><div class='dl'>{title}<p>{run_header(run)}"
-                          f"{' &middot; folded: open it for details' if self.folded else ''}</p></div>")
+        _set(
+            self.header,
+            render(
+                "live_run_header.html",
+                run_id=self.run_id,
+                link=run_link(self.run_id),
+                color=status_color(run),
+                header_html=run_header(run),
+                folded=self.folded,
+            ),
+        )
         if self.folded:
             return
-        tables = [("Learners", learner_ranks_table(run)), ("Env runners", env_runners_table(run)),
-                  ("Run", summary_table(run)), ("Learner metrics (latest update)", module_metrics_table(run))]
-        _set(self.tables, f"<style>{STYLE}</style><div class='dl'><div class='row'>" + "".join(
-            f"<div><h3>{t}</h3>{body}</div>" for t, body in tables if body) + "</div></div>")
+        _set(self.tables, render("live_tables.html", tables=run_tables(run, with_summary=True)))
         history = run["history"][-MAX_POINTS:]
         marker = (len(run["history"]), history[-1] if history else None)
         if marker != self._last_history:
             self._last_history = marker
-            self.curve.data = {"x": [_nan(p.get("x")) for p in history], "y": [_nan(p.get("y")) for p in history],
-                               "step": [p["step"] for p in history]}
-            self.losses.data = {"step": [p["step"] for p in history], **{
-                k: [_nan((p.get("losses") or {}).get(k)) for p in history]
-                for k in ("total_loss", "policy_loss", "vf_loss", "entropy")}}
+            self.curve.data = {
+                "x": [_nan(p.get("x")) for p in history],
+                "y": [_nan(p.get("y")) for p in history],
+                "step": [p["step"] for p in history],
+            }
+            self.losses.data = {
+                "step": [p["step"] for p in history],
+                **{
+                    k: [_nan((p.get("losses") or {}).get(k)) for p in history]
+                    for k in ("total_loss", "policy_loss", "vf_loss", "entropy")
+                },
+            }
             self.throughput.data = {
                 "step": [p["step"] for p in history],
                 "sampled": [_nan((p.get("throughput") or {}).get("env steps sampled/s")) for p in history],
-                "trained": [_nan((p.get("throughput") or {}).get("env steps trained/s")) for p in history]}
+                "trained": [_nan((p.get("throughput") or {}).get("env steps trained/s")) for p in history],
+            }
         ranks = run.get("learner_ranks") or []
         labels = [f"rank {r['rank']}" for r in ranks]
         self.timing_figure.visible = bool(ranks)  # no learner actors (local learner): nothing to split

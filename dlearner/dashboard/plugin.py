@@ -27,15 +27,9 @@ from tornado import web
 from tornado.routing import PathMatches, Rule
 
 from dlearner.dashboard.html import render_page
-from dlearner.dashboard.publish import (
-    EVENT_TOPIC,
-    LEARNER_TOPIC_PREFIX,
-    PAGE_PATH,
-    PLUGIN_NAME,
-    TIMING_TOPIC,
-    sanitize,
-)
+from dlearner.dashboard.protocol import PAGE_PATH, PLUGIN_NAME, sanitize
 from dlearner.dashboard.store import MetricsStore, SchedulerLiveness
+from dlearner.events import EVENT_TOPIC, LEARNER_TOPIC_PREFIX, TIMING_TOPIC
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +65,15 @@ class DashboardPlugin(SchedulerPlugin):
         self.scheduler = scheduler
         self.store = MetricsStore(max_history=self.max_history, max_runs=self.max_runs)
         events = scheduler.get_events() or {}
-        replay = sorted((
-            (timestamp, topic, message)
-            for topic, topic_events in events.items()
-            if _is_ours(topic)
-            for timestamp, message in topic_events
-        ), key=lambda event: event[0])
+        replay = sorted(
+            (
+                (timestamp, topic, message)
+                for topic, topic_events in events.items()
+                if _is_ours(topic)
+                for timestamp, message in topic_events
+            ),
+            key=lambda event: event[0],
+        )
         for timestamp, topic, message in replay:
             self._handle(topic, message, timestamp)
         app = getattr(scheduler, "http_application", None)
@@ -121,7 +118,7 @@ class DashboardPlugin(SchedulerPlugin):
             except (TypeError, ValueError) as err:  # not metrics: ignored
                 logger.warning("Ignoring a %r event whose result is not metrics: %s", topic, err)
                 result = None
-            self.store.add_group_result(topic[len(LEARNER_TOPIC_PREFIX):], result, timestamp)
+            self.store.add_group_result(topic[len(LEARNER_TOPIC_PREFIX) :], result, timestamp)
 
     def runs_json(self, run_id: Optional[str] = None) -> dict:
         """What ``metrics.json`` serves (liveness read from this scheduler)."""
@@ -240,7 +237,7 @@ class DashboardPageHandler(_Handler):
             from distributed.dashboard.scheduler import template_variables
 
             pages = list(template_variables(self.dask_scheduler).get("pages") or [])
-        except ImportError:
+        except ImportError:  # no bokeh: Dask serves no pages, the page draws Dask's usual navigation
             pass
         self.write(render_page(data["runs"], selected=run_id, nav_pages=pages))
 

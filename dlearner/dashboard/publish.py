@@ -8,37 +8,26 @@ training loop never waits for the dashboard.
 from __future__ import annotations
 
 import logging
-import numbers
 import time
 import urllib.parse
 from typing import Any, Dict, Iterable, Mapping, Optional, Union
 
-from dlearner.jsonsafe import json_safe
+from dlearner.dashboard.plugin import DashboardPlugin
+from dlearner.dashboard.protocol import (
+    KIND_LEARNER,
+    KIND_STATUS,
+    KIND_TRAIN,
+    MAX_STRING,
+    MESSAGE_VERSION,
+    PAGE_PATH,
+    PLUGIN_NAME,
+    STATUSES,
+    sanitize,
+)
+from dlearner.events import EVENT_TOPIC, LEARNER_TOPIC_PREFIX
+from dlearner.validation import is_int
 
 logger = logging.getLogger(__name__)
-
-#: Scheduler event topic that carries dlearner metrics and run status from drivers to the plugin.
-EVENT_TOPIC = "dlearner-metrics"
-#: Prefix of the event topics where Dask learner groups' rank-0 learner logs each update's results
-#: (``LearnerGroup.metrics_topic`` = ``learner-metrics-<group id>``).
-LEARNER_TOPIC_PREFIX = "learner-metrics-"
-#: Event topic where every learner rank logs the timing of each update
-#: (:data:`dlearner.backends.dask.actor.TIMING_TOPIC`; repeated so the scheduler needs no torch).
-TIMING_TOPIC = "dlearner-learner-timings"
-#: Name of the scheduler plugin (one per scheduler; registering again is a no-op).
-PLUGIN_NAME = "dlearner-dashboard"
-#: Path of the page under the dashboard's URL prefix.
-PAGE_PATH = "dlearner"
-
-#: What a run can be doing, as :func:`publish_status` reports it. The page adds ``ended`` for a run
-#: that stopped sending without a final status (its learners are gone).
-STATUSES = ("running", "finished", "failed", "stopped")
-
-MESSAGE_VERSION = 1
-KIND_TRAIN = "train"
-KIND_LEARNER = "learner_update"
-KIND_STATUS = "status"
-MAX_STRING = 200  # longest string the page keeps
 
 
 def register_dashboard(client: Any) -> str:
@@ -51,8 +40,6 @@ def register_dashboard(client: Any) -> str:
         RuntimeError: the scheduler cannot import ``dlearner`` (install it in the scheduler's
             environment, or start the scheduler with ``--preload dlearner.dashboard``).
     """
-    from dlearner.dashboard.plugin import DashboardPlugin
-
     try:
         client.register_plugin(DashboardPlugin(), name=PLUGIN_NAME)
     except ImportError as err:  # raised on the scheduler while unpickling the plugin, re-raised here
@@ -118,7 +105,7 @@ def publish_learner_results(
     _check_run_id(run_id)
     if not isinstance(results, Mapping):
         raise TypeError(f"results must be the dict LearnerGroup.update returns, got {type(results).__name__}.")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0):
+    if step is not None and (not is_int(step) or step < 0):
         raise ValueError(f"step must be an int >= 0 or None, got {step!r}.")
     message: Dict[str, Any] = {"run_id": run_id, "kind": KIND_LEARNER, "result": sanitize(results)}
     if step is not None:
@@ -180,8 +167,9 @@ def publish_status(
         env = getattr(getattr(algorithm, "config", None), "env", None)
         if isinstance(env, str):
             message["env"] = env[:MAX_STRING]
-    message["learner_groups"] = sorted({g[len(LEARNER_TOPIC_PREFIX):] if g.startswith(LEARNER_TOPIC_PREFIX) else g
-                                        for g in groups})
+    message["learner_groups"] = sorted(
+        {g[len(LEARNER_TOPIC_PREFIX) :] if g.startswith(LEARNER_TOPIC_PREFIX) else g for g in groups}
+    )
     _send(client, message, wait=wait, timeout_s=timeout_s)
 
 
@@ -219,18 +207,3 @@ async def _send_in_background(client: Any, message: Dict[str, Any]) -> None:
         await client.scheduler.log_event(topic=EVENT_TOPIC, msg=message)
     except OSError as err:  # CommClosedError is an OSError: the scheduler went away or the client closed
         logger.warning("Could not send dlearner metrics of run %r to the scheduler: %s", message["run_id"], err)
-
-
-def sanitize(result: Mapping[str, Any]) -> Dict[str, Any]:
-    """A result as the page keeps it: JSON-safe numbers by :func:`dlearner.jsonsafe.json_safe` (the policy
-    the metrics file follows: NaN/inf become None, numpy/torch scalars plain numbers, a value that is
-    not a metric ``TypeError``), then without lists (curves, not metrics) and with strings cut short."""
-    return _drop_lists(json_safe(result, name="result"))
-
-
-def _drop_lists(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _drop_lists(v) for k, v in value.items() if not isinstance(v, list)}
-    if isinstance(value, str):
-        return value[:MAX_STRING]  # strings in results are labels; anything longer is not a metric
-    return value

@@ -15,18 +15,19 @@ import statistics
 import time
 from typing import Any, Deque, Dict, List, Mapping, Optional, Protocol, Set, Tuple
 
-from dlearner.dashboard.publish import (
-    EVENT_TOPIC,
+from dlearner.columns import ALL_MODULES
+from dlearner.dashboard.protocol import (
     KIND_LEARNER,
     KIND_STATUS,
     KIND_TRAIN,
     MAX_STRING,
     STATUSES,
 )
+from dlearner.events import EVENT_TOPIC
+from dlearner.validation import is_real
 
 logger = logging.getLogger(__name__)
 
-ALL_MODULES = "__all_modules__"  # dlearner.columns.ALL_MODULES; not imported so the scheduler needs no torch
 #: Run ids of learner groups that no run claimed: ``learner-group-<group id>``.
 GROUP_RUN_PREFIX = "learner-group-"
 #: Losses drawn on the loss curve (mean over modules), when a result has them.
@@ -193,7 +194,9 @@ class _Run:
         while len(self.history) > self.max_history:
             self.history.popitem(last=False)
 
-    def status_now(self, liveness: Optional[Liveness], groups: Mapping[str, _Group]) -> Tuple[str, Optional[str], Optional[float]]:
+    def status_now(
+        self, liveness: Optional[Liveness], groups: Mapping[str, _Group]
+    ) -> Tuple[str, Optional[str], Optional[float]]:
         """``(status, detail, ended)``: as published, unless the driver or the learners went away."""
         if self.status is not None and self.status != "running":
             return self.status, self.error, self.status_time
@@ -251,21 +254,25 @@ class _Run:
             # is the current actor. Keys seen at earlier reads count this runner's restarts.
             current = key
             if liveness is not None:
-                current = next((f"{key}-r{n}" for n in range(restarts, 0, -1)
-                                if liveness.actor(f"{key}-r{n}") is not None), key)
+                current = next((f"{key}-r{n}" for n in range(restarts, 0, -1) if liveness.actor(f"{key}-r{n}") is not None), key)
             seen = self._env_runner_seen.setdefault(index, {key})
             seen.add(current)
             actor = liveness.actor(current) if liveness is not None else None
             # The run's results key runners by worker index: index + 1 for Dask env runners.
             figures = (self.env_runners.get("runners") or {}).get(str(index + 1)) or {}
             lag = (self.env_runners.get("policy_lag_by_runner") or {}).get(str(index + 1))
-            out.append({
-                "index": index, "actor": current, "worker": (actor or {}).get("worker"),
-                "healthy": None if liveness is None else bool(actor and actor["healthy"]), "restarts": len(seen) - 1,
-                "env_steps_per_s": figures.get("env_steps_per_s"),
-                "episodes": figures.get("num_episodes_lifetime"),
-                "policy_lag_mean": lag,
-            })
+            out.append(
+                {
+                    "index": index,
+                    "actor": current,
+                    "worker": (actor or {}).get("worker"),
+                    "healthy": None if liveness is None else bool(actor and actor["healthy"]),
+                    "restarts": len(seen) - 1,
+                    "env_steps_per_s": figures.get("env_steps_per_s"),
+                    "episodes": figures.get("num_episodes_lifetime"),
+                    "policy_lag_mean": lag,
+                }
+            )
         return out
 
 
@@ -364,18 +371,24 @@ class MetricsStore:
         step = int(step) if isinstance(step, int) else (run.step or 0) + 1
         env_runners = result.get("env_runners") if isinstance(result.get("env_runners"), Mapping) else {}
         learners = result.get("learners") if isinstance(result.get("learners"), Mapping) else {}
-        trained = (learners.get(ALL_MODULES) or {}).get("num_env_steps_trained") if isinstance(
-            learners.get(ALL_MODULES), Mapping) else None
+        trained = (
+            (learners.get(ALL_MODULES) or {}).get("num_env_steps_trained")
+            if isinstance(learners.get(ALL_MODULES), Mapping)
+            else None
+        )
         elapsed = result.get("time_this_iter_s")
         trained_per_s = result.get("num_env_steps_trained_throughput")
         if trained_per_s is None and isinstance(trained, (int, float)) and isinstance(elapsed, (int, float)) and elapsed > 0:
             trained_per_s = trained / elapsed
-        run.add_point(step, {
-            "x": result.get("num_env_steps_sampled_lifetime"),
-            "y": env_runners.get("episode_return_mean"),
-            "losses": _mean_losses(learners),
-            "throughput": {"env steps sampled/s": result.get("env_steps_per_s"), "env steps trained/s": trained_per_s},
-        })
+        run.add_point(
+            step,
+            {
+                "x": result.get("num_env_steps_sampled_lifetime"),
+                "y": env_runners.get("episode_return_mean"),
+                "losses": _mean_losses(learners),
+                "throughput": {"env steps sampled/s": result.get("env_steps_per_s"), "env steps trained/s": trained_per_s},
+            },
+        )
         if run.step is not None and step < run.step:
             return  # an older iteration arrived late: it only adds its point to the curve
         run.step = step
@@ -398,17 +411,18 @@ class MetricsStore:
         run.learners = {str(m): dict(v) for m, v in results.items() if isinstance(v, Mapping)}
 
     # ------------------------------------------------------------------------------- reading
-    def to_json(self, run_id: Optional[str] = None, *, liveness: Optional[Liveness] = None,
-                now: Optional[float] = None) -> Dict[str, Any]:
+    def to_json(
+        self, run_id: Optional[str] = None, *, liveness: Optional[Liveness] = None, now: Optional[float] = None
+    ) -> Dict[str, Any]:
         """``{"runs": [run, ...], "generated": time}``: newest run first (by when it started, so
         sections never reorder), only ``run_id`` if given. A learner group that a run claimed (its
         ``running`` status named it) shows inside that run, not as a run of its own."""
         now = time.time() if now is None else now
         claimed = {g for run in self.runs.values() if not run.run_id.startswith(GROUP_RUN_PREFIX) for g in run.groups}
         runs = [
-            run for run in self.runs.values()
-            if not (run.run_id.startswith(GROUP_RUN_PREFIX) and run.groups & claimed)
-            and (run_id is None or run.run_id == run_id)
+            run
+            for run in self.runs.values()
+            if not (run.run_id.startswith(GROUP_RUN_PREFIX) and run.groups & claimed) and (run_id is None or run.run_id == run_id)
         ]
         runs.sort(key=lambda run: (run.first_seen, run.run_id), reverse=True)
         return {"runs": [run.to_json(self.groups, liveness, now) for run in runs], "generated": now}
@@ -423,9 +437,9 @@ def _mean_losses(learners: Mapping[str, Any]) -> Dict[str, Optional[float]]:
     out: Dict[str, Optional[float]] = {}
     for name in LOSS_KEYS:
         values = [
-            float(metrics[name]) for module, metrics in learners.items()
-            if module != ALL_MODULES and isinstance(metrics, Mapping)
-            and isinstance(metrics.get(name), (int, float)) and not isinstance(metrics.get(name), bool)
+            float(metrics[name])
+            for module, metrics in learners.items()
+            if module != ALL_MODULES and isinstance(metrics, Mapping) and is_real(metrics.get(name))
         ]
         if values:
             out[name] = sum(values) / len(values)
@@ -433,7 +447,7 @@ def _mean_losses(learners: Mapping[str, Any]) -> Dict[str, Optional[float]]:
 
 
 def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    return float(value) if is_real(value) else 0.0
 
 
 def _str_or_none(value: Any) -> Optional[str]:

@@ -85,8 +85,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cores", type=int, default=8, help="CPU cores per job (default: 8)")
     parser.add_argument("--memory", default="32GB", help="memory per job (default: 32GB)")
     parser.add_argument("--walltime", default="02:00:00", help="time limit per job (default: 02:00:00)")
-    parser.add_argument("--prologue", action="append", default=[], metavar="LINE",
-                        help="shell line run before each worker, e.g. 'source ~/venvs/dlearner/bin/activate'")
+    parser.add_argument(
+        "--prologue",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="shell line run before each worker, e.g. 'source ~/venvs/dlearner/bin/activate'",
+    )
     parser.add_argument("--env", default="CartPole-v1", help="gymnasium environment id")
     parser.add_argument("--stop-return", type=float, default=475.0)
     parser.add_argument("--max-iters", type=int, default=200)
@@ -98,8 +103,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     cluster = make_cluster(
-        queue=args.queue, account=args.account, cores=args.cores, memory=args.memory,
-        walltime=args.walltime, job_script_prologue=args.prologue,
+        queue=args.queue,
+        account=args.account,
+        cores=args.cores,
+        memory=args.memory,
+        walltime=args.walltime,
+        job_script_prologue=args.prologue,
     )
     try:
         if args.print_job_script:
@@ -130,8 +139,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     result = algo.train()
                     publish_metrics(client, "jobqueue-ppo", result)
                     mean_return = result["env_runners"]["episode_return_mean"]
-                    print(f"iter {result['training_iteration']:4d}  env steps {result['num_env_steps_sampled_lifetime']:9,}  "
-                          f"return {mean_return:7.1f}", flush=True)
+                    print(
+                        f"iter {result['training_iteration']:4d}  env steps {result['num_env_steps_sampled_lifetime']:9,}  "
+                        f"return {mean_return:7.1f}",
+                        flush=True,
+                    )
                     if args.checkpoint and result["training_iteration"] % 10 == 0:
                         algo.save_to_path(args.checkpoint)
                     if mean_return >= args.stop_return:

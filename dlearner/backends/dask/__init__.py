@@ -1,10 +1,12 @@
 """Learners and env runners as Dask actors, one concept per file:
 
 * ``cluster``     connecting (client, address, scheduler file, embedded LocalCluster) and placement;
-* ``devices``     the GPU decisions (device per rank, GPU packing, NCCL or gloo, pinned copies), testable without a GPU;
 * ``protocol``    the request and the typed replies between the driver and a learner;
 * ``rpc``         calling an actor's method over the cluster's own comms;
 * ``actor``       the learner side: :class:`LearnerActor` and its ordered executor;
-* ``pool``        the driver side: :class:`DaskLearnerPool` (numbering, dispatch, deaths, re-forming);
-* ``env_runners`` env-runner actors.
+* ``actor_group`` what every group of actors shares: members, deaths, typed calls, replacements;
+* ``pool``        the driver side of the learners: :class:`DaskLearnerPool` (numbering, dispatch, re-forming);
+* ``env_runners`` the env-runner actors: :class:`DaskEnvRunnerGroup`.
+
+The GPU decisions they apply (device per rank, GPU packing, NCCL or gloo) are :mod:`dlearner.devices`.
 """

@@ -2,9 +2,11 @@
 
 Requests carry a per-learner sequence number and run strictly in that order on a dedicated compute
 thread (:class:`OrderedExecutor`), so every rank makes the same collective calls in the same order
-(collectives deadlock otherwise). The actor's methods are ``async`` and only hand work to that
-thread: the worker's event loop is never blocked, and the worker's single actor thread is never
-used for waiting.
+(collectives deadlock otherwise). The methods the driver calls (:meth:`LearnerActor.run`,
+:meth:`LearnerActor.wait_published`) are ``async`` and only hand work to that thread: the worker's
+event loop is never blocked, and the worker's single actor thread is never used for waiting. What a
+request runs is one of the actor's own methods: :meth:`LearnerActor.apply` for a learner operation
+(:mod:`dlearner.learner_ops`), the others for the process group.
 
 A rank whose collective request fails drops its process group, which closes its sockets, so peers
 blocked in a collective with it fail at once instead of hanging; the driver re-forms the group.
@@ -24,28 +26,26 @@ import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from distributed import get_worker
-from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.comm import get_address_host
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from dlearner import settings
 from dlearner.backends.dask.protocol import Failed, Ok, Reply, Request
 from dlearner.collective import TorchCollective, form_process_group, open_store
 from dlearner.errors import LearnerGroupError, ProcessGroupError
+from dlearner.events import TIMING_TOPIC
 
 logger = logging.getLogger(__name__)
-
-#: Dask event topic where every rank logs how long each collective request (update) waited in its
-#: queue, ran, and spent in all-reduce calls: the dlearner dashboard shows where update time goes.
-TIMING_TOPIC = "dlearner-learner-timings"
 
 _HOSTED: Optional["weakref.ref[LearnerActor]"] = None
 _HOSTED_LOCK = threading.Lock()
 
 
-def learner_actor_key(rank: int, group_id: str, incarnation: int = 0) -> str:
+def learner_actor_key(rank: int, group_id: str) -> str:
     """The Dask key of learner ``rank`` of a group, readable in the dashboard: ``learner-<rank>-<group id>``
-    (a learner started to replace a lost one gets ``-r<n>`` appended, as Dask keys are never reused)."""
-    return f"learner-{rank}-{group_id}" + (f"-r{incarnation}" if incarnation else "")
+    (a learner started to replace a lost one gets ``-r<n>`` appended by its group, as Dask keys are
+    never reused)."""
+    return f"learner-{rank}-{group_id}"
 
 
 def hosted_learner_key(worker: Any) -> Optional[str]:
@@ -128,7 +128,7 @@ class OrderedExecutor:
                 continue
             try:
                 future.set_result(fn())
-            except BaseException as err:  # noqa: B036 - delivered to the caller, never swallowed
+            except BaseException as err:  # noqa: BLE001 - delivered to the caller, never swallowed
                 future.set_exception(err)
 
 
@@ -227,10 +227,17 @@ class LearnerActor:
             self._timings_flush.cancel()
             self._timings_flush = None
         if self._timings.updates:
-            self._worker.log_event(TIMING_TOPIC, {
-                "group": self.group_id, "learner": self.key, "rank": self.rank, "world_size": self.world_size,
-                "worker": self.address, **self._timings.take(),
-            })
+            self._worker.log_event(
+                TIMING_TOPIC,
+                {
+                    "group": self.group_id,
+                    "learner": self.key,
+                    "rank": self.rank,
+                    "world_size": self.world_size,
+                    "worker": self.address,
+                    **self._timings.take(),
+                },
+            )
 
     def _execute_timed(self, seq: int, request: Request, queued: float, timing: Dict[str, Any]) -> Reply:
         """:meth:`_execute`, noting into ``timing`` the seconds spent queued, running and in collectives."""
@@ -267,10 +274,7 @@ class LearnerActor:
         try:
             if request.collective and self._collective_broken:
                 raise ProcessGroupClosed(self._collective_broken)
-            if isinstance(request.target, str):
-                value = getattr(self, "op_" + request.target)(*request.args)
-            else:
-                value = request.target(self.learner, *request.args)
+            value = request.target(self, *request.args)
         except Exception as err:  # noqa: BLE001 - every failure becomes this request's reply
             secondary = isinstance(err, ProcessGroupClosed) or _is_peer_failure(err)
             if request.collective and self.world_size > 1:
@@ -285,21 +289,27 @@ class LearnerActor:
     def _failed(self, err: BaseException, *, secondary: bool = False) -> Failed:
         return Failed.from_exception(err, rank=self.rank, worker=self.address, secondary=secondary)
 
-    # -- the pool's own operations (run on the compute thread, in order) ---------------------------
-    def op_open_store(self, timeout_s: float) -> int:
+    # -- request targets (run through :meth:`run`: on the compute thread, in order) -------------------
+    def apply(self, operation: Callable[..., Any], *args: Any) -> Any:
+        """``operation(learner, *args)``: one of :mod:`dlearner.learner_ops`, or ``foreach_learner``'s function."""
+        return operation(self.learner, *args)
+
+    def open_store(self, timeout_s: float) -> int:
         """Rank 0: start a TCPStore for forming the next process group, on this worker's interface;
-        returns its port. It lives only until the group has formed (:meth:`op_close_store`)."""
+        returns its port. It lives only until the group has formed (:meth:`close_store`)."""
         if self._store is None:
             self._store = open_store(self.host, self.world_size, timeout_s)
         return int(self._store.port)
 
-    def op_close_store(self) -> None:
+    def close_store(self) -> None:
         """Rank 0: stop the store once every rank has joined the group. The ranks' process groups
         hold client connections only (rank 0's included), so the port closes now: nothing listens
         unauthenticated for the rest of the group's life."""
         self._store = None
 
-    def op_form_group(self, store_host: str, port: int, generation: int, backend: str, store_timeout_s: float, op_timeout_s: float) -> str:
+    def form_group(
+        self, store_host: str, port: int, generation: int, backend: str, store_timeout_s: float, op_timeout_s: float
+    ) -> str:
         """Build this rank's part of process group ``generation`` (all ranks call this concurrently)."""
         self._drop_process_group(None)
         try:
@@ -322,11 +332,7 @@ class LearnerActor:
         self.learner.set_collective(collective)
         return collective.backend
 
-    def op_close_group(self) -> None:
-        """Leave the process group (the pool re-forms it)."""
-        self._drop_process_group(None)
-
-    def op_set_rank(self, rank: int, world_size: int) -> None:
+    def set_rank(self, rank: int, world_size: int) -> None:
         """Take position ``rank`` of ``world_size`` in the next process group (after a learner was
         replaced, dropped or added). A learner that stops being rank 0 closes the store it served."""
         self._drop_process_group(None)
@@ -334,7 +340,7 @@ class LearnerActor:
             self._store = None
         self.rank, self.world_size = rank, world_size
 
-    def op_close(self) -> None:
+    def close(self) -> None:
         """Tear down: process group, store, learner; then stop the compute thread."""
         self._drop_process_group(None)
         self._store = None
@@ -406,8 +412,14 @@ class _TimingWindow:
         """Means per update over the window (``updates`` of them, ``failed_updates`` failed)."""
         n = max(1, self.updates)
         out: Dict[str, Any] = {name: total / n for name, total in self.sums.items()}
-        out.update(request=self.request, updates=self.updates, failed_updates=self.failed, ok=self.failed == 0, device=self.device,
-                   rows=None if self.rows is None else self.rows / n)
+        out.update(
+            request=self.request,
+            updates=self.updates,
+            failed_updates=self.failed,
+            ok=self.failed == 0,
+            device=self.device,
+            rows=None if self.rows is None else self.rows / n,
+        )
         self._last_sent = time.perf_counter()
         self._reset()
         return out

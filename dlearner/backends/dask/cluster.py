@@ -25,7 +25,7 @@ import dask
 import distributed
 from distributed import Client, LocalCluster
 
-from dlearner.backends.dask.devices import device_for_rank, gpu_packing
+from dlearner.devices import device_for_rank, gpu_packing
 from dlearner.errors import ClusterResourceError, LearnerGroupError
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,11 @@ def wait_for_workers(connection: ClusterConnection, count: int, timeout_s: float
             logger.info(
                 "Waiting for Dask workers: %s needs %d, the cluster (%s) has %d; giving up in %.0f s "
                 "(learner_startup_timeout_s / dask config dlearner.cluster.startup-timeout).",
-                purpose, count, connection.description, len(workers), deadline - now,
+                purpose,
+                count,
+                connection.description,
+                len(workers),
+                deadline - now,
             )
             next_report = now + _WAIT_REPORT_EVERY_S
         time.sleep(0.2)
@@ -322,7 +326,9 @@ def place_learners(connection: ClusterConnection, config: Any, num_learners: int
     return [Placement(rank, address, device_for(rank, gpus, connection)) for rank, address in enumerate(chosen)]
 
 
-def free_learner_workers(connection: ClusterConnection, config: Any, count: int, timeout_s: float, exclude: Sequence[str] = ()) -> List[str]:
+def free_learner_workers(
+    connection: ClusterConnection, config: Any, count: int, timeout_s: float, exclude: Sequence[str] = ()
+) -> List[str]:
     """Up to ``count`` worker processes that can host a new learner, waiting up to ``timeout_s`` for
     them to join (a nanny restarting a killed worker, an autoscaler, a batch job scaling up).
     Returns fewer, or none, when they do not come in time; never raises for that."""
@@ -339,7 +345,7 @@ def device_for(rank: int, gpus: float, connection: ClusterConnection) -> Optiona
     """The torch device of learner ``rank`` that asks for ``gpus`` GPUs."""
     # Embedded cluster: every worker sees every GPU of this machine, so ranks are spread explicitly
     # (with 0.5 GPU per learner, ranks 0 and 1 share cuda:0). Attached cluster: ``None``, the
-    # launcher (e.g. dask-cuda) gave each worker its GPU as device 0. Rules: :mod:`.devices`.
+    # launcher (e.g. dask-cuda) gave each worker its GPU as device 0. Rules: :mod:`dlearner.devices`.
     embedded = connection.cluster is not None
     visible = cuda_device_count() if embedded and gpus > 0 else 0
     return device_for_rank(rank, gpus, embedded=embedded, visible_gpus=visible)
@@ -366,5 +372,7 @@ def place_env_runners(
     busy = [a for a in answered if a not in free]
     order = free + busy
     if not order:
-        raise ClusterResourceError(f"No worker of the Dask cluster ({connection.description}) answered; cannot place env runners.")
+        raise ClusterResourceError(
+            f"No worker of the Dask cluster ({connection.description}) answered; cannot place env runners."
+        )
     return [order[i % len(order)] for i in range(num_runners)]

@@ -2,10 +2,10 @@
 
 It numbers requests per learner (every learner runs its requests in the order they were made),
 sends each request straight to the learner's worker over Dask's comms (one direct RPC per learner,
-never a scheduler round trip; a batch shard travels once), watches for worker deaths through the
-scheduler's ``remove-worker`` events and broken connections (one death path: both end in
-:meth:`DaskLearnerPool._mark_dead`), forms and re-forms the learners' process group, and builds the
-``distributed.Future`` of ``update_async`` from a small ``async`` task.
+never a scheduler round trip; a batch shard travels once), forms and re-forms the learners' process
+group, and builds the ``distributed.Future`` of ``update_async`` from a small ``async`` task.
+Watching for deaths, replacing lost actors and their keys are those of every actor group
+(:class:`~dlearner.backends.dask.actor_group.ActorGroup`).
 
 Failure policy (see ``docs/cluster.md``): an exception inside a learner comes back as a
 :class:`~dlearner.backends.dask.protocol.Failed` reply and is re-raised in the driver with the
@@ -23,45 +23,42 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from distributed import Future, get_worker
 from distributed.comm import get_address_host
 from distributed.core import rpc
 
-from dlearner import settings
+from dlearner import learner_ops, settings
 from dlearner.backends.dask.actor import LearnerActor, ReleaseAbandonedLearners, learner_actor_key
+from dlearner.backends.dask.actor_group import ActorGroup, Member
 from dlearner.backends.dask.cluster import ClusterConnection, connect, device_for, free_learner_workers, place_learners
 from dlearner.backends.dask.protocol import ABANDONED, Died, Failed, Ok, Reply, Request, values_or_raise
-from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor, worker_rpc
+from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor
 from dlearner.errors import LearnerDiedError, LearnerGroupError, ProcessGroupError
+from dlearner.events import learner_metrics_topic
 
 logger = logging.getLogger(__name__)
 
+#: How long shutdown waits for the learners to close before releasing them anyway.
+_CLOSE_TIMEOUT_S = 30.0
 
-@dataclasses.dataclass
-class _Slot:
-    """The pool's bookkeeping for one learner."""
 
-    rank: int
-    worker: str
-    key: str
-    device: Optional[str]
-    future: Optional[Future] = None
+@dataclasses.dataclass(eq=False)
+class LearnerMember(Member):
+    """A learner: its :class:`Member` bookkeeping, its device and its next request number."""
+
+    device: Optional[str] = None
     next_seq: int = 1
-    died: Optional[str] = None
-    death: Optional[asyncio.Future] = None  # resolved (on the client's loop) when the learner is gone
-    unwatch: Optional[Callable[[], None]] = None  # stops watching the worker's removal
 
-    def stop_watching(self) -> None:
-        if self.unwatch is not None:
-            self.unwatch()
-            self.unwatch = None
+    @property
+    def rank(self) -> int:
+        return self.index
 
 
 @dataclasses.dataclass(frozen=True)
 class _Send:
-    slot: _Slot
+    slot: LearnerMember
     seq: int
     request: Request
 
@@ -76,7 +73,7 @@ class InterruptedUpdate(LearnerDiedError):
         self.sends, self.replies = sends, replies
 
 
-class DaskLearnerPool:
+class DaskLearnerPool(ActorGroup):
     """``num_learners`` learner actors on a Dask cluster (implements
     :class:`~dlearner.backends.interface.LearnerPool`).
 
@@ -85,6 +82,7 @@ class DaskLearnerPool:
     """
 
     is_local = False
+    members: List[LearnerMember]
 
     def __init__(
         self,
@@ -104,50 +102,47 @@ class DaskLearnerPool:
         self.group_id = group_id
         #: The number of learners asked for; with fault tolerance the pool may run with fewer for a while.
         self.target_num_learners = num_learners
-        #: Learners replaced or added back after a loss (fault tolerance).
-        self.num_learner_restarts = 0
         #: Updates interrupted by a lost learner and run again on the re-formed group.
         self.num_updates_retried = 0
-        self._restart_failed_learners = bool(getattr(config, "restart_failed_learners", False))
-        self._max_restarts = int(getattr(config, "max_num_learner_restarts", 0) or 0)
-        self._restart_timeout_s = float(getattr(config, "learner_restart_timeout_s", 60.0))
+        self._restart_timeout_s = float(config.learner_restart_timeout_s)
         self._module_spec = module_spec
         self._learner_class = learner_class
-        self._incarnations = 0
         self._next_grow_probe = 0.0
-        self.metrics_topic: Optional[str] = f"learner-metrics-{group_id}"
+        self.metrics_topic: Optional[str] = learner_metrics_topic(group_id)
         self.backend: Optional[str] = None
         self._config = config
         self._learner_config = learner_config
         self._collective_timeout_s = float(
             collective_timeout_s if collective_timeout_s is not None else settings.seconds("learner-group.collective-timeout")
         )
-        self._death_confirm_s = settings.seconds("learner-group.death-confirm")
         self._startup_timeout_s = config.resolved_startup_timeout_s()
         self._lock = threading.Lock()
         self._closed = False
         self._generation = 0
         self._pg_broken = False
-        self._resync_from: Optional[_Slot] = None
+        self._resync_from: Optional[LearnerMember] = None
         #: Port of the process group's rendezvous store on rank 0's worker interface (2+ learners).
         self.store_port: Optional[int] = None
         self._updates_submitted = 0
-        self.slots: List[_Slot] = []
         #: The last checkpoint the group committed (a fault-tolerant pool's state of last resort).
         self.checkpoint_path: Optional[str] = None
+        death_confirm_s = settings.seconds("learner-group.death-confirm")
         self._owns_connection = connection is None
-        self.connection = connection if connection is not None else connect(config, num_learners)
+        super().__init__(
+            connection if connection is not None else connect(config, num_learners),
+            restart_failed=config.restart_failed_learners,
+            max_restarts=config.max_num_learner_restarts,
+            death_confirm_s=death_confirm_s,
+        )
         try:
-            client = self.connection.client
-            self._aloop = client.loop.asyncio_loop
-            client.register_plugin(ReleaseAbandonedLearners(), name=ReleaseAbandonedLearners.name)
+            self.connection.client.register_plugin(ReleaseAbandonedLearners(), name=ReleaseAbandonedLearners.name)
             placements = place_learners(self.connection, config, num_learners)
-            self.slots = [_Slot(p.rank, p.worker, learner_actor_key(p.rank, group_id), p.device) for p in placements]
-            self._run_on_loop(self._init_events())
-            for slot in self.slots:
-                # Pushed by the scheduler when the worker leaves: later calls fail at once.
-                slot.unwatch = self.connection.watch_worker(slot.worker, self._death_callback(slot))
-            self._start_actors(module_spec, learner_class)
+            self.members = [
+                LearnerMember(p.rank, p.worker, learner_actor_key(p.rank, group_id), device=p.device) for p in placements
+            ]
+            # Pushed by the scheduler when a worker leaves: later calls fail at once.
+            self.watch(self.members)
+            self._start_actors(self.members)
             if num_learners > 1:
                 self.backend = self._choose_backend()
                 self._form_process_group()
@@ -159,12 +154,17 @@ class DaskLearnerPool:
     @property
     def num_learners(self) -> int:
         """Learners in the group now (the process group's world size)."""
-        return len(self.slots)
+        return len(self.members)
 
     @property
     def num_healthy_learners(self) -> int:
         """Learners not known to be gone."""
-        return sum(1 for s in self.slots if not s.died)
+        return self.num_healthy
+
+    @property
+    def num_learner_restarts(self) -> int:
+        """Learners replaced or added back after a loss (fault tolerance)."""
+        return self.num_restarts
 
     @property
     def client(self) -> Any:
@@ -174,41 +174,29 @@ class DaskLearnerPool:
     @property
     def learner_workers(self) -> List[str]:
         """The worker address of each learner, by rank."""
-        return [s.worker for s in self.slots]
+        return [s.worker for s in self.members]
 
     @property
     def learner_keys(self) -> List[str]:
         """The Dask key of each learner actor, by rank."""
-        return [s.key for s in self.slots]
+        return [s.key for s in self.members]
 
     # -- start-up -----------------------------------------------------------------------------------
-    async def _init_events(self) -> None:
-        loop = asyncio.get_running_loop()
-        for slot in self.slots:
-            if slot.death is None:
-                slot.death = loop.create_future()
-
-    def _start_actors(self, module_spec: Any, learner_class: type, slots: Optional[List[_Slot]] = None) -> None:
-        client = self.connection.client
+    def _start_actors(self, slots: List[LearnerMember]) -> None:
         gpus = float(self._config.num_gpus_per_learner or 0)
-        slots = self.slots if slots is None else slots
         for slot in slots:
-            slot.future = client.submit(
+            self.start(
+                slot,
                 LearnerActor,
                 group_id=self.group_id,
                 actor_key=slot.key,
                 rank=slot.rank,
                 world_size=self.num_learners,
                 config=self._learner_config,
-                module_spec=module_spec,
-                learner_class=learner_class,
+                module_spec=self._module_spec,
+                learner_class=self._learner_class,
                 device=slot.device,
-                actor=True,
-                key=slot.key,
-                workers=[slot.worker],
-                allow_other_workers=False,  # placement is the pool's decision, not the scheduler's
                 resources={"GPU": gpus} if gpus > 0 else None,
-                pure=False,
             )
         deadline = time.monotonic() + self._startup_timeout_s
         for slot in slots:
@@ -217,19 +205,18 @@ class DaskLearnerPool:
             except TimeoutError as err:
                 late = [f"rank {s.rank} on {s.worker} ({s.future.status})" for s in slots if not s.future.done()]
                 raise LearnerGroupError(
-                    f"Learners did not start within learner_startup_timeout_s={self._startup_timeout_s:g} s: "
-                    f"{', '.join(late)}."
+                    f"Learners did not start within learner_startup_timeout_s={self._startup_timeout_s:g} s: {', '.join(late)}."
                 ) from err
             except Exception as err:  # the learner's own error, with the worker's traceback
                 err.add_note(f"Raised while starting learner rank {slot.rank} on Dask worker {slot.worker}.")
                 raise
 
     def _choose_backend(self) -> str:
-        """NCCL or gloo, from every learner's device facts (rules: :func:`.devices.choose_backend`)."""
-        from dlearner.backends.dask.devices import choose_backend, learner_device_facts
+        """NCCL or gloo, from every learner's device facts (rules: :func:`dlearner.devices.choose_backend`)."""
+        from dlearner.devices import choose_backend
 
         gpus = float(self._config.num_gpus_per_learner or 0)
-        facts = self.call(learner_device_facts, [()] * self.num_learners, result_ranks=None) if gpus >= 1 else None
+        facts = self.call(learner_ops.device_facts, [()] * self.num_learners, result_ranks=None) if gpus >= 1 else None
         choice = choose_backend(gpus, facts)
         if choice.fell_back:
             logger.warning("LearnerGroup %s: %s", self.group_id, choice.reason)
@@ -239,13 +226,13 @@ class DaskLearnerPool:
         """(Re-)form the process group on all learners: rank 0's store, then every rank at once."""
         self._generation += 1
         timeout = self._startup_timeout_s
-        store_host = get_address_host(self.slots[0].worker)
+        store_host = get_address_host(self.members[0].worker)
         try:
             # Rank 0 serves the store (it opens one the first time, or after taking over rank 0).
-            self.store_port = self.call("open_store", [(timeout,)], ranks=[0])[0]
+            self.store_port = self._submit(LearnerActor.open_store, [(timeout,)], ranks=[0]).result()[0]
             args = (store_host, self.store_port, self._generation, self.backend, timeout, self._collective_timeout_s)
-            self.submit("form_group", [args] * self.num_learners, result_ranks=None).result(timeout=timeout + 30)
-            self.call("close_store", [()], ranks=[0], result_ranks=())
+            self._submit(LearnerActor.form_group, [args] * self.num_learners, result_ranks=None).result(timeout=timeout + 30)
+            self._submit(LearnerActor.close_store, [()], ranks=[0], result_ranks=()).result()
         except concurrent.futures.TimeoutError as err:
             self._pg_broken = True
             raise ProcessGroupError(
@@ -264,69 +251,55 @@ class DaskLearnerPool:
         self._pg_broken = False
 
     # -- deaths -------------------------------------------------------------------------------------
-    def _death_callback(self, slot: _Slot) -> Callable[[str], None]:
-        return lambda why: self._mark_dead(slot, why)
-
-    def _mark_dead(self, slot: _Slot, why: str) -> None:
-        """The one place a learner is declared gone (runs on the client's event loop)."""
-        if slot.died is None:
-            slot.died = (
-                f"Learner rank {slot.rank} ({slot.key}) on Dask worker {slot.worker} is gone: {why}."
-                + (
-                    " The group replaces it before the next update (fault tolerance)."
-                    if self._restart_failed_learners
-                    else " The group cannot train without it; get_state()/get_weights() still read a surviving "
-                    "learner. Shut the group down and build a new one restoring the last checkpoint, or enable "
-                    "config.fault_tolerance(restart_failed_learners=True)."
-                )
-            )
-            logger.warning(slot.died)
-            if slot.future is not None:
-                slot.future.release()  # so the scheduler never re-creates the actor elsewhere
-        if slot.death is not None and not slot.death.done():
-            slot.death.set_result(None)
+    def death_message(self, member: Member) -> str:
+        return f"Learner rank {member.index} ({member.key}) on Dask worker {member.worker} is gone: {member.lost}." + (
+            " The group replaces it before the next update (fault tolerance)."
+            if self.restart_failed
+            else " The group cannot train without it; get_state()/get_weights() still read a surviving "
+            "learner. Shut the group down and build a new one restoring the last checkpoint, or enable "
+            "config.fault_tolerance(restart_failed_learners=True)."
+        )
 
     def dead_error(self) -> Optional[LearnerDiedError]:
         """A :class:`LearnerDiedError` if any learner is gone, else ``None``."""
-        dead = [s for s in self.slots if s.died]
+        dead = [s for s in self.members if s.lost]
         if not dead:
             return None
-        return LearnerDiedError(" ".join(s.died for s in dead if s.died))
+        return LearnerDiedError(" ".join(self.death_message(s) for s in dead))
 
     def live_ranks(self) -> List[int]:
         """Ranks whose learner is not known to be gone."""
-        return [s.rank for s in self.slots if not s.died]
+        return [s.rank for s in self.members if not s.lost]
 
     # -- requests -----------------------------------------------------------------------------------
-    def _run_on_loop(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._aloop).result()
-
     def submit(
         self,
-        target: Any,
+        target: Callable[..., Any],
         args_per_rank: Sequence[tuple],
         *,
         ranks: Optional[Sequence[int]] = None,
         collective: bool = False,
         result_ranks: Optional[Sequence[int]] = (0,),
         log_topic: Optional[str] = None,
-        publish: bool = False,
     ) -> concurrent.futures.Future:
-        """Send ``target(learner, *args_per_rank[i])`` to learner ``ranks[i]``; a future of the values.
+        """Run the learner operation ``target(learner, *args_per_rank[i])`` on learner ``ranks[i]``; a
+        future of the values.
 
         ``result_ranks``: ranks whose value is sent back (others reply ``None``; ``None`` = all).
         Errors are raised by the future's ``result()``, rebuilt with the remote traceback.
         """
-        if collective and self._restart_failed_learners:
-            result_ranks = None  # every rank's result: any survivor of a lost learner can report the update
-        sends, generation = self._number(target, args_per_rank, ranks, collective, result_ranks, publish, log_topic)
-        future = asyncio.run_coroutine_threadsafe(self._dispatch(sends, collective, generation), self._aloop)
-        future.seqs = [s.seq for s in sends]  # type: ignore[attr-defined]
-        return future
+        return self._submit(
+            LearnerActor.apply,
+            _on_learner(target, args_per_rank),
+            ranks=ranks,
+            collective=collective,
+            result_ranks=result_ranks,
+            log_topic=log_topic,
+        )
 
     def call(
         self,
-        target: Any,
+        target: Callable[..., Any],
         args_per_rank: Sequence[tuple],
         *,
         ranks: Optional[Sequence[int]] = None,
@@ -339,16 +312,40 @@ class DaskLearnerPool:
             target, args_per_rank, ranks=ranks, collective=collective, result_ranks=result_ranks, log_topic=log_topic
         ).result()
 
-    def submit_update_future(self, target: Any, args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None) -> Tuple[concurrent.futures.Future, Future]:
+    def submit_update_future(
+        self, target: Callable[..., Any], args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None
+    ) -> Tuple[concurrent.futures.Future, Future]:
         """Like :meth:`submit` for a collective request on all learners, plus a ``distributed.Future``
         of rank 0's value, computed by an ``async`` task named ``learner-update-<group id>-<n>``."""
-        pending = self.submit(target, args_per_rank, collective=True, publish=True, log_topic=log_topic)
+        pending = self._submit(
+            LearnerActor.apply, _on_learner(target, args_per_rank), collective=True, publish=True, log_topic=log_topic
+        )
         self._updates_submitted += 1
-        targets = tuple((s.rank, s.worker, s.key, seq) for s, seq in zip(self.slots, pending.seqs))  # type: ignore[attr-defined]
+        targets = tuple((s.rank, s.worker, s.key, seq) for s, seq in zip(self.members, pending.seqs))  # type: ignore[attr-defined]
         dask_future = self.connection.client.submit(
             gather_published, targets, key=f"learner-update-{self.group_id}-{self._updates_submitted}", pure=False
         )
         return pending, dask_future
+
+    def _submit(
+        self,
+        target: Callable[..., Any],
+        args_per_rank: Sequence[tuple],
+        *,
+        ranks: Optional[Sequence[int]] = None,
+        collective: bool = False,
+        result_ranks: Optional[Sequence[int]] = (0,),
+        log_topic: Optional[str] = None,
+        publish: bool = False,
+    ) -> concurrent.futures.Future:
+        """Send ``target(actor, *args_per_rank[i])`` (a :class:`LearnerActor` method) to learner
+        ``ranks[i]``; a future of the values, carrying the request numbers as ``.seqs``."""
+        if collective and self.restart_failed:
+            result_ranks = None  # every rank's result: any survivor of a lost learner can report the update
+        sends, generation = self._number(target, args_per_rank, ranks, collective, result_ranks, publish, log_topic)
+        future = self.submit_on_loop(self._dispatch(sends, collective, generation))
+        future.seqs = [s.seq for s in sends]  # type: ignore[attr-defined]
+        return future
 
     def _number(self, target, args_per_rank, ranks, collective, result_ranks, publish, log_topic) -> Tuple[List[_Send], int]:
         """The requests for ``ranks`` with their request numbers, handed out in call order."""
@@ -360,7 +357,7 @@ class DaskLearnerPool:
         with self._lock:
             sends = []
             for rank, args in zip(ranks, args_per_rank):
-                slot = self.slots[rank]
+                slot = self.members[rank]
                 request = Request(
                     target=target,
                     args=tuple(args),
@@ -378,14 +375,14 @@ class DaskLearnerPool:
         pending = set(calls)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if not self._restart_failed_learners and any(isinstance(c.result(), Died) for c in done):
+            if not self.restart_failed and any(isinstance(c.result(), Died) for c in done):
                 break  # a learner is gone: fail now, without waiting for the others to notice
         replies: List[Reply] = [c.result() if c.done() else ABANDONED for c in calls]
         for call in calls:
             if not call.done():
                 call.cancel()
         self._note_failures(sends, replies, collective, generation)
-        if self._restart_failed_learners and collective and any(isinstance(r, Died) for r in replies):
+        if self.restart_failed and collective and any(isinstance(r, Died) for r in replies):
             raise InterruptedUpdate(sends, replies)
         return values_or_raise(replies)
 
@@ -400,27 +397,11 @@ class DaskLearnerPool:
 
     async def _call(self, send: _Send) -> Reply:
         slot = send.slot
-        if slot.died:
-            return Died(slot.rank, slot.worker, slot.died)
-        remote = worker_rpc(self.connection.client, slot.worker)
-        call = asyncio.ensure_future(call_actor(remote, slot.key, "run", (send.seq, send.request)))
-        await asyncio.wait({call, slot.death}, return_when=asyncio.FIRST_COMPLETED)
-        if not call.done():
-            call.cancel()
-            return Died(slot.rank, slot.worker, slot.died or "its worker left the cluster")
-        err = call.exception()
-        if err is None:
-            return call.result()
-        if not isinstance(err, UNREACHABLE + (ActorMissing,)):
-            # The actor answered but the call itself failed (e.g. the request could not be unpickled).
-            return Failed.from_exception(err, rank=slot.rank, worker=slot.worker)
-        # Lost contact while the request was in flight: the request stream of this learner is broken,
-        # so it is given up. Wait briefly for the scheduler to confirm why, for a precise message.
         try:
-            await asyncio.wait_for(asyncio.shield(slot.death), self._death_confirm_s)
-        except asyncio.TimeoutError:
-            self._mark_dead(slot, f"lost contact with it ({err!r})")
-        return Died(slot.rank, slot.worker, slot.died or repr(err))
+            outcome = await self.call_member(slot, "run", (send.seq, send.request))
+        except Exception as err:  # noqa: BLE001 - the actor answered but the call failed (e.g. the request could not be unpickled)
+            return Failed.from_exception(err, rank=slot.rank, worker=slot.worker)
+        return outcome if isinstance(outcome, Died) else outcome.value
 
     # -- process group upkeep ---------------------------------------------------------------------
     def ensure_ready(self) -> None:
@@ -428,18 +409,18 @@ class DaskLearnerPool:
         :class:`LearnerDiedError`), grow back towards ``num_learners`` when workers joined, re-form
         the process group if a failed update broke it, and copy one learner's state to the others
         if they diverged."""
-        if any(s.died for s in self.slots):
-            if not self._restart_failed_learners:
+        if any(s.lost for s in self.members):
+            if not self.restart_failed:
                 raise self.dead_error()  # type: ignore[misc]
             self._replace_lost_learners()
-        elif self._restart_failed_learners and self.num_learners < self.target_num_learners:
+        elif self.restart_failed and self.num_learners < self.target_num_learners:
             self._grow_back()
         if self.num_learners > 1 and self._pg_broken:
             self._form_process_group()
         if self._resync_from is not None:
             source, self._resync_from = self._resync_from, None
-            if not source.died and self.num_learners > 1:
-                self._copy_state(source, [s for s in self.slots if s is not source])
+            if not source.lost and self.num_learners > 1:
+                self._copy_state(source, [s for s in self.members if s is not source])
 
     def recover(self, err: LearnerDiedError) -> Tuple[bool, Any]:
         """After ``err`` ended a collective update: replace the lost learners (fault tolerance).
@@ -449,7 +430,7 @@ class DaskLearnerPool:
         it: every survivor rolled back, and the caller retries the update once. Raises ``err``
         without fault tolerance, and :class:`LearnerDiedError` when recovery is impossible.
         """
-        if not self._restart_failed_learners:
+        if not self.restart_failed:
             raise err
         applied = None
         if isinstance(err, InterruptedUpdate):
@@ -462,24 +443,24 @@ class DaskLearnerPool:
             return False, None
         return True, applied[1].value
 
-    def _replace_lost_learners(self, state_from: Optional[_Slot] = None) -> None:
-        dead = [s for s in self.slots if s.died]
-        survivors = [s for s in self.slots if not s.died]
+    def _replace_lost_learners(self, state_from: Optional[LearnerMember] = None) -> None:
+        dead = [s for s in self.members if s.lost]
+        survivors = [s for s in self.members if not s.lost]
         if not dead:
             return
-        if self.num_learner_restarts + len(dead) > self._max_restarts:
+        deaths = " ".join(self.death_message(s) for s in dead)
+        if len(dead) > self.restarts_left:
             raise LearnerDiedError(
-                f"{len(dead)} more learner(s) lost, but max_num_learner_restarts={self._max_restarts} is reached "
-                f"({self.num_learner_restarts} restarts so far). " + " ".join(s.died or "" for s in dead)
+                f"{len(dead)} more learner(s) lost, but max_num_learner_restarts={self.max_restarts} is reached "
+                f"({self.num_restarts} restarts so far). " + deaths
             )
         if not survivors and self.checkpoint_path is None:
             raise LearnerDiedError(
                 "Every learner is gone and the group has no committed checkpoint to take their state from; "
-                "save checkpoints (save_to_path) during training so a fault-tolerant group can recover. "
-                + " ".join(s.died or "" for s in dead)
+                "save checkpoints (save_to_path) during training so a fault-tolerant group can recover. " + deaths
             )
         for slot in dead:
-            slot.stop_watching()
+            self.stop_watching(slot)
         exclude = [s.worker for s in dead]
         addresses = free_learner_workers(self.connection, self._config, len(dead), self._restart_timeout_s, exclude=exclude)
         if not survivors and not addresses:
@@ -491,9 +472,12 @@ class DaskLearnerPool:
             logger.warning(
                 "LearnerGroup %s: %d learner(s) lost, %d replaced; training goes on with %d learner(s) "
                 "(batch sizes are global, so updates mean the same) and grows back when workers join.",
-                self.group_id, len(dead), len(addresses), len(survivors) + len(addresses),
+                self.group_id,
+                len(dead),
+                len(addresses),
+                len(survivors) + len(addresses),
             )
-        source = state_from if state_from is not None and not state_from.died else (survivors[0] if survivors else None)
+        source = state_from if state_from is not None and not state_from.lost else (survivors[0] if survivors else None)
         self._rebuild(survivors, addresses, source)
 
     def _grow_back(self) -> None:
@@ -504,30 +488,31 @@ class DaskLearnerPool:
         missing = self.target_num_learners - self.num_learners
         addresses = free_learner_workers(self.connection, self._config, missing, 0.0)
         if addresses:
-            logger.info("LearnerGroup %s: %d worker(s) joined; growing back to %d learner(s).",
-                        self.group_id, len(addresses), self.num_learners + len(addresses))
-            self._rebuild([s for s in self.slots if not s.died], addresses, self.slots[0])
+            logger.info(
+                "LearnerGroup %s: %d worker(s) joined; growing back to %d learner(s).",
+                self.group_id,
+                len(addresses),
+                self.num_learners + len(addresses),
+            )
+            self._rebuild([s for s in self.members if not s.lost], addresses, self.members[0])
 
-    def _rebuild(self, survivors: List[_Slot], addresses: List[str], source: Optional[_Slot]) -> None:
+    def _rebuild(self, survivors: List[LearnerMember], addresses: List[str], source: Optional[LearnerMember]) -> None:
         """New learners on ``addresses`` beside ``survivors``; ranks renumbered; the process group
         re-formed; the new learners (or all, without a survivor) get ``source``'s state."""
         gpus = float(self._config.num_gpus_per_learner or 0)
-        new_slots = []
+        new_slots: List[LearnerMember] = []
         for address in addresses:
-            self._incarnations += 1
             rank = len(survivors) + len(new_slots)
-            key = learner_actor_key(rank, self.group_id, self._incarnations)
-            new_slots.append(_Slot(rank, address, key, device_for(rank, gpus, self.connection)))
-        self.slots = survivors + new_slots
-        for rank, slot in enumerate(self.slots):
-            slot.rank = rank
+            key = self.count_replacement(learner_actor_key(rank, self.group_id))
+            new_slots.append(LearnerMember(rank, address, key, device=device_for(rank, gpus, self.connection)))
+        self.members = survivors + new_slots
+        for rank, slot in enumerate(self.members):
+            slot.index = rank
         if survivors:
-            self.call("set_rank", [(s.rank, self.num_learners) for s in survivors], ranks=[s.rank for s in survivors], result_ranks=())
-        self._run_on_loop(self._init_events())
-        for slot in new_slots:
-            slot.unwatch = self.connection.watch_worker(slot.worker, self._death_callback(slot))
-        self._start_actors(self._module_spec, self._learner_class, new_slots)
-        self.num_learner_restarts += len(new_slots)
+            args = [(s.rank, self.num_learners) for s in survivors]
+            self._submit(LearnerActor.set_rank, args, ranks=[s.rank for s in survivors], result_ranks=()).result()
+        self.watch(new_slots)
+        self._start_actors(new_slots)
         if self.num_learners > 1:
             self.backend = self.backend or self._choose_backend()
             self._form_process_group()
@@ -535,53 +520,45 @@ class DaskLearnerPool:
         if source is not None:
             self._copy_state(source, new_slots)
         else:
-            self.call(_restore_from_path, [(self.checkpoint_path,)] * self.num_learners, result_ranks=())
-        logger.warning("LearnerGroup %s re-formed with %d learner(s) on %s.", self.group_id, self.num_learners, self.learner_workers)
+            self.call(learner_ops.restore, [(self.checkpoint_path,)] * self.num_learners, result_ranks=())
+        logger.warning(
+            "LearnerGroup %s re-formed with %d learner(s) on %s.", self.group_id, self.num_learners, self.learner_workers
+        )
 
-    def _copy_state(self, source: _Slot, targets: List[_Slot]) -> None:
+    def _copy_state(self, source: LearnerMember, targets: List[LearnerMember]) -> None:
         if not targets:
             return
-        state = self.call(_get_full_state, [()], ranks=[source.rank])[0]
-        self.call(_set_full_state, [(state,)] * len(targets), ranks=[s.rank for s in targets], result_ranks=())
+        state = self.call(learner_ops.get_state, [()], ranks=[source.rank])[0]
+        self.call(learner_ops.set_state, [(state,)] * len(targets), ranks=[s.rank for s in targets], result_ranks=())
 
     # -- teardown -------------------------------------------------------------------------------------
-    def shutdown(self, timeout_s: float = 30.0) -> None:
+    def shutdown(self) -> None:
         """Release the actors (after the requests already sent), then close what the pool opened."""
         if self._closed:
             return
-        live = [s for s in self.slots if not s.died and s.future is not None and s.future.status == "finished"]
+        live = [s for s in self.members if not s.lost and s.future is not None and s.future.status == "finished"]
         if live:
             try:
-                closing = self.submit("close", [()] * len(live), ranks=[s.rank for s in live], result_ranks=())
-                closing.result(timeout=timeout_s)
+                closing = self._submit(LearnerActor.close, [()] * len(live), ranks=[s.rank for s in live], result_ranks=())
+                closing.result(timeout=_CLOSE_TIMEOUT_S)
             except (concurrent.futures.TimeoutError, LearnerGroupError, OSError) as err:
                 logger.warning("LearnerGroup %s: closing the learners failed (%r); releasing them anyway.", self.group_id, err)
         self._closed = True
-        connection = getattr(self, "connection", None)
-        if connection is None:
-            return
-        client = connection.client
-        futures = [s.future for s in self.slots if s.future is not None]
-        for slot in self.slots:
-            slot.stop_watching()
+        client = self.connection.client
+        futures = [s.future for s in self.members if s.future is not None]
+        for slot in self.members:
+            self.stop_watching(slot)
         if client.status == "running":
             if futures:
                 # The scheduler forgets the actors now, so the workers are free for a new group.
                 client.cancel(futures, force=True)
         if self._owns_connection:
-            connection.close()
+            self.connection.close()
 
 
-def _get_full_state(learner: Any) -> Dict[str, Any]:
-    return learner.get_state()
-
-
-def _set_full_state(learner: Any, state: Dict[str, Any]) -> None:
-    learner.set_state(state)
-
-
-def _restore_from_path(learner: Any, path: str) -> None:
-    learner.restore_from_path(path)
+def _on_learner(operation: Callable[..., Any], args_per_rank: Sequence[tuple]) -> List[tuple]:
+    """The arguments of :meth:`LearnerActor.apply` that run ``operation`` with each rank's ``args``."""
+    return [(operation, *args) for args in args_per_rank]
 
 
 async def gather_published(targets: Tuple[Tuple[int, str, str, int], ...]) -> Any:

@@ -8,6 +8,8 @@ exactly one reply:
   type name, message and the learner's traceback;
 * :class:`Died` — made by the driver, never sent: the learner's worker is gone or cannot be reached.
 
+Every call the driver makes on an actor, a learner's or an env runner's, ends in :class:`Ok` or
+:class:`Died` (:meth:`~dlearner.backends.dask.actor_group.ActorGroup.call_member`).
 :func:`values_or_raise` turns the replies of one call on several learners into their values, or
 raises the most telling error of the call.
 """
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from typing import Any, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 import cloudpickle
 
@@ -27,14 +29,15 @@ from dlearner.errors import LearnerDiedError, RemoteLearnerError
 class Request:
     """One call on one learner.
 
-    ``target`` is a function ``fn(learner, *args)`` or, for the group's own plumbing, the name of an
-    ``op_*`` method of :class:`~dlearner.backends.dask.actor.LearnerActor`. ``collective`` requests
-    (updates) take part in collectives: if one fails, the learner drops its process group so that
-    no peer hangs. ``publish`` keeps the reply for an ``update_async`` future;
+    ``target(actor, *args)`` runs on the :class:`~dlearner.backends.dask.actor.LearnerActor`: one of
+    its methods, referenced through the class (``LearnerActor.apply`` runs a learner operation of
+    :mod:`dlearner.learner_ops`; the others are the pool's process-group plumbing). ``collective``
+    requests (updates) take part in collectives: if one fails, the learner drops its process group
+    so that no peer hangs. ``publish`` keeps the reply for an ``update_async`` future;
     ``log_topic`` logs the value as a Dask event for the dashboard.
     """
 
-    target: Any
+    target: Callable[..., Any]
     args: tuple = ()
     collective: bool = False
     want_result: bool = True
@@ -104,11 +107,14 @@ class Failed:
 
 @dataclasses.dataclass(frozen=True)
 class Died:
-    """The learner's worker left the cluster or cannot be reached (made by the driver)."""
+    """The actor's worker left the cluster or cannot be reached (made by the driver, for learners
+    and env runners alike). ``index``: the learner's rank or the env runner's index; ``cause``: the
+    error of the broken call, if one told it."""
 
-    rank: int
+    index: int
     worker: str
     message: str
+    cause: Optional[BaseException] = None
 
 
 #: Placeholder for the reply of a learner the driver stopped waiting for (another one died first).

@@ -42,7 +42,9 @@ async def call_actor(
     """
     try:
         response = await remote.actor_execute(
-            actor=key, function=method, args=[to_serialize(a) for a in args],
+            actor=key,
+            function=method,
+            args=[to_serialize(a) for a in args],
             kwargs={k: to_serialize(v) for k, v in (kwargs or {}).items()},
         )
     except KeyError as err:  # raised by the worker's handler before it looks at the method

@@ -2,13 +2,14 @@
 
 Everything here takes the facts (GPUs per learner, how many CUDA devices a process sees, whether
 the cluster is embedded, each learner's device facts) as arguments and returns a decision, so all of
-it is tested on machines without a GPU. The callers gather the facts:
+it is tested on machines without a GPU. Nothing here knows about Dask: the Learner and the backends
+both use it, and the callers gather the facts:
 
-* :func:`~dlearner.backends.dask.cluster.device_for` → :func:`device_for_rank` (which torch device
-  each learner rank computes on);
+* the Dask backend's :func:`~dlearner.backends.dask.cluster.device_for` → :func:`device_for_rank`
+  (which torch device each learner rank computes on);
 * the embedded ``LocalCluster`` → :func:`gpu_packing` (how many GPUs ``num_learners`` need);
-* ``DaskLearnerPool._choose_backend`` → :func:`learner_device_facts` (runs on every learner) and
-  :func:`choose_backend` (NCCL or gloo);
+* ``DaskLearnerPool._choose_backend`` → :func:`device_facts` (through ``learner_ops.device_facts``,
+  on every learner) and :func:`choose_backend` (NCCL or gloo);
 * ``TorchLearner._to_tensors`` → :func:`host_transfer` (pinned memory and non-blocking copies).
 
 Rules, in short:
@@ -39,6 +40,7 @@ import socket
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 from dlearner.errors import ClusterResourceError
+from dlearner.validation import is_real
 
 #: Tolerance for float arithmetic on GPU fractions (1 / 0.1 is 10.000000000000002).
 _EPS = 1e-9
@@ -95,7 +97,7 @@ def gpu_packing(gpus_per_learner: float) -> GpuPacking:
 
 
 def _check_gpus(gpus_per_learner: Any) -> float:
-    if isinstance(gpus_per_learner, bool) or not isinstance(gpus_per_learner, (int, float)):
+    if not is_real(gpus_per_learner):
         raise ValueError(f"num_gpus_per_learner must be a number, got {gpus_per_learner!r}.")
     g = float(gpus_per_learner)
     if not math.isfinite(g) or g < 0:
@@ -152,7 +154,7 @@ class BackendChoice:
 def choose_backend(gpus_per_learner: float, facts: Optional[Sequence[Mapping[str, Any]]] = None) -> BackendChoice:
     """NCCL or gloo for a group whose learners ask for ``gpus_per_learner`` and report ``facts``.
 
-    ``facts`` holds one mapping per learner, as :func:`learner_device_facts` returns them (``host``,
+    ``facts`` holds one mapping per learner, as :func:`device_facts` returns them (``host``,
     ``device``, ``gpu_id``, ``nccl_available``); it is only needed (and only gathered) when
     ``gpus_per_learner >= 1``. NCCL is chosen only if every learner computes on a CUDA device, has
     NCCL, and no two learners are on one physical GPU.
@@ -168,12 +170,16 @@ def choose_backend(gpus_per_learner: float, facts: Optional[Sequence[Mapping[str
     if g <= 0:
         return BackendChoice("gloo", "gloo: the learners compute on CPUs.")
     if g < 1 - _EPS:
-        return BackendChoice("gloo", f"gloo: num_gpus_per_learner={g:g} < 1, so learners share GPUs (NCCL needs one GPU per rank).")
+        return BackendChoice(
+            "gloo", f"gloo: num_gpus_per_learner={g:g} < 1, so learners share GPUs (NCCL needs one GPU per rank)."
+        )
     if not facts:
         return BackendChoice("gloo", "gloo instead of NCCL: the learners' devices are unknown.")
     not_cuda = [i for i, f in enumerate(facts) if not str(f.get("device", "")).startswith("cuda")]
     if not_cuda:
-        return BackendChoice("gloo", f"gloo instead of NCCL: learner rank(s) {not_cuda} do not compute on a CUDA device ({_describe(facts)}).")
+        return BackendChoice(
+            "gloo", f"gloo instead of NCCL: learner rank(s) {not_cuda} do not compute on a CUDA device ({_describe(facts)})."
+        )
     no_nccl = [i for i, f in enumerate(facts) if not f.get("nccl_available", True)]
     if no_nccl:
         return BackendChoice("gloo", f"gloo instead of NCCL: torch has no NCCL on learner rank(s) {no_nccl}.")
@@ -181,7 +187,9 @@ def choose_backend(gpus_per_learner: float, facts: Optional[Sequence[Mapping[str
     for rank, f in enumerate(facts):
         gpu = f.get("gpu_id")
         if gpu is None:
-            return BackendChoice("gloo", f"gloo instead of NCCL: learner rank {rank} could not identify its GPU ({_describe(facts)}).")
+            return BackendChoice(
+                "gloo", f"gloo instead of NCCL: learner rank {rank} could not identify its GPU ({_describe(facts)})."
+            )
         key = (f.get("host"), str(gpu))
         if key in seen:
             return BackendChoice(
@@ -222,11 +230,6 @@ def device_facts(device: Any) -> Dict[str, Any]:
         "gpu_id": gpu_id,
         "nccl_available": bool(dist.is_available() and dist.is_nccl_available()),
     }
-
-
-def learner_device_facts(learner: Any) -> Dict[str, Any]:
-    """:func:`device_facts` of a built learner (sent to every learner actor by the pool)."""
-    return device_facts(learner.device)
 
 
 # ======================================================================== host → device copies

@@ -1,0 +1,40 @@
+"""``dlearner evaluate DIR``: greedy episodes with a checkpoint's policy, in this process."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dlearner.cli.algorithms import algo_name, config_from_dict
+from dlearner.cli.errors import EXIT_OK
+from dlearner.cli.runs import load_run_metadata, restore_env
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``dlearner evaluate DIR``: greedy episodes with the checkpoint's policy, in this process."""
+    metadata = load_run_metadata(args.checkpoint, "evaluate")
+    config = config_from_dict(metadata["config"])
+    restore_env(config, metadata, args, "drop --env.")
+    # Evaluation is a few episodes in this process: no cluster, no GPU, whatever the run used.
+    config.learners(num_learners=0, num_gpus_per_learner=0)
+    config.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
+    config.address, config.scheduler_file, config.client = None, None, None
+    counters = metadata.get("counters") or {}
+    with config.build_algo() as algo:
+        algo.restore_from_path(args.checkpoint)
+        out = algo.evaluate(args.episodes, seed=args.seed)["env_runners"]
+    if args.json:
+        print(json.dumps({"checkpoint": args.checkpoint, "iteration": counters.get("iteration"), **out}))
+        return EXIT_OK
+    print(
+        f"checkpoint {args.checkpoint}: {algo_name(config)} on {config.env}, iteration {counters.get('iteration', '?')}, "
+        f"{counters.get('num_env_steps_sampled_lifetime', 0):,} env steps"
+    )
+    for number, episode_return in enumerate(out["episode_returns"], start=1):
+        print(f"episode {number:3d}: return {episode_return:.1f}")
+    print(
+        f"mean return over {out['num_episodes']} greedy episodes: {out['episode_return_mean']:.1f} "
+        f"(min {out['episode_return_min']:.1f}, max {out['episode_return_max']:.1f}, "
+        f"mean length {out['episode_len_mean']:.1f})"
+    )
+    return EXIT_OK

@@ -1,0 +1,20 @@
+"""``dlearner inspect DIR``: what a checkpoint holds, without loading its arrays."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dlearner.cli.errors import EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """``dlearner inspect DIR``: the checkpoint's modules, arrays, counters and config."""
+    from dlearner.checkpoint import format_inspection, inspect_checkpoint
+
+    summary = inspect_checkpoint(args.checkpoint)
+    if args.json:
+        print(json.dumps(summary, default=list, indent=2))
+    else:
+        print(format_inspection(summary))
+    return EXIT_OK
