@@ -35,6 +35,12 @@ W1 = dict(
 )
 
 
+def w1_training(cfg: Dict = W1) -> Dict:
+    """The ``.training(...)`` settings of the W1 workload (dlearner's and RLlib's PPOConfig take the same names)."""
+    names = ("lr", "minibatch_size", "num_epochs", "clip_param", "vf_clip_param", "vf_loss_coeff", "kl_coeff", "kl_target")
+    return {**{name: cfg[name] for name in names}, "use_kl_loss": True, "entropy_coeff": cfg["entropy_coeff"]}
+
+
 def load_w1_batch(rows: int = 4000) -> Dict[str, np.ndarray]:
     """The shared CartPole batch when present, else one generated with an untrained policy."""
     if SHARED_BATCH.exists():

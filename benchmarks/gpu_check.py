@@ -79,7 +79,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, synthetic_ppo_batch, to_tensors  # noqa: E402
+from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, synthetic_ppo_batch, to_tensors, w1_training  # noqa: E402
 
 import dlearner  # noqa: E402
 from dlearner import PPOConfig  # noqa: E402
@@ -139,18 +139,7 @@ class Check:
         return (
             PPOConfig()
             .learners(num_learners=num_learners, num_gpus_per_learner=gpus, num_cpus_per_learner=1)
-            .training(
-                lr=cfg["lr"],
-                minibatch_size=cfg["minibatch_size"],
-                num_epochs=cfg["num_epochs"],
-                clip_param=cfg["clip_param"],
-                vf_clip_param=cfg["vf_clip_param"],
-                vf_loss_coeff=cfg["vf_loss_coeff"],
-                use_kl_loss=True,
-                kl_coeff=cfg["kl_coeff"],
-                kl_target=cfg["kl_target"],
-                entropy_coeff=cfg["entropy_coeff"],
-            )
+            .training(**w1_training(cfg))
             .rl_module(model_config={"fcnet_hiddens": list(cfg["hiddens"])})
             .cluster(cluster_kwargs={"silence_logs": logging.ERROR})
             .debugging(seed=0)

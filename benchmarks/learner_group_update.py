@@ -44,7 +44,7 @@ from torch import nn
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, sample_times, to_tensors  # noqa: E402
+from _common import W1, PlainPPO, fmt_s, load_w1_batch, print_table, sample_times, to_tensors, w1_training  # noqa: E402
 
 from dlearner import PPOConfig  # noqa: E402
 from dlearner.backends.dask.cluster import connect  # noqa: E402
@@ -56,18 +56,7 @@ def dlearner_config(num_learners: int) -> PPOConfig:
     return (
         PPOConfig()
         .learners(num_learners=num_learners, num_cpus_per_learner=1)
-        .training(
-            lr=W1["lr"],
-            minibatch_size=W1["minibatch_size"],
-            num_epochs=W1["num_epochs"],
-            clip_param=W1["clip_param"],
-            vf_clip_param=W1["vf_clip_param"],
-            vf_loss_coeff=W1["vf_loss_coeff"],
-            use_kl_loss=True,
-            kl_coeff=W1["kl_coeff"],
-            kl_target=W1["kl_target"],
-            entropy_coeff=W1["entropy_coeff"],
-        )
+        .training(**w1_training())
         .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
         .debugging(seed=0)
     )
@@ -192,17 +181,7 @@ def rllib_rows(batch: Dict[str, np.ndarray], repeats: int) -> List[tuple]:
                 RLlibPPOConfig()
                 .environment("CartPole-v1")
                 .learners(num_learners=n)
-                .training(
-                    lr=W1["lr"],
-                    minibatch_size=W1["minibatch_size"],
-                    num_epochs=W1["num_epochs"],
-                    clip_param=W1["clip_param"],
-                    vf_clip_param=W1["vf_clip_param"],
-                    vf_loss_coeff=W1["vf_loss_coeff"],
-                    use_kl_loss=True,
-                    kl_coeff=W1["kl_coeff"],
-                    kl_target=W1["kl_target"],
-                )
+                .training(**w1_training())
                 .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
             )
             group = config.build_learner_group(env=gym.make("CartPole-v1"))

@@ -20,7 +20,7 @@ import gymnasium as gym
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _common import W1, PlainPPO, fmt_s, load_w1_batch, median_time, print_table, to_tensors  # noqa: E402
+from _common import W1, PlainPPO, fmt_s, load_w1_batch, median_time, print_table, to_tensors, w1_training  # noqa: E402
 
 from dlearner import PPOConfig  # noqa: E402
 from dlearner.algorithms.ppo import PPOTorchLearner  # noqa: E402
@@ -41,23 +41,7 @@ def main() -> None:
     torch.set_num_threads(1)
     batch = load_w1_batch()
     env = gym.make("CartPole-v1")
-    config = (
-        PPOConfig()
-        .training(
-            lr=W1["lr"],
-            minibatch_size=W1["minibatch_size"],
-            num_epochs=W1["num_epochs"],
-            clip_param=W1["clip_param"],
-            vf_clip_param=W1["vf_clip_param"],
-            vf_loss_coeff=W1["vf_loss_coeff"],
-            use_kl_loss=True,
-            kl_coeff=W1["kl_coeff"],
-            kl_target=W1["kl_target"],
-            entropy_coeff=W1["entropy_coeff"],
-        )
-        .rl_module(model_config={"fcnet_hiddens": W1["hiddens"]})
-        .debugging(seed=0)
-    )
+    config = PPOConfig().training(**w1_training()).rl_module(model_config={"fcnet_hiddens": W1["hiddens"]}).debugging(seed=0)
     learner = config.build_learner(env=env)
     learner.build()
     bare = config.copy().training(learner_class=WithoutSnapshot).build_learner(env=env)

@@ -19,6 +19,9 @@ from dlearner.env_runner import EpisodeStats
 
 logger = logging.getLogger(__name__)
 
+#: Counters of what fault tolerance replaced and lost; kept in checkpoints, so ``--resume`` goes on counting.
+_FAULT_COUNTERS = ("num_learner_restarts", "num_env_runner_restarts", "num_env_steps_lost")
+
 
 class Algorithm:
     """Trains a config end to end. Build it with ``config.build_algo()``.
@@ -55,11 +58,14 @@ class Algorithm:
             raise
         self.episode_stats = EpisodeStats(self.config.metrics_num_episodes_for_smoothing)
         self._runner_steps_seen: Dict[str, int] = {}
+        self._runner_time_seen: Dict[str, float] = {}  # time_total_s at each runner's previous report
         self.iteration = 0
         self.num_env_steps_sampled_lifetime = 0
         self.num_env_steps_trained_lifetime = 0
         self.num_episodes_lifetime = 0
         self.time_total_s = 0.0
+        # Restarts and lost env steps of the run before the checkpoint this algorithm was restored from.
+        self._fault_counts_before: Dict[str, int] = dict.fromkeys(_FAULT_COUNTERS, 0)
 
     def _connect(self):
         """One cluster for learners and env runners: attached as configured, or an embedded
@@ -127,7 +133,10 @@ class Algorithm:
         for metrics in runner_reports:
             self.episode_stats.add(metrics)
             self.num_episodes_lifetime += len(metrics["episode_returns"])
-        elapsed = time.perf_counter() - start
+        extra_results = self.iteration_results()
+        # The time this iteration's work took: this call, or the window an asynchronous algorithm
+        # reports (its pipeline samples and updates between calls too, e.g. during save_to_path).
+        elapsed = float(extra_results.get("time_this_iter_s", time.perf_counter() - start))
         self.time_total_s += elapsed
         result = {
             "training_iteration": self.iteration,
@@ -144,11 +153,11 @@ class Algorithm:
             "env_steps_per_s": num_sampled / elapsed if elapsed > 0 else float("nan"),
             # Fault tolerance (config.fault_tolerance): what was lost and replaced, never hidden.
             "num_healthy_learners": self._learner_group.num_healthy_learners,
-            "num_learner_restarts": self._learner_group.num_learner_restarts,
+            "num_learner_restarts": self._fault_count("num_learner_restarts"),
             "num_healthy_env_runners": self._env_runner_group.num_healthy_env_runners,
-            "num_env_runner_restarts": self._env_runner_group.num_env_runner_restarts,
-            "num_env_steps_lost": self._env_runner_group.num_env_steps_lost,
-            **self.iteration_results(),
+            "num_env_runner_restarts": self._fault_count("num_env_runner_restarts"),
+            "num_env_steps_lost": self._fault_count("num_env_steps_lost"),
+            **extra_results,
         }
         if self.client is not None and self.dashboard_run_name is not None:
             from dlearner.dashboard import publish_metrics
@@ -177,7 +186,10 @@ class Algorithm:
 
     def _per_runner(self, reports: List[Dict[str, Any]], elapsed: float) -> Dict[str, Dict[str, float]]:
         """Each env runner's figures this iteration, keyed by its index (``"1"``, ``"2"``, ...; ``"0"``
-        samples in the driver): env steps per second, episodes, lifetime counters."""
+        samples in the driver): env steps per second, episodes, lifetime counters.
+
+        A runner's env steps/s is the steps since its previous report over the iterations' time since
+        then: an asynchronous runner may deliver nothing in one iteration and twice as much in the next."""
         out: Dict[str, Dict[str, float]] = {}
         for report in reports:
             index = str(int(report.get("worker_index", 0)))
@@ -191,8 +203,13 @@ class Algorithm:
             before = self._runner_steps_seen.get(index, 0)
             now = int(entry["num_env_steps_sampled_lifetime"])
             entry["env_steps_this_iter"] = now - before if now >= before else now
-            entry["env_steps_per_s"] = entry["env_steps_this_iter"] / elapsed if elapsed > 0 else float("nan")
+            # time_total_s already counts this iteration. A runner's first report counts from the run's
+            # start (as its lifetime counter does); a restore may have set time_total_s back: this iteration.
+            span = self.time_total_s - self._runner_time_seen.get(index, 0.0)
+            span = span if span >= elapsed else elapsed
+            entry["env_steps_per_s"] = entry["env_steps_this_iter"] / span if span > 0 else float("nan")
             self._runner_steps_seen[index] = now
+            self._runner_time_seen[index] = self.time_total_s
         return out
 
     def collect_episode_metrics(self) -> List[Dict[str, Any]]:
@@ -233,6 +250,7 @@ class Algorithm:
             "time_total_s": self.time_total_s,
             "recent_episode_returns": list(self.episode_stats.returns),
             "recent_episode_lengths": list(self.episode_stats.lengths),
+            **{name: self._fault_count(name) for name in _FAULT_COUNTERS},
         }
 
     def set_counters(self, counters: Mapping[str, Any]) -> None:
@@ -245,6 +263,17 @@ class Algorithm:
         self.episode_stats.lengths.clear()
         self.episode_stats.returns.extend(counters.get("recent_episode_returns", []))
         self.episode_stats.lengths.extend(counters.get("recent_episode_lengths", []))
+        # The run's restarts and losses go on from the checkpoint's (absent in older checkpoints: none).
+        for name in _FAULT_COUNTERS:
+            self._fault_counts_before[name] = int(counters.get(name, 0)) - self._group_fault_count(name)
+
+    def _fault_count(self, name: str) -> int:
+        """A restart or loss counter over the whole run, restores included."""
+        return self._fault_counts_before[name] + self._group_fault_count(name)
+
+    def _group_fault_count(self, name: str) -> int:
+        group = self._learner_group if name == "num_learner_restarts" else self._env_runner_group
+        return int(getattr(group, name))
 
     def save_to_path(self, path, *, storage_options: Optional[dict] = None) -> str:
         """Learners, env-runner state and counters in one Zarr v3 store; returns ``path``."""

@@ -341,22 +341,48 @@ class EnvRunner:
 
     @torch.no_grad()
     def evaluate(self, num_episodes: int, *, seed: Optional[int] = None) -> Dict[str, Any]:
-        """Run ``num_episodes`` greedy episodes on a fresh environment; returns their returns and lengths."""
-        env = gym.wrappers.RecordEpisodeStatistics(self.config.make_env())
-        returns, lengths = [], []
+        """Run ``num_episodes`` greedy episodes on fresh environments; returns their returns and lengths.
+
+        Up to ``num_envs_per_env_runner`` episodes run side by side, one forward pass for all of
+        them per step, as sampling does. Episode ``i`` is reset with ``seed + i``, so the figures do
+        not depend on how many run at once.
+        """
+        num_envs = max(1, min(num_episodes, int(getattr(self.config, "num_envs_per_env_runner", 1) or 1)))
+        envs = [gym.wrappers.RecordEpisodeStatistics(self.config.make_env()) for _ in range(num_envs)]
+        returns: Dict[int, float] = {}
+        lengths: Dict[int, int] = {}
         try:
-            for episode in range(num_episodes):
-                obs, _ = env.reset(seed=None if seed is None else seed + episode)
-                while True:
-                    actions, _, _, _ = self._act(self._prepare_single_obs(obs)[None], explore=False)
-                    obs, _, terminated, truncated, info = env.step(self._env_actions(actions)[0])
-                    if terminated or truncated:
-                        break
-                returns.append(float(info["episode"]["r"]))
-                lengths.append(int(info["episode"]["l"]))
+            running: Dict[int, Any] = {}  # env position -> (episode number, current observation)
+            next_episode = 0
+            for position, env in enumerate(envs):
+                if next_episode < num_episodes:
+                    obs, _ = env.reset(seed=None if seed is None else seed + next_episode)
+                    running[position] = (next_episode, obs)
+                    next_episode += 1
+            while running:
+                positions = sorted(running)
+                batch = np.stack([self._prepare_single_obs(running[p][1]) for p in positions])
+                actions, _, _, _ = self._act(batch, explore=False)
+                for position, action in zip(positions, self._env_actions(actions)):
+                    episode, _ = running[position]
+                    obs, _, terminated, truncated, info = envs[position].step(action)
+                    if not (terminated or truncated):
+                        running[position] = (episode, obs)
+                        continue
+                    returns[episode] = float(info["episode"]["r"])
+                    lengths[episode] = int(info["episode"]["l"])
+                    del running[position]
+                    if next_episode < num_episodes:
+                        obs, _ = envs[position].reset(seed=None if seed is None else seed + next_episode)
+                        running[position] = (next_episode, obs)
+                        next_episode += 1
         finally:
-            env.close()
-        return {"episode_returns": returns, "episode_lengths": lengths}
+            for env in envs:
+                env.close()
+        return {
+            "episode_returns": [returns[i] for i in range(num_episodes)],
+            "episode_lengths": [lengths[i] for i in range(num_episodes)],
+        }
 
     # ---------------------------------------------------------------------------------- state
     def get_state(self) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import os
 import secrets
 import uuid
@@ -187,7 +188,7 @@ class LearnerGroup:
 
     @property
     def num_updates_retried(self) -> int:
-        """Blocking updates interrupted by a lost learner and run again on the re-formed group."""
+        """Updates (blocking or async) interrupted by a lost learner and run again on the re-formed group."""
         return self._pool.num_updates_retried
 
     @property
@@ -224,7 +225,9 @@ class LearnerGroup:
         request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
         self._pool.ensure_ready()
-        future = self._pool.submit(learner_ops.update, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)
+        future, _ = self._pool.submit_update(
+            learner_ops.update, functools.partial(self._shards, request), log_topic=self._pool.metrics_topic
+        )
         self._in_flight.append(_AsyncRequest(future, report=True))
         return self._collect_finished(exclude=future)
 
@@ -253,8 +256,8 @@ class LearnerGroup:
         request = self._prepare_update(batch, timesteps, num_epochs, minibatch_size, shuffle, copy=True)
         self._wait_for_capacity()
         self._pool.ensure_ready()
-        pending, future = self._pool.submit_update_future(
-            learner_ops.update, self._shards(request), log_topic=self._pool.metrics_topic
+        pending, future = self._pool.submit_update(
+            learner_ops.update, functools.partial(self._shards, request), log_topic=self._pool.metrics_topic, future=True
         )
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
@@ -282,10 +285,10 @@ class LearnerGroup:
                 return value
         return self._pool.call(learner_ops.update, self._shards(request), collective=True, log_topic=self._pool.metrics_topic)[0]
 
-    def _shards(self, request: "_UpdateRequest") -> List[tuple]:
-        """The update's arguments for each learner the pool has now (batch sizes are global, so the
-        same update can run on fewer or more learners)."""
-        world = self._pool.num_learners
+    def _shards(self, request: "_UpdateRequest", world: Optional[int] = None) -> List[tuple]:
+        """The update's arguments for each of ``world`` learners (default: those the pool has now;
+        batch sizes are global, so the same update can run on fewer or more learners)."""
+        world = self._pool.num_learners if world is None else world
         if world == 1:
             return [(request.batch, None, request.timesteps, request.options)]
         return [(shard, info, request.timesteps, request.options) for shard, info in shard_batch(request.batch, world)]

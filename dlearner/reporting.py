@@ -236,6 +236,9 @@ def _is_finite_number(value: Any) -> bool:
 class ProgressDisplay:
     """Shows training progress: ``iter 12 | env steps 24,000 | return 201.3 | 3,812 steps/s | 0:00:07``.
 
+    ``steps/s`` is the result's ``env_steps_per_s`` (env steps sampled over the iteration's time, the
+    figure ``metrics.jsonl`` and the dashboard show).
+
     Args:
         stream: Where to write (default ``sys.stdout``).
         live: Rewrite one line in place (``\\r``). Default: only when ``stream`` is a terminal, so logs
@@ -271,8 +274,11 @@ class ProgressDisplay:
         steps = int(result.get(STEPS_KEY, 0) or 0)
         delta = steps - self._last_steps
         self._last_steps = steps
-        iter_time = result.get("time_this_iter_s")
-        rate = delta / iter_time if _is_finite_number(iter_time) and iter_time > 0 and delta >= 0 else None
+        rate = result.get("env_steps_per_s")  # the figure metrics.jsonl and the dashboard show
+        if "env_steps_per_s" not in result:  # a result of your own: the steps since the last line over its time
+            iter_time = result.get("time_this_iter_s")
+            rate = delta / iter_time if _is_finite_number(iter_time) and iter_time > 0 and delta >= 0 else None
+        rate = rate if _is_finite_number(rate) else None
         ret = (result.get("env_runners") or {}).get("episode_return_mean")
         text = " | ".join(
             [

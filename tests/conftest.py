@@ -1,7 +1,15 @@
-"""Shared fixtures: small environments, batches and learners that make tests fast on 2 cores."""
+"""Shared fixtures: small environments, batches and learners that make tests fast on 2 cores, and
+clusters of worker processes that tests kill workers of."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from typing import Any, Iterator
+
+import dask
+import distributed
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -12,6 +20,59 @@ from dlearner import Columns
 torch.set_num_threads(1)
 
 SMALL_MODEL = {"fcnet_hiddens": [32, 32]}
+
+#: A ``LocalCluster`` gives up on a worker that left the scheduler and has not registered again (under
+#: the same name) within ``distributed.deploy.lost-worker-timeout`` (Dask's default: 15 s): it closes
+#: that worker's nanny for good ("Nanny asking worker to close. Reason: nanny-close") and the cluster
+#: stays a worker short. A nanny restarting a SIGKILLed worker on a loaded 2-core machine can take
+#: longer than 15 s, so clusters whose workers tests kill wait this long instead. Dask reads the
+#: setting when a worker is lost, so it must be in force for the cluster's whole life.
+KEEP_KILLED_WORKERS = {"distributed.deploy.lost-worker-timeout": "600s"}
+
+
+@contextlib.contextmanager
+def killable_cluster(n_workers: int, **cluster_kwargs: Any) -> Iterator[distributed.Client]:
+    """A client of a ``LocalCluster`` of ``n_workers`` worker processes (one thread each) whose killed
+    workers are restarted by their nannies however long that takes (see :data:`KEEP_KILLED_WORKERS`)."""
+    options = dict(
+        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+    )
+    options.update(cluster_kwargs)
+    with (
+        dask.config.set(KEEP_KILLED_WORKERS),
+        distributed.LocalCluster(**options) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        yield client
+
+
+def wait_for_workers(client: distributed.Client, count: int, timeout: float = 120) -> None:
+    """Wait until the cluster of ``client`` has ``count`` workers again (a nanny restarts a killed worker
+    in seconds; a loaded CI machine can take much longer). On timeout, the failure says how many workers
+    there are and whether the ``LocalCluster`` gave up on one (closed its nanny for good)."""
+    deadline = time.monotonic() + timeout
+    while (have := len(client.scheduler_info(n_workers=-1)["workers"])) < count:
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"the cluster did not get back to {count} workers within {timeout:g} s: {have} now. " + _nannies(client)
+            )
+        time.sleep(0.2)
+
+
+def _nannies(client: distributed.Client) -> str:
+    """What the ``LocalCluster`` behind ``client`` (if any) says about its nannies."""
+    cluster = getattr(client, "cluster", None)
+    if cluster is None:
+        return "(not a LocalCluster of this process: no nannies to look at)"
+    given_up = sorted(set(cluster.worker_spec) - set(cluster.workers), key=str)
+    states = {name: str(nanny.status.name) for name, nanny in cluster.workers.items()}
+    if given_up:
+        return (
+            f"The LocalCluster gave up on worker(s) {given_up} and closed their nannies for good "
+            f"(distributed.deploy.lost-worker-timeout = {dask.config.get('distributed.deploy.lost-worker-timeout')}); "
+            f"its nannies: {states}."
+        )
+    return f"The LocalCluster still has all its nannies ({states}): a worker is still restarting."
 
 
 @pytest.fixture

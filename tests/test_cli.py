@@ -119,6 +119,64 @@ def test_missing_checkpoint_paths_are_named(tmp_path, capsys):
         assert missing in capsys.readouterr().err
 
 
+def test_paths_that_hold_no_checkpoint_are_explained_in_plain_words(tmp_path, capsys):
+    notes = tmp_path / "afile.txt"
+    notes.write_text("not a run")
+    runs = tmp_path / "runs"
+    (runs / "cartpole" / "checkpoint").mkdir(parents=True)  # a folder of run folders, not a run
+
+    def refused(*args: str) -> str:
+        assert main(list(args)) == 2, args
+        err = capsys.readouterr().err
+        assert "Error" not in err and "save_to_path" not in err, err  # no exception class, no Python API name
+        return err
+
+    # A new run needs a directory: --checkpoint names the run's folder.
+    err = refused("train", "--env", "CartPole-v1", "--checkpoint", str(notes))
+    assert "is a file, but --checkpoint takes a directory" in err and "--resume" in err
+    err = refused("train", "--env", "CartPole-v1", "--checkpoint", str(runs))
+    assert "holds no checkpoint" in err and f"--checkpoint {runs / 'cartpole'} --resume" in err
+    # Reading one: what the path is, and what a checkpoint looks like.
+    for command in ("inspect", "evaluate"):
+        err = refused(command, str(notes))
+        assert f"{str(notes)!r} is a file, not a directory. A checkpoint is a directory" in err
+        err = refused(command, str(runs))
+        assert "holds no checkpoint" in err and "A checkpoint is a directory" in err and str(runs / "cartpole") in err
+    err = refused("train", "--checkpoint", str(runs), "--resume")
+    assert "argument --checkpoint" in err and "A checkpoint is a directory" in err
+
+
+def test_plot_takes_a_run_folder_and_titles_the_curve_with_the_runs_name(tmp_path, capsys, monkeypatch):
+    import dlearner.reporting
+
+    run = tmp_path / "cartpole-run1"
+    run.mkdir()
+    with MetricsWriter(run / "metrics.jsonl") as writer:
+        for i in range(1, 4):
+            writer.write(
+                {
+                    "training_iteration": i,
+                    "num_env_steps_sampled_lifetime": 100 * i,
+                    "env_runners": {"episode_return_mean": 10.0 * i},
+                }
+            )
+    titles = []
+    draw = dlearner.reporting.plot_learning_curve
+    monkeypatch.setattr(
+        dlearner.reporting, "plot_learning_curve", lambda *a, title, **kw: titles.append(title) or draw(*a, title=title, **kw)
+    )
+
+    assert main(["plot", str(run)]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "learning_curve.png")
+    assert_real_plot(run / "learning_curve.png")
+    assert main(["plot", str(run / "metrics.jsonl"), "-o", str(tmp_path / "again.png")]) == 0
+    assert titles == ["cartpole-run1: mean episode return"] * 2
+
+    assert main(["plot", str(tmp_path)]) == 2  # a folder that is no run
+    err = capsys.readouterr().err
+    assert "is a directory without metrics.jsonl" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------- train, resume, inspect, evaluate
 def test_train_resume_inspect_evaluate_and_plot(tmp_path, capsys):
     run = tmp_path / "cartpole"

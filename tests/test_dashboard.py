@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster
 
-from dlearner import PPOConfig
+from dlearner import APPOConfig, PPOConfig
 from dlearner.dashboard import (
     FOLD_AFTER_S,
     MetricsStore,
@@ -34,16 +34,23 @@ from dlearner.dashboard import (
     render_page,
     render_svg_curve,
 )
+from dlearner.dashboard.app import DISCONNECTED_ID
 from dlearner.dashboard.formatting import nice_ticks
-from dlearner.dashboard.html import env_runners_table
+from dlearner.dashboard.html import STATUS_COLORS, env_runners_table, learner_ranks_table, summary_table
 
 SMALL = {"fcnet_hiddens": [16, 16]}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on PATH: install Debian's `chromium` package to check the page in a real browser"
+)
+#: No CartPole-v1 run on this machine samples or trains a million env steps per second.
+PHYSICAL_BOUND_STEPS_PER_S = 1e6
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with LocalCluster(n_workers=1, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster:
+    # Three workers: an APPO run's learner and its two env runners, each in a process of its own.
+    with LocalCluster(n_workers=3, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster:
         yield cluster
 
 
@@ -359,6 +366,10 @@ class Chromium:
             await asyncio.sleep(0.2)
         raise AssertionError(f"in the browser, never true: {expression}")
 
+    async def evaluate(self, expression: str):
+        result = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        return result.get("result", {}).get("value")
+
     async def screenshot(self) -> bytes:
         return base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"])
 
@@ -368,9 +379,7 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium on PATH: install Debian's `chromium` package to check the page in a real browser"
-)
+@needs_chromium
 def test_page_in_a_real_browser_has_the_nav_link_and_draws_the_curve(client):
     url = register_dashboard(client)
     publish_status(client, "browser-run", "running", wait=True)
@@ -477,3 +486,214 @@ def test_each_env_runner_actor_has_its_own_row_with_throughput_episodes_and_poli
         (1, 700.0, 9, 2.0),
     ]
     assert "policy lag" in env_runners_table(run) and "900" in env_runners_table(run)
+
+    # A runner that delivered nothing in the latest iteration keeps its row, with how old it is.
+    store.add(
+        {
+            "run_id": "appo",
+            "kind": "train",
+            "time": 12.0,
+            "result": {
+                "training_iteration": 2,
+                "num_env_steps_sampled_lifetime": 1600,
+                "env_runners": {"runners": {"1": {"env_steps_per_s": 950.0, "num_episodes_lifetime": 20}}},
+                "policy_lag_mean_by_runner": {"1": 1.0},
+            },
+        },
+        received=12.0,
+    )
+    (run,) = store.to_json(now=13.0)["runs"]
+    rows = run["env_runner_actors"]
+    assert [(r["env_steps_per_s"], r["episodes"], r["policy_lag_mean"], r["figures_iteration"]) for r in rows] == [
+        (950.0, 20, 1.0, 2),
+        (700.0, 9, 2.0, 1),
+    ]
+    table_html = env_runners_table(run)
+    assert "iteration 2 (latest)" in table_html and "iteration 1 (1 earlier)" in table_html and "700" in table_html
+
+
+class GoneActors:
+    """A scheduler on which every actor is gone and every driver disconnected (a run after stop())."""
+
+    def client_connected(self, client_id):
+        return False
+
+    def actor(self, key):
+        return None
+
+
+def test_a_stopped_run_is_not_painted_as_a_failure_and_says_its_health_is_of_the_last_iteration():
+    assert STATUS_COLORS["stopped"] != STATUS_COLORS["failed"] and STATUS_COLORS["finished"] != STATUS_COLORS["failed"]
+    store = MetricsStore()
+    store.add({"run_id": "r", "kind": "status", "status": "running", "time": 1.0, "env_runner_keys": ["env-runner-0-x"]})
+    result = {**train_result(3, 1.0), "num_healthy_learners": 2, "num_healthy_env_runners": 1}
+    store.add({"run_id": "r", "kind": "train", "time": 2.0, "result": result}, received=2.0)
+    store.add_timing({"group": "g", "rank": 0, "learner": "learner-0", "update_s": 0.1, "world_size": 1}, received=2.0)
+    store.add({"run_id": "r", "kind": "status", "status": "stopped", "time": 3.0, "error": "SIGTERM", "learner_groups": ["g"]})
+    (run,) = store.to_json(liveness=GoneActors(), now=4.0)["runs"]
+    assert run["status"] == "stopped"
+    page = summary_table(run) + env_runners_table(run) + learner_ranks_table(run)
+    assert "num_healthy_learners (at iteration 3)" in page and "healthy env runners (at iteration 3)" in page
+    assert "gone" not in page and page.count("run ended") == 2  # the learner's row and the env runner's
+
+
+def test_the_plain_page_draws_losses_and_throughput_too_with_legends_below_the_plots():
+    store = MetricsStore()
+    for i in (1, 2, 3):
+        result = {**train_result(i, 10.0 * i), "num_env_steps_trained_throughput": 24000.0}
+        store.add({"run_id": "r", "kind": "train", "time": float(i), "result": result}, received=float(i))
+    html = render_page(store.to_json()["runs"])
+    for text in (
+        "losses (mean over modules)",
+        "throughput (env steps/s)",
+        ">total_loss<",
+        ">policy_loss<",
+        ">sampled<",
+        ">trained<",
+    ):
+        assert text in html, text
+    assert html.count("<polyline") == 5  # return; total and policy loss; sampled and trained
+    assert html.count("class='chart'") == 3 and "viewBox=" in html  # charts scale down with the window
+
+
+async def legends_and_frames(browser: "Chromium", run_id: str) -> list:
+    """``[figure name, plot frame box, [legend boxes]]`` of each visible figure of ``run_id``'s section, as drawn."""
+    result = await browser.call(
+        "Runtime.evaluate",
+        returnByValue=True,
+        expression="""(() => {
+          const views = [];
+          const walk = (v) => { views.push(v); for (const c of (v.child_views ?? [])) walk(c); };
+          for (const v of Bokeh.index) walk(v);
+          const box = (b) => [b.left, b.top, b.right, b.bottom];
+          return views.filter((v) => v.frame !== undefined && v.model.visible).map((v) => [
+            v.model.name, box(v.frame.bbox),
+            [...v.renderer_views.values()].filter((r) => r.model.type == "Legend").map((r) => box(r.bbox)),
+          ]);
+        })()""",
+    )
+    return result["result"]["value"]
+
+
+def overlaps(a: list, b: list) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@needs_chromium
+def test_the_plain_page_fits_a_narrow_window(tmp_path):
+    store = MetricsStore()
+    store.add({"run_id": "a-run-with-a-long-name-" + "x" * 40, "kind": "status", "status": "running", "time": 1.0})
+    for i in (1, 2, 3):
+        result = {**train_result(i, 10.0 * i), "policy_lag_mean": 1.5, "num_env_steps_trained_throughput": 24000.0}
+        store.add({"run_id": "a-run-with-a-long-name-" + "x" * 40, "kind": "train", "time": 2.0, "result": result})
+    page = tmp_path / "page.html"
+    page.write_text(render_page(store.to_json()["runs"]))
+    browser = Chromium(CHROMIUM, width=700, height=900)
+    try:
+
+        async def check() -> list:
+            await browser.open(page.as_uri())
+            await browser.wait_for("document.querySelectorAll('svg.chart').length == 3")
+            return await browser.wait_for(
+                "[document.documentElement.scrollWidth, window.innerWidth,"
+                " Math.max(...[...document.querySelectorAll('svg.chart')].map((e) => e.getBoundingClientRect().right))]"
+            )
+
+        scroll_width, window_width, rightmost_chart = asyncio.run(check())
+    finally:
+        browser.close()
+    assert scroll_width <= window_width and rightmost_chart <= window_width
+
+
+@needs_chromium
+def test_an_open_page_says_disconnected_when_its_cluster_goes_away():
+    cluster = LocalCluster(n_workers=0, dashboard_address=":0")
+    client = Client(cluster)
+    browser = Chromium(CHROMIUM)
+    try:
+        url = register_dashboard(client)
+        publish_metrics(client, "short-lived", train_result(1, 1.0), wait=True)
+
+        def close_the_cluster() -> None:  # as an embedded cluster closes when `dlearner train` ends
+            client.close()
+            cluster.close()
+
+        async def check() -> str:
+            await browser.open(url)
+            source = "Bokeh.documents[0].get_model_by_name('return-source-short-lived')"
+            await browser.wait_for(f"!!(window.Bokeh && Bokeh.documents[0] && {source})")
+            assert not await browser.evaluate(f"!!document.getElementById('{DISCONNECTED_ID}')")
+            await asyncio.to_thread(close_the_cluster)
+            return await browser.wait_for(f"document.getElementById('{DISCONNECTED_ID}')?.textContent")
+
+        banner = asyncio.run(check())
+    finally:
+        browser.close()
+        client.close()
+        cluster.close()
+    assert "disconnected" in banner and "metrics.jsonl" in banner
+
+
+@needs_chromium
+def test_an_appo_run_in_a_real_browser_shows_true_throughputs_legends_beside_the_plots_and_every_runner(client, tmp_path):
+    url = register_dashboard(client)
+    config = (
+        APPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=2, num_envs_per_env_runner=2)
+        .learners(num_learners=1)
+        .training(rollout_fragment_length=10, train_batch_size=40)
+        .rl_module(model_config=SMALL)
+        .cluster(client=client)
+        .debugging(seed=0)
+    )
+    run_id = "appo-in-a-browser"
+    with config.build_algo() as algo:
+        algo.dashboard_run_name = run_id
+        results = []
+        for iteration in range(1, 9):
+            results.append(algo.train())
+            if iteration % 3 == 0:  # checkpoints, as `dlearner train --checkpoint-every` writes them
+                algo.save_to_path(tmp_path / f"checkpoint-{iteration}")
+        wait_for(url, run_id, step=len(results))
+        browser = Chromium(CHROMIUM)
+        try:
+
+            async def look() -> tuple:
+                await browser.open(f"{url}?run={run_id}")
+                source = f"Bokeh.documents[0].get_model_by_name('throughput-source-{run_id}')"
+                await browser.wait_for(
+                    f"window.Bokeh && Bokeh.documents[0] && {source} && {source}.data.step.length == {len(results)}"
+                )
+                throughput = await browser.wait_for(f"[{source}.data.sampled, {source}.data.trained]")
+                rows = await browser.wait_for(
+                    f"(() => {{ const div = Bokeh.documents[0].get_model_by_name('tables-{run_id}');"
+                    " const doc = new DOMParser().parseFromString(div.text, 'text/html');"
+                    " const table = [...doc.querySelectorAll('table')].find((t) => t.rows[0].cells[0].textContent == 'env runner');"
+                    " return table && [...table.tBodies[0].rows].map((r) => [...r.cells].map((c) => c.textContent)); })()"
+                )
+                return throughput, rows, await legends_and_frames(browser, run_id)
+
+            (sampled, trained), rows, figures = asyncio.run(look())
+        finally:
+            browser.close()
+    for result in results:  # what the file and the progress line get
+        assert 0 < result["env_steps_per_s"] < PHYSICAL_BOUND_STEPS_PER_S
+        assert 0 < result["num_env_steps_trained_throughput"] < PHYSICAL_BOUND_STEPS_PER_S
+    # What a person sees: every throughput the page drew is within physical bounds ...
+    assert len(sampled) == len(trained) == len(results)
+    assert all(0 < value < PHYSICAL_BOUND_STEPS_PER_S for value in sampled + trained), (sampled, trained)
+    # ... every env runner's row has figures ...
+    assert len(rows) == 2, rows
+    header = ["env runner", "worker", "health", "restarts", "env steps/s", "episodes", "policy lag", "figures as of"]
+    for row in rows:
+        figures_of = dict(zip(header, row))
+        assert figures_of["health"] == "healthy" and figures_of["figures as of"].startswith("iteration"), row
+        assert float(figures_of["env steps/s"].replace(",", "")) > 0, row
+    # ... and no legend sits on a plot area.
+    with_legends = [f for f in figures if f[2]]
+    assert len(with_legends) >= 2, figures  # losses and throughput (the timing chart once a learner timed)
+    for name, frame, legends in with_legends:
+        assert frame[2] > frame[0] and frame[3] > frame[1], (name, frame)
+        for legend in legends:
+            assert not overlaps(frame, legend), (name, frame, legend)

@@ -12,7 +12,8 @@ from bokeh.document import Document
 
 from dlearner.dashboard import DashboardPlugin, MetricsStore, render_page
 from dlearner.dashboard.app import dlearner_doc
-from dlearner.dashboard.html import TEMPLATES, json_link, run_link
+from dlearner.dashboard.html import json_link, run_link
+from dlearner.dashboard.templating import TEMPLATES
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOSTILE = "<script>alert(1)</script>' onmouseover='alert(2)"

@@ -154,6 +154,21 @@ def test_ppo_learns_and_evaluates_with_discrete_start_actions():
         assert algo.evaluate(2)["env_runners"]["episode_return_mean"] == 8.0
 
 
+def test_greedy_evaluation_runs_episodes_side_by_side_with_the_same_figures_as_one_by_one():
+    one_env = _runner(_config("CartPole-v1", num_envs=1))
+    four_envs = _runner(_config("CartPole-v1", num_envs=4))
+    four_envs.module.load_state_dict(one_env.module.state_dict())
+    try:
+        alone = one_env.evaluate(6, seed=3)
+        side_by_side = four_envs.evaluate(6, seed=3)
+    finally:
+        one_env.stop()
+        four_envs.stop()
+    # Episode i is reset with seed + i whichever env runs it, and greedy actions are deterministic.
+    assert side_by_side == alone
+    assert len(alone["episode_returns"]) == 6 and len(set(alone["episode_lengths"])) > 1
+
+
 # ----------------------------------------------------------------------- Dict/Tuple observations
 def test_dict_observations_reach_the_module_flattened_as_gymnasium_flattens_them():
     runner = _runner(_config(lambda cfg: DictObsEnv(), num_envs=2))

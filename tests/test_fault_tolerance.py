@@ -16,11 +16,10 @@ import threading
 import time
 
 import dask
-import distributed
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import ppo_batch
+from conftest import killable_cluster, ppo_batch, wait_for_workers
 
 from dlearner import PPOConfig
 from dlearner.algorithms.ppo import PPOTorchLearner
@@ -42,21 +41,17 @@ class SleepyPPOLearner(PPOTorchLearner):
 @pytest.fixture(scope="module")
 def client():
     # Three worker processes: two learners and a spare. A killed worker is restarted by its nanny.
-    with (
-        distributed.LocalCluster(
-            n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-        ) as cluster,
-        distributed.Client(cluster, set_as_default=False) as client,
-    ):
+    with killable_cluster(3) as client:
         yield client
 
 
 def ft_config(client, **fault_tolerance):
-    settings = dict(restart_failed_learners=True, learner_restart_timeout_s=30)
+    # Generous bounds: a restarted worker imports torch and dlearner first, slowly on a loaded machine.
+    settings = dict(restart_failed_learners=True, learner_restart_timeout_s=60)
     settings.update(fault_tolerance)
     return (
         PPOConfig()
-        .learners(num_learners=2, learner_startup_timeout_s=30)
+        .learners(num_learners=2, learner_startup_timeout_s=60)
         .training(minibatch_size=32, num_epochs=2, learner_class=SleepyPPOLearner)
         .rl_module(model_config={"fcnet_hiddens": [16, 16]})
         .fault_tolerance(**settings)
@@ -67,14 +62,6 @@ def ft_config(client, **fault_tolerance):
 
 def kill_worker(client, address):
     os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
-
-
-def wait_for_workers(client, count, timeout=90):
-    # A nanny restarts a killed worker in seconds; a loaded CI machine can take much longer.
-    deadline = time.monotonic() + timeout
-    while len(client.scheduler_info(n_workers=-1)["workers"]) < count:
-        assert time.monotonic() < deadline, f"the cluster did not get back to {count} workers"
-        time.sleep(0.2)
 
 
 def identical_weights(group):
@@ -134,13 +121,7 @@ def test_a_learner_killed_during_an_update_makes_the_update_retry_once(client, u
 
 def test_without_a_free_worker_the_group_goes_on_with_fewer_learners_and_grows_back(uninterrupted):
     # Exactly two workers: a killed learner has no replacement until its nanny restarts the worker.
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-        ) as cluster,
-        distributed.Client(cluster, set_as_default=False) as client,
-        dask.config.set({"dlearner.learner-group.grow-back-interval": "0.5s"}),
-    ):
+    with killable_cluster(2) as client, dask.config.set({"dlearner.learner-group.grow-back-interval": "0.5s"}):
         with ft_config(client, learner_restart_timeout_s=0).build_learner_group(spaces=SPACES) as group:
             group.update(BATCHES[0])
             kill_worker(client, group.learner_workers[1])
@@ -168,7 +149,7 @@ def algo_config(client, **fault_tolerance):
         PPOConfig()
         .environment("CartPole-v1")
         .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
-        .learners(num_learners=1, learner_startup_timeout_s=30)
+        .learners(num_learners=1, learner_startup_timeout_s=60)
         .training(train_batch_size=200, minibatch_size=100, num_epochs=1)
         .rl_module(model_config={"fcnet_hiddens": [16, 16]})
         .fault_tolerance(**fault_tolerance)
@@ -180,18 +161,24 @@ def env_runner_worker(algo):
     return algo.env_runner_group.workers[0]
 
 
-def test_a_lost_env_runner_is_replaced_and_its_lost_samples_are_counted(client):
+def test_a_lost_env_runner_is_replaced_and_its_lost_samples_are_counted(client, caplog):
     algo = algo_config(client, restart_failed_env_runners=True).build_algo()
     try:
         algo.train()
         kill_worker(client, env_runner_worker(algo))
-        result = algo.train()
+        with caplog.at_level(logging.WARNING, logger="dlearner"):
+            result = algo.train()
         assert result["num_env_runner_restarts"] == 1
         assert result["num_healthy_env_runners"] == 1
         assert result["num_env_steps_lost"] == 200
         assert result["num_env_steps_sampled_lifetime"] >= 400
     finally:
         algo.stop()
+    # The log says what happens: a replacement, not the advice for a run without fault tolerance.
+    said = [record.getMessage() for record in caplog.records if "Env runner 0" in record.getMessage()]
+    assert any("is gone" in line and "A new env runner replaces it" in line for line in said), said
+    assert any("replaces the lost" in line for line in said), said
+    assert not any("cannot go on" in line or "enable config.fault_tolerance" in line for line in said), said
     wait_for_workers(client, 3)
 
 
@@ -231,7 +218,7 @@ def test_without_fault_tolerance_every_update_async_future_in_flight_fails_withi
         for future in futures:
             with pytest.raises(Exception, match="rank 1"):
                 future.result(timeout=60)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 20  # event-driven: seconds even on a loaded machine, not the 60 s above
     wait_for_workers(client, 3)
 
 
@@ -242,7 +229,7 @@ def test_a_lost_env_runner_of_an_asynchronous_algorithm_is_replaced_while_sampli
         APPOConfig()
         .environment("CartPole-v1")
         .env_runners(num_env_runners=1)
-        .learners(num_learners=1, learner_startup_timeout_s=30)
+        .learners(num_learners=1, learner_startup_timeout_s=60)
         .rl_module(model_config={"fcnet_hiddens": [16, 16]})
         .fault_tolerance(restart_failed_env_runners=True)
         .cluster(client=client)

@@ -1,18 +1,26 @@
-"""The metrics logger (weighted means, sums, last values, the key-agreement probe) and the one
-policy that turns metrics into JSON for the metrics file and the dashboard."""
+"""The metrics logger (weighted means, sums, last values, the key-agreement probe), the one
+policy that turns metrics into JSON for the metrics file and the dashboard, and the throughputs a
+result reports: the work done over the time it took, in the result, the file and the progress line."""
 
 from __future__ import annotations
 
+import io
 import json
+import time
 
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_MODEL
 
+from dlearner import APPOConfig
 from dlearner.dashboard.protocol import sanitize as dashboard_sanitize
 from dlearner.jsonsafe import json_safe
 from dlearner.metrics import MetricsLogger
-from dlearner.reporting import flatten_result
+from dlearner.reporting import ProgressDisplay, flatten_result
+
+#: No CartPole-v1 run on one CPU process samples or trains a million env steps per second.
+PHYSICAL_BOUND_STEPS_PER_S = 1e6
 
 
 def test_means_are_weighted_by_rows_sums_add_and_last_keeps_the_latest():
@@ -130,3 +138,49 @@ def test_the_metrics_file_and_the_dashboard_turn_numbers_into_json_alike():
             flatten_result(bad)
         with pytest.raises(TypeError, match="x"):
             dashboard_sanitize(bad)
+
+
+# -------------------------------------------------------------------------------- throughputs
+def test_an_appo_iteration_right_after_a_checkpoint_reports_the_throughput_it_had(tmp_path):
+    # save_to_path waits for the updates in flight; APPO keeps sampling and updating between train()
+    # calls, so the next iteration's work was done during the save, and its time must include it.
+    config = (
+        APPOConfig()
+        .environment("CartPole-v1")
+        .rl_module(model_config=SMALL_MODEL)
+        .training(rollout_fragment_length=10, train_batch_size=40)
+        .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
+        .debugging(seed=1)
+    )
+    progress = io.StringIO()
+    display = ProgressDisplay(progress)
+    with config.build_algo() as algo:
+        results = []
+        for checkpoint in range(3):
+            for _ in range(2):
+                results.append(algo.train())
+                display.update(results[-1])
+            saving = time.perf_counter()
+            algo.save_to_path(tmp_path / f"checkpoint-{checkpoint}")
+            save_s = time.perf_counter() - saving
+            before = results[-1]
+            after = algo.train()
+            display.update(after)
+            results.append(after)
+            trained = after["num_env_steps_trained_lifetime"] - before["num_env_steps_trained_lifetime"]
+            sampled = after["num_env_steps_sampled_lifetime"] - before["num_env_steps_sampled_lifetime"]
+            assert trained > 0 and sampled > 0  # an iteration does new work, even right after a save
+            assert after["time_this_iter_s"] >= save_s  # the save is part of the iteration's time
+            assert after["num_env_steps_trained_throughput"] == pytest.approx(trained / after["time_this_iter_s"])
+            assert after["num_env_steps_trained_throughput"] <= trained / save_s
+            assert after["env_steps_per_s"] == pytest.approx(sampled / after["time_this_iter_s"])
+    for result in results:
+        for key in ("env_steps_per_s", "num_env_steps_trained_throughput"):
+            assert 0 < result[key] < PHYSICAL_BOUND_STEPS_PER_S, (key, result[key])
+    # Each iteration's time is its share of the run: they add up to the total, without gaps or overlaps.
+    assert results[-1]["time_total_s"] == pytest.approx(sum(r["time_this_iter_s"] for r in results))
+    lines = progress.getvalue().splitlines()
+    assert len(lines) == len(results)
+    for line, result in zip(lines, results):
+        assert f"{result['env_steps_per_s']:,.0f} steps/s" in line  # the file's figure, and never 0
+        assert " 0 steps/s" not in line

@@ -43,7 +43,7 @@ import numpy as np
 
 from dlearner.columns import ALL_MODULES, TIMESTEP_KEY, Columns
 from dlearner.env_runner import NEXT_VF_PREDS
-from dlearner.errors import EnvRunnerDiedError
+from dlearner.errors import EnvRunnerDiedError, LearnerDiedError
 
 #: Columns of a fragment the IMPALA/APPO learners train on.
 TRAIN_COLUMNS = (
@@ -102,7 +102,12 @@ class AsyncPipeline:
         self._stale_samples: set = set()  # futures whose samples a restore made obsolete
         self._runner_versions = [0] * algo.env_runner_group.num_runners
         self._updates: Deque[_Update] = collections.deque()
-        self._weights_fetches: List[Tuple[Any, int]] = []
+        # (future, weights version, learner_group.num_updates_retried when it was sent)
+        self._weights_fetches: List[Tuple[Any, int, int]] = []
+        self._num_updates_received = 0
+        # With learner fault tolerance, a lost learner costs at most the updates in flight (they are
+        # retried), never the run: a weights fetch it broke or made stale is skipped.
+        self._learners_restart = bool(config.restart_failed_learners)
         self._weights: Optional[Dict[str, Any]] = None
         self._weights_version = 0
         self._num_updates_requested = 0
@@ -112,23 +117,29 @@ class AsyncPipeline:
         self._finished: List[Tuple[_Update, Dict[str, Any]]] = []  # updates finished outside an iteration
         self.num_env_steps_dropped_lifetime = 0
         self._iteration_stats: Dict[str, Any] = {}
+        self._iteration_ended: Optional[float] = None  # perf_counter() when the last iteration ended
         self._lag_by_runner: List[Tuple[int, int]] = []  # (runner index, policy lag) of fragments sent to learners
 
     # --------------------------------------------------------------------------- one iteration
     def run_iteration(self) -> Tuple[Dict[str, Any], int]:
         """Run the loop until ``train_batch_size`` new samples were trained on (or
-        ``min_time_s_per_iteration`` passed); returns ``(mean learner results, env steps sampled)``."""
+        ``min_time_s_per_iteration`` passed) and new samples arrived; returns ``(mean learner
+        results, env steps sampled)``.
+
+        The iteration's time (``time_this_iter_s``) is the wall-clock window since the previous
+        iteration ended, not just this call: sampling and updates go on between ``train()`` calls
+        (during a ``save_to_path`` too), so that window is when this iteration's work was done, and
+        its throughputs are that work over that window.
+        """
         start = time.perf_counter()
+        window_start = start if self._iteration_ended is None else self._iteration_ended
         min_time = self.config.min_time_s_per_iteration
         finished, self._finished = self._finished, []  # updates that save_to_path waited for
         sampled = self._sampled_this_iteration = 0
         queue_lengths: List[int] = []
         while True:
-            new_samples_trained = sum(update.rows for update, _ in finished)
-            done_time = min_time is not None and time.perf_counter() - start >= min_time
-            done_samples = min_time is None and new_samples_trained >= self.config.train_batch_size
-            if (done_time or done_samples) and finished:
-                break
+            # At least one pass: samples and updates that finished while the caller was away (a save)
+            # are collected here, so an iteration never ends in microseconds having sampled nothing.
             self._request_samples()
             self._request_updates()
             queue_lengths.append(len(self._queue))
@@ -138,7 +149,13 @@ class AsyncPipeline:
                     self._sampled_this_iteration = sampled
                 elif kind == "update":
                     finished.append(payload)
-        elapsed = time.perf_counter() - start
+            new_samples_trained = sum(update.rows for update, _ in finished)
+            done_time = min_time is not None and time.perf_counter() - start >= min_time
+            done_samples = min_time is None and new_samples_trained >= self.config.train_batch_size
+            if (done_time or done_samples) and finished and sampled > 0:
+                break
+        self._iteration_ended = time.perf_counter()
+        elapsed = self._iteration_ended - window_start
         results = [result for _, result in finished]
         trained = sum(int(result[ALL_MODULES].get("num_env_steps_trained", 0)) for result in results)
         all_lags = np.concatenate([update.lags for update, _ in finished])
@@ -146,6 +163,7 @@ class AsyncPipeline:
             "policy_lag_mean": float(all_lags.mean()),
             "policy_lag_max": int(all_lags.max()),
             "num_env_steps_dropped_lifetime": self.num_env_steps_dropped_lifetime,
+            "time_this_iter_s": elapsed,
             "num_env_steps_trained_throughput": trained / elapsed if elapsed > 0 else float("nan"),
             "num_learner_updates": len(results),
             "learner_queue_fragments_mean": float(np.mean(queue_lengths)) if queue_lengths else 0.0,
@@ -237,32 +255,53 @@ class AsyncPipeline:
         """Ask rank 0 for its weights, queued behind the update just sent: exactly version ``k``."""
         # The request travels the learners' ordered request path, like update_async, so it never
         # blocks this loop; LearnerGroup.get_weights would wait for every update in flight.
-        future = self.algo.learner_group.get_weights_async()
-        self._weights_fetches.append((future, self._num_updates_requested))
+        group = self.algo.learner_group
+        try:
+            future = group.get_weights_async()
+        except LearnerDiedError:
+            if not self._learners_restart:
+                raise
+            return  # every learner is gone for now; the next update replaces them
+        self._weights_fetches.append((future, self._num_updates_requested, group.num_updates_retried))
+
+    def _take_weights(self, future: Any, version: int, retried_before: int) -> None:
+        """Keep fetched weights if they are newer than the runners'. With learner fault tolerance a
+        fetch is skipped when it failed (rank 0 was lost) or when updates were retried since it was
+        sent (it may have read a state the loss rolled back): a later broadcast brings newer weights."""
+        if self._learners_restart:
+            if future.exception() is not None or self.algo.learner_group.num_updates_retried != retried_before:
+                return
+        weights = future.result()
+        if version > self._weights_version:
+            self._weights, self._weights_version = weights, version
+
+    def _weights_ready(self, future: Any, version: int) -> bool:
+        # With fault tolerance, only once the update it follows was received: a retry of that update
+        # (or of one before it) is counted by then.
+        return future.done() and (not self._learners_restart or version <= self._num_updates_received)
 
     def _receive_update(self, update: _Update) -> Dict[str, Any]:
         result = update.future.result()
+        self._num_updates_received += 1
         self.algo.num_env_steps_trained_lifetime += int(result[ALL_MODULES].get("num_env_steps_trained", 0))
         return result
 
     # ---------------------------------------------------------------------------------- waiting
     def _wait(self) -> List[Tuple[str, Any]]:
         """Wait until a sample, an update or a weights fetch finished; handle everything finished."""
-        futures = list(self._sampling) + [u.done for u in self._updates] + [f for f, _ in self._weights_fetches]
+        fetching = [f for f, _, _ in self._weights_fetches if not f.done()]
+        futures = list(self._sampling) + [u.done for u in self._updates] + fetching
         if not futures:
             raise RuntimeError("The async pipeline has nothing in flight; this is a bug in dlearner.")
         concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
         events: List[Tuple[str, Any]] = []
-        for future, version in list(self._weights_fetches):
-            if future.done():
-                self._weights_fetches.remove((future, version))
-                weights = future.result()
-                if version > self._weights_version:
-                    self._weights, self._weights_version = weights, version
         # Updates finish in the order they were sent.
         while self._updates and self._updates[0].done.done():
             update = self._updates.popleft()
             events.append(("update", (update, self._receive_update(update))))
+        for fetch in [f for f in self._weights_fetches if self._weights_ready(f[0], f[1])]:
+            self._weights_fetches.remove(fetch)
+            self._take_weights(*fetch)
         for future in [f for f in self._sampling if f.done()]:
             events.append(("sample", self._receive_sample(future)))
         return events
@@ -273,10 +312,9 @@ class AsyncPipeline:
         while self._updates:
             update = self._updates.popleft()
             self._finished.append((update, self._receive_update(update)))
-        for future, version in self._weights_fetches:
-            weights = future.result()
-            if version > self._weights_version:
-                self._weights, self._weights_version = weights, version
+        for fetch in self._weights_fetches:
+            concurrent.futures.wait([fetch[0]])
+            self._take_weights(*fetch)
         self._weights_fetches = []
 
     def reset_after_restore(self) -> None:

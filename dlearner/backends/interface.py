@@ -14,7 +14,7 @@ they were sent.
 from __future__ import annotations
 
 import concurrent.futures
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
+from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, runtime_checkable
 
 from dlearner.errors import LearnerDiedError
 
@@ -69,10 +69,17 @@ class LearnerPool(Protocol):
     ) -> List[Any]:
         """:meth:`submit` and wait: the values by rank, or the learners' exception raised here."""
 
-    def submit_update_future(
-        self, target: Any, args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None
+    def submit_update(
+        self,
+        target: Any,
+        args_for_world: Callable[[int], Sequence[tuple]],
+        *,
+        log_topic: Optional[str] = None,
+        future: bool = False,
     ) -> Tuple[concurrent.futures.Future, Any]:
-        """A collective request on all learners: ``(future of the values, user-facing future of rank 0's value)``."""
+        """An async collective update on all learners: ``(future of the values, user-facing future of
+        rank 0's value, or None unless future=True)``. ``args_for_world(n)``: each rank's arguments for
+        ``n`` learners (a fault-tolerant pool retries an interrupted update on its re-formed group)."""
 
     def ensure_ready(self) -> None:
         """Before an update: raise if a learner is gone (or replace it, with fault tolerance), repair

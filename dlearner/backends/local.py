@@ -75,11 +75,16 @@ class LocalLearnerPool:
             return [target(self.learner, *args)]  # no async request was made: run inline
         return self.submit(target, args_per_rank).result()  # after the async requests, in order
 
-    def submit_update_future(
-        self, target: Callable[..., Any], args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None
-    ) -> Tuple[concurrent.futures.Future, concurrent.futures.Future]:
-        pending = self.submit(target, args_per_rank)
-        return pending, first_value(pending)
+    def submit_update(
+        self,
+        target: Callable[..., Any],
+        args_for_world: Callable[[int], Sequence[tuple]],
+        *,
+        log_topic: Optional[str] = None,
+        future: bool = False,
+    ) -> Tuple[concurrent.futures.Future, Optional[concurrent.futures.Future]]:
+        pending = self.submit(target, args_for_world(1))
+        return pending, (first_value(pending) if future else None)
 
     def ensure_ready(self) -> None:
         pass

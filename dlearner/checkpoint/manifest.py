@@ -226,13 +226,16 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
             raise bad(f"invalid node path {raw!r}")
         return raw
 
+    def too_many_nodes() -> InvalidCheckpointError:
+        return InvalidCheckpointError(
+            f"{where}: the manifest lists more than {MAX_MANIFEST_NODES} nodes (MAX_MANIFEST_NODES); refusing to read it"
+        )
+
     def parse(obj: Any, *, root: bool = False) -> DictNode | ArrayLeaf | JsonLeaf:
         nonlocal num_nodes
         num_nodes += 1
         if num_nodes > MAX_MANIFEST_NODES:
-            raise InvalidCheckpointError(
-                f"{where}: the manifest lists more than {MAX_MANIFEST_NODES} nodes (MAX_MANIFEST_NODES); refusing to read it"
-            )
+            raise too_many_nodes()
         if not isinstance(obj, dict) or "type" not in obj:
             raise bad(f"expected a node object, got {obj!r:.80}")
         kind = obj["type"]
@@ -240,6 +243,8 @@ def parse_manifest(doc: Any, where: str) -> Manifest:
             items = obj.get("items")
             if not isinstance(items, list):
                 raise bad("dict node without an items list")
+            if num_nodes + len(items) > MAX_MANIFEST_NODES:
+                raise too_many_nodes()  # before validating a flood of items one by one
             node = DictNode(node_path(obj.get("node"), root=root))
             for item in items:
                 if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) and item[0]):

@@ -8,7 +8,7 @@ Examples::
     dlearner train ... --scheduler-file sched.json                        # attach to a running cluster
     dlearner evaluate runs/cartpole --episodes 10
     dlearner inspect runs/cartpole
-    dlearner plot runs/cartpole/metrics.jsonl -o curve.png
+    dlearner plot runs/cartpole -o curve.png                              # its metrics.jsonl
 
 Exit status: 0 on success; 2 for a bad flag, path or setting (a one-line message on stderr names
 it); 1 when training fails (a learner's exception, a lost worker, a cluster that lacks workers: a

@@ -15,9 +15,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     metadata = load_run_metadata(args.checkpoint, "evaluate")
     config = config_from_dict(metadata["config"])
     restore_env(config, metadata, args, "drop --env.")
-    # Evaluation is a few episodes in this process: no cluster, no GPU, whatever the run used.
+    # Evaluation is a few episodes in this process: no cluster, no GPU, whatever the run used. The
+    # run's num_envs_per_env_runner stays: that many episodes run side by side.
     config.learners(num_learners=0, num_gpus_per_learner=0)
-    config.env_runners(num_env_runners=0, num_envs_per_env_runner=1)
+    config.env_runners(num_env_runners=0)
     config.address, config.scheduler_file, config.client = None, None, None
     counters = metadata.get("counters") or {}
     with config.build_algo() as algo:

@@ -310,14 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     # ----------------------------------------------------------------------------------- plot
     plot = sub.add_parser(
         "plot",
-        help="draw a learning curve from a metrics file",
-        description="Draw the mean episode return against env steps from a metrics file.",
+        help="draw a learning curve from a run folder or a metrics file",
+        description="Draw the mean episode return against env steps from a run's metrics file.",
     )
-    plot.add_argument("metrics_file", metavar="METRICS_FILE", help=f"a {METRICS_FILENAME} written by `dlearner train`")
+    plot.add_argument(
+        "metrics_file",
+        metavar="RUN",
+        help=f"a run folder of `dlearner train --checkpoint DIR` (its {METRICS_FILENAME} is drawn), or a metrics file",
+    )
     plot.add_argument(
         "-o", "--output", default=None, metavar="PNG", help=f"PNG to write (default: {CURVE_FILENAME} beside the metrics file)"
     )
-    plot.add_argument("--title", default=None, help="plot title")
+    plot.add_argument("--title", default=None, help="plot title (default: the run's name)")
     _add_output_options(plot, defaults=False)
     plot.set_defaults(func=cmd_plot)
     return parser

@@ -68,27 +68,73 @@ def output_paths(args: argparse.Namespace) -> Tuple[Optional[Path], Optional[Pat
 
 
 # --------------------------------------------------------------- the stored checkpoint
-def checkpoint_metadata(path: str) -> Optional[Dict[str, Any]]:
-    """The metadata of the checkpoint at ``path``, ``None`` if nothing is there.
+def checkpoint_metadata(path: str, *, new_run: bool = False) -> Optional[Dict[str, Any]]:
+    """The metadata of the checkpoint at ``path`` (``--checkpoint``), ``None`` if nothing is there.
 
-    Raises ``ValueError`` for something that is not a dlearner checkpoint (its message says what is there).
+    Raises :class:`UsageError` for something that is not a dlearner checkpoint, saying what is there
+    and what ``--checkpoint`` takes (a new run's folder with ``new_run``, else a checkpoint).
     """
-    from dlearner.checkpoint import read_metadata
-
     local = local_dir(path)
     if local is not None and local.is_dir() and not any(local.iterdir()):
         return None  # an empty directory: a fine place for a new run
     try:
-        return read_metadata(path)
+        return read_checkpoint_metadata(path, flag="--checkpoint", new_run=new_run)
     except FileNotFoundError:
         return None
 
 
+def read_checkpoint_metadata(path: str, *, flag: Optional[str] = None, new_run: bool = False) -> Dict[str, Any]:
+    """``dlearner.checkpoint.read_metadata(path)``, with a plain sentence (a :class:`UsageError`, naming
+    ``flag`` if given) for a path that holds no checkpoint; ``FileNotFoundError`` for a missing path."""
+    from dlearner.checkpoint import InvalidCheckpointError, read_metadata
+
+    try:
+        return read_metadata(path)
+    except InvalidCheckpointError as err:
+        prefix = f"argument {flag}: " if flag else ""
+        raise UsageError(prefix + not_a_checkpoint(path, err, new_run=new_run)) from err
+
+
+def not_a_checkpoint(path: str, err: ValueError, *, new_run: bool = False) -> str:
+    """What a user needs to hear about a ``path`` that holds no readable checkpoint: what it is and what
+    is expected instead (``new_run``: a folder for a new run). ``err`` is what the store's reader said:
+    the message for a damaged checkpoint, which says what is wrong with it."""
+    from dlearner.checkpoint import RUN_STORE_DIRNAME
+
+    local = local_dir(path)
+    if local is None or (local / "zarr.json").exists() or (local / RUN_STORE_DIRNAME).exists():
+        return str(err)  # a checkpoint store or a run folder, but damaged; or a remote URL
+    if new_run:
+        expected = (
+            "--checkpoint takes the folder of the run, where train writes its checkpoint, "
+            f"{METRICS_FILENAME} and learning curve (made if missing): pass a new or empty directory"
+        )
+    else:
+        expected = (
+            "A checkpoint is a directory: the run folder `dlearner train --checkpoint DIR` writes (it holds "
+            f"{RUN_STORE_DIRNAME}/ and {METRICS_FILENAME}), or the checkpoint store in it (it holds zarr.json)"
+        )
+    if local.is_file():
+        return f"{path!r} is a file, not a directory. {expected}."
+    entries = sorted(entry.name for entry in local.iterdir())
+    if not entries:
+        return f"{path!r} is an empty directory. {expected}."
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    runs = [name for name in entries if (local / name / RUN_STORE_DIRNAME).is_dir() or (local / name / "zarr.json").is_file()]
+    hint = ""
+    if runs:
+        example = str(local / runs[0])
+        hint = (
+            f" It holds run folders; to continue one: --checkpoint {example} --resume."
+            if new_run
+            else f" It holds run folders, e.g. {example}."
+        )
+    return f"{path!r} holds no checkpoint (no zarr.json or {RUN_STORE_DIRNAME}/; it holds {shown}). {expected}.{hint}"
+
+
 def load_run_metadata(path: str, what: str) -> Dict[str, Any]:
     """Metadata of the Algorithm checkpoint at ``path``; errors name ``path``."""
-    from dlearner.checkpoint import read_metadata
-
-    metadata = read_metadata(path)  # FileNotFoundError / ValueError name the path
+    metadata = read_checkpoint_metadata(path)  # FileNotFoundError / UsageError name the path
     if metadata.get("kind") != "Algorithm" or not isinstance(metadata.get("config"), Mapping):
         raise ValueError(
             f"{path!r} is a dlearner {metadata.get('kind')!r} checkpoint, not a training run's (Algorithm) checkpoint; "
@@ -102,7 +148,7 @@ def committed_iteration(path: str, last_saved: int) -> Any:
     its commit (a worker lost while it replied) has still written the newer one."""
     try:
         metadata = checkpoint_metadata(path)
-    except (ValueError, OSError):
+    except (UsageError, ValueError, OSError):
         return last_saved
     counters = (metadata or {}).get("counters") or {}
     return counters.get("iteration", last_saved)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from dlearner.cli.algorithms import algo_name, algorithm_classes, config_from_dict
 from dlearner.cli.errors import UsageError, flag
-from dlearner.cli.runs import checkpoint_metadata, is_url, load_run_metadata, local_dir, restore_env
+from dlearner.cli.runs import METRICS_FILENAME, checkpoint_metadata, is_url, load_run_metadata, local_dir, restore_env
 
 if TYPE_CHECKING:
     from dlearner.config import AlgorithmConfig
@@ -21,6 +21,12 @@ def check_train_args(args: argparse.Namespace) -> None:
     """Refuse combinations of ``train`` flags that cannot work (each message names the flag)."""
     if args.resume and args.checkpoint is None:
         raise UsageError("argument --resume: needs --checkpoint DIR, the run to continue.")
+    if args.checkpoint is not None and (local := local_dir(args.checkpoint)) is not None and local.is_file():
+        raise UsageError(
+            f"argument --checkpoint: {args.checkpoint!r} is a file, but --checkpoint takes a directory: the run's "
+            f"folder, where train writes its checkpoint, {METRICS_FILENAME} and learning curve (made if missing). Pass a new "
+            "directory for a new run, or a run folder with --resume to continue it."
+        )
     if args.scheduler_file is not None and not Path(args.scheduler_file).is_file():
         raise UsageError(
             f"argument --scheduler-file: {args.scheduler_file!r} does not exist; pass the file the scheduler wrote "
@@ -69,7 +75,7 @@ def make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Dic
             raise UsageError("argument --env: required to start a run, e.g. --env CartPole-v1 (or continue one with --resume).")
         if args.checkpoint is not None:
             with flag("--checkpoint"):
-                existing = checkpoint_metadata(args.checkpoint)
+                existing = checkpoint_metadata(args.checkpoint, new_run=True)
             if existing is not None:
                 counters = existing.get("counters") or {}
                 raise UsageError(

@@ -38,7 +38,7 @@ needs neither torch nor gymnasium for this.
 from __future__ import annotations
 
 from dlearner.dashboard.app import install_bokeh_page
-from dlearner.dashboard.html import render_page, render_svg_curve
+from dlearner.dashboard.html import render_page
 from dlearner.dashboard.plugin import DashboardPlugin, dask_setup
 from dlearner.dashboard.protocol import PAGE_PATH, PLUGIN_NAME, STATUSES
 from dlearner.dashboard.publish import (
@@ -50,6 +50,7 @@ from dlearner.dashboard.publish import (
     register_dashboard,
 )
 from dlearner.dashboard.store import FOLD_AFTER_S, MetricsStore
+from dlearner.dashboard.svg import render_svg_curve
 from dlearner.events import EVENT_TOPIC, LEARNER_TOPIC_PREFIX, TIMING_TOPIC
 
 __all__ = [

@@ -33,6 +33,22 @@ REFRESH_MS = 1000
 MAX_POINTS = 2000
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 _TIME_PARTS = (("compute_s", "compute", "#1f77b4"), ("allreduce_s", "all-reduce", "#ff7f0e"), ("waiting_s", "waiting", "#bbbbbb"))
+#: Id of the banner an open page shows once its server went away.
+DISCONNECTED_ID = "dlearner-disconnected"
+# Runs in the browser when Bokeh's websocket to the dashboard closed for good (e.g. `dlearner train`
+# ended and took its embedded cluster along): say so instead of freezing silently.
+_DISCONNECTED_JS = f"""
+if (!document.getElementById("{DISCONNECTED_ID}")) {{
+  const banner = document.createElement("div");
+  banner.id = "{DISCONNECTED_ID}";
+  banner.textContent = "disconnected: the dashboard's server went away (its cluster closed?), so this page " +
+    "no longer updates. A dlearner train run's record stays in its run folder: metrics.jsonl and the PNG plot.";
+  banner.style.cssText = "position:fixed;top:0;left:0;right:0;z-index:10000;padding:8px 16px;" +
+    "background:#7f7f7f;color:white;font:bold 14px Helvetica,Arial,sans-serif";
+  document.body.appendChild(banner);
+  document.title = "(disconnected) " + document.title;
+}}
+"""
 
 
 def install_bokeh_page() -> bool:
@@ -52,7 +68,7 @@ def install_bokeh_page() -> bool:
 def dlearner_doc(scheduler: Any, extra: Dict[str, Any], doc: Any) -> None:
     """Bokeh application function (``applications`` signature): builds one browser session's page."""
     from bokeh.layouts import column
-    from bokeh.models import Div
+    from bokeh.models import CustomJS, Div
     from distributed.dashboard.components.scheduler import BOKEH_THEME, env
 
     arguments = doc.session_context.request.arguments if doc.session_context else {}
@@ -100,6 +116,7 @@ def dlearner_doc(scheduler: Any, extra: Dict[str, Any], doc: Any) -> None:
 
     update()
     doc.add_periodic_callback(update, REFRESH_MS)
+    doc.js_on_event("connection_lost", CustomJS(code=_DISCONNECTED_JS))
     doc.title = "Dask: dlearner"
     doc.add_root(root)
     doc.template = env.get_template("simple.html")
@@ -112,7 +129,7 @@ class _Section:
 
     def __init__(self, run: Dict[str, Any], folded: bool):
         from bokeh.layouts import column, row
-        from bokeh.models import ColumnDataSource, Div, FactorRange, HoverTool, NumeralTickFormatter
+        from bokeh.models import ColumnDataSource, Div, FactorRange, HoverTool, Legend, NumeralTickFormatter
         from bokeh.plotting import figure
 
         self.folded = folded
@@ -120,22 +137,30 @@ class _Section:
         self.header = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"})
         self._texts: Dict[int, str] = {}
         self._last_history: Any = None
+        self._last_timing: Any = None
         if folded:
             self.root = column(self.header, sizing_mode="stretch_width")
             return
         name = self.run_id
         self.curve = ColumnDataSource({"x": [], "y": [], "step": []}, name=f"return-source-{name}")
         self.losses = ColumnDataSource({"step": [], **{k: [] for k in ("total_loss", "policy_loss", "vf_loss", "entropy")}})
-        self.throughput = ColumnDataSource({"step": [], "sampled": [], "trained": []})
+        self.throughput = ColumnDataSource({"step": [], "sampled": [], "trained": []}, name=f"throughput-source-{name}")
         self.timing = ColumnDataSource({"rank": [], **{k: [] for k, _, _ in _TIME_PARTS}})
 
-        def fig(title: str, x_label: str, **kwargs: Any) -> Any:
+        def fig(title: str, x_label: str, legend: bool = False, **kwargs: Any) -> Any:
+            # The toolbar sits right of the plot, so a title has the whole width; a few short
+            # ticks (25k, not 25,000) so that labels never collide.
             f = figure(
-                title=title, height=230, width=310, tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="above", **kwargs
+                title=title, height=250, width=310, tools="pan,wheel_zoom,box_zoom,reset,save", toolbar_location="right", **kwargs
             )
             f.xaxis.axis_label = x_label
-            f.xaxis.formatter = NumeralTickFormatter(format="0,0[.]0[0]")
-            f.yaxis.formatter = NumeralTickFormatter(format="0,0[.]0[0]")
+            if x_label in ("iteration", "update"):
+                f.xaxis.ticker.min_interval = 1  # whole iterations, never 1.2
+            for axis in (f.xaxis, f.yaxis):
+                axis.formatter = NumeralTickFormatter(format="0.[00]a")
+                axis.ticker.desired_num_ticks = 4
+            if legend:
+                _legend_below(f, Legend)
             return f
 
         x_label, y_label = run["x_label"], run["y_label"]
@@ -143,24 +168,22 @@ class _Section:
         ret.line("x", "y", source=self.curve, line_width=2, color=_COLORS[0])
         ret.scatter("x", "y", source=self.curve, size=4, color=_COLORS[0])
         ret.add_tools(HoverTool(tooltips=[("step", "@step"), (x_label, "@x{0,0}"), (y_label, "@y{0.000}")]))
-        loss = fig("losses (mean over modules)", "iteration" if run["kind"] == "train" else "update")
+        loss = fig("losses (mean over modules)", "iteration" if run["kind"] == "train" else "update", legend=True)
         for color, key in zip(_COLORS, ("total_loss", "policy_loss", "vf_loss", "entropy")):
             loss.line("step", key, source=self.losses, color=color, line_width=2, legend_label=key)
-        loss.legend.location = "top_right"
-        loss.legend.label_text_font_size = "9pt"
-        thr = fig("throughput (env steps/s)", "iteration")
+        thr = fig("throughput (env steps/s)", "iteration", legend=True, name=f"throughput-figure-{name}")
         thr.line("step", "sampled", source=self.throughput, color=_COLORS[0], line_width=2, legend_label="sampled")
         thr.line("step", "trained", source=self.throughput, color=_COLORS[1], line_width=2, legend_label="trained")
-        thr.legend.location = "bottom_right"
-        thr.legend.label_text_font_size = "9pt"
         tim = figure(
-            title="update time per learner (s, mean of recent updates)",
-            height=230,
+            title="update time per learner",
+            height=250,
             width=310,
             y_range=FactorRange(factors=[]),
             toolbar_location=None,
             tools="",
         )
+        _legend_below(tim, Legend)
+        tim.xaxis.ticker.desired_num_ticks = 4
         tim.hbar_stack(
             [k for k, _, _ in _TIME_PARTS],
             y="rank",
@@ -169,11 +192,9 @@ class _Section:
             color=[c for _, _, c in _TIME_PARTS],
             legend_label=[label for _, label, _ in _TIME_PARTS],
         )
-        tim.legend.location = "bottom_right"
-        tim.legend.label_text_font_size = "9pt"
-        tim.xaxis.axis_label = "seconds"
+        tim.xaxis.axis_label = "seconds (mean of recent updates)"
         self.timing_figure = tim
-        self.tables = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"})
+        self.tables = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"}, name=f"tables-{name}")
         self.root = column(self.header, row(ret, loss, thr, tim), self.tables, sizing_mode="stretch_width")
 
     def update(self, run: Dict[str, Any]) -> None:
@@ -184,7 +205,7 @@ class _Section:
                 run_id=self.run_id,
                 link=run_link(self.run_id),
                 color=status_color(run),
-                header_html=run_header(run),
+                header_html=run_header(run, clock=True),
                 folded=self.folded,
             ),
         )
@@ -214,10 +235,33 @@ class _Section:
             }
         ranks = run.get("learner_ranks") or []
         labels = [f"rank {r['rank']}" for r in ranks]
-        self.timing_figure.visible = bool(ranks)  # no learner actors (local learner): nothing to split
+        if self.timing_figure.visible != bool(ranks):
+            self.timing_figure.visible = bool(ranks)  # no learner actors (local learner): nothing to split
         if list(self.timing_figure.y_range.factors) != labels:
             self.timing_figure.y_range.factors = labels
-        self.timing.data = {"rank": labels, **{k: [r.get(k) or 0.0 for r in ranks] for k, _, _ in _TIME_PARTS}}
+        timing = {"rank": labels, **{k: [r.get(k) or 0.0 for r in ranks] for k, _, _ in _TIME_PARTS}}
+        if timing != self._last_timing:  # every change redraws the chart in each open browser
+            self._last_timing = timing
+            self.timing.data = timing
+
+
+def _legend_below(figure: Any, legend_class: Any) -> None:
+    """Give ``figure`` an empty legend below its plot area: glyphs drawn with ``legend_label`` join
+    it there, never on top of the data."""
+    figure.add_layout(
+        legend_class(
+            orientation="horizontal",
+            ncols=3,
+            label_text_font_size="8pt",
+            glyph_width=14,
+            label_standoff=3,
+            spacing=6,
+            padding=2,
+            margin=2,
+            border_line_alpha=0,
+        ),
+        "below",
+    )
 
 
 def _set(div: Any, text: str) -> None:

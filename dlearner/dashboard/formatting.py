@@ -43,6 +43,15 @@ def age(timestamp: Optional[float], now: Optional[float] = None) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def clock_time(timestamp: Optional[float]) -> str:
+    """A time of day in this process's time zone: ``14:03:27``, with the date when not today."""
+    if timestamp is None:
+        return "–"
+    when = time.localtime(float(timestamp))
+    same_day = time.strftime("%Y-%m-%d", when) == time.strftime("%Y-%m-%d")
+    return time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S", when)
+
+
 def nice_ticks(lo: float, hi: float, count: int = 5) -> List[float]:
     """Round tick values covering ``[lo, hi]``: steps of 1, 2 or 5 times a power of ten."""
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:

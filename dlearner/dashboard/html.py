@@ -1,7 +1,7 @@
 """The page's HTML: the plain page (fallback route) and the pieces the Bokeh page shows too.
 
-Markup lives in tornado templates under ``templates/`` (shipped as package data, loaded as
-``distributed.http`` loads its own), which escape every value they are given. Functions here only
+Markup lives in tornado templates under ``templates/`` (:mod:`dlearner.dashboard.templating`),
+which escape every value they are given; the plain page's charts are :mod:`dlearner.dashboard.svg`'s. Functions here only
 choose and format the values; a ``*_html`` argument of a template is a fragment another template
 rendered. The plain page needs no JavaScript and nothing from a CDN: inline SVG charts, the
 dashboard's own stylesheet (``statics/css/base.css``, served by the scheduler) and its navigation bar.
@@ -9,33 +9,27 @@ dashboard's own stylesheet (``statics/css/base.css``, served by the scheduler) a
 
 from __future__ import annotations
 
-import pathlib
 import time
 import urllib.parse
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from tornado import template
-
 from dlearner.columns import ALL_MODULES
-from dlearner.dashboard.formatting import (
-    age,
-    fmt,
-    fmt_seconds,
-    fmt_tick,
-    nice_ticks,
-    padded_range,
-)
+from dlearner.dashboard.formatting import age, clock_time, fmt, fmt_seconds
 from dlearner.dashboard.protocol import KIND_TRAIN, PAGE_PATH
+from dlearner.dashboard.store import LOSS_KEYS
+from dlearner.dashboard.svg import COLORS, render_svg_chart, xy_points
+from dlearner.dashboard.templating import render
 
-TEMPLATES = pathlib.Path(__file__).with_name("templates")
-# "single": runs of blanks in the templates' markup become one (output values are left as they are).
-_LOADER = template.Loader(str(TEMPLATES), autoescape="xhtml_escape", whitespace="single")
-
-#: Colours of the statuses (the dashboard's own palette: blue running, green done, red failed).
-STATUS_COLORS = {"running": "#1f77b4", "finished": "#2ca02c", "failed": "#d62728", "stopped": "#ff7f0e", "ended": "#7f7f7f"}
-#: Colour of a learner's health in its table.
-HEALTH_COLORS = {"healthy": "#2ca02c", "gone": "#d62728"}
+#: Colours of the statuses (the dashboard's own palette: blue running, green done, red failed only;
+#: a run stopped on request, or one whose driver went away without a word, is neutral grey).
+STATUS_COLORS = {"running": "#1f77b4", "finished": "#2ca02c", "failed": "#d62728", "stopped": "#7f7f7f", "ended": "#7f7f7f"}
+#: What an actor row says about its health once the run ended (its actors are released then).
+RUN_ENDED = "run ended"
+#: Colour of a learner's or env runner's health in its table.
+HEALTH_COLORS = {"healthy": "#2ca02c", "gone": "#d62728", RUN_ENDED: "#7f7f7f"}
+#: Summary entries about the run's health: after a final status they are as of the last iteration.
+HEALTH_KEYS = ("num_healthy_learners", "num_healthy_env_runners")
 #: Dask's navigation, for a page drawn without the scheduler's list.
 DASK_PAGES = ("status", "workers", "tasks", "system", "profile", "graph", "groups", "info")
 
@@ -61,12 +55,6 @@ SUMMARY_KEYS = (
 )
 
 
-def render(name: str, **values: Any) -> str:
-    """Template ``name`` filled with ``values`` (escaped), without the line breaks around it (the one
-    after a template's leading comment and the file's last)."""
-    return _LOADER.load(name).generate(**values).decode("utf-8").strip()
-
-
 def run_link(run_id: str) -> str:
     """The page of one run, relative to ``.../dlearner``."""
     return f"{PAGE_PATH}?run={urllib.parse.quote(run_id, safe='')}"
@@ -83,6 +71,25 @@ def status_color(run: Mapping[str, Any]) -> str:
     return STATUS_COLORS.get(run.get("status") or "running", "#7f7f7f")
 
 
+def run_ended(run: Mapping[str, Any]) -> bool:
+    """Whether the run has a final status (its actors are gone by design, not by failure)."""
+    return (run.get("status") or "running") != "running"
+
+
+def _health(run: Mapping[str, Any], healthy: Optional[bool]) -> str:
+    if run_ended(run):
+        return RUN_ENDED
+    return "–" if healthy is None else ("healthy" if healthy else "gone")
+
+
+def _as_of_last_iteration(run: Mapping[str, Any], label: str) -> str:
+    """``label``, marked as a figure of the last iteration once the run ended."""
+    if not run_ended(run):
+        return label
+    step = run.get("step")
+    return f"{label} (at iteration {fmt(step)})" if step is not None else f"{label} (at the last iteration)"
+
+
 # ------------------------------------------------------------------------------------ tables
 def table(
     header: Sequence[str], rows: Sequence[Sequence[Any]], *, colors: Optional[Mapping[str, Mapping[str, str]]] = None
@@ -93,16 +100,20 @@ def table(
     return render("table.html", header=header, rows=cells)
 
 
-def run_header(run: Mapping[str, Any], now: Optional[float] = None) -> str:
-    """Status, what the run is and where it is: one line."""
+def run_header(run: Mapping[str, Any], now: Optional[float] = None, *, clock: bool = False) -> str:
+    """Status, what the run is and where it is: one line.
+
+    ``clock``: times of day (the scheduler's) instead of ages, for the live page: its text then
+    changes only when the run sends something, and every change costs each open browser a redraw.
+    """
     what = " on ".join(x for x in (run.get("algorithm"), run.get("env")) if x)
     step_name = "iteration" if run.get("kind") == KIND_TRAIN else "update"
     parts = [what] if what else []
-    parts += [
-        f"{step_name} {fmt(run.get('step'))}",
-        f"started {age(run.get('first_seen'), now)} ago",
-        f"last update {age(run.get('updated'), now)} ago",
-    ]
+    parts.append(f"{step_name} {fmt(run.get('step'))}")
+    if clock:
+        parts += [f"started {clock_time(run.get('first_seen'))}", f"last update {clock_time(run.get('updated'))}"]
+    else:
+        parts += [f"started {age(run.get('first_seen'), now)} ago", f"last update {age(run.get('updated'), now)} ago"]
     return render(
         "run_header.html", status=run.get("status") or "running", color=status_color(run), error=run.get("error"), parts=parts
     )
@@ -110,7 +121,7 @@ def run_header(run: Mapping[str, Any], now: Optional[float] = None) -> str:
 
 def summary_table(run: Mapping[str, Any]) -> str:
     summary = run.get("summary") or {}
-    rows = [[k, summary[k]] for k in SUMMARY_KEYS if k in summary]
+    rows = [[_as_of_last_iteration(run, k) if k in HEALTH_KEYS else k, summary[k]] for k in SUMMARY_KEYS if k in summary]
     return table(["run", ""], rows) if rows else ""
 
 
@@ -121,13 +132,12 @@ def learner_ranks_table(run: Mapping[str, Any]) -> str:
         return ""
     rows = []
     for r in ranks:
-        healthy = r.get("healthy")
         rows.append(
             [
                 str(r["rank"]),
                 r.get("worker") or "–",
                 r.get("device") or "–",
-                "–" if healthy is None else ("healthy" if healthy else "gone"),
+                _health(run, r.get("healthy")),
                 r.get("restarts"),
                 r.get("updates"),
                 fmt_seconds(r.get("compute_s")),
@@ -143,27 +153,45 @@ def learner_ranks_table(run: Mapping[str, Any]) -> str:
     )
 
 
+def figures_as_of(iteration: Optional[int], latest: Optional[int]) -> str:
+    """How old a runner's figures are, in iterations (stable text between two iterations)."""
+    if iteration is None:
+        return "–"
+    if latest is None or iteration >= latest:
+        return f"iteration {fmt(iteration)} (latest)"
+    behind = latest - iteration
+    return f"iteration {fmt(iteration)} ({behind} earlier)"
+
+
 def env_runners_table(run: Mapping[str, Any]) -> str:
-    """Per env-runner actor (worker, health, restarts), then the run's sampling totals."""
+    """Per env-runner actor (worker, health, restarts, its latest figures and how old they are),
+    then the run's sampling totals."""
     summary, env = run.get("summary") or {}, run.get("env_runners") or {}
     out = []
     actors = run.get("env_runner_actors") or []
     if actors:
         rows = []
         for a in actors:
-            healthy = a.get("healthy")
+            as_of = figures_as_of(a.get("figures_iteration"), run.get("step"))
             rows.append(
                 [
                     a["index"],
                     a.get("worker") or "–",
-                    "–" if healthy is None else ("healthy" if healthy else "gone"),
+                    _health(run, a.get("healthy")),
                     a.get("restarts"),
                     a.get("env_steps_per_s"),
                     a.get("episodes"),
                     a.get("policy_lag_mean"),
+                    as_of,
                 ]
             )
-        out.append(table(["env runner", "worker", "health", "restarts", "env steps/s", "episodes", "policy lag"], rows))
+        out.append(
+            table(
+                ["env runner", "worker", "health", "restarts", "env steps/s", "episodes", "policy lag", "figures as of"],
+                rows,
+                colors={"health": HEALTH_COLORS},
+            )
+        )
     totals = [
         ("env steps/s", summary.get("env_steps_per_s")),
         ("episodes", env.get("num_episodes_lifetime")),
@@ -175,7 +203,7 @@ def env_runners_table(run: Mapping[str, Any]) -> str:
             if summary.get("policy_lag_mean") is None
             else f"{fmt(summary.get('policy_lag_mean'))} / {fmt(summary.get('policy_lag_max'))}",
         ),
-        ("healthy env runners", summary.get("num_healthy_env_runners")),
+        (_as_of_last_iteration(run, "healthy env runners"), summary.get("num_healthy_env_runners")),
         ("env runner restarts", summary.get("num_env_runner_restarts")),
         ("env steps lost", summary.get("num_env_steps_lost")),
     ]
@@ -233,65 +261,54 @@ def render_page(runs: List[Dict[str, Any]], *, selected: Optional[str] = None, n
 
 
 def render_run(run: Dict[str, Any], now: Optional[float] = None) -> str:
-    """One run's section of the plain page: title, status line, curve, summary and tables."""
+    """One run's section of the plain page: title, status line, the curves the Bokeh page draws
+    (return, losses, throughput), summary and tables."""
     return render(
         "run.html",
         run_id=run["run_id"],
         link=run_link(run["run_id"]),
         header_html=run_header(run, now),
-        curve_html=render_svg_curve(run["history"], x_label=run["x_label"], y_label=run["y_label"]),
+        charts=run_charts(run),
         summary_html=summary_table(run),
         tables=run_tables(run),
     )
 
 
-def render_svg_curve(history: List[Mapping[str, Any]], *, x_label: str, y_label: str, width: int = 520, height: int = 240) -> str:
-    """An inline SVG line chart of ``history`` (``[{"x": .., "y": ..}, ...]``) with round ticks;
-    points without y are skipped."""
-    points = [
-        (float(p["x"]), float(p["y"]))
-        for p in history
-        if isinstance(p.get("x"), (int, float)) and isinstance(p.get("y"), (int, float))
+def run_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> List[str]:
+    """The plain page's SVG charts of a run: its curve, losses and (training runs) throughput."""
+    history = run.get("history") or []
+    step = "iteration" if run.get("kind") == KIND_TRAIN else "update"
+    charts = [
+        render_svg_chart(
+            [("", COLORS[0], xy_points(history, "x", "y"))],
+            x_label=run["x_label"],
+            y_label=run["y_label"],
+            width=width,
+            height=height,
+        ),
+        render_svg_chart(
+            [(key, color, xy_points(history, "step", key, "losses")) for key, color in zip(LOSS_KEYS, COLORS)],
+            x_label=step,
+            y_label="loss",
+            title="losses (mean over modules)",
+            width=width,
+            height=height,
+        ),
     ]
-    if not points:
-        return render("curve.svg", points=None, width=width, height=height, x_label=x_label, y_label=y_label)
-    left, right, top, bottom = 64, 16, 12, 42
-    plot_w, plot_h = width - left - right, height - top - bottom
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_ticks = nice_ticks(*padded_range(min(xs), max(xs)))
-    y_ticks = nice_ticks(*padded_range(min(ys), max(ys)))
-    x_lo, x_hi, y_lo, y_hi = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    x_step = x_ticks[1] - x_ticks[0] if len(x_ticks) > 1 else 1.0
-    y_step = y_ticks[1] - y_ticks[0] if len(y_ticks) > 1 else 1.0
-
-    def sx(x: float) -> float:
-        return left + (x - x_lo) / ((x_hi - x_lo) or 1.0) * plot_w
-
-    def sy(y: float) -> float:
-        return top + (1.0 - (y - y_lo) / ((y_hi - y_lo) or 1.0)) * plot_h
-
-    plot = SimpleNamespace(
-        left=left,
-        top=top,
-        width=plot_w,
-        height=plot_h,
-        right=left + plot_w,
-        center_x=f"{left + plot_w / 2:.1f}",
-        center_y=f"{top + plot_h / 2:.1f}",
-    )
-    last_x, last_y = points[-1]
-    return render(
-        "curve.svg",
-        width=width,
-        height=height,
-        x_label=x_label,
-        y_label=y_label,
-        plot=plot,
-        y_ticks=[
-            SimpleNamespace(y=f"{sy(v):.1f}", x=left - 6, label_y=f"{sy(v) + 4:.1f}", label=fmt_tick(v, y_step)) for v in y_ticks
-        ],
-        x_ticks=[SimpleNamespace(x=f"{sx(v):.1f}", label_y=top + plot_h + 15, label=fmt_tick(v, x_step)) for v in x_ticks],
-        x_label_y=height - 6,
-        points=" ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points),
-        last=SimpleNamespace(x=f"{sx(last_x):.1f}", y=f"{sy(last_y):.1f}"),
-    )
+    if run.get("kind") == KIND_TRAIN:
+        charts.append(
+            render_svg_chart(
+                [
+                    (label, color, xy_points(history, "step", key, "throughput"))
+                    for (label, key), color in zip(
+                        (("sampled", "env steps sampled/s"), ("trained", "env steps trained/s")), COLORS
+                    )
+                ],
+                x_label=step,
+                y_label="env steps/s",
+                title="throughput (env steps/s)",
+                width=width,
+                height=height,
+            )
+        )
+    return charts

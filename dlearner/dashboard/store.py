@@ -173,6 +173,9 @@ class _Run:
         self.client: Optional[str] = None
         self.groups: Set[str] = set()
         self.env_runner_keys: List[str] = []
+        # Worker index -> each env runner's latest figures: an asynchronous runner may deliver
+        # nothing in an iteration, and its row then shows what it delivered last, and when.
+        self.runner_figures: Dict[str, Dict[str, Any]] = {}
         self._env_runner_seen: Dict[int, Set[str]] = {}
         self.algorithm: Optional[str] = None
         self.env: Optional[str] = None
@@ -246,7 +249,8 @@ class _Run:
         }
 
     def _env_runner_actors(self, liveness: Optional[Liveness]) -> List[Dict[str, Any]]:
-        """One row per Dask env-runner actor: its worker, whether it is there, how often it was replaced."""
+        """One row per Dask env-runner actor: its worker, whether it is there, how often it was
+        replaced, and its latest figures with the iteration (and time) they are from."""
         restarts = int(self.summary.get("num_env_runner_restarts") or 0)
         out = []
         for index, key in enumerate(self.env_runner_keys):
@@ -259,8 +263,7 @@ class _Run:
             seen.add(current)
             actor = liveness.actor(current) if liveness is not None else None
             # The run's results key runners by worker index: index + 1 for Dask env runners.
-            figures = (self.env_runners.get("runners") or {}).get(str(index + 1)) or {}
-            lag = (self.env_runners.get("policy_lag_by_runner") or {}).get(str(index + 1))
+            figures = self.runner_figures.get(str(index + 1)) or {}
             out.append(
                 {
                     "index": index,
@@ -269,8 +272,10 @@ class _Run:
                     "healthy": None if liveness is None else bool(actor and actor["healthy"]),
                     "restarts": len(seen) - 1,
                     "env_steps_per_s": figures.get("env_steps_per_s"),
-                    "episodes": figures.get("num_episodes_lifetime"),
-                    "policy_lag_mean": lag,
+                    "episodes": figures.get("episodes"),
+                    "policy_lag_mean": figures.get("policy_lag_mean"),
+                    "figures_iteration": figures.get("iteration"),
+                    "figures_time": figures.get("time"),
                 }
             )
         return out
@@ -396,7 +401,20 @@ class MetricsStore:
         run.learners = {str(m): dict(v) for m, v in learners.items() if isinstance(v, Mapping)}
         run.env_runners = dict(env_runners)
         lags = result.get("policy_lag_mean_by_runner")
-        run.env_runners["policy_lag_by_runner"] = dict(lags) if isinstance(lags, Mapping) else {}
+        lags = lags if isinstance(lags, Mapping) else {}
+        run.env_runners["policy_lag_by_runner"] = dict(lags)
+        runners = env_runners.get("runners") if isinstance(env_runners.get("runners"), Mapping) else {}
+        for index, figures in runners.items():
+            if isinstance(figures, Mapping):
+                latest = run.runner_figures.setdefault(str(index), {})
+                latest.update(
+                    env_steps_per_s=figures.get("env_steps_per_s"),
+                    episodes=figures.get("num_episodes_lifetime"),
+                    iteration=step,
+                    time=run.updated,
+                )
+        for index, lag in lags.items():  # fragments reach the learners later than their runner reported
+            run.runner_figures.setdefault(str(index), {})["policy_lag_mean"] = lag
 
     @staticmethod
     def _add_learner_update(run: _Run, results: Mapping[str, Any], step: Any) -> None:

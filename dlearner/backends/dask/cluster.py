@@ -3,8 +3,9 @@
 One client-creation path for everything dlearner starts (the LearnerGroup, the Algorithm and the
 ``dlearner`` command line): an existing ``distributed.Client``, a scheduler ``address``, a
 ``scheduler_file`` (HPC jobs, dask-jobqueue, dask-mpi), or an embedded ``LocalCluster`` of worker
-processes that the connection owns. TLS and the other ``distributed.comm`` settings of the client
-apply to everything sent through it.
+processes that the connection owns, keeps at its size (:func:`_keep_workers`) and closes without
+killing its workers. TLS and the other ``distributed.comm`` settings of the client apply to
+everything sent through it.
 
 Placement: one learner per worker *process*, chosen explicitly. Dask releases a task's
 ``resources`` as soon as the task that created an actor finishes, so resources alone would let two
@@ -14,6 +15,8 @@ picks distinct worker processes itself and pins each actor to its worker.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -24,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import dask
 import distributed
 from distributed import Client, LocalCluster
+from distributed.core import Status
 
 from dlearner.devices import device_for_rank, gpu_packing
 from dlearner.errors import ClusterResourceError, LearnerGroupError
@@ -32,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 #: How often a wait for workers says what it is waiting for.
 _WAIT_REPORT_EVERY_S = 10.0
+#: How often the embedded cluster looks for workers that Dask's LocalCluster gave up on.
+_KEEP_WORKERS_EVERY_S = 1.0
+#: How long a worker process of the embedded cluster may take to exit once closed. Dask's nanny
+#: allows 4 s, then kills it with a warning; a process that used torch takes 1-2 s to exit on an idle
+#: machine, more on a busy one.
+_WORKER_EXIT_TIMEOUT_S = 30.0
 
 
 @dataclasses.dataclass
@@ -46,6 +56,8 @@ class ClusterConnection:
     #: page could not be added).
     dashboard_url: Optional[str] = None
     _removal_callbacks: Dict[str, List[Callable[[str], None]]] = dataclasses.field(default_factory=dict)
+    #: The embedded cluster's task that keeps its number of workers (see :func:`_keep_workers`).
+    _keeper: Optional[concurrent.futures.Future] = None
 
     def watch_worker(self, address: str, callback: Callable[[str], None]) -> Callable[[], None]:
         """Call ``callback(why)`` on the client's event loop when worker ``address`` leaves the cluster
@@ -78,10 +90,17 @@ class ClusterConnection:
 
     def close(self) -> None:
         """Close what this connection opened (its own client, an embedded cluster), nothing else."""
+        if self._keeper is not None:
+            self._keeper.cancel()
         if self.owns_client:
             self.client.close()
         if self.cluster is not None:
-            self.cluster.close()
+            try:
+                if self.cluster.status == Status.running:
+                    # Dask's own close gives each worker process 4 s to exit, then kills it with a warning.
+                    self.cluster.sync(_close_worker_processes, self.cluster, _WORKER_EXIT_TIMEOUT_S)
+            finally:
+                self.cluster.close()
 
 
 def connect(config: Any, num_workers: int) -> ClusterConnection:
@@ -189,7 +208,47 @@ def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
     except BaseException:
         cluster.close()
         raise
-    return ClusterConnection(client, cluster, owns_client=True, description="embedded LocalCluster")
+    connection = ClusterConnection(client, cluster, owns_client=True, description="embedded LocalCluster")
+    connection._keeper = asyncio.run_coroutine_threadsafe(_keep_workers(cluster), cluster.loop.asyncio_loop)
+    return connection
+
+
+async def _keep_workers(cluster: LocalCluster) -> None:
+    """Keep the embedded cluster at the number of worker processes it was built with.
+
+    A nanny restarts a killed worker, but ``LocalCluster`` gives up on a worker that has not registered
+    again within ``distributed.deploy.lost-worker-timeout`` (15 s): it closes that nanny for good and
+    never starts another, and a worker that imports torch on a busy machine can take that long. With
+    fault tolerance, learners and env runners would then run a worker short for the rest of the run.
+    dlearner owns this cluster, so it starts a new worker process in place of each one given up on,
+    under a new name (the old name may still be registered while its nanny closes). Dask's setting
+    is global to the process, so it is left alone: it may be the user's.
+    """
+    known = set(cluster.workers)
+    replacements = 0
+    while cluster.status == Status.running:
+        known |= set(cluster.workers)  # the workers started in place of lost ones too, once they run
+        known &= set(cluster.worker_spec)  # a worker scaled down on purpose leaves the spec first
+        given_up = sorted(known - set(cluster.workers), key=str)
+        for name in given_up:
+            replacements += 1
+            new_name = f"{name}-r{replacements}"
+            logger.warning(
+                "The embedded LocalCluster gave up on its worker %r (not back within the dask setting "
+                "distributed.deploy.lost-worker-timeout); starting worker %r in its place.",
+                name,
+                new_name,
+            )
+            cluster.worker_spec[new_name] = cluster.worker_spec.pop(name)
+            known.discard(name)
+        if given_up:
+            cluster.scale(len(cluster.worker_spec))  # starts the workers of the spec that are not running
+        await asyncio.sleep(_KEEP_WORKERS_EVERY_S)
+
+
+async def _close_worker_processes(cluster: LocalCluster, timeout_s: float) -> None:
+    """Close every nanny of ``cluster`` (and its worker process), allowing ``timeout_s`` to exit."""
+    await asyncio.gather(*(nanny.close(timeout=timeout_s) for nanny in list(cluster.workers.values())))
 
 
 def _no_default_client() -> bool:

@@ -32,13 +32,17 @@ def env_runner_actor_key(index: int, run_id: str) -> str:
     return f"env-runner-{index}-{run_id}"
 
 
+#: What a user can do when an env runner is lost for good.
+_CONTINUE = "continue from the last checkpoint (`dlearner train --resume`, or algo.restore_from_path in a new Algorithm)"
+
+
+def _gone(member: Member) -> str:
+    return f"Env runner {member.index} ({member.key}) on Dask worker {member.worker} is gone ({member.lost})."
+
+
 def _runner_died(died: Died, method: str) -> EnvRunnerDiedError:
-    error = EnvRunnerDiedError(
-        f"{died.message} while calling {method}. "
-        "Training cannot go on with it; continue from the last checkpoint (`dlearner train --resume`, "
-        "or algo.restore_from_path in a new Algorithm), or enable "
-        "config.fault_tolerance(restart_failed_env_runners=True)."
-    )
+    """The error of a call to a lost runner (``died.message``: the group's :meth:`~DaskEnvRunnerGroup.death_message`)."""
+    error = EnvRunnerDiedError(f"{method} failed: {died.message}")
     error.runner_index = died.index
     return error
 
@@ -108,7 +112,21 @@ class DaskEnvRunnerGroup(ActorGroup):
         return self.num_restarts
 
     def death_message(self, member: Member) -> str:
-        return f"Env runner {member.index} ({member.key}) on Dask worker {member.worker} is gone ({member.lost})"
+        """What happened to ``member`` and what comes next: its replacement, or what the user can do."""
+        if self.restart_failed and self.restarts_left > 0:
+            return (
+                f"{_gone(member)} A new env runner replaces it on a live worker "
+                "(fault tolerance: restart_failed_env_runners=True)."
+            )
+        if self.restart_failed:
+            return (
+                f"{_gone(member)} max_num_env_runner_restarts={self.max_restarts} is reached, so it is not replaced; "
+                f"{_CONTINUE} (or raise max_num_env_runner_restarts)."
+            )
+        return (
+            f"{_gone(member)} Training cannot go on with it; {_CONTINUE}, or enable "
+            "config.fault_tolerance(restart_failed_env_runners=True)."
+        )
 
     # -- losses ------------------------------------------------------------------------------------
     def replace_lost(self, err: EnvRunnerDiedError, lost_env_steps: int = 0) -> None:
@@ -123,9 +141,7 @@ class DaskEnvRunnerGroup(ActorGroup):
     def _replace(self, index: int, err: BaseException) -> None:
         """Start a new runner in place of runner ``index`` on a live worker, with the last synced weights."""
         if self.restarts_left < 1:
-            raise EnvRunnerDiedError(
-                f"Env runner {index} is gone ({err!r}) and max_num_env_runner_restarts={self.max_restarts} is reached."
-            ) from err
+            raise EnvRunnerDiedError(self.death_message(self.members[index])) from err
         key = self.count_replacement(env_runner_actor_key(index, self.run_id))
         lost = self.members[index]
         self.release(lost)
@@ -137,7 +153,7 @@ class DaskEnvRunnerGroup(ActorGroup):
         self.watch([replacement])
         self._start_runner(replacement)
         replacement.future.result(timeout=self._timeout_s)
-        logger.warning("Env runner %s was lost (%r); %s replaces it on %s.", lost.key, err, key, worker)
+        logger.warning("Env runner %s (%s) replaces the lost %s on Dask worker %s.", index, key, lost.key, worker)
         if self._weights is not None:
             self._all("set_weights", [(self._weights,) if i == index else None for i in range(self.num_runners)])
 

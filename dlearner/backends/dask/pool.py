@@ -19,22 +19,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
 import time
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-from distributed import Future, get_worker
+from distributed import Future
 from distributed.comm import get_address_host
-from distributed.core import rpc
 
 from dlearner import learner_ops, settings
 from dlearner.backends.dask.actor import LearnerActor, ReleaseAbandonedLearners, learner_actor_key
 from dlearner.backends.dask.actor_group import ActorGroup, Member
+from dlearner.backends.dask.async_updates import AsyncUpdateSequencer, InterruptedUpdate, gather_published
 from dlearner.backends.dask.cluster import ClusterConnection, connect, device_for, free_learner_workers, place_learners
 from dlearner.backends.dask.protocol import ABANDONED, Died, Failed, Ok, Reply, Request, values_or_raise
-from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor
 from dlearner.errors import LearnerDiedError, LearnerGroupError, ProcessGroupError
 from dlearner.events import learner_metrics_topic
 
@@ -63,22 +63,14 @@ class _Send:
     request: Request
 
 
-class InterruptedUpdate(LearnerDiedError):
-    """A learner died during a collective update of a fault-tolerant pool: the replies of every
-    learner are kept, so the pool knows whether the survivors applied the update."""
-
-    def __init__(self, sends: List[_Send], replies: List[Reply]):
-        dead = [r for r in replies if isinstance(r, Died)]
-        super().__init__(dead[0].message if dead else "A learner died during the update.")
-        self.sends, self.replies = sends, replies
-
-
 class DaskLearnerPool(ActorGroup):
     """``num_learners`` learner actors on a Dask cluster (implements
     :class:`~dlearner.backends.interface.LearnerPool`).
 
     :meth:`submit` returns a ``concurrent.futures.Future`` of the per-rank values (blocking callers
-    use :meth:`call`); :meth:`submit_update_future` also returns a ``distributed.Future``.
+    use :meth:`call`); :meth:`submit_update` sends an update, with a ``distributed.Future`` if asked.
+    With fault tolerance, async updates interrupted by a lost learner are retried in order
+    (:class:`~dlearner.backends.dask.async_updates.AsyncUpdateSequencer`).
     """
 
     is_local = False
@@ -116,8 +108,14 @@ class DaskLearnerPool(ActorGroup):
             collective_timeout_s if collective_timeout_s is not None else settings.seconds("learner-group.collective-timeout")
         )
         self._startup_timeout_s = config.resolved_startup_timeout_s()
+        self._max_in_flight = config.resolved_max_requests_in_flight()
         self._lock = threading.Lock()
+        #: Held while the group is repaired after a loss, and by every request of a fault-tolerant
+        #: pool while it is numbered: a request made meanwhile goes to the repaired group, after the retries.
+        self._recovery_lock = threading.RLock()
+        self._sequencer: Optional[AsyncUpdateSequencer] = None
         self._closed = False
+        self._closing = False  # shutdown has begun (a recovery on another thread stops at its next step)
         self._generation = 0
         self._pg_broken = False
         self._resync_from: Optional[LearnerMember] = None
@@ -134,6 +132,8 @@ class DaskLearnerPool(ActorGroup):
             max_restarts=config.max_num_learner_restarts,
             death_confirm_s=death_confirm_s,
         )
+        if self.restart_failed:
+            self._sequencer = AsyncUpdateSequencer(self)
         try:
             self.connection.client.register_plugin(ReleaseAbandonedLearners(), name=ReleaseAbandonedLearners.name)
             placements = place_learners(self.connection, config, num_learners)
@@ -288,14 +288,16 @@ class DaskLearnerPool(ActorGroup):
         ``result_ranks``: ranks whose value is sent back (others reply ``None``; ``None`` = all).
         Errors are raised by the future's ``result()``, rebuilt with the remote traceback.
         """
-        return self._submit(
-            LearnerActor.apply,
-            _on_learner(target, args_per_rank),
-            ranks=ranks,
-            collective=collective,
-            result_ranks=result_ranks,
-            log_topic=log_topic,
-        )
+        # A fault-tolerant pool's requests wait for a repair in progress: never into a group being rebuilt.
+        with self._recovery_lock if self.restart_failed else contextlib.nullcontext():
+            return self._submit(
+                LearnerActor.apply,
+                _on_learner(target, args_per_rank),
+                ranks=ranks,
+                collective=collective,
+                result_ranks=result_ranks,
+                log_topic=log_topic,
+            )
 
     def call(
         self,
@@ -312,20 +314,43 @@ class DaskLearnerPool(ActorGroup):
             target, args_per_rank, ranks=ranks, collective=collective, result_ranks=result_ranks, log_topic=log_topic
         ).result()
 
-    def submit_update_future(
-        self, target: Callable[..., Any], args_per_rank: Sequence[tuple], *, log_topic: Optional[str] = None
-    ) -> Tuple[concurrent.futures.Future, Future]:
-        """Like :meth:`submit` for a collective request on all learners, plus a ``distributed.Future``
-        of rank 0's value, computed by an ``async`` task named ``learner-update-<group id>-<n>``."""
-        pending = self._submit(
-            LearnerActor.apply, _on_learner(target, args_per_rank), collective=True, publish=True, log_topic=log_topic
+    def submit_update(
+        self,
+        target: Callable[..., Any],
+        args_for_world: Callable[[int], Sequence[tuple]],
+        *,
+        log_topic: Optional[str] = None,
+        future: bool = False,
+    ) -> Tuple[concurrent.futures.Future, Optional[Future]]:
+        """An async collective update on all learners: a future of the per-rank values and, with
+        ``future=True``, a ``distributed.Future`` of rank 0's value, computed by an ``async`` task
+        named ``learner-update-<group id>-<n>``. ``args_for_world(n)``: the arguments of each rank
+        for ``n`` learners (with fault tolerance, an update interrupted by a lost learner is sent
+        again, once, to the re-formed group, which may have fewer learners)."""
+        if self._sequencer is not None:
+            with self._recovery_lock:
+                return self._sequencer.submit(target, args_for_world, log_topic, future)
+        pending = self._submit_update(target, args_for_world(self.num_learners), log_topic, publish=future)
+        return pending, (self._update_future(pending, fault_tolerant=False) if future else None)
+
+    def _submit_update(
+        self, target: Callable[..., Any], args_per_rank: Sequence[tuple], log_topic: Optional[str], *, publish: bool
+    ) -> concurrent.futures.Future:
+        return self._submit(
+            LearnerActor.apply, _on_learner(target, args_per_rank), collective=True, publish=publish, log_topic=log_topic
         )
+
+    def _update_future(self, pending: concurrent.futures.Future, *, fault_tolerant: bool) -> Future:
+        """The ``distributed.Future`` of the update ``pending`` (sent with ``publish=True``)."""
         self._updates_submitted += 1
+        key = f"learner-update-{self.group_id}-{self._updates_submitted}"
         targets = tuple((s.rank, s.worker, s.key, seq) for s, seq in zip(self.members, pending.seqs))  # type: ignore[attr-defined]
-        dask_future = self.connection.client.submit(
-            gather_published, targets, key=f"learner-update-{self.group_id}-{self._updates_submitted}", pure=False
-        )
-        return pending, dask_future
+        if not fault_tolerant:
+            return self.connection.client.submit(gather_published, targets, key=key, pure=False)
+        # Long enough for the updates in flight to end, a repair and the retries; it only matters
+        # if the driver is gone.
+        wait_s = self._restart_timeout_s + 2 * self._startup_timeout_s + 2 * self._collective_timeout_s * self._max_in_flight + 60
+        return self.connection.client.submit(gather_published, targets, key, wait_s, key=key, pure=False)
 
     def _submit(
         self,
@@ -408,40 +433,49 @@ class DaskLearnerPool(ActorGroup):
         """Before an update: replace lost learners (with fault tolerance; else raise
         :class:`LearnerDiedError`), grow back towards ``num_learners`` when workers joined, re-form
         the process group if a failed update broke it, and copy one learner's state to the others
-        if they diverged."""
-        if any(s.lost for s in self.members):
-            if not self.restart_failed:
-                raise self.dead_error()  # type: ignore[misc]
-            self._replace_lost_learners()
-        elif self.restart_failed and self.num_learners < self.target_num_learners:
-            self._grow_back()
-        if self.num_learners > 1 and self._pg_broken:
-            self._form_process_group()
-        if self._resync_from is not None:
-            source, self._resync_from = self._resync_from, None
-            if not source.lost and self.num_learners > 1:
-                self._copy_state(source, [s for s in self.members if s is not source])
+        if they diverged. With fault tolerance, async updates a loss interrupted are retried first."""
+        if self._sequencer is None:
+            self._repair()
+            return
+        with self._recovery_lock:
+            if any(s.lost for s in self.members) or self._sequencer.needs_recovery():
+                self._sequencer.recover()
+            else:
+                self._repair()
 
     def recover(self, err: LearnerDiedError) -> Tuple[bool, Any]:
-        """After ``err`` ended a collective update: replace the lost learners (fault tolerance).
+        """After ``err`` ended a blocking collective update: replace the lost learners (fault tolerance).
 
-        Returns ``(True, value)`` when surviving learners had applied the update already (its
+        Async updates sent before it that the loss interrupted are settled or retried first, in
+        order. Returns ``(True, value)`` when surviving learners had applied the update already (its
         reduced result; the new learners copy their state), ``(False, None)`` when no one applied
         it: every survivor rolled back, and the caller retries the update once. Raises ``err``
         without fault tolerance, and :class:`LearnerDiedError` when recovery is impossible.
         """
-        if not self.restart_failed:
+        if self._sequencer is None:
             raise err
-        applied = None
-        if isinstance(err, InterruptedUpdate):
-            finished = [(s.slot, r) for s, r in zip(err.sends, err.replies) if isinstance(r, Ok)]
-            if finished:
-                applied = finished[0]
-        self._replace_lost_learners(state_from=applied[0] if applied else None)
-        if applied is None:
-            self.num_updates_retried += 1
-            return False, None
-        return True, applied[1].value
+        with self._recovery_lock:
+            return self._sequencer.recover(blocking=err)
+
+    def _repair(self, source: Optional[LearnerMember] = None, behind: Sequence[LearnerMember] = ()) -> None:
+        """Replace lost learners, grow back, re-form a broken process group, make diverged learners
+        equal. ``source``: a survivor holding the state every learner must have (it applied the
+        most updates); ``behind``: survivors that did not apply the last of them (they get its state)."""
+        if any(s.lost for s in self.members):
+            if not self.restart_failed:
+                raise self.dead_error()  # type: ignore[misc]
+            self._replace_lost_learners(state_from=source)
+        elif self.restart_failed and self.num_learners < self.target_num_learners:
+            self._grow_back()
+        if self.num_learners > 1 and self._pg_broken:
+            self._form_process_group()
+        if source is not None and not source.lost and source in self.members:
+            self._resync_from = None
+            self._copy_state(source, [s for s in behind if s in self.members and not s.lost and s is not source])
+        if self._resync_from is not None:
+            source, self._resync_from = self._resync_from, None
+            if not source.lost and self.num_learners > 1:
+                self._copy_state(source, [s for s in self.members if s is not source])
 
     def _replace_lost_learners(self, state_from: Optional[LearnerMember] = None) -> None:
         dead = [s for s in self.members if s.lost]
@@ -463,6 +497,8 @@ class DaskLearnerPool(ActorGroup):
             self.stop_watching(slot)
         exclude = [s.worker for s in dead]
         addresses = free_learner_workers(self.connection, self._config, len(dead), self._restart_timeout_s, exclude=exclude)
+        if self._closing:  # shut down while waiting for workers: start nothing it would not release
+            raise LearnerGroupError("The LearnerGroup was shut down while replacing a lost learner.")
         if not survivors and not addresses:
             raise LearnerDiedError(
                 f"Every learner is gone and no worker could host a new one within learner_restart_timeout_s="
@@ -533,9 +569,13 @@ class DaskLearnerPool(ActorGroup):
 
     # -- teardown -------------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Release the actors (after the requests already sent), then close what the pool opened."""
+        """Release the actors (after the requests already sent), then close what the pool opened.
+        Async updates waiting for a retry fail with :class:`LearnerGroupError`."""
         if self._closed:
             return
+        self._closing = True
+        if self._sequencer is not None:
+            self._sequencer.close()
         live = [s for s in self.members if not s.lost and s.future is not None and s.future.status == "finished"]
         if live:
             try:
@@ -559,27 +599,3 @@ class DaskLearnerPool(ActorGroup):
 def _on_learner(operation: Callable[..., Any], args_per_rank: Sequence[tuple]) -> List[tuple]:
     """The arguments of :meth:`LearnerActor.apply` that run ``operation`` with each rank's ``args``."""
     return [(operation, *args) for args in args_per_rank]
-
-
-async def gather_published(targets: Tuple[Tuple[int, str, str, int], ...]) -> Any:
-    """The task behind an ``update_async`` future: wait for every rank's reply, return rank 0's value.
-
-    ``targets`` holds ``(rank, worker address, actor key, request number)`` per learner. Runs as an
-    ``async`` task on any worker, so it occupies no thread while the learners work.
-    """
-    worker = get_worker()
-    # A worker that is gone refuses connections, and Dask retries a refused connect until its own
-    # (long) timeout: a short one makes futures of a lost learner fail within seconds.
-    connect_timeout = settings.seconds("learner-group.connect-timeout")
-
-    async def one(rank: int, address: str, key: str, seq: int) -> Reply:
-        remote = rpc(address, timeout=connect_timeout, connection_args=worker.connection_args)
-        try:
-            return await call_actor(remote, key, "wait_published", (seq,))
-        except UNREACHABLE + (ActorMissing,) as err:
-            return Died(rank, address, f"Learner rank {rank} ({key}) on Dask worker {address} cannot be reached: {err!r}")
-        finally:
-            await remote.close_rpc()
-
-    replies = await asyncio.gather(*(one(*t) for t in targets))
-    return values_or_raise(replies)[0]
