@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import time
 from typing import Any, Iterator
 
@@ -16,6 +18,7 @@ import pytest
 import torch
 
 from dlearner import Columns
+from dlearner.algorithms.ppo import PPOTorchLearner
 
 torch.set_num_threads(1)
 
@@ -57,6 +60,35 @@ def wait_for_workers(client: distributed.Client, count: int, timeout: float = 12
                 f"the cluster did not get back to {count} workers within {timeout:g} s: {have} now. " + _nannies(client)
             )
         time.sleep(0.2)
+
+
+def kill_worker(client: distributed.Client, address: str) -> None:
+    """SIGKILL the worker process at ``address`` (its nanny starts a new one)."""
+    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
+
+
+class SleepyPPOLearner(PPOTorchLearner):
+    """PPO that sleeps before its gradient steps when ``timesteps`` asks: time to kill a peer mid-update."""
+
+    def before_gradient_based_update(self, *, timesteps):
+        super().before_gradient_based_update(timesteps=timesteps)
+        time.sleep(timesteps.get("sleep_s", 0))
+
+
+def identical_weights(group) -> dict:
+    """The weights of a learner group's learners, after checking that every learner has the same bits."""
+    per_learner = group.foreach_learner(lambda learner: learner.module.get_state())
+    for other in per_learner[1:]:
+        for mid in per_learner[0]:
+            for name, value in per_learner[0][mid].items():
+                np.testing.assert_array_equal(value, other[mid][name])
+    return per_learner[0]
+
+
+def assert_close_weights(actual: dict, expected: dict) -> None:
+    for mid in expected:
+        for name, value in expected[mid].items():
+            np.testing.assert_allclose(actual[mid][name], value, rtol=1e-5, atol=1e-6)
 
 
 def _nannies(client: distributed.Client) -> str:

@@ -9,22 +9,24 @@ asynchronous run some time, never the run. What was restarted and lost survives 
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 import threading
 import time
 
-import dask
-import distributed
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import ppo_batch
+from conftest import (
+    SleepyPPOLearner,
+    assert_close_weights,
+    identical_weights,
+    kill_worker,
+    killable_cluster,
+    ppo_batch,
+    wait_for_workers,
+)
 
 from dlearner import ALL_MODULES, APPOConfig, PPOConfig
 from dlearner.algorithm import Algorithm
-from dlearner.algorithms.ppo import PPOTorchLearner
 from dlearner.checkpoint.inspect import read_metadata
 from dlearner.errors import LearnerGroupError
 
@@ -34,53 +36,11 @@ FAULT_COUNTERS = ("num_learner_restarts", "num_env_runner_restarts", "num_env_st
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 
-class SleepyPPOLearner(PPOTorchLearner):
-    """PPO that sleeps before its gradient steps when ``timesteps`` asks: time to kill a peer mid-update."""
-
-    def before_gradient_based_update(self, *, timesteps):
-        super().before_gradient_based_update(timesteps=timesteps)
-        time.sleep(timesteps.get("sleep_s", 0))
-
-
 @pytest.fixture(scope="module")
 def client():
-    # Four worker processes: two learners, an env runner and a spare. A killed worker is restarted by
-    # its nanny; on a loaded machine that can take longer than LocalCluster's default patience (15 s)
-    # before it closes the nanny for good.
-    with (
-        dask.config.set({"distributed.deploy.lost-worker-timeout": "600s"}),
-        distributed.LocalCluster(
-            n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
-        ) as cluster,
-        distributed.Client(cluster, set_as_default=False) as client,
-    ):
+    # Four worker processes: two learners, an env runner and a spare. A killed worker is restarted by its nanny.
+    with killable_cluster(4) as client:
         yield client
-
-
-def kill_worker(client, address):
-    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
-
-
-def wait_for_workers(client, count=4, timeout=120):
-    deadline = time.monotonic() + timeout
-    while len(client.scheduler_info(n_workers=-1)["workers"]) < count:
-        assert time.monotonic() < deadline, f"the cluster did not get back to {count} workers"
-        time.sleep(0.2)
-
-
-def identical_weights(group):
-    per_learner = group.foreach_learner(lambda learner: learner.module.get_state())
-    for other in per_learner[1:]:
-        for mid in per_learner[0]:
-            for name, value in per_learner[0][mid].items():
-                np.testing.assert_array_equal(value, other[mid][name])
-    return per_learner[0]
-
-
-def assert_close_weights(actual, expected):
-    for mid in expected:
-        for name, value in expected[mid].items():
-            np.testing.assert_allclose(actual[mid][name], value, rtol=1e-5, atol=1e-6)
 
 
 def group_config(client):
@@ -123,7 +83,7 @@ def test_update_async_futures_in_flight_when_a_learner_is_killed_all_resolve_as_
         assert group.num_learner_restarts == 1 and group.num_healthy_learners == 2
         assert lost not in group.learner_workers
         assert_close_weights(identical_weights(group), uninterrupted)
-    wait_for_workers(client)
+    wait_for_workers(client, 4)
 
 
 def test_async_update_results_in_flight_when_rank_0_is_killed_are_all_reported_as_if_nothing_happened(client, uninterrupted):
@@ -140,7 +100,7 @@ def test_async_update_results_in_flight_when_rank_0_is_killed_are_all_reported_a
         assert group.num_updates_retried >= 1
         assert group.num_learner_restarts == 1 and group.num_healthy_learners == 2
         assert_close_weights(identical_weights(group), uninterrupted)
-    wait_for_workers(client)
+    wait_for_workers(client, 4)
 
 
 def actors_of(dask_scheduler, names):
@@ -172,7 +132,7 @@ def test_a_shutdown_while_a_lost_learner_is_replaced_ends_every_future_and_relea
         except LearnerGroupError as err:
             assert "shut down" in str(err)
     assert_actors_released(client, [group.group_id])
-    wait_for_workers(client)
+    wait_for_workers(client, 4)
 
 
 def appo_config(client):
@@ -207,7 +167,7 @@ def test_appo_training_goes_on_when_a_learner_is_killed_during_training(client):
     finally:
         algo.stop()
     assert_actors_released(client, names)
-    wait_for_workers(client)
+    wait_for_workers(client, 4)
 
 
 def ppo_algo_config(client):
@@ -230,7 +190,7 @@ def test_restart_counters_and_lost_env_steps_go_on_after_a_restore(client, tmp_p
         algo.train()
         kill_worker(client, algo.env_runner_group.workers[0])
         algo.train()
-        wait_for_workers(client)
+        wait_for_workers(client, 4)
         kill_worker(client, algo.learner_group.learner_workers[1])  # last: its replacement may share a worker
         saved = algo.train()
         assert saved["num_learner_restarts"] == 1 and saved["num_env_runner_restarts"] == 1
@@ -238,7 +198,7 @@ def test_restart_counters_and_lost_env_steps_go_on_after_a_restore(client, tmp_p
         algo.save_to_path(tmp_path / "run")
     finally:
         algo.stop()
-    wait_for_workers(client)
+    wait_for_workers(client, 4)
     restored = config.build_algo()
     try:
         restored.restore_from_path(tmp_path / "run")

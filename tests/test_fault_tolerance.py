@@ -10,8 +10,6 @@ errors that say what to do.
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import threading
 import time
 
@@ -19,23 +17,22 @@ import dask
 import gymnasium as gym
 import numpy as np
 import pytest
-from conftest import killable_cluster, ppo_batch, wait_for_workers
+from conftest import (
+    SleepyPPOLearner,
+    assert_close_weights,
+    identical_weights,
+    kill_worker,
+    killable_cluster,
+    ppo_batch,
+    wait_for_workers,
+)
 
 from dlearner import PPOConfig
-from dlearner.algorithms.ppo import PPOTorchLearner
 from dlearner.errors import EnvRunnerDiedError
 
 SPACES = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete(2))
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-
-class SleepyPPOLearner(PPOTorchLearner):
-    """PPO that sleeps before its gradient steps when ``timesteps`` asks: time to kill a peer mid-update."""
-
-    def before_gradient_based_update(self, *, timesteps):
-        super().before_gradient_based_update(timesteps=timesteps)
-        time.sleep(timesteps.get("sleep_s", 0))
 
 
 @pytest.fixture(scope="module")
@@ -58,25 +55,6 @@ def ft_config(client, **fault_tolerance):
         .cluster(client=client)
         .debugging(seed=11)
     )
-
-
-def kill_worker(client, address):
-    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
-
-
-def identical_weights(group):
-    per_learner = group.foreach_learner(lambda learner: learner.module.get_state())
-    for other in per_learner[1:]:
-        for mid in per_learner[0]:
-            for name, value in per_learner[0][mid].items():
-                np.testing.assert_array_equal(value, other[mid][name])
-    return per_learner[0]
-
-
-def assert_close_weights(actual, expected):
-    for mid in expected:
-        for name, value in expected[mid].items():
-            np.testing.assert_allclose(actual[mid][name], value, rtol=1e-5, atol=1e-6)
 
 
 BATCHES = [ppo_batch(96, seed=i) for i in range(3)]

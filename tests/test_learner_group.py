@@ -24,7 +24,7 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import pytest
-from conftest import SMALL_MODEL, ppo_batch
+from conftest import SMALL_MODEL, SleepyPPOLearner, ppo_batch
 
 from dlearner import ALL_MODULES, COMPONENT_LEARNER, DEFAULT_MODULE_ID, LearnerGroup, PPOConfig, RLModuleSpec
 from dlearner.algorithms.ppo import PPOTorchLearner
@@ -40,12 +40,11 @@ SPACES = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete
 pytestmark = pytest.mark.timeout(120)
 
 
-class ProbePPOLearner(PPOTorchLearner):
+class ProbePPOLearner(SleepyPPOLearner):
     """PPO with test hooks driven by ``timesteps``: sleep, fail on every rank, fail on one rank."""
 
     def before_gradient_based_update(self, *, timesteps):
-        super().before_gradient_based_update(timesteps=timesteps)
-        time.sleep(timesteps.get("sleep_s", 0))
+        super().before_gradient_based_update(timesteps=timesteps)  # sleeps timesteps["sleep_s"]
         if "fail_all" in timesteps:
             raise RuntimeError("probe failure on every learner")
 

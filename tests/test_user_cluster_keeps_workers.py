@@ -9,21 +9,14 @@ through a scheduler file is covered by ``test_cli.py::test_train_attaches_with_a
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
-from conftest import killable_cluster, wait_for_workers
+from conftest import kill_worker, killable_cluster, wait_for_workers
 
 from dlearner import PPOConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 NUM_WORKERS = 4  # two learners, one env runner and a spare
-
-
-def kill_worker(client, address):
-    os.kill(client.run(os.getpid, workers=[address])[address], signal.SIGKILL)
 
 
 def test_restarts_and_stop_leave_every_worker_of_the_users_cluster_running():
