@@ -91,6 +91,23 @@ def assert_close_weights(actual: dict, expected: dict) -> None:
             np.testing.assert_allclose(actual[mid][name], value, rtol=1e-5, atol=1e-6)
 
 
+def ppo_algo_config(client: distributed.Client, *, num_learners: int = 1, **fault_tolerance: Any):
+    """A small PPO Algorithm on CartPole (one env-runner actor, ``num_learners`` learner actors) on the
+    cluster of ``client``, with ``config.fault_tolerance(**fault_tolerance)``."""
+    from dlearner import PPOConfig
+
+    return (
+        PPOConfig()
+        .environment("CartPole-v1")
+        .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
+        .learners(num_learners=num_learners, learner_startup_timeout_s=60)
+        .training(train_batch_size=200, minibatch_size=100, num_epochs=1)
+        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .fault_tolerance(**fault_tolerance)
+        .cluster(client=client)
+    )
+
+
 def _nannies(client: distributed.Client) -> str:
     """What the ``LocalCluster`` behind ``client`` (if any) says about its nannies."""
     cluster = getattr(client, "cluster", None)

@@ -21,6 +21,7 @@ from conftest import (
     identical_weights,
     kill_worker,
     killable_cluster,
+    ppo_algo_config,
     ppo_batch,
     wait_for_workers,
 )
@@ -170,21 +171,10 @@ def test_appo_training_goes_on_when_a_learner_is_killed_during_training(client):
     wait_for_workers(client, 4)
 
 
-def ppo_algo_config(client):
-    return (
-        PPOConfig()
-        .environment("CartPole-v1")
-        .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
-        .learners(num_learners=2, learner_startup_timeout_s=60)
-        .training(train_batch_size=200, minibatch_size=100, num_epochs=1)
-        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
-        .fault_tolerance(restart_failed_learners=True, restart_failed_env_runners=True, learner_restart_timeout_s=60)
-        .cluster(client=client)
-    )
-
-
 def test_restart_counters_and_lost_env_steps_go_on_after_a_restore(client, tmp_path):
-    config = ppo_algo_config(client)
+    config = ppo_algo_config(
+        client, num_learners=2, restart_failed_learners=True, restart_failed_env_runners=True, learner_restart_timeout_s=60
+    )
     algo = config.build_algo()
     try:
         algo.train()

@@ -23,6 +23,7 @@ from conftest import (
     identical_weights,
     kill_worker,
     killable_cluster,
+    ppo_algo_config,
     ppo_batch,
     wait_for_workers,
 )
@@ -122,25 +123,12 @@ def test_without_fault_tolerance_a_lost_learner_is_an_error_that_says_what_to_do
     wait_for_workers(client, 3)
 
 
-def algo_config(client, **fault_tolerance):
-    return (
-        PPOConfig()
-        .environment("CartPole-v1")
-        .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
-        .learners(num_learners=1, learner_startup_timeout_s=60)
-        .training(train_batch_size=200, minibatch_size=100, num_epochs=1)
-        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
-        .fault_tolerance(**fault_tolerance)
-        .cluster(client=client)
-    )
-
-
 def env_runner_worker(algo):
     return algo.env_runner_group.workers[0]
 
 
 def test_a_lost_env_runner_is_replaced_and_its_lost_samples_are_counted(client, caplog):
-    algo = algo_config(client, restart_failed_env_runners=True).build_algo()
+    algo = ppo_algo_config(client, restart_failed_env_runners=True).build_algo()
     try:
         algo.train()
         kill_worker(client, env_runner_worker(algo))
@@ -167,7 +155,7 @@ def test_without_restarts_a_lost_env_runner_is_named_and_stop_still_releases_eve
             str(key) for key, task in dask_scheduler.tasks.items() if task.actor and any(name in str(key) for name in names)
         )
 
-    algo = algo_config(client).build_algo()
+    algo = ppo_algo_config(client).build_algo()
     names = (algo.learner_group.group_id, algo.env_runner_group.run_id)
     try:
         algo.train()

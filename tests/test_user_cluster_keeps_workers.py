@@ -10,9 +10,7 @@ through a scheduler file is covered by ``test_cli.py::test_train_attaches_with_a
 from __future__ import annotations
 
 import pytest
-from conftest import kill_worker, killable_cluster, wait_for_workers
-
-from dlearner import PPOConfig
+from conftest import kill_worker, killable_cluster, ppo_algo_config, wait_for_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -23,15 +21,8 @@ def test_restarts_and_stop_leave_every_worker_of_the_users_cluster_running():
     with killable_cluster(NUM_WORKERS) as client:
         cluster = client.cluster
         names = set(cluster.workers)
-        config = (
-            PPOConfig()
-            .environment("CartPole-v1")
-            .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
-            .learners(num_learners=2, learner_startup_timeout_s=60)
-            .training(train_batch_size=200, minibatch_size=100, num_epochs=1)
-            .rl_module(model_config={"fcnet_hiddens": [16, 16]})
-            .fault_tolerance(restart_failed_learners=True, restart_failed_env_runners=True, learner_restart_timeout_s=60)
-            .cluster(client=client)
+        config = ppo_algo_config(
+            client, num_learners=2, restart_failed_learners=True, restart_failed_env_runners=True, learner_restart_timeout_s=60
         )
         algo = config.build_algo()
         try:

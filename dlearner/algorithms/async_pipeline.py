@@ -42,19 +42,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from dlearner.columns import ALL_MODULES, TIMESTEP_KEY, Columns
-from dlearner.env_runner import NEXT_VF_PREDS
 from dlearner.errors import EnvRunnerDiedError, LearnerDiedError
-
-#: Columns of a fragment the IMPALA/APPO learners train on.
-TRAIN_COLUMNS = (
-    Columns.OBS,
-    Columns.ACTIONS,
-    Columns.ACTION_LOGP,
-    Columns.REWARDS,
-    Columns.TERMINATEDS,
-    Columns.TRUNCATEDS,
-    NEXT_VF_PREDS,
-)
 
 
 @dataclasses.dataclass
@@ -89,6 +77,8 @@ class AsyncPipeline:
         config = algo.config
         self.config = config
         self.fragment_length = int(config.rollout_fragment_length)
+        # The columns of a fragment the learners train on: what the configured learner requires.
+        self.train_columns = tuple(config.get_learner_class().required_columns)
         self.num_shards = max(1, int(config.num_learners))
         self.steps_per_request = self.fragment_length * int(config.num_envs_per_env_runner)
         # Whole fragments, a multiple of the learner count, at least train_batch_size rows.
@@ -233,14 +223,14 @@ class AsyncPipeline:
         num_envs = fragment[Columns.REWARDS].shape[1]
         for env in range(num_envs):
             # Column [:, env] is one vector env's consecutive steps: one fragment.
-            self._queue.append(_Fragment({c: fragment[c][:, env] for c in TRAIN_COLUMNS}, version, index))
+            self._queue.append(_Fragment({c: fragment[c][:, env] for c in self.train_columns}, version, index))
         return rows
 
     # -------------------------------------------------------------------------------- learning
     def _request_updates(self) -> None:
         while len(self._queue) >= self.fragments_per_batch and len(self._updates) < self.max_updates_in_flight:
             fragments = [self._queue.popleft() for _ in range(self.fragments_per_batch)]
-            batch = {c: np.concatenate([f.columns[c] for f in fragments]) for c in TRAIN_COLUMNS}
+            batch = {c: np.concatenate([f.columns[c] for f in fragments]) for c in self.train_columns}
             index = self._num_updates_requested
             lags = np.array([index - f.weights_version for f in fragments])
             self._lag_by_runner.extend((f.runner, int(lag)) for f, lag in zip(fragments, lags))
