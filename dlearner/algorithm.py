@@ -40,7 +40,13 @@ class Algorithm:
         if config.env is None:
             raise ValueError("No environment configured: call config.environment('CartPole-v1') before build_algo().")
         self.config = config.copy()
-        self.module_spec = self.config.get_multi_rl_module_spec()
+        env = self.config.make_env()  # once, for the spaces and to tell single- from multi-agent
+        try:
+            #: Whether the env is a multi-agent env (``MultiAgentEnv`` or PettingZoo ``ParallelEnv``).
+            self.is_multi_agent = self.config.is_multi_agent(env)
+            self.module_spec = self.config.get_multi_rl_module_spec(env=env)
+        finally:
+            env.close()
         self.algo_id = uuid.uuid4().hex[:8]
         #: Name of this run on the dashboard page; ``None`` stops :meth:`train` from publishing there.
         self.dashboard_run_name: Optional[str] = f"{type(self).__name__.lower()}-{self.config.env}-{self.algo_id}"
@@ -58,10 +64,12 @@ class Algorithm:
             raise
         self.episode_stats = EpisodeStats(self.config.metrics_num_episodes_for_smoothing)
         self._runner_steps_seen: Dict[str, int] = {}
+        self._runner_agent_steps_seen: Dict[str, int] = {}
         self._runner_time_seen: Dict[str, float] = {}  # time_total_s at each runner's previous report
         self.iteration = 0
         self.num_env_steps_sampled_lifetime = 0
         self.num_env_steps_trained_lifetime = 0
+        self.num_agent_steps_sampled_lifetime = 0
         self.num_episodes_lifetime = 0
         self.time_total_s = 0.0
         # Restarts and lost env steps of the run before the checkpoint this algorithm was restored from.
@@ -88,13 +96,19 @@ class Algorithm:
         return LearnerGroup(config=self.config, module_spec=self.module_spec, connection=self._connection)
 
     def _build_env_runner_group(self):
+        if self.is_multi_agent:
+            from dlearner.multi_agent.env_runner import MultiAgentEnvRunner as runner_class
+        else:
+            from dlearner.env_runner import EnvRunner as runner_class
         if self.config.num_env_runners == 0:
             from dlearner.backends.local import LocalEnvRunnerGroup
 
-            return LocalEnvRunnerGroup(self.config, self.module_spec)
+            return LocalEnvRunnerGroup(self.config, self.module_spec, runner_class=runner_class)
         from dlearner.backends.dask.env_runners import DaskEnvRunnerGroup
 
-        return DaskEnvRunnerGroup(self.config, self.module_spec, connection=self._connection, run_id=self.algo_id)
+        return DaskEnvRunnerGroup(
+            self.config, self.module_spec, connection=self._connection, run_id=self.algo_id, runner_class=runner_class
+        )
 
     @property
     def client(self):
@@ -138,16 +152,18 @@ class Algorithm:
         # reports (its pipeline samples and updates between calls too, e.g. during save_to_path).
         elapsed = float(extra_results.get("time_this_iter_s", time.perf_counter() - start))
         self.time_total_s += elapsed
+        runners = self._per_runner(runner_reports, elapsed)  # counts the agent steps too
         result = {
             "training_iteration": self.iteration,
             "env_runners": {
                 **self.episode_stats.summary(),
                 "num_episodes_lifetime": self.num_episodes_lifetime,
-                "runners": self._per_runner(runner_reports, elapsed),
+                "runners": runners,
             },
             "learners": learner_results,
             "num_env_steps_sampled_lifetime": self.num_env_steps_sampled_lifetime,
             "num_env_steps_trained_lifetime": self.num_env_steps_trained_lifetime,
+            "num_agent_steps_sampled_lifetime": self.num_agent_steps_sampled_lifetime,
             "time_this_iter_s": elapsed,
             "time_total_s": self.time_total_s,
             "env_steps_per_s": num_sampled / elapsed if elapsed > 0 else float("nan"),
@@ -197,6 +213,7 @@ class Algorithm:
             entry = out.setdefault(index, {"episodes_this_iter": 0, "env_steps_this_iter": 0})
             entry["episodes_this_iter"] += len(report.get("episode_returns", ()))
             entry["num_env_steps_sampled_lifetime"] = steps
+            entry["_agent_steps_lifetime"] = int(report.get("num_agent_steps_sampled_lifetime", steps))
             entry["num_episodes_lifetime"] = int(report.get("num_episodes_lifetime", 0))
         for index, entry in out.items():
             # A replaced runner starts counting from 0 again: never a negative rate.
@@ -210,6 +227,11 @@ class Algorithm:
             entry["env_steps_per_s"] = entry["env_steps_this_iter"] / span if span > 0 else float("nan")
             self._runner_steps_seen[index] = now
             self._runner_time_seen[index] = self.time_total_s
+            # Agent steps (multi-agent runners count them; a single-agent step is one agent step).
+            agents_now = int(entry.pop("_agent_steps_lifetime", now))
+            before = self._runner_agent_steps_seen.get(index, 0)
+            self.num_agent_steps_sampled_lifetime += agents_now - before if agents_now >= before else agents_now
+            self._runner_agent_steps_seen[index] = agents_now
         return out
 
     def collect_episode_metrics(self) -> List[Dict[str, Any]]:
@@ -219,6 +241,12 @@ class Algorithm:
     def iteration_results(self) -> Dict[str, Any]:
         """Extra top-level entries of this iteration's result (asynchronous algorithms report policy lag here)."""
         return {}
+
+    def modules_to_train(self, batch: Mapping[str, Any]) -> List[str]:
+        """The module ids of a multi-agent ``batch`` that ``policies_to_train`` trains (the others only act)."""
+        from dlearner.multi_agent.mapping import modules_to_train
+
+        return modules_to_train(self.config.policies_to_train, list(batch), batch)
 
     def timesteps(self, num_sampled: int = 0) -> Dict[str, int]:
         """The ``timesteps`` dict passed to learner updates (drives learning-rate schedules)."""
@@ -248,8 +276,8 @@ class Algorithm:
             "num_env_steps_trained_lifetime": self.num_env_steps_trained_lifetime,
             "num_episodes_lifetime": self.num_episodes_lifetime,
             "time_total_s": self.time_total_s,
-            "recent_episode_returns": list(self.episode_stats.returns),
-            "recent_episode_lengths": list(self.episode_stats.lengths),
+            "num_agent_steps_sampled_lifetime": self.num_agent_steps_sampled_lifetime,
+            **self.episode_stats.get_state(),
             **{name: self._fault_count(name) for name in _FAULT_COUNTERS},
         }
 
@@ -259,10 +287,8 @@ class Algorithm:
         self.num_env_steps_trained_lifetime = int(counters["num_env_steps_trained_lifetime"])
         self.num_episodes_lifetime = int(counters["num_episodes_lifetime"])
         self.time_total_s = float(counters["time_total_s"])
-        self.episode_stats.returns.clear()
-        self.episode_stats.lengths.clear()
-        self.episode_stats.returns.extend(counters.get("recent_episode_returns", []))
-        self.episode_stats.lengths.extend(counters.get("recent_episode_lengths", []))
+        self.num_agent_steps_sampled_lifetime = int(counters.get("num_agent_steps_sampled_lifetime", 0))
+        self.episode_stats.set_state(counters)
         # The run's restarts and losses go on from the checkpoint's (absent in older checkpoints: none).
         for name in _FAULT_COUNTERS:
             self._fault_counts_before[name] = int(counters.get(name, 0)) - self._group_fault_count(name)

@@ -81,6 +81,10 @@ class AlgorithmConfig:
         self.grad_clip: Optional[float] = None
         self.grad_clip_by = "global_norm"
         self.learner_class: Optional[type] = None
+        # multi-agent (None: every agent of a multi-agent env shares DEFAULT_MODULE_ID)
+        self.policies: Optional[Dict[str, Optional[RLModuleSpec]]] = None
+        self.policy_mapping_fn: Optional[Callable[..., str]] = None
+        self.policies_to_train: Any = None
         # model
         self.model_config: Dict[str, Any] = {}
         self.rl_module_spec: Optional[Union[RLModuleSpec, MultiRLModuleSpec]] = None
@@ -266,6 +270,41 @@ class AlgorithmConfig:
             self.rl_module_spec = rl_module_spec
         return self
 
+    def multi_agent(
+        self,
+        *,
+        policies: Any = NotProvided,
+        policy_mapping_fn: Optional[Callable[..., str]] = NotProvided,
+        policies_to_train: Any = NotProvided,
+    ) -> "AlgorithmConfig":
+        """Which modules a multi-agent environment's agents act with, and which of them learn.
+
+        ``policies``: module ids (a set) or ``{module_id: RLModuleSpec or None}``; a spec's own
+        ``model_config`` wins over ``.rl_module(...)``'s, and missing spaces come from the agents
+        mapped to the module. ``policy_mapping_fn(agent_id, episode, **kwargs) -> module_id`` picks an
+        agent's module per episode (``"shared"`` or ``"per-agent"`` name the two built-in mappings).
+        ``policies_to_train``: ``None`` (all), a list of module ids, or ``fn(module_id, batch) -> bool``;
+        the other modules act in the env but never change.
+
+        Example::
+
+            config.multi_agent(policies={"p0", "p1"}, policy_mapping_fn=lambda agent_id, episode, **kw: f"p{agent_id[-1]}")
+        """
+        from dlearner.multi_agent.mapping import MAPPINGS, check_policies_to_train, normalize_policies
+
+        if policies is not NotProvided:
+            self.policies = None if policies is None else normalize_policies(policies)
+        if policy_mapping_fn is not NotProvided:
+            if policy_mapping_fn is not None and not callable(policy_mapping_fn) and policy_mapping_fn not in MAPPINGS:
+                raise ValueError(
+                    f"policy_mapping_fn must be fn(agent_id, episode, **kwargs) -> module_id or one of {list(MAPPINGS)}, "
+                    f"got {policy_mapping_fn!r}."
+                )
+            self.policy_mapping_fn = policy_mapping_fn
+        if policies_to_train is not NotProvided:
+            self.policies_to_train = check_policies_to_train(policies_to_train)
+        return self
+
     def cluster(
         self,
         *,
@@ -341,6 +380,13 @@ class AlgorithmConfig:
             )
         if self.grad_clip is not None and self.grad_clip_by not in ("value", "norm", "global_norm"):
             raise ValueError(f"grad_clip_by={self.grad_clip_by!r} is not supported.")
+        if isinstance(self.policies_to_train, list) and self.policies is not None:
+            unknown = sorted(set(self.policies_to_train) - set(self.policies))
+            if unknown:
+                raise ValueError(
+                    f"policies_to_train names {unknown}, which are not among the policies {sorted(self.policies)}; "
+                    "name modules of .multi_agent(policies=...)."
+                )
 
     # ---------------------------------------------------------------- settings from dask.config
     def resolved_startup_timeout_s(self) -> float:
@@ -372,35 +418,72 @@ class AlgorithmConfig:
             raise ValueError(f"{type(self).__name__} has no default Learner; pass .training(learner_class=YourLearner).")
         return cls
 
-    def make_env(self, env_config: Optional[Dict[str, Any]] = None) -> gym.Env:
-        """Create one environment from ``.environment(...)``."""
+    def make_env(self, env_config: Optional[Dict[str, Any]] = None) -> Any:
+        """Create one environment from ``.environment(...)``: a ``gymnasium.Env``, or a
+        :class:`~dlearner.multi_agent.env.MultiAgentEnv` (a PettingZoo ``ParallelEnv`` comes wrapped in one).
+
+        A ``"module:name"`` string whose ``name`` is a callable of ``module`` (and not a registered
+        gymnasium id) is an env creator: ``name(env_config)`` (the command line's ``--env module:creator``).
+        """
+        from dlearner.multi_agent.env import as_multi_agent_env, is_multi_agent_env
+
         if self.env is None:
             raise ValueError("No environment configured: call .environment('CartPole-v1') or pass env= to build_*.")
         env_config = self.env_config if env_config is None else env_config
-        if isinstance(self.env, str):
+        creator = env_creator_from_id(self.env) if isinstance(self.env, str) else self.env
+        if creator is None:
             try:
                 return gym.make(self.env, **env_config)
             except gym.error.Error as err:
                 raise ValueError(f"Cannot make environment {self.env!r}: {err}") from err
-        env = self.env(env_config)
+        env = creator(env_config)
+        if is_multi_agent_env(env):
+            return as_multi_agent_env(env)
         if not isinstance(env, gym.Env):
-            raise ValueError(f"The env creator returned {type(env).__name__}, not a gymnasium.Env.")
+            raise ValueError(
+                f"The env creator returned {type(env).__name__}, not a gymnasium.Env, a dlearner.MultiAgentEnv or a "
+                "pettingzoo.ParallelEnv."
+            )
         return env
+
+    def is_multi_agent(self, env: Any = None) -> bool:
+        """Whether ``env`` (default: one made from ``.environment(...)``) is a multi-agent environment."""
+        from dlearner.multi_agent.env import is_multi_agent_env
+
+        if env is not None:
+            return is_multi_agent_env(env)
+        made = self.make_env()
+        try:
+            return is_multi_agent_env(made)
+        finally:
+            made.close()
 
     def get_multi_rl_module_spec(
         self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None
     ) -> MultiRLModuleSpec:
-        """The module specs, with spaces taken from ``env`` (a gym.Env), ``spaces`` or the configured env."""
-        if spaces is None:
-            if env is None and self.env is not None:
-                made = self.make_env()
-                spaces = (made.observation_space, made.action_space)
-                made.close()
-            elif env is not None:
-                if isinstance(env, gym.Env) or hasattr(env, "observation_space"):
-                    spaces = (env.observation_space, env.action_space)
-                else:
+        """The module specs, with spaces taken from ``env`` (a gym.Env or multi-agent env), ``spaces`` or the
+        configured env. For a multi-agent env, one spec per module of ``.multi_agent(...)``, each with the
+        spaces of the agents mapped to it."""
+        from dlearner.multi_agent.env import agent_spaces, as_multi_agent_env, is_multi_agent_env
+
+        made = None
+        if spaces is None and env is None and self.env is not None:
+            env = made = self.make_env()
+        try:
+            if env is not None and is_multi_agent_env(env):
+                return self._multi_agent_module_spec(agent_spaces(as_multi_agent_env(env)))
+            if env is not None:
+                if not (isinstance(env, gym.Env) or hasattr(env, "observation_space")):
                     raise ValueError(f"env must be a gymnasium.Env, got {type(env).__name__}.")
+                spaces = (env.observation_space, env.action_space)
+        finally:
+            if made is not None:
+                made.close()
+        if self.policies is not None and set(self.policies) != {DEFAULT_MODULE_ID}:
+            raise ValueError(
+                f".multi_agent(policies={sorted(self.policies)}) needs a multi-agent environment (a dlearner.MultiAgentEnv "
+                "or a pettingzoo.ParallelEnv); a gymnasium.Env has one agent. Drop .multi_agent(...) or change the env."
+            )
         defaults = RLModuleSpec(
             observation_space=spaces[0] if spaces else None,
             action_space=spaces[1] if spaces else None,
@@ -411,11 +494,27 @@ class AlgorithmConfig:
             specs = {mid: s.update(defaults) for mid, s in spec.rl_module_specs.items()}
         else:
             specs = {DEFAULT_MODULE_ID: (spec or RLModuleSpec()).update(defaults)}
-        for mid, s in specs.items():
-            validate_model_config(s.model_config)
-            if s.observation_space is None or s.action_space is None:
-                raise ValueError(f"Module {mid!r} has no observation/action space: pass env= or configure .environment(...).")
-        return MultiRLModuleSpec(rl_module_specs=specs)
+        return _checked(specs)
+
+    def _multi_agent_module_spec(self, agents: Mapping[str, Tuple[gym.Space, gym.Space]]) -> MultiRLModuleSpec:
+        """One spec per module: its own spec, then ``.rl_module(...)``'s, then the spaces of its agents."""
+        from dlearner.multi_agent.mapping import module_spaces, resolve_mapping
+
+        policies, mapping_fn = resolve_mapping(self.policies, self.policy_mapping_fn, agents)
+        spaces = module_spaces(agents, mapping_fn, policies)
+        base = self.rl_module_spec
+        if isinstance(base, MultiRLModuleSpec):
+            raise ValueError(
+                "With a multi-agent env, give each module's spec in .multi_agent(policies={module_id: RLModuleSpec(...)}) "
+                "rather than a MultiRLModuleSpec in .rl_module(rl_module_spec=...)."
+            )
+        specs = {}
+        for module_id, own in policies.items():
+            defaults = RLModuleSpec(
+                observation_space=spaces[module_id][0], action_space=spaces[module_id][1], model_config=dict(self.model_config)
+            )
+            specs[module_id] = (own or RLModuleSpec()).update(base or RLModuleSpec()).update(defaults)
+        return _checked(specs)
 
     def build_learner(self, *, env: Any = None, spaces: Optional[Tuple[gym.Space, gym.Space]] = None, device: Any = None):
         """A Learner for this config (call ``learner.build()`` before using it)."""
@@ -468,7 +567,9 @@ class AlgorithmConfig:
                 value = _spec_to_json(value)
             elif key == "learner_class":
                 value = class_path(value) if value is not None else None
-            elif key == "env" and callable(value) and not isinstance(value, str):
+            elif key == "policies" and value is not None:
+                value = {mid: None if spec is None else _partial_spec_json(spec) for mid, spec in value.items()}
+            elif key in ("env", "policy_mapping_fn", "policies_to_train") and callable(value) and not isinstance(value, str):
                 value = f"<callable {getattr(value, '__qualname__', type(value).__name__)}>"
             out[key] = value
         return out
@@ -500,11 +601,13 @@ class AlgorithmConfig:
         for key, value in settings.items():
             if key in CODE_LOADING_SETTINGS or (key == "env" and env_id_imports_code(value)):
                 continue  # data, never code: the caller must name these again
-            if key == "env" and isinstance(value, str) and value.startswith("<callable"):
+            if key in _CALLABLE_SETTINGS and isinstance(value, str) and value.startswith("<callable"):
                 raise ValueError(
-                    f"The run's environment was a Python callable ({value}), which a checkpoint cannot store; "
-                    "rebuild the config in Python with .environment(your_env_creator)."
+                    f"The run's {key} was a Python callable ({value}), which a checkpoint cannot store; "
+                    f"rebuild the config in Python with {_CALLABLE_SETTINGS[key]}."
                 )
+            if key == "policies" and value is not None:
+                value = {mid: None if spec is None else _spec_from_json(spec) for mid, spec in value.items()}
             if key == "learner_class" and value is not None:
                 value = import_dlearner_class(value, "learner")
             elif key == "rl_module_spec" and value is not None:
@@ -513,6 +616,40 @@ class AlgorithmConfig:
         config.validate()
         return config
 
+
+def _checked(specs: Dict[str, RLModuleSpec]) -> MultiRLModuleSpec:
+    for mid, s in specs.items():
+        validate_model_config(s.model_config)
+        if s.observation_space is None or s.action_space is None:
+            raise ValueError(f"Module {mid!r} has no observation/action space: pass env= or configure .environment(...).")
+    return MultiRLModuleSpec(rl_module_specs=specs)
+
+
+def env_creator_from_id(env_id: str) -> Optional[Callable[..., Any]]:
+    """The creator a ``"module:name"`` id names (``module.name``, a callable that is not a registered
+    gymnasium id), or ``None`` for a gymnasium id. Importing ``module`` runs its code: only ids the
+    user gave (never ones read from a checkpoint) reach here."""
+    if ":" not in env_id:
+        return None
+    import importlib
+
+    module_name, _, name = env_id.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"Cannot import module {module_name!r} of environment {env_id!r}: {err}") from err
+    creator = getattr(module, name, None)
+    if creator is None or name in gym.registry or not callable(creator):
+        return None  # gymnasium's own "module:EnvId" form: gym.make imports the module and makes the id
+    return creator
+
+
+#: Settings a checkpoint stores only by name when they are Python callables: where the user gives them again.
+_CALLABLE_SETTINGS = {
+    "env": ".environment(your_env_creator)",
+    "policy_mapping_fn": ".multi_agent(policy_mapping_fn=...)",
+    "policies_to_train": ".multi_agent(policies_to_train=...)",
+}
 
 #: Settings a checkpoint never supplies, because they start processes or load code: Dask cluster
 #: keyword arguments (``preload`` runs Python), where to connect, and a Dask client.

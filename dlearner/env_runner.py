@@ -25,9 +25,10 @@ import torch
 from gymnasium.envs.registration import VectorizeMode
 from gymnasium.vector import AutoresetMode
 
+from dlearner.acting import ActingModule
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.rl_module import MultiRLModuleSpec, RLModule
-from dlearner.spaces import check_flattenable, flatten_observations, needs_flattening, observation_row_shape
+from dlearner.spaces import observation_row_shape
 
 #: Column of sampled fragments holding V(s_{t+1}) (bootstrap values; consumed by GAE, not trained on).
 NEXT_VF_PREDS = "next_vf_preds"
@@ -132,11 +133,8 @@ class EnvRunner:
         self.module_id = module_id
         torch.set_num_threads(max(1, int(getattr(config, "torch_num_threads", None) or 1)))
         spec = module_spec.rl_module_specs[module_id]
-        self._observation_space: gym.Space = spec.observation_space
-        self._action_space: gym.Space = spec.action_space
-        self._flatten = needs_flattening(spec.observation_space)
-        if self._flatten:
-            check_flattenable(spec.observation_space)
+        seed = getattr(config, "seed", None)
+        self.acting = ActingModule(spec, seed=seed)
         num_envs = config.num_envs_per_env_runner
         self.env = make_vector_env(config, num_envs)
         try:
@@ -145,20 +143,7 @@ class EnvRunner:
             self.env.close()
             raise
         self._next_step_autoreset = self.env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
-        seed = getattr(config, "seed", None)
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            self.module: RLModule = spec.build()
-        self.module.eval()
-        self._torch_rng = torch.Generator()
-        if seed is None:
-            self._torch_rng.seed()
-        else:
-            self._torch_rng.manual_seed(_runner_seed(seed, worker_index))
-        self._is_box = isinstance(spec.action_space, gym.spaces.Box)
-        self._action_low = getattr(spec.action_space, "low", None)
-        self._action_high = getattr(spec.action_space, "high", None)
+        self._torch_rng = runner_generator(seed, worker_index)
         obs, _ = self.env.reset(seed=_runner_seed(seed, worker_index))
         self._obs = self._prepare_obs(obs)
         # NEXT_STEP autoreset: sub-envs whose next step is a reset (their action is ignored).
@@ -173,49 +158,29 @@ class EnvRunner:
     # -------------------------------------------------------------------------------- weights
     def set_weights(self, weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Load the module's weights (``{module_id: {name: array}}`` as ``LearnerGroup.get_weights`` returns)."""
-        self.module.set_state(weights[self.module_id])
+        self.acting.module.set_state(weights[self.module_id])
 
     def get_weights(self) -> Dict[str, Dict[str, np.ndarray]]:
         """The module's weights as ``{module_id: {name: np.ndarray}}``."""
-        return {self.module_id: self.module.get_state()}
+        return {self.module_id: self.acting.module.get_state()}
+
+    @property
+    def module(self) -> RLModule:
+        """The RLModule this runner acts with."""
+        return self.acting.module
 
     # ------------------------------------------------------------------------------- sampling
     def _prepare_obs(self, obs: Any) -> np.ndarray:
-        """A batch of observations as the module takes them (flattened unless the space is a Box)."""
-        if self._flatten:
-            return flatten_observations(self._observation_space, obs)
-        return np.asarray(obs)
+        return self.acting.prepare_batch(obs)
 
-    def _prepare_single_obs(self, obs: Any) -> np.ndarray:
-        if self._flatten:
-            return np.asarray(gym.spaces.flatten(self._observation_space, obs), dtype=np.float32)
-        return np.asarray(obs)
-
-    @torch.no_grad()
     def _act(self, obs: np.ndarray, *, explore: bool = True):
-        out = self.module.forward_train({Columns.OBS: torch.from_numpy(np.asarray(obs, dtype=np.float32))})
-        inputs = out[Columns.ACTION_DIST_INPUTS]
-        dist = self.module.get_exploration_action_dist_cls().from_logits(inputs)
-        if explore:
-            actions = dist.sample(generator=self._torch_rng)
-        else:
-            actions = dist.deterministic_sample()
-        return actions, dist.logp(actions), inputs, out.get(Columns.VF_PREDS)
+        return self.acting.act(obs, explore=explore, generator=self._torch_rng)
 
-    @torch.no_grad()
     def _values(self, obs: np.ndarray) -> np.ndarray:
-        compute_values = getattr(self.module, "compute_values", None)
-        if compute_values is None:
-            raise ValueError(f"{type(self.module).__name__} has no compute_values(); PPO needs a value function.")
-        return compute_values({Columns.OBS: torch.from_numpy(np.asarray(obs, dtype=np.float32))}).numpy()
+        return self.acting.values(obs)
 
     def _env_actions(self, actions: torch.Tensor) -> np.ndarray:
-        actions = actions.numpy()
-        if self._is_box:
-            # The policy's Gaussian is unbounded; the env gets the clipped action, the learner the sampled one.
-            return np.clip(actions, self._action_low, self._action_high)
-        # Already the env's values (the distribution adds Discrete.start); only the dtype may differ.
-        return actions.astype(self._action_space.dtype, copy=False)
+        return self.acting.env_actions(actions)
 
     def sample(self, num_timesteps: int) -> Dict[str, np.ndarray]:
         """Sample ``T = ceil(num_timesteps / num_envs)`` transitions per sub-env; returns time-major arrays.
@@ -247,7 +212,7 @@ class EnvRunner:
                 if self._next_step_autoreset:
                     final = next_obs[cut]  # NEXT_STEP returns the final observation itself
                 else:
-                    final = np.stack([self._prepare_single_obs(infos["final_obs"][i]) for i in cut])
+                    final = self.acting.stack([infos["final_obs"][i] for i in cut])
                 final_vf[cut] = self._values(final)
             columns[Columns.OBS].append(self._obs)
             columns[Columns.ACTIONS].append(actions.numpy())
@@ -361,7 +326,7 @@ class EnvRunner:
                     next_episode += 1
             while running:
                 positions = sorted(running)
-                batch = np.stack([self._prepare_single_obs(running[p][1]) for p in positions])
+                batch = self.acting.stack([running[p][1] for p in positions])
                 actions, _, _, _ = self._act(batch, explore=False)
                 for position, action in zip(positions, self._env_actions(actions)):
                     episode, _ = running[position]
@@ -426,23 +391,68 @@ def _runner_seed(seed: Optional[int], worker_index: int) -> Optional[int]:
     return None if seed is None else int(seed) * 1000 + worker_index
 
 
+def runner_generator(seed: Optional[int], worker_index: int) -> torch.Generator:
+    """The generator an env runner samples actions with: seeded per runner when ``seed`` is set."""
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(_runner_seed(seed, worker_index))
+    return generator
+
+
 class EpisodeStats:
-    """Keeps the last ``window`` episode returns and lengths for smoothed reporting."""
+    """Keeps the last ``window`` episode returns and lengths for smoothed reporting; for multi-agent
+    runs also the last ``window`` returns of each agent and of each module (its agent-episodes)."""
 
     def __init__(self, window: int = 100):
+        self.window = window
         self.returns: Deque[float] = collections.deque(maxlen=window)
         self.lengths: Deque[int] = collections.deque(maxlen=window)
+        self.agent_returns: Dict[str, Deque[float]] = {}
+        self.module_returns: Dict[str, Deque[float]] = {}
 
     def add(self, metrics: Mapping[str, Any]) -> None:
         self.returns.extend(metrics["episode_returns"])
         self.lengths.extend(metrics["episode_lengths"])
+        for key, windows in (("agent_episode_returns", self.agent_returns), ("module_episode_returns", self.module_returns)):
+            for name, values in (metrics.get(key) or {}).items():
+                windows.setdefault(str(name), collections.deque(maxlen=self.window)).extend(values)
 
-    def summary(self) -> Dict[str, float]:
+    def summary(self) -> Dict[str, Any]:
         if not self.returns:
-            return {"episode_return_mean": float("nan"), "episode_len_mean": float("nan")}
+            out: Dict[str, Any] = {"episode_return_mean": float("nan"), "episode_len_mean": float("nan")}
+        else:
+            out = {
+                "episode_return_mean": float(np.mean(self.returns)),
+                "episode_return_max": float(np.max(self.returns)),
+                "episode_return_min": float(np.min(self.returns)),
+                "episode_len_mean": float(np.mean(self.lengths)),
+            }
+        if self.agent_returns:
+            out["agent_episode_returns_mean"] = {a: float(np.mean(v)) for a, v in sorted(self.agent_returns.items())}
+        if self.module_returns:
+            out["module_episode_returns_mean"] = {m: float(np.mean(v)) for m, v in sorted(self.module_returns.items())}
+        return out
+
+    def get_state(self) -> Dict[str, Any]:
+        """The windows, for checkpoints (so a resumed run's smoothed figures go on)."""
         return {
-            "episode_return_mean": float(np.mean(self.returns)),
-            "episode_return_max": float(np.max(self.returns)),
-            "episode_return_min": float(np.min(self.returns)),
-            "episode_len_mean": float(np.mean(self.lengths)),
+            "recent_episode_returns": list(self.returns),
+            "recent_episode_lengths": list(self.lengths),
+            "recent_agent_episode_returns": {a: list(v) for a, v in self.agent_returns.items()},
+            "recent_module_episode_returns": {m: list(v) for m, v in self.module_returns.items()},
         }
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self.returns.clear()
+        self.lengths.clear()
+        self.returns.extend(float(v) for v in state.get("recent_episode_returns", []))
+        self.lengths.extend(int(v) for v in state.get("recent_episode_lengths", []))
+        for key, windows in (
+            ("recent_agent_episode_returns", self.agent_returns),
+            ("recent_module_episode_returns", self.module_returns),
+        ):
+            windows.clear()
+            for name, values in (state.get(key) or {}).items():
+                windows[str(name)] = collections.deque((float(v) for v in values), maxlen=self.window)

@@ -36,10 +36,10 @@ import numpy as np
 
 from dlearner import learner_ops
 from dlearner.backends.local import first_value
-from dlearner.batch import MultiBatch, shard_batch, validate_batch
+from dlearner.batch import MultiBatch, ShardInfo, shard_batch, validate_batch
 from dlearner.columns import COMPONENT_LEARNER
 from dlearner.errors import LearnerDiedError
-from dlearner.learner import batch_specs_for, validate_timesteps
+from dlearner.learner import batch_specs_for, trainable_modules, validate_timesteps
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
 from dlearner.validation import positive_int
 
@@ -290,13 +290,15 @@ class LearnerGroup:
         batch sizes are global, so the same update can run on fewer or more learners)."""
         world = self._pool.num_learners if world is None else world
         if world == 1:
-            return [(request.batch, None, request.timesteps, request.options)]
+            # The layout says "the whole batch", so the learner never applies policies_to_train again
+            # (its copy of the config may predate a change made through the group's).
+            return [(request.batch, ShardInfo.whole(request.batch), request.timesteps, request.options)]
         return [(shard, info, request.timesteps, request.options) for shard, info in shard_batch(request.batch, world)]
 
     def _prepare_update(self, batch, timesteps, num_epochs, minibatch_size, shuffle, *, copy: bool) -> "_UpdateRequest":
         """Validate in the driver, before anything is sent or numbered."""
         self._check_open()
-        validated = validate_batch(batch, batch_specs_for(self._learner_class, self._module_spec))
+        validated = trainable_modules(validate_batch(batch, batch_specs_for(self._learner_class, self._module_spec)), self.config)
         if copy:
             # Async requests are serialised later: the caller may reuse its arrays in the meantime.
             validated = {mid: {c: np.array(a, copy=True) for c, a in cols.items()} for mid, cols in validated.items()}

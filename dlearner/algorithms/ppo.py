@@ -248,19 +248,71 @@ class PPOConfig(AlgorithmConfig):
 
 
 class PPO(Algorithm):
-    """PPO's training step: sample → GAE (standardised over the whole batch) → update → weight sync."""
+    """PPO's training step: sample → GAE (standardised over the whole batch) → update → weight sync.
+
+    Multi-agent: GAE runs along each agent's trajectory and advantages are standardised per module;
+    the modules ``policies_to_train`` leaves out are not sent to the learners.
+    """
 
     def training_step(self):
         config = self.config
-        fragments = self.env_runner_group.sample(config.train_batch_size)
-        batch = postprocess_fragments(
-            fragments, gamma=config.gamma, lambda_=config.lambda_, standardize=config.standardize_advantages
-        )
-        num_sampled = len(batch[Columns.OBS])
-        results = self.learner_group.update(batch=batch, timesteps=self.timesteps(num_sampled))
-        self.num_env_steps_trained_lifetime += int(results[ALL_MODULES]["num_env_steps_trained"])
+        samples = self.env_runner_group.sample(config.train_batch_size)
+        if not self.is_multi_agent:
+            batch = postprocess_fragments(
+                samples, gamma=config.gamma, lambda_=config.lambda_, standardize=config.standardize_advantages
+            )
+            num_sampled = len(batch[Columns.OBS])
+            results = self.learner_group.update(batch=batch, timesteps=self.timesteps(num_sampled))
+            self.num_env_steps_trained_lifetime += int(results[ALL_MODULES]["num_env_steps_trained"])
+        else:
+            batch, env_steps = postprocess_segments(
+                samples, gamma=config.gamma, lambda_=config.lambda_, standardize=config.standardize_advantages
+            )
+            num_sampled = int(round(sum(env_steps.values())))
+            trained = self.modules_to_train(batch)
+            results = {}
+            if trained:
+                results = self.learner_group.update(
+                    batch={mid: batch[mid] for mid in trained}, timesteps=self.timesteps(num_sampled)
+                )
+                epochs = int(config.num_epochs)
+                self.num_env_steps_trained_lifetime += int(round(sum(env_steps[mid] for mid in trained))) * epochs
         self.env_runner_group.sync_weights(self.learner_group.get_weights())
         return results, num_sampled
+
+
+def postprocess_segments(samples, *, gamma: float, lambda_: float, standardize: bool):
+    """Multi-agent samples (``[{module_id: [segment, ...]}, ...]``, one dict per env runner) into one
+    training batch per module, GAE along each segment (one agent's consecutive steps); advantages
+    standardised over each module's whole batch. Returns ``(batch, env steps per module)``."""
+    from dlearner.multi_agent.trajectories import ENV_STEP_SHARE, NEXT_VF_PREDS
+
+    pieces: Dict[str, list] = {}
+    env_steps: Dict[str, float] = {}
+    for sample in samples:
+        for module_id, segments in sample.items():
+            for segment in segments:
+                advantages, targets = compute_gae(
+                    segment[Columns.REWARDS],
+                    segment[Columns.VF_PREDS],
+                    segment[NEXT_VF_PREDS],
+                    segment[Columns.TERMINATEDS],
+                    segment[Columns.TRUNCATEDS],
+                    gamma=gamma,
+                    lambda_=lambda_,
+                )
+                rows = {k: segment[k] for k in _TRAIN_COLUMNS}
+                rows[Columns.ADVANTAGES], rows[Columns.VALUE_TARGETS] = advantages, targets
+                pieces.setdefault(module_id, []).append(rows)
+                env_steps[module_id] = env_steps.get(module_id, 0.0) + float(segment[ENV_STEP_SHARE].sum())
+    batch = {}
+    for module_id, rows in pieces.items():
+        columns = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        if standardize:
+            adv = columns[Columns.ADVANTAGES]
+            columns[Columns.ADVANTAGES] = ((adv - adv.mean()) / max(float(adv.std()), 1e-4)).astype(np.float32)
+        batch[module_id] = columns
+    return batch, env_steps
 
 
 def postprocess_fragments(fragments, *, gamma: float, lambda_: float, standardize: bool) -> Dict[str, np.ndarray]:

@@ -128,6 +128,13 @@ class EnvRunnerGroup(Protocol):
     def get_metrics(self) -> List[Dict[str, Any]]:
         """Each runner's episode statistics since the last call."""
 
+    def add_module(self, config: Any, module_spec: Any, module_id: str, weights: Any) -> None:
+        """Multi-agent runs: every runner acts with the new module ``module_id`` (starting from
+        ``weights``), mapping agents as the updated ``config`` says; replacements start with it."""
+
+    def remove_module(self, config: Any, module_spec: Any, module_id: str) -> None:
+        """Multi-agent runs: every runner stops acting with ``module_id``."""
+
     def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
         """Greedy evaluation episodes."""
 

@@ -132,8 +132,8 @@ class LocalEnvRunnerGroup:
     num_env_runner_restarts = 0
     num_env_steps_lost = 0
 
-    def __init__(self, config: Any, module_spec: Any):
-        self.runners = [EnvRunner(config, module_spec=module_spec, worker_index=0)]
+    def __init__(self, config: Any, module_spec: Any, *, runner_class: type = EnvRunner):
+        self.runners = [runner_class(config, module_spec=module_spec, worker_index=0)]
 
     @property
     def num_runners(self) -> int:
@@ -163,6 +163,12 @@ class LocalEnvRunnerGroup:
 
     def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
         return self.runners[0].evaluate(num_episodes, seed=seed)
+
+    def add_module(self, config: Any, module_spec: Any, module_id: str, weights: Any) -> None:
+        self.runners[0].add_module(module_id, module_spec.rl_module_specs[module_id], weights, config.policy_mapping_fn)
+
+    def remove_module(self, config: Any, module_spec: Any, module_id: str) -> None:
+        self.runners[0].remove_module(module_id, config.policy_mapping_fn)
 
     def get_state(self) -> List[Dict[str, Any]]:
         return [r.get_state() for r in self.runners]

@@ -26,7 +26,7 @@ The package, one idea per file:
 """
 
 from dlearner.learner.core import Learner
-from dlearner.learner.inputs import batch_specs_for, validate_timesteps
+from dlearner.learner.inputs import batch_specs_for, trainable_modules, validate_timesteps
 from dlearner.learner.override import override_point
 from dlearner.learner.rollback import LearnerSnapshot, NonFiniteUpdateError
 from dlearner.learner.state import COMPONENT_LEARNER_STATE, check_weights
@@ -41,5 +41,6 @@ __all__ = [
     "batch_specs_for",
     "check_weights",
     "override_point",
+    "trainable_modules",
     "validate_timesteps",
 ]

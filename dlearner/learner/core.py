@@ -22,7 +22,7 @@ from dlearner.batch import (
     validate_batch,
 )
 from dlearner.columns import ALL_MODULES, DEFAULT_OPTIMIZER, TIMESTEP_KEY, Columns
-from dlearner.learner.inputs import batch_specs_for, validate_timesteps
+from dlearner.learner.inputs import batch_specs_for, trainable_modules, validate_timesteps
 from dlearner.learner.optimizers import RegisteredOptimizer, get_lr, set_lr
 from dlearner.learner.override import override_point
 from dlearner.learner.rollback import RollbackMixin
@@ -242,6 +242,8 @@ class Learner(StateMixin, RollbackMixin):
             local: MultiBatch = {}
         else:
             local = validate_batch(batch, self.batch_specs())
+            if shard is None:  # a LearnerGroup applied policies_to_train before sharding
+                local = trainable_modules(local, self.config)
         timesteps = validate_timesteps(timesteps)
         num_epochs = self._resolve(num_epochs, "num_epochs", 1)
         minibatch_size = self._resolve(minibatch_size, "minibatch_size", None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Mapping, Optional
 
-from dlearner.batch import ModuleBatchSpec, default_allowed_columns
+from dlearner.batch import ModuleBatchSpec, MultiBatch, default_allowed_columns
 from dlearner.columns import TIMESTEP_KEY
 from dlearner.rl_module import MultiRLModuleSpec
 from dlearner.validation import is_real
@@ -53,3 +53,22 @@ def validate_timesteps(timesteps: Optional[Mapping[str, Any]]) -> Dict[str, Any]
         if not is_real(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"timesteps[{key!r}] must be a non-negative number, got {value!r}.")
     return dict(timesteps)
+
+
+def trainable_modules(batch: MultiBatch, config: Any) -> MultiBatch:
+    """``batch`` without the modules ``config.policies_to_train`` leaves out (they act, but never change).
+
+    ``ValueError`` if no module is left: an update with nothing to train is a mistake, never a no-op.
+    """
+    from dlearner.multi_agent.mapping import modules_to_train
+
+    policies_to_train = getattr(config, "policies_to_train", None)
+    if policies_to_train is None:
+        return batch
+    keep = modules_to_train(policies_to_train, list(batch), batch)
+    if not keep:
+        raise ValueError(
+            f"None of the batch's modules {sorted(batch)} is in policies_to_train; add one to "
+            ".multi_agent(policies_to_train=...), or leave the batch of frozen modules out."
+        )
+    return {mid: batch[mid] for mid in keep}

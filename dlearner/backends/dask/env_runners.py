@@ -50,7 +50,9 @@ def _runner_died(died: Died, method: str) -> EnvRunnerDiedError:
 class DaskEnvRunnerGroup(ActorGroup):
     """Env-runner actors on Dask workers (implements :class:`~dlearner.backends.interface.EnvRunnerGroup`)."""
 
-    def __init__(self, config: Any, module_spec: Any, *, connection: ClusterConnection, run_id: str):
+    def __init__(
+        self, config: Any, module_spec: Any, *, connection: ClusterConnection, run_id: str, runner_class: Optional[type] = None
+    ):
         super().__init__(
             connection, restart_failed=config.restart_failed_env_runners, max_restarts=config.max_num_env_runner_restarts
         )
@@ -59,6 +61,7 @@ class DaskEnvRunnerGroup(ActorGroup):
         self._timeout_s = config.resolved_startup_timeout_s()
         self._runner_config = config.copy_for_learner()
         self._module_spec = module_spec
+        self._runner_class = runner_class  # None: the single-agent EnvRunner
         #: Env steps lost with lost runners (counted, never hidden).
         self.num_env_steps_lost = 0
         self._weights: Any = None  # the last weights synced: a replacement starts from them
@@ -84,7 +87,8 @@ class DaskEnvRunnerGroup(ActorGroup):
     def _start_runner(self, member: Member) -> None:
         from dlearner.env_runner import EnvRunner
 
-        self.start(member, EnvRunner, self._runner_config, module_spec=self._module_spec, worker_index=member.index + 1)
+        runner_class = self._runner_class or EnvRunner
+        self.start(member, runner_class, self._runner_config, module_spec=self._module_spec, worker_index=member.index + 1)
 
     # -- facts -------------------------------------------------------------------------------------
     @property
@@ -214,6 +218,16 @@ class DaskEnvRunnerGroup(ActorGroup):
 
     def get_metrics(self) -> List[Dict[str, Any]]:
         return self._all("get_metrics", [()] * self.num_runners)
+
+    def add_module(self, config: Any, module_spec: Any, module_id: str, weights: Any) -> None:
+        # Replacements start from the new config and specs (and the next synced weights).
+        self._runner_config, self._module_spec = config.copy_for_learner(), module_spec
+        args = (module_id, module_spec.rl_module_specs[module_id], weights, config.policy_mapping_fn)
+        self._all("add_module", [args] * self.num_runners)
+
+    def remove_module(self, config: Any, module_spec: Any, module_id: str) -> None:
+        self._runner_config, self._module_spec = config.copy_for_learner(), module_spec
+        self._all("remove_module", [(module_id, config.policy_mapping_fn)] * self.num_runners)
 
     def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
         """Greedy evaluation episodes on the first runner."""

@@ -1,0 +1,5 @@
+"""Small environments that ship with dlearner, for examples, tests and benchmarks."""
+
+from dlearner.envs.multi_agent_cartpole import MultiAgentCartPole
+
+__all__ = ["MultiAgentCartPole"]
