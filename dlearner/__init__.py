@@ -31,6 +31,7 @@ _EXPORTS: Dict[str, str] = {
     "APPOConfig": "dlearner.algorithms",
     "IMPALAConfig": "dlearner.algorithms",
     "BCConfig": "dlearner.algorithms",
+    "MultiAgentEnv": "dlearner.multi_agent.env",
     "Learner": "dlearner.learner",
     "TorchLearner": "dlearner.learner",
     "LearnerGroup": "dlearner.learner_group",
@@ -52,6 +53,7 @@ __all__ = [
     "APPOConfig",
     "IMPALAConfig",
     "BCConfig",
+    "MultiAgentEnv",
     "Learner",
     "TorchLearner",
     "LearnerGroup",
@@ -80,6 +82,7 @@ if TYPE_CHECKING:  # static type checkers and IDEs see ordinary imports
     from dlearner.config import AlgorithmConfig
     from dlearner.learner import Learner, TorchLearner
     from dlearner.learner_group import LearnerGroup
+    from dlearner.multi_agent.env import MultiAgentEnv
     from dlearner.rl_module import MultiRLModule, MultiRLModuleSpec, RLModule, RLModuleSpec
 
 

@@ -265,8 +265,107 @@ class Algorithm:
                 "episode_len_mean": float(np.mean(out["episode_lengths"])),
                 "num_episodes": len(returns),
                 "episode_returns": [float(r) for r in returns],
+                **(
+                    {
+                        "agent_episode_returns_mean": {
+                            a: float(np.mean(v)) for a, v in sorted(out["agent_episode_returns"].items())
+                        }
+                    }
+                    if out.get("agent_episode_returns")
+                    else {}
+                ),
             }
         }
+
+    # ------------------------------------------------------------------------- multi-agent
+    def add_module(
+        self,
+        module_id: str,
+        module_spec: Any = None,
+        *,
+        new_agent_to_module_mapping_fn: Any = None,
+        new_should_module_be_updated: Any = None,
+    ):
+        """Add a module to a multi-agent run: learners train it (unless ``new_should_module_be_updated``,
+        the new ``policies_to_train``, leaves it out) and env runners act with it for the agents
+        ``new_agent_to_module_mapping_fn`` maps to it in episodes that start from now on.
+
+        ``module_spec`` (an ``RLModuleSpec`` or ``None``) takes missing spaces from the agents mapped
+        to it. Everything is checked before anything changes. Returns the new ``MultiRLModuleSpec``.
+
+        Example (a frozen copy of ``p0`` for self-play)::
+
+            algo.add_module("p0_v1", new_agent_to_module_mapping_fn=league_mapping, new_should_module_be_updated=["p0"])
+            algo.learner_group.set_weights({"p0_v1": algo.learner_group.get_weights(["p0"])["p0"]})
+        """
+        from dlearner.rl_module import validate_module_id
+
+        self._check_multi_agent("add_module")
+        validate_module_id(module_id)
+        if module_id in self.module_spec.rl_module_specs:
+            raise ValueError(f"Module {module_id!r} already exists; remove it first or pick another id.")
+        policies = self._current_policies()
+        policies[module_id] = module_spec
+        config, spec = self._module_change(policies, new_agent_to_module_mapping_fn, new_should_module_be_updated)
+        self._before_module_change()
+        self._learner_group.add_module(module_id=module_id, module_spec=spec.rl_module_specs[module_id])
+        self._apply_module_change(config)
+        weights = self._learner_group.get_weights([module_id])[module_id]
+        self._env_runner_group.add_module(self.config, self.module_spec, module_id, weights)
+        return self.module_spec
+
+    def remove_module(
+        self, module_id: str, *, new_agent_to_module_mapping_fn: Any = None, new_should_module_be_updated: Any = None
+    ):
+        """Remove a module from a multi-agent run (learners and env runners); the mapping must no
+        longer name it. Returns the remaining ``MultiRLModuleSpec``."""
+        self._check_multi_agent("remove_module")
+        if module_id not in self.module_spec.rl_module_specs:
+            raise ValueError(f"Unknown module {module_id!r}; modules are {sorted(self.module_spec.rl_module_specs)}.")
+        policies = self._current_policies()
+        del policies[module_id]
+        if not policies:
+            raise ValueError(f"Module {module_id!r} is the last one; a run needs at least one module.")
+        config, _ = self._module_change(policies, new_agent_to_module_mapping_fn, new_should_module_be_updated)
+        self._before_module_change()
+        self._learner_group.remove_module(module_id)
+        self._apply_module_change(config)
+        self._env_runner_group.remove_module(self.config, self.module_spec, module_id)
+        return self.module_spec
+
+    def _check_multi_agent(self, method: str) -> None:
+        if not self.is_multi_agent:
+            raise ValueError(
+                f"{method}() changes the modules of a multi-agent run, but {self.config.env!r} is a single-agent env; "
+                "use learner_group.add_module/remove_module to manage a LearnerGroup's modules directly."
+            )
+
+    def _current_policies(self) -> Dict[str, Any]:
+        """``{module_id: the spec the user gave or None}`` for the run's modules now."""
+        given = self.config.policies or {}
+        return {mid: given.get(mid) for mid in self.module_spec.rl_module_specs}
+
+    def _module_change(self, policies, mapping_fn, policies_to_train):
+        """The config after an add/remove and its module specs, checked against the env's agents (nothing changes yet)."""
+        config = self.config.copy()
+        config.multi_agent(policies=policies)
+        if mapping_fn is not None:
+            config.multi_agent(policy_mapping_fn=mapping_fn)
+        if policies_to_train is not None:
+            config.multi_agent(policies_to_train=policies_to_train)
+        config.validate()
+        return config, config.get_multi_rl_module_spec()
+
+    def _apply_module_change(self, config) -> None:
+        self.config.multi_agent(
+            policies=config.policies, policy_mapping_fn=config.policy_mapping_fn, policies_to_train=config.policies_to_train
+        )
+        # The group applies policies_to_train to every batch in the driver.
+        self._learner_group.config.policies_to_train = config.policies_to_train
+        self.module_spec = self._learner_group.module_spec
+
+    def _before_module_change(self) -> None:
+        """Hook: asynchronous algorithms let their updates in flight finish first."""
 
     # ---------------------------------------------------------------------------------- state
     def get_counters(self) -> Dict[str, Any]:

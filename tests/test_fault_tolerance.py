@@ -211,3 +211,45 @@ def test_a_lost_env_runner_of_an_asynchronous_algorithm_is_replaced_while_sampli
     finally:
         algo.stop()
     wait_for_workers(client, 3)
+
+
+# -------------------------------------------------------------------------------- multi-agent
+def test_a_multi_agent_run_with_env_runner_actors_survives_lost_env_runners_and_learners(client):
+    from dlearner.envs import MultiAgentCartPole
+
+    config = (
+        ppo_algo_config(client, num_learners=2, restart_failed_env_runners=True, restart_failed_learners=True)
+        .environment(MultiAgentCartPole, env_config={"num_agents": 2})
+        .multi_agent(policy_mapping_fn="per-agent")
+        .fault_tolerance(learner_restart_timeout_s=60)
+    )
+    with config.build_algo() as algo:
+        algo.train()
+        kill_worker(client, env_runner_worker(algo))
+        result = algo.train()
+        assert result["num_env_runner_restarts"] == 1
+        kill_worker(client, algo.learner_group.learner_workers[1])
+        result = algo.train()
+        assert result["num_learner_restarts"] == 1
+        assert {"agent_0", "agent_1"} <= set(result["learners"])
+        assert result["env_runners"]["module_episode_returns_mean"].keys() == {"agent_0", "agent_1"}
+        identical_weights(algo.learner_group)
+    wait_for_workers(client, 3)
+
+
+def test_two_learners_train_several_modules_exactly_as_one(client):
+    """Batch sizes are global: modules with uneven row counts, sharded over two learners, end where one
+    learner ends (so a multi-agent run's curve does not depend on num_learners)."""
+    from dlearner import LearnerGroup, MultiRLModuleSpec, RLModuleSpec
+
+    specs = MultiRLModuleSpec(
+        rl_module_specs={m: RLModuleSpec(observation_space=SPACES[0], action_space=SPACES[1]) for m in ("p0", "p1")}
+    )
+    batch = {"p0": ppo_batch(96, seed=1), "p1": ppo_batch(62, seed=2)}
+    weights = []
+    for num_learners in (0, 2):
+        config = ft_config(client).learners(num_learners=num_learners).training(learner_class=None, minibatch_size=None)
+        with LearnerGroup(config=config, module_spec=specs) as group:
+            group.update(batch)
+            weights.append(identical_weights(group) if num_learners else group.get_weights())
+    assert_close_weights(weights[1], weights[0])

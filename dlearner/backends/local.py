@@ -165,10 +165,10 @@ class LocalEnvRunnerGroup:
         return self.runners[0].evaluate(num_episodes, seed=seed)
 
     def add_module(self, config: Any, module_spec: Any, module_id: str, weights: Any) -> None:
-        self.runners[0].add_module(module_id, module_spec.rl_module_specs[module_id], weights, config.policy_mapping_fn)
+        self.runners[0].add_module(module_id, module_spec.rl_module_specs[module_id], weights, config)
 
     def remove_module(self, config: Any, module_spec: Any, module_id: str) -> None:
-        self.runners[0].remove_module(module_id, config.policy_mapping_fn)
+        self.runners[0].remove_module(module_id, config)
 
     def get_state(self) -> List[Dict[str, Any]]:
         return [r.get_state() for r in self.runners]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -93,30 +93,31 @@ class MultiAgentEnvRunner:
         return {mid: acting.module.get_state() for mid, acting in self.modules.items()}
 
     def add_module(
-        self,
-        module_id: str,
-        module_spec: RLModuleSpec,
-        weights: Optional[Mapping[str, np.ndarray]] = None,
-        mapping_fn: Optional[Callable[..., str]] = None,
+        self, module_id: str, module_spec: RLModuleSpec, weights: Optional[Mapping[str, np.ndarray]], config: Any
     ) -> None:
-        """Act with a new module (and, if given, a new mapping for agents of episodes that start later)."""
-        self.modules[module_id] = ActingModule(module_spec)
+        """Act with a new module, starting from ``weights``; agents map as ``config.multi_agent(...)`` now says
+        (agents already in a running episode keep their module)."""
+        acting = ActingModule(module_spec)
         if weights is not None:
-            self.modules[module_id].module.set_state(weights)
-        if mapping_fn is not None:
-            self.mapping_fn = mapping_fn
+            acting.module.set_state(weights)
+        self.modules[module_id] = acting
+        self._set_mapping(config)
 
-    def remove_module(self, module_id: str, mapping_fn: Optional[Callable[..., str]] = None) -> None:
-        """Stop acting with ``module_id``; agents mapped to it are mapped again (with ``mapping_fn`` if given)."""
+    def remove_module(self, module_id: str, config: Any) -> None:
+        """Stop acting with ``module_id``: its unsent rows are dropped (no learner trains it any more) and
+        agents of running episodes that acted with it are mapped again."""
         self.modules.pop(module_id, None)
-        if mapping_fn is not None:
-            self.mapping_fn = mapping_fn
+        self._set_mapping(config)
         for key in [k for k in self._slots if k[2] == module_id]:
-            del self._slots[key]  # its rows can no longer be trained
+            del self._slots[key]
         for episode in self._episodes:
             for agent, mid in list(episode.agent_to_module.items()):
                 if mid == module_id:
                     del episode.agent_to_module[agent]
+
+    def _set_mapping(self, config: Any) -> None:
+        self.config.policies, self.config.policy_mapping_fn = config.policies, config.policy_mapping_fn
+        _, self.mapping_fn = resolve_mapping(config.policies, config.policy_mapping_fn, self.possible_agents)
 
     # ------------------------------------------------------------------------------- sampling
     def _module_of(self, env_index: int, agent_id: str) -> str:

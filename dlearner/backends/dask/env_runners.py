@@ -222,12 +222,12 @@ class DaskEnvRunnerGroup(ActorGroup):
     def add_module(self, config: Any, module_spec: Any, module_id: str, weights: Any) -> None:
         # Replacements start from the new config and specs (and the next synced weights).
         self._runner_config, self._module_spec = config.copy_for_learner(), module_spec
-        args = (module_id, module_spec.rl_module_specs[module_id], weights, config.policy_mapping_fn)
+        args = (module_id, module_spec.rl_module_specs[module_id], weights, self._runner_config)
         self._all("add_module", [args] * self.num_runners)
 
     def remove_module(self, config: Any, module_spec: Any, module_id: str) -> None:
         self._runner_config, self._module_spec = config.copy_for_learner(), module_spec
-        self._all("remove_module", [(module_id, config.policy_mapping_fn)] * self.num_runners)
+        self._all("remove_module", [(module_id, self._runner_config)] * self.num_runners)
 
     def evaluate(self, num_episodes: int, seed: Optional[int] = None) -> Dict[str, Any]:
         """Greedy evaluation episodes on the first runner."""
