@@ -606,8 +606,9 @@ class AlgorithmConfig:
                     f"The run's {key} was a Python callable ({value}), which a checkpoint cannot store; "
                     f"rebuild the config in Python with {_CALLABLE_SETTINGS[key]}."
                 )
-            if key == "policies" and value is not None:
-                value = {mid: None if spec is None else _spec_from_json(spec) for mid, spec in value.items()}
+            if key in ("policies", "policy_mapping_fn", "policies_to_train"):
+                _stored_multi_agent_setting(config, key, value)
+                continue
             if key == "learner_class" and value is not None:
                 value = import_dlearner_class(value, "learner")
             elif key == "rl_module_spec" and value is not None:
@@ -642,6 +643,18 @@ def env_creator_from_id(env_id: str) -> Optional[Callable[..., Any]]:
     if creator is None or name in gym.registry or not callable(creator):
         return None  # gymnasium's own "module:EnvId" form: gym.make imports the module and makes the id
     return creator
+
+
+def _stored_multi_agent_setting(config: AlgorithmConfig, key: str, value: Any) -> None:
+    """A ``.multi_agent(...)`` setting read from stored data, checked as if the user had passed it
+    (only module ids, specs of dlearner's own classes and the named mappings are accepted)."""
+    if key == "policies" and value is not None:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"The stored policies must be a dict of module ids, got {type(value).__name__}.")
+        value = {mid: None if spec is None else _spec_from_json(spec) for mid, spec in value.items()}
+    if key == "policy_mapping_fn" and value is not None and not isinstance(value, str):
+        raise ValueError(f"The stored policy_mapping_fn must be a name, got {type(value).__name__}.")
+    config.multi_agent(**{key: value})
 
 
 #: Settings a checkpoint stores only by name when they are Python callables: where the user gives them again.

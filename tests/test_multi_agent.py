@@ -255,3 +255,47 @@ def test_a_pettingzoo_parallel_env_trains_as_it_is():
     assert list(algo.module_spec.rl_module_specs) == [DEFAULT_MODULE_ID]  # the agents share one module
     assert result["env_runners"]["agent_episode_returns_mean"].keys() == {"agent_0", "agent_1"}
     assert result["env_runners"]["episode_len_mean"] == 25  # a PettingZoo episode ends when its agents are gone
+
+
+def load_example(name):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_two_cartpoles_example_learns_both_policies():
+    out = load_example("multi_agent_cartpole").main(num_env_runners=0, stop_return=150.0, max_iters=15)
+    assert out["result"]["env_runners"]["episode_return_mean"] >= 150.0
+    assert out["evaluation"]["agent_episode_returns_mean"].keys() == {"agent_0", "agent_1"}
+
+
+def test_the_pettingzoo_example_runs():
+    returns = load_example("pettingzoo_simple_spread").main(iterations=1)
+    assert len(returns) == 1 and np.isfinite(returns[0])
+
+
+def test_stored_multi_agent_settings_come_back_and_are_checked():
+    from dlearner import AlgorithmConfig
+
+    config = cartpoles_config().environment("dlearner.envs:MultiAgentCartPole")
+    config.multi_agent(
+        policies={"p0": RLModuleSpec(model_config={"fcnet_hiddens": [8]}), "p1": None},
+        policy_mapping_fn="per-agent",
+        policies_to_train=["p0"],
+    )
+    again = AlgorithmConfig.from_dict(config.to_dict())
+    assert again.policies["p0"].model_config == {"fcnet_hiddens": [8]} and again.policies["p1"] is None
+    assert (again.policy_mapping_fn, again.policies_to_train) == ("per-agent", ["p0"])
+    assert again.env is None  # "module:creator" imports code: the user names it again
+    with pytest.raises(ValueError, match="policy_mapping_fn was a Python callable"):
+        AlgorithmConfig.from_dict({**config.to_dict(), "policy_mapping_fn": "<callable p_of_agent>"})
+    with pytest.raises(ValueError, match="policy_mapping_fn must be"):
+        AlgorithmConfig.from_dict({**config.to_dict(), "policy_mapping_fn": "by-team"})
+    with pytest.raises(ValueError, match="module id"):
+        AlgorithmConfig.from_dict({**config.to_dict(), "policies": {"": None}})
