@@ -233,6 +233,23 @@ def _is_finite_number(value: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------- progress
+#: Modules a progress line names (the rest are counted).
+MAX_MODULES_SHOWN = 4
+
+
+def returns_by_id(returns: Any, *, limit: Optional[int] = None) -> str:
+    """``agent_0 21.3, agent_1 16.3`` from ``{id: mean return}`` (``n/a`` for a missing mean); past
+    ``limit`` ids, ``+N more``. ``""`` when there are none."""
+    if not isinstance(returns, Mapping) or not returns:
+        return ""
+    ids = sorted(returns, key=str)
+    shown = ids if limit is None else ids[:limit]
+    parts = [f"{name} {returns[name]:.1f}" if _is_finite_number(returns[name]) else f"{name} n/a" for name in shown]
+    if len(ids) > len(shown):
+        parts.append(f"+{len(ids) - len(shown)} more")
+    return ", ".join(parts)
+
+
 class ProgressDisplay:
     """Shows training progress: ``iter 12 | env steps 24,000 | return 201.3 | 3,812 steps/s | 0:00:07``.
 
@@ -279,16 +296,19 @@ class ProgressDisplay:
             iter_time = result.get("time_this_iter_s")
             rate = delta / iter_time if _is_finite_number(iter_time) and iter_time > 0 and delta >= 0 else None
         rate = rate if _is_finite_number(rate) else None
-        ret = (result.get("env_runners") or {}).get("episode_return_mean")
-        text = " | ".join(
-            [
-                f"iter {int(result.get(ITERATION_KEY, 0)):4d}",
-                f"env steps {steps:>9,}",
-                f"return {ret:7.1f}" if _is_finite_number(ret) else "return     n/a",
-                f"{rate:>8,.0f} steps/s" if rate is not None else "     n/a steps/s",
-                f"elapsed {_clock(time.perf_counter() - self._start)}",
-            ]
-        )
+        runners = result.get("env_runners") or {}
+        ret = runners.get("episode_return_mean")
+        parts = [
+            f"iter {int(result.get(ITERATION_KEY, 0)):4d}",
+            f"env steps {steps:>9,}",
+            f"return {ret:7.1f}" if _is_finite_number(ret) else "return     n/a",
+            f"{rate:>8,.0f} steps/s" if rate is not None else "     n/a steps/s",
+            f"elapsed {_clock(time.perf_counter() - self._start)}",
+        ]
+        modules = returns_by_id(runners.get("module_episode_returns_mean"), limit=MAX_MODULES_SHOWN)
+        if modules:  # a multi-agent run: each module's return after the summed one
+            parts.insert(3, f"module returns {modules}")
+        text = " | ".join(parts)
         if self.live:
             pad = " " * max(0, self._last_width - len(text))  # erase leftovers of a longer previous line
             self.stream.write("\r" + text + pad)

@@ -182,6 +182,7 @@ def test_results_report_summed_per_agent_and_per_module_returns():
     assert runners["agent_episode_returns_mean"].keys() == {"agent_0", "agent_1"}
     assert runners["module_episode_returns_mean"].keys() == {"p0", "p1"}
     assert result["num_env_steps_sampled_lifetime"] == 256
+    assert result["learners"]["__all_modules__"]["num_env_steps_trained"] == 256  # env steps, as the counters
     assert result["num_agent_steps_sampled_lifetime"] >= 256
     for module_id in ("p0", "p1"):
         assert result["learners"][module_id]["num_module_steps_trained"] > 0

@@ -275,8 +275,11 @@ class PPO(Algorithm):
                 results = self.learner_group.update(
                     batch={mid: batch[mid] for mid in trained}, timesteps=self.timesteps(num_sampled)
                 )
-                epochs = int(config.num_epochs)
-                self.num_env_steps_trained_lifetime += int(round(sum(env_steps[mid] for mid in trained))) * epochs
+                trained_env_steps = int(round(sum(env_steps[mid] for mid in trained))) * int(config.num_epochs)
+                self.num_env_steps_trained_lifetime += trained_env_steps
+                # The learners count rows (agent steps); a multi-agent run reports env steps there too.
+                results[ALL_MODULES]["num_env_steps_trained"] = trained_env_steps
+                results[ALL_MODULES]["num_env_steps_trained_lifetime"] = self.num_env_steps_trained_lifetime
         self.env_runner_group.sync_weights(self.learner_group.get_weights())
         return results, num_sampled
 

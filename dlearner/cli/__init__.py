@@ -9,6 +9,8 @@ Examples::
     dlearner evaluate runs/cartpole --episodes 10
     dlearner inspect runs/cartpole
     dlearner plot runs/cartpole -o curve.png                              # its metrics.jsonl
+    dlearner train --env dlearner.envs:MultiAgentCartPole --policies per-agent --checkpoint runs/ma
+    dlearner train --checkpoint runs/ma --resume --env dlearner.envs:MultiAgentCartPole   # names the creator again
 
 Exit status: 0 on success; 2 for a bad flag, path or setting (a one-line message on stderr names
 it); 1 when training fails (a learner's exception, a lost worker, a cluster that lacks workers: a
@@ -28,6 +30,8 @@ The package, each module one part of the command (each uses only the ones listed
   supplies to ``--resume`` and ``evaluate``, the command that continues a run;
 * :mod:`~dlearner.cli.stop` and :mod:`~dlearner.cli.signals`: when ``train`` stops, by its flags
   or by SIGTERM/SIGINT;
+* :mod:`~dlearner.cli.multi_agent`: ``--policies``, and how multi-agent runs' returns and modules
+  are shown (progress lines, ``evaluate``, ``inspect``);
 * :mod:`~dlearner.cli.cluster` and :mod:`~dlearner.cli.dashboard`: attaching to a running cluster,
   feeding the dashboard page;
 * :mod:`~dlearner.cli.train_config`, :mod:`~dlearner.cli.train`, :mod:`~dlearner.cli.evaluate`,

@@ -8,6 +8,7 @@ import json
 from dlearner.cli.algorithms import algo_name, config_from_dict
 from dlearner.cli.errors import EXIT_OK
 from dlearner.cli.runs import load_run_metadata, restore_env
+from dlearner.reporting import returns_by_id
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -38,4 +39,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         f"(min {out['episode_return_min']:.1f}, max {out['episode_return_max']:.1f}, "
         f"mean length {out['episode_len_mean']:.1f})"
     )
+    per_agent = returns_by_id(out.get("agent_episode_returns_mean"))
+    if per_agent:  # a multi-agent run: the return above is the sum over its agents
+        print(f"mean return per agent: {per_agent} (the mean return above is their sum)")
     return EXIT_OK

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from dlearner.cli.errors import EXIT_OK, UsageError
+from dlearner.cli.multi_agent import inspect_lines
 from dlearner.cli.runs import not_a_checkpoint
 
 
@@ -20,5 +21,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, default=list, indent=2))
     else:
-        print(format_inspection(summary))
+        text = format_inspection(summary)
+        # A multi-agent run's modules and mapping, under the header, before the long metadata listing.
+        head, metadata, rest = text.partition("\nmetadata:")
+        print("\n".join([head, *inspect_lines(summary.get("metadata") or {})]) + metadata + rest)
     return EXIT_OK

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List
 from dlearner.cli.algorithms import ALGORITHMS
 from dlearner.cli.evaluate import cmd_evaluate
 from dlearner.cli.inspect import cmd_inspect
+from dlearner.cli.multi_agent import POLICIES_CHOICES
 from dlearner.cli.plot import cmd_plot
 from dlearner.cli.runs import CURVE_FILENAME, METRICS_FILENAME
 from dlearner.cli.stop import DEFAULT_STOP_ITERS
@@ -128,8 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train an algorithm on an environment",
         description=(
-            "Train an algorithm on a gymnasium environment until a stop condition is reached. Without --address "
-            "or --scheduler-file, Dask learners and env runners run on an embedded LocalCluster; with "
+            "Train an algorithm on a gymnasium (or multi-agent) environment until a stop condition is reached. "
+            "Without --address or --scheduler-file, Dask learners and env runners run on an embedded LocalCluster; with "
             "--num-learners 0 --num-env-runners 0 everything runs in this process. With --resume, the settings "
             "stored in the checkpoint are used and the flags given override them."
         ),
@@ -149,14 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--algo", choices=sorted(ALGORITHMS), default=None, help="algorithm (default: PPO, or the checkpoint's with --resume)"
     )
     what.add_argument(
-        "--env", default=None, metavar="ID", help="gymnasium environment id, e.g. CartPole-v1 (required unless --resume)"
+        "--env",
+        default=None,
+        metavar="ID",
+        help="gymnasium environment id, e.g. CartPole-v1, or module:creator for an env creator such as the "
+        "multi-agent dlearner.envs:MultiAgentCartPole (creator(env_config) returns a gymnasium.Env, a "
+        "dlearner.MultiAgentEnv or a pettingzoo.ParallelEnv); required unless --resume, and again with --resume "
+        "of a module:creator run",
     )
     what.add_argument(
         "--env-config",
         type=_json_object,
         default=None,
         metavar="JSON",
-        help="keyword arguments for gymnasium.make, as a JSON object",
+        help="keyword arguments for gymnasium.make, or the env_config a module:creator receives, as a JSON object",
+    )
+    what.add_argument(
+        "--policies",
+        choices=POLICIES_CHOICES,
+        default=None,
+        help="multi-agent envs only: 'shared' (one module, default_policy, for every agent; the default) or "
+        "'per-agent' (one module per agent, named after it). A resumed run keeps the checkpoint's.",
     )
 
     where = train.add_argument_group("where it runs")
@@ -291,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--env",
         default=None,
         metavar="ID",
-        help="the run's gymnasium id, needed again when it has the module:Env form (a checkpoint never imports code by itself)",
+        help="the run's --env, needed again when it has the module:Env or module:creator form (a checkpoint never "
+        "imports code by itself)",
     )
     _add_output_options(evaluate, defaults=False)
     evaluate.set_defaults(func=cmd_evaluate)

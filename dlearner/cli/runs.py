@@ -177,8 +177,13 @@ def resume_command(args: argparse.Namespace) -> str:
     """The command that continues this run (settings come from the checkpoint; cluster and stop flags do not)."""
     import shlex
 
+    from dlearner.config import env_id_imports_code
+
     parts = ["dlearner", "train", "--checkpoint", args.checkpoint, "--resume"]
+    # A module:creator (or module:Env) id is never taken from the checkpoint: the user names it again.
+    env = args.env if env_id_imports_code(args.env) else None
     for flag, value in (
+        ("--env", env),
         ("--address", args.address),
         ("--scheduler-file", args.scheduler_file),
         ("--stop-return", args.stop_return),

@@ -16,6 +16,7 @@ from dlearner.cli.algorithms import algo_name
 from dlearner.cli.cluster import attach
 from dlearner.cli.dashboard import RunDashboard
 from dlearner.cli.errors import EXIT_INTERRUPTED, EXIT_OK, TrainingFailed, UsageError
+from dlearner.cli.multi_agent import MultiAgentSetup
 from dlearner.cli.runs import checkpoint_store, committed_iteration, output_paths, resume_command
 from dlearner.cli.signals import StopSignals, aborted, notice, signal_summary
 from dlearner.cli.stop import StopConditions
@@ -30,13 +31,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dlearner.reporting import MetricsWriter, ProgressDisplay
 
     check_train_args(args)
-    config, resume_metadata = make_config(args)  # every flag is checked before any cluster starts
+    config, resume_metadata, multi_agent = make_config(args)  # every flag is checked before any cluster starts
     name = algo_name(config)
     metrics_path, png_path = output_paths(args)
     quiet = args.log_level == "WARNING"
     null = open(os.devnull, "w") if quiet else None  # -q: no progress lines, no informational messages
     progress = ProgressDisplay(null)
-    progress.message(f"dlearner: {_describe_setup(name, config)}")
+    progress.message(f"dlearner: {_describe_setup(name, config, multi_agent)}")
     signals = StopSignals()
     state = RunState()
     own_connection = algo = writer = dashboard = None
@@ -180,7 +181,7 @@ def _train_loop(
     state.reason = reason or ""
 
 
-def _describe_setup(name: str, config: AlgorithmConfig) -> str:
+def _describe_setup(name: str, config: AlgorithmConfig, multi_agent: Optional[MultiAgentSetup]) -> str:
     learners = config.num_learners
     runners = config.num_env_runners
     where = (
@@ -189,7 +190,8 @@ def _describe_setup(name: str, config: AlgorithmConfig) -> str:
         + (f"{runners} env-runner actor{'s' if runners != 1 else ''}" if runners else "sampling in this process")
         + f" x {config.num_envs_per_env_runner} env{'s' if config.num_envs_per_env_runner != 1 else ''}"
     )
-    return f"training {name} on {config.env}: {where}"
+    agents = f" ({multi_agent.describe()})" if multi_agent is not None else ""
+    return f"training {name} on {config.env}{agents}: {where}"
 
 
 def _draw_curve(metrics_path: Path, png_path: Optional[Path], title: str, progress: Any) -> None:

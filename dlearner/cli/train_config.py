@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional
 
 from dlearner.cli.algorithms import algo_name, algorithm_classes, config_from_dict
 from dlearner.cli.errors import UsageError, flag
+from dlearner.cli.multi_agent import MultiAgentSetup, apply_policies
 from dlearner.cli.runs import METRICS_FILENAME, checkpoint_metadata, is_url, load_run_metadata, local_dir, restore_env
 
 if TYPE_CHECKING:
@@ -48,8 +49,18 @@ def check_train_args(args: argparse.Namespace) -> None:
         )
 
 
-def make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Dict[str, Any]]]:
-    """``(config, metadata of the checkpoint to resume or None)`` from the flags."""
+class RunConfig(NamedTuple):
+    """What ``train`` runs, from its flags."""
+
+    config: "AlgorithmConfig"
+    #: The metadata of the checkpoint ``--resume`` continues, ``None`` for a new run.
+    resume_metadata: Optional[Dict[str, Any]]
+    #: The agents and modules of a multi-agent run, ``None`` for a single-agent one.
+    multi_agent: Optional[MultiAgentSetup]
+
+
+def make_config(args: argparse.Namespace) -> RunConfig:
+    """The config, the checkpoint to resume (if any) and the multi-agent setup (if any) from the flags."""
     metadata = None
     if args.resume:
         with flag("--checkpoint"):
@@ -86,10 +97,14 @@ def make_config(args: argparse.Namespace) -> Tuple[AlgorithmConfig, Optional[Dic
     _apply_flags(config, args)
     with flag("--env"):
         # Fail here, before any cluster starts, if the environment cannot be made.
-        config.make_env().close()
+        env = config.make_env()
+    try:
+        multi_agent = apply_policies(config, args, env)
+    finally:
+        env.close()
     with flag("--minibatch-size/--train-batch-size"):
         config.validate()
-    return config, metadata
+    return RunConfig(config, metadata, multi_agent)
 
 
 def _apply_flags(config: "AlgorithmConfig", args: argparse.Namespace) -> None:

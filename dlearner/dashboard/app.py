@@ -15,7 +15,9 @@ import logging
 from typing import Any, Dict, List, Optional
 
 from dlearner.dashboard.html import (
+    SUMMED_RETURN_TITLE,
     json_link,
+    module_ids,
     render,
     run_header,
     run_link,
@@ -24,6 +26,8 @@ from dlearner.dashboard.html import (
 )
 from dlearner.dashboard.plugin import current_plugin
 from dlearner.dashboard.protocol import PAGE_PATH
+from dlearner.dashboard.store import MODULE_LOSS_KEY
+from dlearner.dashboard.svg import COLORS
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +35,6 @@ logger = logging.getLogger(__name__)
 REFRESH_MS = 1000
 #: Points drawn per curve (the newest ones; metrics.json has them all).
 MAX_POINTS = 2000
-_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 _TIME_PARTS = (("compute_s", "compute", "#1f77b4"), ("allreduce_s", "all-reduce", "#ff7f0e"), ("waiting_s", "waiting", "#bbbbbb"))
 #: Id of the banner an open page shows once its server went away.
 DISCONNECTED_ID = "dlearner-disconnected"
@@ -165,15 +168,29 @@ class _Section:
 
         x_label, y_label = run["x_label"], run["y_label"]
         ret = fig(y_label if run["kind"] == "train" else "loss", x_label, name=f"return-figure-{name}")
-        ret.line("x", "y", source=self.curve, line_width=2, color=_COLORS[0])
-        ret.scatter("x", "y", source=self.curve, size=4, color=_COLORS[0])
+        ret.line("x", "y", source=self.curve, line_width=2, color=COLORS[0])
+        ret.scatter("x", "y", source=self.curve, size=4, color=COLORS[0])
+        self.return_figure = ret
         ret.add_tools(HoverTool(tooltips=[("step", "@step"), (x_label, "@x{0,0}"), (y_label, "@y{0.000}")]))
         loss = fig("losses (mean over modules)", "iteration" if run["kind"] == "train" else "update", legend=True)
-        for color, key in zip(_COLORS, ("total_loss", "policy_loss", "vf_loss", "entropy")):
+        for color, key in zip(COLORS, ("total_loss", "policy_loss", "vf_loss", "entropy")):
             loss.line("step", key, source=self.losses, color=color, line_width=2, legend_label=key)
+        # A multi-agent run's curves per module: hidden until its results name modules; a line is
+        # added for each module as it appears (modules can join a run: Algorithm.add_module).
+        self.module_returns = _ModuleLines(
+            fig("episode return per module", x_label, legend=True, name=f"module-returns-figure-{name}"),
+            x_key="x",
+            group="module_returns",
+        )
+        self.module_losses = _ModuleLines(
+            fig(f"{MODULE_LOSS_KEY} per module", "iteration", legend=True, name=f"module-losses-figure-{name}"),
+            x_key="step",
+            group="module_losses",
+            min_modules=2,  # one module's loss is the loss chart's
+        )
         thr = fig("throughput (env steps/s)", "iteration", legend=True, name=f"throughput-figure-{name}")
-        thr.line("step", "sampled", source=self.throughput, color=_COLORS[0], line_width=2, legend_label="sampled")
-        thr.line("step", "trained", source=self.throughput, color=_COLORS[1], line_width=2, legend_label="trained")
+        thr.line("step", "sampled", source=self.throughput, color=COLORS[0], line_width=2, legend_label="sampled")
+        thr.line("step", "trained", source=self.throughput, color=COLORS[1], line_width=2, legend_label="trained")
         tim = figure(
             title="update time per learner",
             height=250,
@@ -195,7 +212,9 @@ class _Section:
         tim.xaxis.axis_label = "seconds (mean of recent updates)"
         self.timing_figure = tim
         self.tables = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"}, name=f"tables-{name}")
-        self.root = column(self.header, row(ret, loss, thr, tim), self.tables, sizing_mode="stretch_width")
+        # A row of their own for the per-module figures: one row of six would not fit a window.
+        self.module_row = row(self.module_returns.figure, self.module_losses.figure, visible=False)
+        self.root = column(self.header, row(ret, loss, thr, tim), self.module_row, self.tables, sizing_mode="stretch_width")
 
     def update(self, run: Dict[str, Any]) -> None:
         _set(
@@ -233,6 +252,11 @@ class _Section:
                 "sampled": [_nan((p.get("throughput") or {}).get("env steps sampled/s")) for p in history],
                 "trained": [_nan((p.get("throughput") or {}).get("env steps trained/s")) for p in history],
             }
+            self.module_returns.update(history)
+            self.module_losses.update(history)
+            if self.module_returns.figure.visible and not self.module_row.visible:  # a multi-agent run
+                self.module_row.visible = True
+                self.return_figure.title.text = SUMMED_RETURN_TITLE  # say what its return is
         ranks = run.get("learner_ranks") or []
         labels = [f"rank {r['rank']}" for r in ranks]
         if self.timing_figure.visible != bool(ranks):
@@ -243,6 +267,36 @@ class _Section:
         if timing != self._last_timing:  # every change redraws the chart in each open browser
             self._last_timing = timing
             self.timing.data = timing
+
+
+class _ModuleLines:
+    """One figure with a line per module of a multi-agent run (``point[group][module]`` against
+    ``point[x_key]``), and its legend; hidden while fewer than ``min_modules`` modules have values."""
+
+    def __init__(self, figure: Any, *, x_key: str, group: str, min_modules: int = 1):
+        from bokeh.models import ColumnDataSource
+
+        self.figure = figure
+        self.figure.visible = False
+        self.x_key, self.group, self.min_modules = x_key, group, min_modules
+        self.source = ColumnDataSource({"x": []})
+        self.modules: List[str] = []  # those with a line, in the order their lines were added
+
+    def update(self, history: List[Dict[str, Any]]) -> None:
+        modules = module_ids(history, self.group)
+        data = {"x": [_nan(p.get(self.x_key)) for p in history]}
+        # Columns are numbered by line: a module id is any string, a column name should not be.
+        new = [m for m in modules if m not in self.modules]
+        for index, module in enumerate(self.modules + new):
+            data[f"m{index}"] = [_nan((p.get(self.group) or {}).get(module)) for p in history]
+        self.source.data = data
+        for module in new:  # after the data, so that the new line's column exists
+            index, color = len(self.modules), COLORS[len(self.modules) % len(COLORS)]
+            self.figure.line("x", f"m{index}", source=self.source, color=color, line_width=2, legend_label=module)
+            self.modules.append(module)
+        visible = len(modules) >= self.min_modules
+        if self.figure.visible != visible:
+            self.figure.visible = visible
 
 
 def _legend_below(figure: Any, legend_class: Any) -> None:

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import time
 import urllib.parse
+from itertools import cycle
 from types import SimpleNamespace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from dlearner.columns import ALL_MODULES
 from dlearner.dashboard.formatting import age, clock_time, fmt, fmt_seconds
 from dlearner.dashboard.protocol import KIND_TRAIN, PAGE_PATH
-from dlearner.dashboard.store import LOSS_KEYS
+from dlearner.dashboard.store import LOSS_KEYS, MODULE_LOSS_KEY
 from dlearner.dashboard.svg import COLORS, render_svg_chart, xy_points
 from dlearner.dashboard.templating import render
 
@@ -53,6 +54,12 @@ SUMMARY_KEYS = (
     "update",
     "num_updates_received",
 )
+
+
+#: Title of a multi-agent run's return curve (RLlib's convention: an episode's return is its agents' sum).
+SUMMED_RETURN_TITLE = "episode return (sum over agents)"
+#: A multi-agent run's summary also shows this entry, after the env steps.
+MULTI_AGENT_SUMMARY_KEY = "num_agent_steps_sampled_lifetime"
 
 
 def run_link(run_id: str) -> str:
@@ -121,8 +128,16 @@ def run_header(run: Mapping[str, Any], now: Optional[float] = None, *, clock: bo
 
 def summary_table(run: Mapping[str, Any]) -> str:
     summary = run.get("summary") or {}
-    rows = [[_as_of_last_iteration(run, k) if k in HEALTH_KEYS else k, summary[k]] for k in SUMMARY_KEYS if k in summary]
+    keys = list(SUMMARY_KEYS)
+    if is_multi_agent(run):  # agent steps differ from env steps only there
+        keys.insert(keys.index("num_env_steps_sampled_lifetime") + 1, MULTI_AGENT_SUMMARY_KEY)
+    rows = [[_as_of_last_iteration(run, k) if k in HEALTH_KEYS else k, summary[k]] for k in keys if k in summary]
     return table(["run", ""], rows) if rows else ""
+
+
+def is_multi_agent(run: Mapping[str, Any]) -> bool:
+    """Whether the run trains on a multi-agent env (its results have returns per module)."""
+    return isinstance((run.get("env_runners") or {}).get("module_episode_returns_mean"), Mapping)
 
 
 def learner_ranks_table(run: Mapping[str, Any]) -> str:
@@ -192,10 +207,13 @@ def env_runners_table(run: Mapping[str, Any]) -> str:
                 colors={"health": HEALTH_COLORS},
             )
         )
+    module_returns = env.get("module_episode_returns_mean")
+    multi_agent = is_multi_agent(run)
     totals = [
         ("env steps/s", summary.get("env_steps_per_s")),
         ("episodes", env.get("num_episodes_lifetime")),
-        ("episode return (mean)", env.get("episode_return_mean")),
+        ("episode return (mean, sum over agents)" if multi_agent else "episode return (mean)", env.get("episode_return_mean")),
+        *[(f"episode return (mean), module {m}", module_returns[m]) for m in (sorted(module_returns) if multi_agent else ())],
         ("episode length (mean)", env.get("episode_len_mean")),
         (
             "policy lag (mean / max)",
@@ -274,18 +292,48 @@ def render_run(run: Dict[str, Any], now: Optional[float] = None) -> str:
     )
 
 
+def module_ids(history: Sequence[Mapping[str, Any]], group: str) -> List[str]:
+    """The modules that have values under ``group`` (``module_returns`` / ``module_losses``) in some
+    point of a multi-agent run's ``history``, by id; ``[]`` for a single-agent run."""
+    return sorted({m for point in history for m, value in (point.get(group) or {}).items() if value is not None})
+
+
+def module_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> Tuple[List[str], List[str]]:
+    """A multi-agent run's per-module charts, ``([returns], [losses])``: each module's mean episode
+    return, and each module's total loss when there are several modules (one module's loss is the
+    loss chart's). Both empty for a single-agent run."""
+    history = run.get("history") or []
+
+    def chart(group: str, x_key: str, x_label: str, y_label: str, title: str) -> str:
+        modules = module_ids(history, group)
+        series = [(m, color, xy_points(history, x_key, m, group)) for m, color in zip(modules, cycle(COLORS))]
+        return render_svg_chart(series, x_label=x_label, y_label=y_label, title=title, width=width, height=height)
+
+    returns, losses = module_ids(history, "module_returns"), module_ids(history, "module_losses")
+    return (
+        [chart("module_returns", "x", run["x_label"], "episode return (mean)", "episode return per module")] if returns else [],
+        [chart("module_losses", "step", "iteration", MODULE_LOSS_KEY, f"{MODULE_LOSS_KEY} per module")]
+        if len(losses) > 1
+        else [],
+    )
+
+
 def run_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> List[str]:
-    """The plain page's SVG charts of a run: its curve, losses and (training runs) throughput."""
+    """The plain page's SVG charts of a run: its curve, losses and (training runs) throughput; a
+    multi-agent run's curve is the return summed over agents, with per-module returns and losses beside."""
     history = run.get("history") or []
     step = "iteration" if run.get("kind") == KIND_TRAIN else "update"
+    module_returns, module_losses = module_charts(run, width=width, height=height)
     charts = [
         render_svg_chart(
             [("", COLORS[0], xy_points(history, "x", "y"))],
             x_label=run["x_label"],
             y_label=run["y_label"],
+            title=SUMMED_RETURN_TITLE if module_returns else "",
             width=width,
             height=height,
         ),
+        *module_returns,
         render_svg_chart(
             [(key, color, xy_points(history, "step", key, "losses")) for key, color in zip(LOSS_KEYS, COLORS)],
             x_label=step,
@@ -294,6 +342,7 @@ def run_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> L
             width=width,
             height=height,
         ),
+        *module_losses,
     ]
     if run.get("kind") == KIND_TRAIN:
         charts.append(

@@ -32,6 +32,11 @@ logger = logging.getLogger(__name__)
 GROUP_RUN_PREFIX = "learner-group-"
 #: Losses drawn on the loss curve (mean over modules), when a result has them.
 LOSS_KEYS = ("total_loss", "policy_loss", "vf_loss", "entropy")
+#: The loss drawn per module on a multi-agent run's page.
+MODULE_LOSS_KEY = "total_loss"
+#: Modules a multi-agent run's per-module curves follow (the first by id): each point of the history
+#: holds one return and one loss per module, so this bounds a run's memory as ``max_history`` does.
+MAX_MODULE_CURVES = 10
 #: Per-learner timings are averaged over this many latest updates.
 TIMING_WINDOW = 20
 #: A run that ended this long ago is folded to one line (``?run=<id>`` still shows it in full).
@@ -385,15 +390,16 @@ class MetricsStore:
         trained_per_s = result.get("num_env_steps_trained_throughput")
         if trained_per_s is None and isinstance(trained, (int, float)) and isinstance(elapsed, (int, float)) and elapsed > 0:
             trained_per_s = trained / elapsed
-        run.add_point(
-            step,
-            {
-                "x": result.get("num_env_steps_sampled_lifetime"),
-                "y": env_runners.get("episode_return_mean"),
-                "losses": _mean_losses(learners),
-                "throughput": {"env steps sampled/s": result.get("env_steps_per_s"), "env steps trained/s": trained_per_s},
-            },
-        )
+        point = {
+            "x": result.get("num_env_steps_sampled_lifetime"),
+            "y": env_runners.get("episode_return_mean"),
+            "losses": _mean_losses(learners),
+            "throughput": {"env steps sampled/s": result.get("env_steps_per_s"), "env steps trained/s": trained_per_s},
+        }
+        module_returns = env_runners.get("module_episode_returns_mean")
+        if isinstance(module_returns, Mapping):  # a multi-agent run: its curves per module too
+            point.update(_module_curves(module_returns, learners))
+        run.add_point(step, point)
         if run.step is not None and step < run.step:
             return  # an older iteration arrived late: it only adds its point to the curve
         run.step = step
@@ -462,6 +468,23 @@ def _mean_losses(learners: Mapping[str, Any]) -> Dict[str, Optional[float]]:
         if values:
             out[name] = sum(values) / len(values)
     return out
+
+
+def _module_curves(returns: Mapping[str, Any], learners: Mapping[str, Any]) -> Dict[str, Dict[str, Optional[float]]]:
+    """A multi-agent point's per-module values: ``{"module_returns": {module: mean episode return},
+    "module_losses": {module: total loss}}``, for at most :data:`MAX_MODULE_CURVES` modules (the first
+    by id, so that a module keeps its curve from one point to the next). A module that did not train in
+    the iteration has no loss there (no point on its curve); one without a finished episode no return."""
+    trained = {str(m): v for m, v in learners.items() if m != ALL_MODULES and isinstance(v, Mapping)}
+    modules = sorted(set(map(str, returns)) | set(trained))[:MAX_MODULE_CURVES]
+    by_id = {str(m): v for m, v in returns.items()}
+    return {
+        "module_returns": {m: float(by_id[m]) if is_real(by_id.get(m)) else None for m in modules},
+        "module_losses": {
+            m: float(trained[m][MODULE_LOSS_KEY]) if m in trained and is_real(trained[m].get(MODULE_LOSS_KEY)) else None
+            for m in modules
+        },
+    }
 
 
 def _num(value: Any) -> float:

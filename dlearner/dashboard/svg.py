@@ -14,8 +14,9 @@ from dlearner.dashboard.formatting import fmt_tick, nice_ticks, padded_range
 from dlearner.dashboard.templating import render
 from dlearner.validation import is_real
 
-#: Line colours, in the order of a chart's series (the Bokeh page's palette).
-COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+#: Line colours, in the order of a chart's series (the Bokeh page's palette: Category10, enough for
+#: the store's ``MAX_MODULE_CURVES`` modules).
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 #: One series of a chart: its legend label, colour and ``(x, y)`` points.
 Series = Tuple[str, str, Sequence[Tuple[float, float]]]
 
