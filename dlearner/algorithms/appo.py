@@ -13,6 +13,12 @@ target network's policy ``pi_target``. The loss on one minibatch of rollout frag
     L_kl      = mean(KL(pi_target || pi))                                                  # use_kl_loss only
     loss      = L_clip + vf_loss_coeff * L_vf + entropy_coeff * L_entropy + kl_coeff * L_kl
 
+Every mean is over the rows ``loss_mask`` keeps when the batch has one (multi-agent padding rows;
+see :mod:`dlearner.algorithms.impala`).
+
+Only modules that an update trained since the last target update get their target network
+updated, so a module ``policies_to_train`` leaves out keeps its target bit for bit.
+
 The target networks and their update counters are learner state: numpy arrays and numbers in
 ``get_state()["learner_state"]["appo"]``; the KL coefficients sit where PPO's do, in
 ``get_state()["learner_state"]["curr_kl_coeffs"]`` (earlier versions kept them in ``appo``, which a
@@ -23,7 +29,7 @@ restore still accepts). All are checkpointed and restored exactly, and the same 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Mapping, Set
 
 import torch
 
@@ -49,6 +55,9 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
         self.target_networks: Dict[str, torch.nn.Module] = {mid: _target_copy(m) for mid, m in self.module.items()}
         self.num_updates_since_target_update = 0
         self.num_target_updates = 0
+        # Modules some update trained since the last target update: only their targets move (a module
+        # policies_to_train leaves out keeps its target network bit for bit, as its weights).
+        self.modules_trained_since_target_update: Set[str] = set()
 
     # -- the loss ---------------------------------------------------------------------------------
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
@@ -81,13 +90,14 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
         # ratio = pi / pi_target, written through mu so the possibly large mu / pi_target can be clipped.
         is_ratio = torch.clamp(torch.exp(behaviour_logp - target_logp), 0.0, 2.0)
         ratio = is_ratio * torch.exp(logp - behaviour_logp)
-        policy_loss = clipped_surrogate_loss(ratio, advantages, config.clip_param)
-        vf_loss = 0.5 * torch.mean(torch.pow(values - vs, 2.0))
-        entropy = torch.mean(dist.entropy())
+        time_major_mean, flat_mean = self.row_means(batch)  # padding rows (loss_mask False) count nowhere
+        policy_loss = clipped_surrogate_loss(ratio, advantages, config.clip_param, time_major_mean)
+        vf_loss = 0.5 * time_major_mean(torch.pow(values - vs, 2.0))
+        entropy = flat_mean(dist.entropy())
         total_loss = policy_loss + config.vf_loss_coeff * vf_loss - config.entropy_coeff * entropy
 
         if config.use_kl_loss:
-            mean_kl = torch.mean(target_dist.kl(dist))
+            mean_kl = flat_mean(target_dist.kl(dist))
             total_loss = total_loss + self.curr_kl_coeffs[module_id] * mean_kl
             self.metrics.log_value((module_id, "mean_kl_loss"), mean_kl)
 
@@ -96,24 +106,39 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
 
     # -- the target networks --------------------------------------------------------------------
     def after_gradient_based_update(self, *, timesteps):
-        """Every ``target_network_update_freq`` updates: polyak-update the target networks with
-        ``tau`` and adapt the KL coefficients from the mean KL over all learners' rows."""
+        """Every ``target_network_update_freq`` updates: polyak-update with ``tau`` the target networks
+        of the modules trained since the last target update, and adapt the KL coefficients from the
+        mean KL over all learners' rows. Results report both for the modules of this update."""
         super().after_gradient_based_update(timesteps=timesteps)
+        in_update = [mid for mid in self.module.keys() if self._in_this_update(mid)]
+        self.modules_trained_since_target_update.update(in_update)
         self.num_updates_since_target_update += 1
         if self.num_updates_since_target_update >= self.config.target_network_update_freq:
             tau = self.config.tau
             with torch.no_grad():
                 for mid, target in self.target_networks.items():
+                    if mid not in self.modules_trained_since_target_update:
+                        continue  # unchanged weights: t * (1 - tau) + t * tau could still move it by rounding
                     for target_param, param in zip(target.parameters(), self.module[mid].parameters()):
                         target_param.mul_(1.0 - tau).add_(param, alpha=tau)
+            self.modules_trained_since_target_update = set()
             self.num_updates_since_target_update = 0
             self.num_target_updates += 1
             if self.config.use_kl_loss:
                 self._adapt_kl_coeffs()
-        for mid in self.module.keys():
+        for mid in in_update:
             self.metrics.log_value((mid, "num_target_updates"), self.num_target_updates, reduce="last")
             if self.config.use_kl_loss:
                 self.metrics.log_value((mid, "curr_kl_coeff"), self.curr_kl_coeffs[mid], reduce="last")
+
+    def _in_this_update(self, module_id: str) -> bool:
+        """Whether ``module_id`` has rows in this update's batch (every learner logs the row count of
+        every module of the whole batch, so all learners agree)."""
+        try:
+            self.metrics.peek((module_id, "num_module_steps_trained"))
+        except KeyError:
+            return False
+        return True
 
     def _adapt_kl_coeffs(self) -> None:
         for mid in self.module.keys():
@@ -132,6 +157,7 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
     def remove_module(self, module_id):
         specs = super().remove_module(module_id)
         self.target_networks.pop(module_id, None)
+        self.modules_trained_since_target_update.discard(module_id)
         return specs
 
     # -- state ----------------------------------------------------------------------------------
@@ -141,6 +167,7 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
             "target_networks": {mid: net.get_state() for mid, net in self.target_networks.items()},
             "num_updates_since_target_update": self.num_updates_since_target_update,
             "num_target_updates": self.num_target_updates,
+            "modules_trained_since_target_update": sorted(self.modules_trained_since_target_update),
         }
         return state
 
@@ -161,6 +188,12 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
             value = appo.get(name, 0)
             if not is_int(value) or value < 0:
                 raise ValueError(f"learner_state/{APPO_STATE}/{name} must be an int >= 0, got {value!r}.")
+        trained = appo.get("modules_trained_since_target_update", [])
+        if not isinstance(trained, (list, tuple)) or any(mid not in self.target_networks for mid in trained):
+            raise ValueError(
+                f"learner_state/{APPO_STATE}/modules_trained_since_target_update must list module ids of this "
+                f"learner {sorted(self.target_networks)}, got {trained!r}."
+            )
 
     def set_learner_state(self, state) -> None:
         super().set_learner_state(state)
@@ -171,6 +204,8 @@ class APPOTorchLearner(AdaptiveKLCoeffs, IMPALATorchLearner):
             self.target_networks[mid].set_state(params)
         self.num_updates_since_target_update = int(appo.get("num_updates_since_target_update", 0))
         self.num_target_updates = int(appo.get("num_target_updates", 0))
+        # States saved before it was kept: the next target update moves the targets of the modules trained by then.
+        self.modules_trained_since_target_update = set(appo.get("modules_trained_since_target_update", []))
 
 
 def _target_copy(module: torch.nn.Module) -> torch.nn.Module:

@@ -24,15 +24,25 @@ Episodes inside a fragment. ``discounts = gamma * (1 - terminated)`` stops the r
 termination. At a truncation (time limit) the next row belongs to a new episode, so the recursion
 stops there too, and the truncated step's return is bootstrapped from the value of its final
 observation: ``r_t + gamma * V(final obs)`` with discount 0 (the same bootstrapped return GAE uses).
+
+Padding rows. A multi-agent fragment of an agent that left its episode early is padded to the
+fragment length; its ``loss_mask`` is False on the padding rows, which are terminated with reward 0.
+V-trace runs over them unchanged (the termination before them keeps them out of every real row's
+target), and every mean of the loss is taken over the rows the mask keeps. A batch without
+``loss_mask`` trains on all rows.
+
+Multi-agent batches (``{module_id: {column: array}}``) hold whole fragments of each module; the loss
+runs per module, each module's fragments in time order.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from dlearner.algorithm import Algorithm
+from dlearner.algorithms.losses import RowMean
 from dlearner.columns import Columns
 from dlearner.config import AlgorithmConfig
 from dlearner.env_runner import NEXT_VF_PREDS
@@ -154,6 +164,12 @@ class IMPALATorchLearner(TorchLearner):
         length = self.config.rollout_fragment_length
         return tensor.reshape(-1, length, *tensor.shape[1:]).transpose(0, 1)
 
+    def row_means(self, batch) -> Tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+        """``(mean of time-major [T, B] terms, mean of per-row [B * T] terms)`` over the rows the loss
+        counts: all of them, or those ``loss_mask`` keeps."""
+        mask = batch.get(Columns.LOSS_MASK)
+        return RowMean(None if mask is None else self._time_major(mask)), RowMean(mask)
+
     def vtrace_inputs(self, batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(discounts, rewards, bootstrap_value)`` time-major, episodes cut at terminations and truncations.
 
@@ -187,9 +203,10 @@ class IMPALATorchLearner(TorchLearner):
             clip_rho_threshold=config.vtrace_clip_rho_threshold,
             clip_pg_rho_threshold=config.vtrace_clip_pg_rho_threshold,
         )
-        policy_loss = -torch.mean(logp * advantages)
-        vf_loss = 0.5 * torch.mean(torch.pow(values - vs, 2.0))
-        entropy = torch.mean(dist.entropy())
+        time_major_mean, flat_mean = self.row_means(batch)  # padding rows (loss_mask False) count nowhere
+        policy_loss = -time_major_mean(logp * advantages)
+        vf_loss = 0.5 * time_major_mean(torch.pow(values - vs, 2.0))
+        entropy = flat_mean(dist.entropy())
         total_loss = policy_loss + config.vf_loss_coeff * vf_loss - config.entropy_coeff * entropy
 
         self.metrics.log_dict({"policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy}, module_id=module_id)
@@ -344,6 +361,28 @@ class IMPALA(Algorithm):
         super().restore_from_path(path, **kwargs)
         if self._pipeline is not None:
             self._pipeline.reset_after_restore()
+
+    def add_module(self, module_id, module_spec=None, **kwargs):
+        """As :meth:`Algorithm.add_module`; queued fragments of modules the new ``policies_to_train``
+        leaves out are dropped (counted in ``num_env_steps_dropped_lifetime``)."""
+        spec = super().add_module(module_id, module_spec, **kwargs)
+        if self._pipeline is not None:
+            self._pipeline.forget_untrained_modules()
+        return spec
+
+    def remove_module(self, module_id, **kwargs):
+        """As :meth:`Algorithm.remove_module`; the module's queued fragments are dropped (counted in
+        ``num_env_steps_dropped_lifetime``), and so are those of modules ``policies_to_train`` now leaves out."""
+        spec = super().remove_module(module_id, **kwargs)
+        if self._pipeline is not None:
+            self._pipeline.forget_untrained_modules()
+        return spec
+
+    def _before_module_change(self) -> None:
+        # Updates in flight were made for the old modules: they finish first (their results go into
+        # the next iteration's), so the learners change modules between updates.
+        if self._pipeline is not None:
+            self._pipeline.finish_updates()
 
     def stop(self) -> None:
         if self._pipeline is not None:

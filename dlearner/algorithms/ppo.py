@@ -22,14 +22,14 @@ Besides the losses each module reports two diagnostics, as RLlib, CleanRL and St
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
 
 from dlearner.algorithm import Algorithm
 from dlearner.algorithms.kl_coeffs import AdaptiveKLCoeffs
-from dlearner.algorithms.losses import clipped_surrogate_loss
+from dlearner.algorithms.losses import RowMean, clipped_surrogate_loss
 from dlearner.columns import ALL_MODULES, Columns
 from dlearner.config import AlgorithmConfig
 from dlearner.learner import TorchLearner
@@ -50,7 +50,7 @@ class PPOTorchLearner(AdaptiveKLCoeffs, TorchLearner):
 
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
         """PPO's loss on one minibatch, term by term as in the paper (see the module docstring)."""
-        mean = _RowMean(batch.get(Columns.LOSS_MASK))  # over the rows the loss counts
+        mean = RowMean(batch.get(Columns.LOSS_MASK))  # over the rows the loss counts
         dist_cls = self.module[module_id].get_train_action_dist_cls()
         curr_dist = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS])
 
@@ -118,25 +118,6 @@ def _explained_variance(y_mean: float, y_sq_mean: float, e_mean: float, e_sq_mea
     if not var_y > 1e-12 * max(y_sq_mean, 1e-300):  # constant targets (up to rounding): undefined
         return float("nan")
     return 1.0 - var_e / var_y
-
-
-class _RowMean:
-    """The mean over the rows the loss counts: all of them, or those ``loss_mask`` keeps."""
-
-    def __init__(self, mask: Optional[torch.Tensor]):
-        self.mask = None if mask is None else mask.bool()
-        self.count = None if mask is None else self.mask.sum().clamp(min=1)
-
-    def __call__(self, values: torch.Tensor) -> torch.Tensor:
-        if self.mask is None:
-            return torch.mean(values)
-        return torch.sum(values[self.mask]) / self.count
-
-    def columns(self, matrix: torch.Tensor) -> torch.Tensor:
-        """The mean of each column of ``matrix`` (rows x k) in one reduction."""
-        if self.mask is None:
-            return matrix.mean(dim=0)
-        return matrix[self.mask].sum(dim=0) / self.count
 
 
 def compute_gae(

@@ -193,6 +193,10 @@ class MultiAgentEnvRunner:
                 continue
             terminated = bool(terminateds.get(agent_id, False)) or (episode_over and all_terminated)
             truncated = bool(truncateds.get(agent_id, False)) or episode_over
+            if terminated or truncated:
+                # The agent is done: its rows can go (padded, for IMPALA/APPO) without waiting for the
+                # other agents' episode to end; the slot resumes if the agent comes back in a later episode.
+                slot.idle = True
             if terminated:
                 slot.close(next_vf=0.0, terminated=True)
             elif truncated:
