@@ -300,3 +300,37 @@ def test_stored_multi_agent_settings_come_back_and_are_checked():
         AlgorithmConfig.from_dict({**config.to_dict(), "policy_mapping_fn": "by-team"})
     with pytest.raises(ValueError, match="module id"):
         AlgorithmConfig.from_dict({**config.to_dict(), "policies": {"": None}})
+
+
+@pytest.mark.slow
+def test_a_pettingzoo_env_trains_with_appo_on_env_runner_actors_and_two_learners():
+    """The whole path on a real LocalCluster: an env-runner actor steps the PettingZoo env, APPO's
+    asynchronous loop ships per-module fragments, two learner actors train them."""
+    from conftest import identical_weights, killable_cluster
+
+    from dlearner import APPOConfig
+
+    def simple_spread(env_config):
+        from mpe2 import simple_spread_v3
+
+        return simple_spread_v3.parallel_env(N=2, max_cycles=25)
+
+    with killable_cluster(3) as client:
+        config = (
+            APPOConfig()
+            .environment(simple_spread)
+            .env_runners(num_env_runners=1, num_envs_per_env_runner=2, rollout_fragment_length=25)
+            .learners(num_learners=2, learner_startup_timeout_s=60)
+            .training(train_batch_size=100)
+            .rl_module(model_config=SMALL)
+            .multi_agent(policy_mapping_fn="per-agent")
+            .cluster(client=client)
+            .debugging(seed=0)
+        )
+        with config.build_algo() as algo:
+            for _ in range(3):
+                result = algo.train()
+            identical_weights(algo.learner_group)
+    assert {"agent_0", "agent_1"} <= set(result["learners"])
+    assert result["num_env_steps_sampled_lifetime"] >= 300
+    assert result["env_runners"]["agent_episode_returns_mean"].keys() == {"agent_0", "agent_1"}
