@@ -70,15 +70,14 @@ class MultiAgentEnv(gym.Env):
 
 
 def is_parallel_env(env: Any) -> bool:
-    """Whether ``env`` looks like a ``pettingzoo.ParallelEnv`` (checked by its methods: PettingZoo is optional)."""
-    try:
-        from pettingzoo import ParallelEnv
-    except ImportError:
-        ParallelEnv = None  # noqa: N806 - PettingZoo is an optional extra
-    if ParallelEnv is not None and isinstance(env, ParallelEnv):
-        return True
-    return all(callable(getattr(env, name, None)) for name in ("observation_space", "action_space", "reset", "step")) and (
-        hasattr(env, "possible_agents") and not isinstance(env, gym.Env)
+    """Whether ``env`` looks like a ``pettingzoo.ParallelEnv``: judged by its methods and
+    ``possible_agents``, so PettingZoo (an optional extra) is never imported for it, and wrappers
+    around a ParallelEnv count too."""
+    methods = ("observation_space", "action_space", "reset", "step")
+    return (
+        not isinstance(env, gym.Env)
+        and hasattr(env, "possible_agents")
+        and all(callable(getattr(env, name, None)) for name in methods)
     )
 
 
