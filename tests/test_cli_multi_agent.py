@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+from test_cli import FAST as CLI_FAST
 
 from dlearner.cli import main
 from dlearner.cli.parser import build_parser
@@ -17,25 +18,8 @@ from dlearner.cli.train_config import make_config
 from dlearner.reporting import ProgressDisplay, read_metrics
 
 ENV = "dlearner.envs:MultiAgentCartPole"
-# Small and fast: a tiny model, small batches, everything in this process.
-FAST = [
-    "--num-learners",
-    "0",
-    "--num-env-runners",
-    "0",
-    "--fcnet-hiddens",
-    "16,16",
-    "--train-batch-size",
-    "256",
-    "--minibatch-size",
-    "128",
-    "--num-epochs",
-    "1",
-    "--num-envs-per-env-runner",
-    "2",
-    "--seed",
-    "0",
-]
+# Small and fast: test_cli's settings, everything in this process.
+FAST = ["--num-learners", "0", "--num-env-runners", "0", *CLI_FAST]
 
 
 def usage_error(capsys, *args: str) -> str:

@@ -269,22 +269,14 @@ def postprocess_segments(samples, *, gamma: float, lambda_: float, standardize: 
     """Multi-agent samples (``[{module_id: [segment, ...]}, ...]``, one dict per env runner) into one
     training batch per module, GAE along each segment (one agent's consecutive steps); advantages
     standardised over each module's whole batch. Returns ``(batch, env steps per module)``."""
-    from dlearner.multi_agent.trajectories import ENV_STEP_SHARE, NEXT_VF_PREDS
+    from dlearner.multi_agent.trajectories import ENV_STEP_SHARE
 
     pieces: Dict[str, list] = {}
     env_steps: Dict[str, float] = {}
     for sample in samples:
         for module_id, segments in sample.items():
             for segment in segments:
-                advantages, targets = compute_gae(
-                    segment[Columns.REWARDS],
-                    segment[Columns.VF_PREDS],
-                    segment[NEXT_VF_PREDS],
-                    segment[Columns.TERMINATEDS],
-                    segment[Columns.TRUNCATEDS],
-                    gamma=gamma,
-                    lambda_=lambda_,
-                )
+                advantages, targets = _gae_of(segment, gamma, lambda_)
                 rows = {k: segment[k] for k in _TRAIN_COLUMNS}
                 rows[Columns.ADVANTAGES], rows[Columns.VALUE_TARGETS] = advantages, targets
                 pieces.setdefault(module_id, []).append(rows)
@@ -293,35 +285,42 @@ def postprocess_segments(samples, *, gamma: float, lambda_: float, standardize: 
     for module_id, rows in pieces.items():
         columns = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
         if standardize:
-            adv = columns[Columns.ADVANTAGES]
-            columns[Columns.ADVANTAGES] = ((adv - adv.mean()) / max(float(adv.std()), 1e-4)).astype(np.float32)
+            columns[Columns.ADVANTAGES] = _standardized(columns[Columns.ADVANTAGES])
         batch[module_id] = columns
     return batch, env_steps
 
 
-def postprocess_fragments(fragments, *, gamma: float, lambda_: float, standardize: bool) -> Dict[str, np.ndarray]:
-    """GAE on each time-major fragment, then one flat training batch (advantages standardised over all of it)."""
+def _gae_of(fragment: Dict[str, np.ndarray], gamma: float, lambda_: float) -> Tuple[np.ndarray, np.ndarray]:
+    """:func:`compute_gae` on a sampled fragment's columns."""
     from dlearner.env_runner import NEXT_VF_PREDS
 
+    return compute_gae(
+        fragment[Columns.REWARDS],
+        fragment[Columns.VF_PREDS],
+        fragment[NEXT_VF_PREDS],
+        fragment[Columns.TERMINATEDS],
+        fragment[Columns.TRUNCATEDS],
+        gamma=gamma,
+        lambda_=lambda_,
+    )
+
+
+def _standardized(advantages: np.ndarray) -> np.ndarray:
+    return ((advantages - advantages.mean()) / max(float(advantages.std()), 1e-4)).astype(np.float32)
+
+
+def postprocess_fragments(fragments, *, gamma: float, lambda_: float, standardize: bool) -> Dict[str, np.ndarray]:
+    """GAE on each time-major fragment, then one flat training batch (advantages standardised over all of it)."""
     pieces = []
     for fragment in fragments:
-        advantages, targets = compute_gae(
-            fragment[Columns.REWARDS],
-            fragment[Columns.VF_PREDS],
-            fragment[NEXT_VF_PREDS],
-            fragment[Columns.TERMINATEDS],
-            fragment[Columns.TRUNCATEDS],
-            gamma=gamma,
-            lambda_=lambda_,
-        )
+        advantages, targets = _gae_of(fragment, gamma, lambda_)
         flat = {k: _flatten_time_major(v) for k, v in fragment.items() if k in _TRAIN_COLUMNS}
         flat[Columns.ADVANTAGES] = _flatten_time_major(advantages)
         flat[Columns.VALUE_TARGETS] = _flatten_time_major(targets)
         pieces.append(flat)
     batch = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
     if standardize:
-        adv = batch[Columns.ADVANTAGES]
-        batch[Columns.ADVANTAGES] = ((adv - adv.mean()) / max(float(adv.std()), 1e-4)).astype(np.float32)
+        batch[Columns.ADVANTAGES] = _standardized(batch[Columns.ADVANTAGES])
     return batch
 
 
