@@ -31,6 +31,7 @@ _EXPORTS: Dict[str, str] = {
     "APPOConfig": "dlearner.algorithms",
     "IMPALAConfig": "dlearner.algorithms",
     "BCConfig": "dlearner.algorithms",
+    "Callbacks": "dlearner.callbacks",
     "MultiAgentEnv": "dlearner.multi_agent.env",
     "Learner": "dlearner.learner",
     "TorchLearner": "dlearner.learner",
@@ -53,6 +54,7 @@ __all__ = [
     "APPOConfig",
     "IMPALAConfig",
     "BCConfig",
+    "Callbacks",
     "MultiAgentEnv",
     "Learner",
     "TorchLearner",
@@ -71,6 +73,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # static type checkers and IDEs see ordinary imports
     from dlearner.algorithms import APPOConfig, BCConfig, IMPALAConfig, PPOConfig
+    from dlearner.callbacks import Callbacks
     from dlearner.columns import (
         ALL_MODULES,
         COMPONENT_LEARNER,

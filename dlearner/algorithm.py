@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
+from dlearner.callbacks import CustomMetrics, call_callback, make_callbacks
 from dlearner.columns import TIMESTEP_KEY
 from dlearner.env_runner import EpisodeStats
 
@@ -48,12 +49,19 @@ class Algorithm:
         finally:
             env.close()
         self.algo_id = uuid.uuid4().hex[:8]
+        #: The run's name in TensorBoard and MLflow (``config.reporting(loggers=...)``) and in their default
+        #: folder ``./dlearner_logs/<run_name>``; set it before the first :meth:`train` to choose your own.
+        self.run_name: str = f"{type(self).__name__.lower()}-{self.config.env}-{self.algo_id}"
         #: Name of this run on the dashboard page; ``None`` stops :meth:`train` from publishing there.
-        self.dashboard_run_name: Optional[str] = f"{type(self).__name__.lower()}-{self.config.env}-{self.algo_id}"
+        self.dashboard_run_name: Optional[str] = self.run_name
         self._dashboard_status: Optional[str] = None  # the last status told to the page
+        self._result_loggers: Optional[List[Any]] = None  # built by the first train(), after a restore
+        self._train_error: Optional[BaseException] = None  # what the last train() raised: the loggers' final status
         self._connection = None
         self._learner_group = None
         self._env_runner_group = None
+        #: The driver's instance of ``config.callbacks_class`` (env runners build their own).
+        self.callbacks = make_callbacks(self.config.callbacks_class)
         try:
             self._connection = self._connect()
             self._learner_group = self._build_learner_group()
@@ -74,6 +82,13 @@ class Algorithm:
         self.time_total_s = 0.0
         # Restarts and lost env steps of the run before the checkpoint this algorithm was restored from.
         self._fault_counts_before: Dict[str, int] = dict.fromkeys(_FAULT_COUNTERS, 0)
+        # What callbacks logged in the env runners, reduced into result["env_runners"].
+        self.custom_metrics = CustomMetrics(self.config.metrics_num_episodes_for_smoothing)
+        try:
+            call_callback(self.callbacks, "on_algorithm_init", where="at the end of building the Algorithm", algorithm=self)
+        except BaseException:
+            self.stop()
+            raise
 
     def _connect(self):
         """One cluster for learners and env runners: attached as configured, or an embedded
@@ -128,24 +143,32 @@ class Algorithm:
 
     @property
     def env_runner_group(self):
+        """The env runners (in this process, or Dask actors): ``foreach_env(fn)`` changes their
+        environments (a curriculum, from ``Callbacks.on_train_result``); see
+        :class:`~dlearner.backends.interface.EnvRunnerGroup`."""
         return self._env_runner_group
 
     # -------------------------------------------------------------------------------- training
     def train(self) -> Dict[str, Any]:
         """One iteration: sample, update, sync weights. Returns a nested dict of plain numbers."""
+        if self._result_loggers is None:
+            self._start_result_loggers()  # before the clock starts: the iteration's time is its work's
         start = time.perf_counter()
         if self._dashboard_status != "running":
             self._publish_dashboard_status("running")
         try:
             learner_results, num_sampled = self.training_step()
         except BaseException as err:
+            self._train_error = err
             self._publish_dashboard_status("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
             raise
+        self._train_error = None
         self.iteration += 1
         self.num_env_steps_sampled_lifetime += num_sampled
         runner_reports = self.collect_episode_metrics()
         for metrics in runner_reports:
             self.episode_stats.add(metrics)
+            self.custom_metrics.add(metrics.get("custom"))
             self.num_episodes_lifetime += len(metrics["episode_returns"])
         extra_results = self.iteration_results()
         # The time this iteration's work took: this call, or the window an asynchronous algorithm
@@ -157,6 +180,7 @@ class Algorithm:
             "training_iteration": self.iteration,
             "env_runners": {
                 **self.episode_stats.summary(),
+                **self.custom_metrics.summary(),  # what callbacks logged (keys never clash: MetricsLogger checks)
                 "num_episodes_lifetime": self.num_episodes_lifetime,
                 "runners": runners,
             },
@@ -175,11 +199,49 @@ class Algorithm:
             "num_env_steps_lost": self._fault_count("num_env_steps_lost"),
             **extra_results,
         }
+        try:
+            # Before publishing: what the callback adds to the result is reported too.
+            call_callback(
+                self.callbacks, "on_train_result", where=f"after iteration {self.iteration}", algorithm=self, result=result
+            )
+        except BaseException as err:
+            self._train_error = err  # the run failed: the loggers' final status says so
+            self._publish_dashboard_status("stopped" if isinstance(err, KeyboardInterrupt) else "failed", err)
+            raise
         if self.client is not None and self.dashboard_run_name is not None:
             from dlearner.dashboard import publish_metrics
 
             publish_metrics(self.client, self.dashboard_run_name, result)  # fire-and-forget
+        for result_logger in self._result_loggers:
+            result_logger.log_result(result, self.iteration)  # never raises a write error: it warns once
         return result
+
+    @property
+    def result_loggers(self) -> List[Any]:
+        """The :class:`~dlearner.loggers.ResultLogger` s writing this run's results (built by the first
+        :meth:`train` from ``config.reporting(loggers=...)``; empty before it)."""
+        return list(self._result_loggers or [])
+
+    def _start_result_loggers(self) -> None:
+        """Build the loggers and write the hyper-parameters, once per run. At the first train(), so that a
+        restored run's steps go on from its restored iteration (and ``evaluate`` alone writes nothing)."""
+        self._result_loggers = []
+        if not self.config.loggers:
+            return
+        from dlearner.loggers import build_loggers
+
+        self._result_loggers = build_loggers(self.config, self.run_name, start_iteration=self.iteration)
+        hyperparameters = self.config.to_dict()
+        for result_logger in self._result_loggers:
+            result_logger.log_hyperparameters(hyperparameters)
+
+    def _close_result_loggers(self) -> None:
+        """End the loggers' runs: FINISHED, or FAILED / KILLED (Ctrl-C) when the last train() raised."""
+        result_loggers, self._result_loggers = self._result_loggers or [], None
+        error = self._train_error
+        status = "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        for result_logger in result_loggers:
+            result_logger.close(status)
 
     def _publish_dashboard_status(self, status: str, error: Optional[BaseException] = None) -> None:
         """Tell the dashboard page this run is running / finished / failed / stopped (never raises:
@@ -312,6 +374,7 @@ class Algorithm:
         self._apply_module_change(config)
         weights = self._learner_group.get_weights([module_id])[module_id]
         self._env_runner_group.add_module(self.config, self.module_spec, module_id, weights)
+        self._after_module_change()
         return self.module_spec
 
     def remove_module(
@@ -331,6 +394,7 @@ class Algorithm:
         self._learner_group.remove_module(module_id)
         self._apply_module_change(config)
         self._env_runner_group.remove_module(self.config, self.module_spec, module_id)
+        self._after_module_change()
         return self.module_spec
 
     def _check_multi_agent(self, method: str) -> None:
@@ -364,8 +428,19 @@ class Algorithm:
         self._learner_group.config.policies_to_train = config.policies_to_train
         self.module_spec = self._learner_group.module_spec
 
+    # Hooks around restores and module changes (asynchronous algorithms finish their updates in
+    # flight before, and drop samples that can no longer be trained after).
     def _before_module_change(self) -> None:
-        """Hook: asynchronous algorithms let their updates in flight finish first."""
+        pass
+
+    def _after_module_change(self) -> None:
+        pass
+
+    def _before_restore(self) -> None:
+        pass
+
+    def _after_restore(self) -> None:
+        pass
 
     # ---------------------------------------------------------------------------------- state
     def get_counters(self) -> Dict[str, Any]:
@@ -377,6 +452,7 @@ class Algorithm:
             "time_total_s": self.time_total_s,
             "num_agent_steps_sampled_lifetime": self.num_agent_steps_sampled_lifetime,
             **self.episode_stats.get_state(),
+            "recent_custom_metrics": self.custom_metrics.get_state(),
             **{name: self._fault_count(name) for name in _FAULT_COUNTERS},
         }
 
@@ -388,6 +464,7 @@ class Algorithm:
         self.time_total_s = float(counters["time_total_s"])
         self.num_agent_steps_sampled_lifetime = int(counters.get("num_agent_steps_sampled_lifetime", 0))
         self.episode_stats.set_state(counters)
+        self.custom_metrics.set_state(counters.get("recent_custom_metrics"))
         # The run's restarts and losses go on from the checkpoint's (absent in older checkpoints: none).
         for name in _FAULT_COUNTERS:
             self._fault_counts_before[name] = int(counters.get(name, 0)) - self._group_fault_count(name)
@@ -410,8 +487,11 @@ class Algorithm:
         """Continue from a checkpoint written by :meth:`save_to_path`."""
         from dlearner.checkpoint import objects
 
+        self._before_restore()
         objects.restore_algorithm(self, path, storage_options=storage_options)
         self._env_runner_group.sync_weights(self._learner_group.get_weights())
+        self._after_restore()
+        call_callback(self.callbacks, "on_checkpoint_loaded", where=f"after restoring {path}", algorithm=self, path=str(path))
 
     def stop(self) -> None:
         """Stop env runners and learners, and close the embedded cluster if this algorithm started one.
@@ -423,15 +503,18 @@ class Algorithm:
         learner_group, self._learner_group = self._learner_group, None
         connection, self._connection = self._connection, None
         try:
-            if env_runner_group is not None:
-                env_runner_group.stop()
+            self._close_result_loggers()
         finally:
             try:
-                if learner_group is not None:
-                    learner_group.shutdown()
+                if env_runner_group is not None:
+                    env_runner_group.stop()
             finally:
-                if connection is not None:
-                    connection.close()
+                try:
+                    if learner_group is not None:
+                        learner_group.shutdown()
+                finally:
+                    if connection is not None:
+                        connection.close()
 
     def __enter__(self) -> "Algorithm":
         return self

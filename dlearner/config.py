@@ -20,10 +20,13 @@ every ``build_*`` calls before anything (a cluster, a learner) is started.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
+import logging
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import gymnasium as gym
 
+from dlearner.callbacks import Callbacks, check_callbacks_class
 from dlearner.columns import DEFAULT_MODULE_ID
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, class_path, import_dlearner_class, validate_model_config
 from dlearner.schedules import PiecewiseSchedule
@@ -39,6 +42,8 @@ from dlearner.validation import (  # NotProvided stays importable from here for 
 )
 
 EnvSpec = Union[str, Callable[..., gym.Env], None]
+
+logger = logging.getLogger(__name__)
 
 
 class AlgorithmConfig:
@@ -99,7 +104,14 @@ class AlgorithmConfig:
         self.torch_num_threads: Optional[int] = None
         # Shorter than RLlib's 100 so stop conditions react within a few iterations.
         self.metrics_num_episodes_for_smoothing = 20
+        # result loggers (dlearner.loggers): names, written by the driver
+        self.loggers: List[str] = []
+        self.log_dir: Optional[str] = None  # None: ./dlearner_logs/<run name>
+        self.mlflow_tracking_uri: Optional[str] = None  # None: sqlite:///<log_dir>/mlflow.db
+        self.mlflow_experiment_name = "dlearner"
         self.evaluation_num_episodes = 10
+        # callbacks (the class: each env runner builds its own instance where it runs)
+        self.callbacks_class: type = Callbacks
 
     # ------------------------------------------------------------------------------ fluent API
     def environment(self, env: EnvSpec = NotProvided, *, env_config: Dict[str, Any] = NotProvided) -> "AlgorithmConfig":
@@ -356,12 +368,75 @@ class AlgorithmConfig:
             self.torch_num_threads = positive_int("torch_num_threads", torch_num_threads, allow_none=True)
         return self
 
-    def reporting(self, *, metrics_num_episodes_for_smoothing: int = NotProvided) -> "AlgorithmConfig":
-        """How many recent episodes ``episode_return_mean`` averages over."""
+    def reporting(
+        self,
+        *,
+        metrics_num_episodes_for_smoothing: int = NotProvided,
+        loggers: Optional[List[str]] = NotProvided,
+        log_dir: Optional[Union[str, "os.PathLike[str]"]] = NotProvided,
+        mlflow_tracking_uri: Optional[str] = NotProvided,
+        mlflow_experiment_name: str = NotProvided,
+    ) -> "AlgorithmConfig":
+        """How results are reported.
+
+        ``metrics_num_episodes_for_smoothing``: how many recent episodes ``episode_return_mean``
+        averages over.
+
+        ``loggers``: result loggers the algorithm writes every ``train()`` result to (names
+        ``"tensorboard"`` and ``"mlflow"``; each needs its extra, e.g. ``pip install "dlearner[tensorboard]"``),
+        with the hyper-parameters once per run. They write into ``log_dir`` (``None``:
+        ``./dlearner_logs/<algo.run_name>``): TensorBoard event files in ``LOG_DIR/tensorboard``, MLflow
+        runs to ``mlflow_tracking_uri`` (``None``: the SQLite store ``LOG_DIR/mlflow.db``) in the
+        experiment ``mlflow_experiment_name``. See :mod:`dlearner.loggers` and docs/tracking.md.
+
+        Example::
+
+            config.reporting(loggers=["tensorboard", "mlflow"], log_dir="runs/cartpole")
+        """
         if metrics_num_episodes_for_smoothing is not NotProvided:
             self.metrics_num_episodes_for_smoothing = positive_int(
                 "metrics_num_episodes_for_smoothing", metrics_num_episodes_for_smoothing
             )
+        if loggers is not NotProvided:
+            from dlearner.loggers import LOGGER_NAMES, check_loggers_available
+
+            names = [] if loggers is None else loggers
+            if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+                raise ValueError(f"loggers must be a list of logger names from {sorted(LOGGER_NAMES)}, got {loggers!r}.")
+            names = list(dict.fromkeys(names))  # each logger once, in the order given
+            check_loggers_available(names)  # unknown names: ValueError; a missing extra: ImportError
+            self.loggers = names
+        if log_dir is not NotProvided:
+            if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
+                raise ValueError(f"log_dir must be a folder path or None, got {log_dir!r}.")
+            self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        if mlflow_tracking_uri is not NotProvided:
+            if mlflow_tracking_uri is not None and (not isinstance(mlflow_tracking_uri, str) or not mlflow_tracking_uri):
+                raise ValueError(
+                    "mlflow_tracking_uri must be an MLflow tracking URI such as 'http://host:5000' or "
+                    f"'sqlite:///path/mlflow.db' (or None), got {mlflow_tracking_uri!r}."
+                )
+            self.mlflow_tracking_uri = mlflow_tracking_uri
+        if mlflow_experiment_name is not NotProvided:
+            if not isinstance(mlflow_experiment_name, str) or not mlflow_experiment_name.strip():
+                raise ValueError(f"mlflow_experiment_name must be a non-empty string, got {mlflow_experiment_name!r}.")
+            self.mlflow_experiment_name = mlflow_experiment_name
+        return self
+
+    def callbacks(self, callbacks_class: type) -> "AlgorithmConfig":
+        """User code that runs during training: a :class:`dlearner.Callbacks` subclass (the class, not
+        an instance). Episode methods run in each env runner on an instance built there, and what
+        they log with ``metrics_logger.log_value(...)`` appears in ``result["env_runners"]``; see
+        :mod:`dlearner.callbacks`.
+
+        A checkpoint stores the class by its import path only: a config rebuilt from a checkpoint
+        (``from_dict``, ``dlearner train --resume``) never imports it; set it again.
+
+        Example::
+
+            config.callbacks(SuccessRate)
+        """
+        self.callbacks_class = check_callbacks_class(callbacks_class)
         return self
 
     def evaluation(self, *, evaluation_num_episodes: int = NotProvided) -> "AlgorithmConfig":
@@ -565,7 +640,7 @@ class AlgorithmConfig:
                 continue
             if key == "rl_module_spec":
                 value = _spec_to_json(value)
-            elif key == "learner_class":
+            elif key in ("learner_class", "callbacks_class"):
                 value = class_path(value) if value is not None else None
             elif key == "policies" and value is not None:
                 value = {mid: None if spec is None else _partial_spec_json(spec) for mid, spec in value.items()}
@@ -582,8 +657,10 @@ class AlgorithmConfig:
         class named by a file would run code chosen by whoever wrote it. Settings that start processes
         or load code are never taken from the data (:data:`CODE_LOADING_SETTINGS`: Dask cluster keyword
         arguments can hold preloads; an env id of the ``module:Env`` form imports ``module``): they keep
-        their defaults, and the caller names them again if it trusts them. Raises ``ValueError`` for a
-        class outside dlearner, a setting this version does not know, or an environment given as a callable.
+        their defaults, and the caller names them again if it trusts them. A ``callbacks_class`` outside
+        dlearner is not imported either: the config keeps the default ``Callbacks`` and a warning says so.
+        Raises ``ValueError`` for a learner, module or config class outside dlearner, a setting this
+        version does not know, or an environment given as a callable.
         """
         if not isinstance(data, Mapping) or not isinstance(data.get("config_class"), str):
             raise ValueError("The stored config has no 'config_class'; it was not written by AlgorithmConfig.to_dict().")
@@ -608,6 +685,9 @@ class AlgorithmConfig:
                 )
             if key in ("policies", "policy_mapping_fn", "policies_to_train"):
                 _stored_multi_agent_setting(config, key, value)
+                continue
+            if key == "callbacks_class":
+                _stored_callbacks(config, value)
                 continue
             if key == "learner_class" and value is not None:
                 value = import_dlearner_class(value, "learner")
@@ -655,6 +735,25 @@ def _stored_multi_agent_setting(config: AlgorithmConfig, key: str, value: Any) -
     if key == "policy_mapping_fn" and value is not None and not isinstance(value, str):
         raise ValueError(f"The stored policy_mapping_fn must be a name, got {type(value).__name__}.")
     config.multi_agent(**{key: value})
+
+
+def _stored_callbacks(config: AlgorithmConfig, value: Any) -> None:
+    """The stored ``callbacks_class``: a class dlearner ships is taken; any other is never imported
+    (that would run code the checkpoint names), so the config keeps the default ``Callbacks`` and a
+    warning says to set it again."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ValueError(f"The stored callbacks_class must be an import path, got {type(value).__name__}.")
+    if value.startswith("dlearner."):
+        config.callbacks_class = check_callbacks_class(import_dlearner_class(value, "callbacks"))
+        return
+    logger.warning(
+        "The stored run used the callbacks %s; a checkpoint is data, so they are not imported from it and this "
+        "config runs without them. Set them again with config.callbacks(%s) if you trust them.",
+        value,
+        value.rpartition(".")[2],
+    )
 
 
 #: Settings a checkpoint stores only by name when they are Python callables: where the user gives them again.

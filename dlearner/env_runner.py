@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -26,6 +26,7 @@ from gymnasium.envs.registration import VectorizeMode
 from gymnasium.vector import AutoresetMode
 
 from dlearner.acting import ActingModule
+from dlearner.callbacks import Callbacks, RunnerCallbacks, SingleAgentEpisode, sub_env_info
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.rl_module import MultiRLModuleSpec, RLModule
 from dlearner.spaces import observation_row_shape
@@ -144,8 +145,21 @@ class EnvRunner:
             raise
         self._next_step_autoreset = self.env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
         self._torch_rng = runner_generator(seed, worker_index)
-        obs, _ = self.env.reset(seed=_runner_seed(seed, worker_index))
+        try:
+            self._callbacks = RunnerCallbacks(
+                getattr(config, "callbacks_class", None),
+                worker_index=worker_index,
+                window=getattr(config, "metrics_num_episodes_for_smoothing", 20),
+            )
+        except BaseException:
+            self.env.close()
+            raise
+        obs, reset_infos = self.env.reset(seed=_runner_seed(seed, worker_index))
         self._obs = self._prepare_obs(obs)
+        # Episodes for callbacks, one per sub-env (only when the callbacks have episode methods):
+        # the first ones start at the first sample(), from these reset infos.
+        self._episodes: Optional[List[SingleAgentEpisode]] = None
+        self._reset_infos = reset_infos if self._callbacks.episodes else None
         # NEXT_STEP autoreset: sub-envs whose next step is a reset (their action is ignored).
         self._resetting = np.zeros(num_envs, dtype=bool)
         # Rows a sub-env sampled beyond the last fragment's length (NEXT_STEP only), per sub-env.
@@ -168,6 +182,11 @@ class EnvRunner:
     def module(self) -> RLModule:
         """The RLModule this runner acts with."""
         return self.acting.module
+
+    @property
+    def callbacks(self) -> Callbacks:
+        """This runner's instance of ``config.callbacks_class`` (its episode callbacks run on it)."""
+        return self._callbacks.callbacks
 
     # ------------------------------------------------------------------------------- sampling
     def _prepare_obs(self, obs: Any) -> np.ndarray:
@@ -194,6 +213,12 @@ class EnvRunner:
             raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")
         num_envs = self.env.num_envs
         steps = math.ceil(num_timesteps / num_envs)
+        follow_episodes = self._callbacks.episodes  # checked once: no per-step work without episode callbacks
+        if follow_episodes and self._episodes is None:
+            self._episodes = [None] * num_envs  # type: ignore[list-item]
+            for i in range(num_envs):
+                self._begin_episode(i, sub_env_info(self._reset_infos, i))
+            self._reset_infos = None
         columns: Dict[str, List[np.ndarray]] = collections.defaultdict(list)
         valid_steps: List[np.ndarray] = []
         have = np.array([0 if c is None else len(c[Columns.OBS]) for c in self._carry])
@@ -225,6 +250,8 @@ class EnvRunner:
             columns[_FINAL_VF].append(final_vf)
             valid_steps.append(valid)
             self._record_episodes(infos)
+            if follow_episodes:
+                self._follow_episodes(rewards, terminateds | truncateds, infos, valid)
             if self._next_step_autoreset:
                 self._resetting = (terminateds | truncateds) & valid
             have += valid
@@ -233,7 +260,50 @@ class EnvRunner:
         out = self._cut_fragment(stacked, np.stack(valid_steps), steps)
         out[NEXT_VF_PREDS] = self._next_values(out, has_values)
         self.num_env_steps_sampled_lifetime += steps * num_envs
+        self._callbacks.sample_end(self, out)
         return out
+
+    # ------------------------------------------------------------------- episodes for callbacks
+    def _begin_episode(self, index: int, info: Dict[str, Any]) -> None:
+        episode = self._episodes[index] = SingleAgentEpisode(index, self.worker_index, info)
+        self._callbacks.episode("on_episode_start", episode, self)
+
+    def _follow_episodes(self, rewards: Any, done: np.ndarray, infos: Mapping[str, Any], valid: np.ndarray) -> None:
+        """One vector step of every sub-env's episode: its length, return and info, and the callbacks."""
+        callbacks = self._callbacks
+        same_step = not self._next_step_autoreset
+        for i, episode in enumerate(self._episodes):
+            if not valid[i]:
+                # NEXT_STEP autoreset: this step reset sub-env i (its episode ended in the step before).
+                self._begin_episode(i, sub_env_info(infos, i))
+                continue
+            episode.length += 1
+            episode.total_return += float(rewards[i])
+            if done[i] and same_step:
+                # SAME_STEP: the sub-env already reset; its last step's info is under "final_info".
+                episode.last_info = sub_env_info(infos.get("final_info", {}), i)
+            else:
+                episode.last_info = sub_env_info(infos, i)
+            callbacks.episode("on_episode_step", episode, self)
+            if done[i]:
+                episode.is_done = True
+                callbacks.episode("on_episode_end", episode, self)
+                if same_step:
+                    self._begin_episode(i, sub_env_info(infos, i))  # the reset info of the next episode
+
+    def foreach_env(self, fn: Callable[[gym.Env], Any]) -> List[Any]:
+        """``fn(env)`` for each sub-env of this runner's vector env, in order; their values.
+
+        The envs are those ``config.make_env()`` made (``env.unwrapped`` is the bare env). Changes
+        apply from the next step on; a running episode goes on in the changed env.
+        """
+        envs = getattr(self.env.unwrapped, "envs", None)
+        if envs is None:
+            raise ValueError(
+                f"foreach_env() needs the sub-envs of a SyncVectorEnv, but this runner steps {self.env.unwrapped} "
+                "(gym_env_vectorize_mode='vector_entry_point'); use gym_env_vectorize_mode='sync' to change envs one by one."
+            )
+        return [fn(env) for env in envs]
 
     def sample_with_metrics(
         self, num_timesteps: int, weights: Optional[Mapping[str, Mapping[str, np.ndarray]]] = None
@@ -300,6 +370,7 @@ class EnvRunner:
             "num_env_steps_sampled_lifetime": self.num_env_steps_sampled_lifetime,
             "num_episodes_lifetime": self.num_episodes_lifetime,
             "worker_index": self.worker_index,  # which runner: per-runner figures on the dashboard
+            "custom": self._callbacks.report(),  # what callbacks logged (dlearner.callbacks.MetricsLogger)
         }
         self._finished_returns, self._finished_lengths = [], []
         return metrics

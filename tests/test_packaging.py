@@ -25,8 +25,14 @@ def imported_top_level_modules(package: pathlib.Path) -> set:
 
 
 def declared_distributions() -> set:
+    """The dependencies and the extras users install (``tensorboard``, ``mlflow``: their modules are
+    imported only when used, which tests/test_loggers.py checks); the ``test`` extra's are not dlearner's."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    names = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0] for requirement in project["dependencies"]}
+    requirements = list(project["dependencies"])
+    for extra, extra_requirements in project.get("optional-dependencies", {}).items():
+        if extra != "test":
+            requirements += extra_requirements
+    names = {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0] for requirement in requirements}
     return {name.lower().replace("_", "-") for name in names}
 
 

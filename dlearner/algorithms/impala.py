@@ -353,36 +353,28 @@ class IMPALA(Algorithm):
             self._pipeline.finish_updates()
         return super().save_to_path(path, **kwargs)
 
-    def restore_from_path(self, path, **kwargs: Any) -> None:
-        """As :meth:`Algorithm.restore_from_path`; samples taken with the replaced weights (queued or
-        being sampled) are discarded and counted in ``num_env_steps_dropped_lifetime``."""
-        if self._pipeline is not None:
-            self._pipeline.finish_updates()
-        super().restore_from_path(path, **kwargs)
+    # Restores and module changes replace what queued samples were taken with: the pipeline lets the
+    # updates in flight finish first, and afterwards drops (and counts) what can no longer be trained.
+    def _before_restore(self) -> None:
+        self._before_module_change()
+
+    def _after_restore(self) -> None:
+        """Samples taken with the replaced weights (queued or being sampled) are discarded and counted
+        in ``num_env_steps_dropped_lifetime``."""
         if self._pipeline is not None:
             self._pipeline.reset_after_restore()
-
-    def add_module(self, module_id, module_spec=None, **kwargs):
-        """As :meth:`Algorithm.add_module`; queued fragments of modules the new ``policies_to_train``
-        leaves out are dropped (counted in ``num_env_steps_dropped_lifetime``)."""
-        spec = super().add_module(module_id, module_spec, **kwargs)
-        if self._pipeline is not None:
-            self._pipeline.forget_untrained_modules()
-        return spec
-
-    def remove_module(self, module_id, **kwargs):
-        """As :meth:`Algorithm.remove_module`; the module's queued fragments are dropped (counted in
-        ``num_env_steps_dropped_lifetime``), and so are those of modules ``policies_to_train`` now leaves out."""
-        spec = super().remove_module(module_id, **kwargs)
-        if self._pipeline is not None:
-            self._pipeline.forget_untrained_modules()
-        return spec
 
     def _before_module_change(self) -> None:
         # Updates in flight were made for the old modules: they finish first (their results go into
         # the next iteration's), so the learners change modules between updates.
         if self._pipeline is not None:
             self._pipeline.finish_updates()
+
+    def _after_module_change(self) -> None:
+        """Queued fragments of removed modules, or of modules ``policies_to_train`` now leaves out, are
+        dropped (counted in ``num_env_steps_dropped_lifetime``)."""
+        if self._pipeline is not None:
+            self._pipeline.forget_untrained_modules()
 
     def stop(self) -> None:
         if self._pipeline is not None:

@@ -121,6 +121,25 @@ class EnvRunnerGroup(Protocol):
     def sync_weights(self, weights: Any) -> None:
         """Give every runner the learners' current module weights."""
 
+    def foreach_env(self, fn: Callable[[Any], Any]) -> List[List[Any]]:
+        """Call ``fn(env)`` on every environment of every runner, where the runner is (in its Dask
+        actor for remote runners, so ``fn`` must pickle: a lambda or a module-level function); the
+        values per runner, per env: ``[[fn(env) for env in runner's envs] for runner]``.
+
+        A single-agent runner's envs are the sub-envs of its ``SyncVectorEnv`` as
+        ``config.make_env()`` made them (``env.unwrapped`` is the bare env); a multi-agent runner's
+        its multi-agent envs. This is the documented way for ``Callbacks.on_train_result`` to
+        change the environments (a curriculum): the change applies from each env's next step on,
+        running episodes go on in the changed env. A runner started later to replace a lost one
+        (``restart_failed_env_runners``) replays every ``fn`` given so far, in order, so it samples
+        the same task; ``config.env_config`` itself does not change. Give ``fn`` that sets rather
+        than increments: a call a lost runner interrupted is made again on every runner.
+
+        Example::
+
+            algorithm.env_runner_group.foreach_env(lambda env: env.unwrapped.set_task(2))
+        """
+
     def replace_lost(self, err: BaseException, lost_env_steps: int = 0) -> None:
         """After ``err`` from a lost runner: replace it (``restart_failed_env_runners``), counting the
         env steps it was sampling as lost; otherwise raise ``err``."""

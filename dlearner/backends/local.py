@@ -155,6 +155,10 @@ class LocalEnvRunnerGroup:
     def sync_weights(self, weights: Any) -> None:
         self.runners[0].set_weights(weights)
 
+    def foreach_env(self, fn: Callable[[Any], Any]) -> List[List[Any]]:
+        """``fn(env)`` on every env of the runner: ``[[value per env]]`` (see the interface)."""
+        return [runner.foreach_env(fn) for runner in self.runners]
+
     def replace_lost(self, err: BaseException, lost_env_steps: int = 0) -> None:
         raise err  # a runner in this process is never lost on its own
 

@@ -19,6 +19,7 @@ from dlearner.cli.plot import cmd_plot
 from dlearner.cli.runs import CURVE_FILENAME, METRICS_FILENAME
 from dlearner.cli.stop import DEFAULT_STOP_ITERS
 from dlearner.cli.train import cmd_train
+from dlearner.loggers import LOGGER_NAMES
 
 
 # ---------------------------------------------------------------------------- value types
@@ -288,6 +289,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of the run on the dashboard page (default: the checkpoint directory's name)",
     )
     out.add_argument("--no-dashboard", action="store_true", help="do not add the dlearner page to the Dask dashboard")
+    out.add_argument(
+        "--logger",
+        dest="loggers",
+        action="append",
+        choices=sorted(LOGGER_NAMES),
+        default=None,
+        help="also write every result and the hyper-parameters to TensorBoard (event files in DIR/tensorboard) or "
+        "MLflow (the SQLite store DIR/mlflow.db), beside the metrics file; repeat the flag for both. Each needs "
+        'its extra: pip install "dlearner[tensorboard]" / "dlearner[mlflow]". A resumed run keeps the '
+        "checkpoint's loggers unless --logger is given",
+    )
+    out.add_argument(
+        "--callbacks",
+        default=None,
+        metavar="MODULE:CLASS",
+        help="a dlearner.Callbacks subclass to run (episode metrics, curriculum), e.g. my_pkg.callbacks:SuccessRate; "
+        "the module must be importable here and on the Dask workers. A checkpoint never imports it: give it again "
+        "with --resume",
+    )
+    out.add_argument(
+        "--mlflow-tracking-uri",
+        default=None,
+        metavar="URI",
+        help="the MLflow tracking server or store of --logger mlflow, e.g. http://host:5000 (default: sqlite:///DIR/mlflow.db)",
+    )
     _add_output_options(train, defaults=False)
     train.set_defaults(func=cmd_train)
 

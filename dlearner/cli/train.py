@@ -61,6 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                         algo.save_to_path(checkpoint_store(args.checkpoint))
                     state.last_saved = algo.iteration
                 dashboard = RunDashboard(args, algo.client, algo.dashboard_url, name, config, progress)
+                algo.run_name = dashboard.run_name  # TensorBoard and MLflow name the run as the page does
+                _describe_loggers(algo, progress)
                 dashboard.status("running", algo=algo)
                 signals.phase = "idle"
                 stop = StopConditions(args, start_iteration=algo.iteration)
@@ -192,6 +194,20 @@ def _describe_setup(name: str, config: AlgorithmConfig, multi_agent: Optional[Mu
     )
     agents = f" ({multi_agent.describe()})" if multi_agent is not None else ""
     return f"training {name} on {config.env}{agents}: {where}"
+
+
+def _describe_loggers(algo: Any, progress: Any) -> None:
+    """One line per ``--logger``: where it writes and how to look at it."""
+    from dlearner.loggers import logger_targets
+
+    for name, target in logger_targets(algo.config, algo.run_name).items():
+        if name == "tensorboard":
+            progress.message(f"dlearner: TensorBoard event files in {target}  (tensorboard --logdir {target})")
+        else:
+            progress.message(
+                f"dlearner: MLflow run {algo.run_name!r} in experiment {algo.config.mlflow_experiment_name!r} at {target}"
+                + (f"  (mlflow ui --backend-store-uri {target})" if target.startswith("sqlite:") else "")
+            )
 
 
 def _draw_curve(metrics_path: Path, png_path: Optional[Path], title: str, progress: Any) -> None:

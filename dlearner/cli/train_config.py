@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional
 from dlearner.cli.algorithms import algo_name, algorithm_classes, config_from_dict
 from dlearner.cli.errors import UsageError, flag
 from dlearner.cli.multi_agent import MultiAgentSetup, apply_policies
-from dlearner.cli.runs import METRICS_FILENAME, checkpoint_metadata, is_url, load_run_metadata, local_dir, restore_env
+from dlearner.cli.runs import (
+    METRICS_FILENAME,
+    checkpoint_metadata,
+    is_url,
+    load_run_metadata,
+    local_dir,
+    output_paths,
+    restore_env,
+)
 
 if TYPE_CHECKING:
     from dlearner.config import AlgorithmConfig
@@ -95,6 +103,12 @@ def make_config(args: argparse.Namespace) -> RunConfig:
                 )
         config = algorithm_classes()[args.algo or "PPO"]()
     _apply_flags(config, args)
+    _apply_loggers(config, args)
+    if args.callbacks is not None:
+        from dlearner.callbacks import callbacks_from_path
+
+        with flag("--callbacks"):
+            config.callbacks(callbacks_from_path(args.callbacks))
     with flag("--env"):
         # Fail here, before any cluster starts, if the environment cannot be made.
         env = config.make_env()
@@ -105,6 +119,36 @@ def make_config(args: argparse.Namespace) -> RunConfig:
     with flag("--minibatch-size/--train-batch-size"):
         config.validate()
     return RunConfig(config, metadata, multi_agent)
+
+
+def _apply_loggers(config: "AlgorithmConfig", args: argparse.Namespace) -> None:
+    """``--logger`` (or the loggers a resumed run stored) and ``--mlflow-tracking-uri``: checked here (known
+    names, extras installed), writing beside the metrics file, in the run folder with ``--checkpoint DIR``."""
+    from dlearner.loggers import check_loggers_available
+
+    with flag("--logger"):
+        try:
+            if args.loggers is not None:
+                config.reporting(loggers=args.loggers)
+            else:
+                check_loggers_available(config.loggers)  # those of the run --resume continues
+        except ImportError as err:
+            raise UsageError(f"argument --logger: {err}") from err
+    if args.mlflow_tracking_uri is not None:
+        with flag("--mlflow-tracking-uri"):
+            config.reporting(mlflow_tracking_uri=args.mlflow_tracking_uri)
+    if args.mlflow_tracking_uri is not None and "mlflow" not in config.loggers:
+        raise UsageError("argument --mlflow-tracking-uri: it is where --logger mlflow writes; add --logger mlflow.")
+    if not config.loggers:
+        return
+    metrics_path, _ = output_paths(args)
+    if metrics_path is None:
+        raise UsageError(
+            "argument --logger: the loggers write into the run folder, beside its metrics file; pass --checkpoint DIR "
+            "(or --metrics-file PATH)."
+        )
+    # Always this invocation's folder: a resumed run's stored log_dir may name where the run was before.
+    config.reporting(log_dir=str(metrics_path.parent.resolve()))
 
 
 def _apply_flags(config: "AlgorithmConfig", args: argparse.Namespace) -> None:

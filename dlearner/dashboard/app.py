@@ -15,6 +15,7 @@ import logging
 from typing import Any, Dict, List, Optional
 
 from dlearner.dashboard.html import (
+    CUSTOM_METRICS_TITLE,
     SUMMED_RETURN_TITLE,
     json_link,
     module_ids,
@@ -188,6 +189,12 @@ class _Section:
             group="module_losses",
             min_modules=2,  # one module's loss is the loss chart's
         )
+        # Metrics callbacks logged: hidden until the results have some, a line added per key as it appears.
+        self.custom_metrics = _ModuleLines(
+            fig(CUSTOM_METRICS_TITLE, "iteration", legend=True, name=f"custom-metrics-figure-{name}"),
+            x_key="step",
+            group="custom_metrics",
+        )
         thr = fig("throughput (env steps/s)", "iteration", legend=True, name=f"throughput-figure-{name}")
         thr.line("step", "sampled", source=self.throughput, color=COLORS[0], line_width=2, legend_label="sampled")
         thr.line("step", "trained", source=self.throughput, color=COLORS[1], line_width=2, legend_label="trained")
@@ -213,7 +220,7 @@ class _Section:
         self.timing_figure = tim
         self.tables = Div(text="", sizing_mode="stretch_width", styles={"padding": "0 1em"}, name=f"tables-{name}")
         # A row of their own for the per-module figures: one row of six would not fit a window.
-        self.module_row = row(self.module_returns.figure, self.module_losses.figure, visible=False)
+        self.module_row = row(self.module_returns.figure, self.module_losses.figure, self.custom_metrics.figure, visible=False)
         self.root = column(self.header, row(ret, loss, thr, tim), self.module_row, self.tables, sizing_mode="stretch_width")
 
     def update(self, run: Dict[str, Any]) -> None:
@@ -254,9 +261,12 @@ class _Section:
             }
             self.module_returns.update(history)
             self.module_losses.update(history)
+            self.custom_metrics.update(history)
             if self.module_returns.figure.visible and not self.module_row.visible:  # a multi-agent run
                 self.module_row.visible = True
                 self.return_figure.title.text = SUMMED_RETURN_TITLE  # say what its return is
+            if self.custom_metrics.figure.visible and not self.module_row.visible:  # metrics from callbacks
+                self.module_row.visible = True
         ranks = run.get("learner_ranks") or []
         labels = [f"rank {r['rank']}" for r in ranks]
         if self.timing_figure.visible != bool(ranks):

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from dlearner.columns import ALL_MODULES
 from dlearner.dashboard.formatting import age, clock_time, fmt, fmt_seconds
 from dlearner.dashboard.protocol import KIND_TRAIN, PAGE_PATH
-from dlearner.dashboard.store import LOSS_KEYS, MODULE_LOSS_KEY
+from dlearner.dashboard.store import LOSS_KEYS, MODULE_LOSS_KEY, custom_metric_keys
 from dlearner.dashboard.svg import COLORS, render_svg_chart, xy_points
 from dlearner.dashboard.templating import render
 
@@ -224,6 +224,8 @@ def env_runners_table(run: Mapping[str, Any]) -> str:
         (_as_of_last_iteration(run, "healthy env runners"), summary.get("num_healthy_env_runners")),
         ("env runner restarts", summary.get("num_env_runner_restarts")),
         ("env steps lost", summary.get("num_env_steps_lost")),
+        # What callbacks logged (metrics_logger.log_value), under their own keys.
+        *[(f"{key} (callbacks)", env[key]) for key in custom_metric_keys(env)],
     ]
     rows = [[k, v] for k, v in totals if v is not None]
     if rows:
@@ -318,6 +320,22 @@ def module_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -
     )
 
 
+#: Title of the chart of metrics that callbacks logged.
+CUSTOM_METRICS_TITLE = "metrics logged by callbacks"
+
+
+def custom_metrics_chart(run: Mapping[str, Any], width: int = 420, height: int = 220) -> List[str]:
+    """The chart of the metrics callbacks logged (a line per key, against the iteration); ``[]`` when none."""
+    history = run.get("history") or []
+    keys = module_ids(history, "custom_metrics")
+    if not keys:
+        return []
+    series = [(key, color, xy_points(history, "step", key, "custom_metrics")) for key, color in zip(keys, cycle(COLORS))]
+    return [
+        render_svg_chart(series, x_label="iteration", y_label="value", title=CUSTOM_METRICS_TITLE, width=width, height=height)
+    ]
+
+
 def run_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> List[str]:
     """The plain page's SVG charts of a run: its curve, losses and (training runs) throughput; a
     multi-agent run's curve is the return summed over agents, with per-module returns and losses beside."""
@@ -360,4 +378,5 @@ def run_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> L
                 height=height,
             )
         )
+        charts.extend(custom_metrics_chart(run, width=width, height=height))
     return charts

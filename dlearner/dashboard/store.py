@@ -15,6 +15,7 @@ import statistics
 import time
 from typing import Any, Deque, Dict, List, Mapping, Optional, Protocol, Set, Tuple
 
+from dlearner.callbacks import RESERVED_ENV_RUNNER_KEYS
 from dlearner.columns import ALL_MODULES
 from dlearner.dashboard.protocol import (
     KIND_LEARNER,
@@ -37,6 +38,9 @@ MODULE_LOSS_KEY = "total_loss"
 #: Modules a multi-agent run's per-module curves follow (the first by id): each point of the history
 #: holds one return and one loss per module, so this bounds a run's memory as ``max_history`` does.
 MAX_MODULE_CURVES = 10
+#: Metrics logged by callbacks (``result["env_runners"]`` keys of their own) that get a curve, the
+#: first by name: like :data:`MAX_MODULE_CURVES`, it bounds a run's memory.
+MAX_CUSTOM_CURVES = 10
 #: Per-learner timings are averaged over this many latest updates.
 TIMING_WINDOW = 20
 #: A run that ended this long ago is folded to one line (``?run=<id>`` still shows it in full).
@@ -399,6 +403,9 @@ class MetricsStore:
         module_returns = env_runners.get("module_episode_returns_mean")
         if isinstance(module_returns, Mapping):  # a multi-agent run: its curves per module too
             point.update(_module_curves(module_returns, learners))
+        custom = custom_metric_keys(env_runners)[:MAX_CUSTOM_CURVES]
+        if custom:  # metrics that callbacks logged: a curve each
+            point["custom_metrics"] = {key: env_runners[key] for key in custom}
         run.add_point(step, point)
         if run.step is not None and step < run.step:
             return  # an older iteration arrived late: it only adds its point to the curve
@@ -485,6 +492,16 @@ def _module_curves(returns: Mapping[str, Any], learners: Mapping[str, Any]) -> D
             for m in modules
         },
     }
+
+
+def custom_metric_keys(env_runners: Mapping[str, Any]) -> List[str]:
+    """The keys of ``result["env_runners"]`` that callbacks logged (``metrics_logger.log_value``): those
+    that are not dlearner's own, with a number (or ``None``: no value yet) each, by name."""
+    return sorted(
+        str(key)
+        for key, value in env_runners.items()
+        if key not in RESERVED_ENV_RUNNER_KEYS and (value is None or is_real(value))
+    )
 
 
 def _num(value: Any) -> float:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 
 from dlearner.acting import ActingModule
+from dlearner.callbacks import Callbacks, RunnerCallbacks
 from dlearner.columns import Columns
 from dlearner.env_runner import _runner_seed, runner_generator
 from dlearner.multi_agent.env import ALL_AGENTS, MultiAgentEnv, agent_spaces
@@ -69,13 +70,28 @@ class MultiAgentEnvRunner:
             mid: ActingModule(spec, seed=seed) for mid, spec in module_spec.rl_module_specs.items()
         }
         self._torch_rng = runner_generator(seed, worker_index)
+        try:
+            self._callbacks = RunnerCallbacks(
+                getattr(config, "callbacks_class", None),
+                worker_index=worker_index,
+                window=getattr(config, "metrics_num_episodes_for_smoothing", 20),
+            )
+        except BaseException:
+            self.stop()
+            raise
+        # Checked once: without episode callbacks, no per-step work for them.
+        self._follow_episodes = self._callbacks.episodes
+        self._episodes_started = False  # the first episodes start (for callbacks) at the first sample()
         self._slots: Dict[SlotKey, AgentTrajectory] = {}
         self._episodes: List[Episode] = []
         self._obs: List[Dict[str, Any]] = []
         base_seed = _runner_seed(seed, worker_index)
         for index, env in enumerate(self.envs):
-            obs, _ = env.reset(seed=None if base_seed is None else base_seed * 100 + index)
-            self._episodes.append(Episode(env_index=index, worker_index=worker_index))
+            obs, infos = env.reset(seed=None if base_seed is None else base_seed * 100 + index)
+            episode = Episode(env_index=index, worker_index=worker_index)
+            if self._follow_episodes:
+                episode.last_infos.update(infos or {})
+            self._episodes.append(episode)
             self._obs.append(dict(obs))
         self._finished: List[Episode] = []
         self.num_env_steps_sampled_lifetime = 0
@@ -91,6 +107,11 @@ class MultiAgentEnvRunner:
 
     def get_weights(self) -> Dict[str, Dict[str, np.ndarray]]:
         return {mid: acting.module.get_state() for mid, acting in self.modules.items()}
+
+    @property
+    def callbacks(self) -> Callbacks:
+        """This runner's instance of ``config.callbacks_class`` (its episode callbacks run on it)."""
+        return self._callbacks.callbacks
 
     def add_module(
         self, module_id: str, module_spec: RLModuleSpec, weights: Optional[Mapping[str, np.ndarray]], config: Any
@@ -173,9 +194,11 @@ class MultiAgentEnvRunner:
 
     def _step_env(self, index: int, env: MultiAgentEnv, actions: Dict[str, Any], bootstrap: List) -> None:
         episode = self._episodes[index]
-        obs, rewards, terminateds, truncateds, _ = env.step(actions)
+        obs, rewards, terminateds, truncateds, infos = env.step(actions)
         obs = dict(obs)
         episode.length += 1
+        if self._follow_episodes:
+            episode.last_infos.update(infos or {})
         for agent_id, reward in rewards.items():
             episode.add_reward(agent_id, reward)
             module_id = episode.agent_to_module.get(agent_id)
@@ -205,6 +228,8 @@ class MultiAgentEnvRunner:
                 row = slot.close(next_vf=slot.pending[Columns.VF_PREDS], truncated=True)
                 if final_obs is not None:
                     bootstrap.append((slot, row, module_id, final_obs))
+        if self._follow_episodes:
+            self._callbacks.episode("on_episode_step", episode, self)
         if episode_over:
             self._end_episode(index, env)
         else:
@@ -212,14 +237,20 @@ class MultiAgentEnvRunner:
 
     def _end_episode(self, index: int, env: MultiAgentEnv) -> None:
         episode = self._episodes[index]
+        episode.is_done = True
         self._finished.append(episode)
         self.num_episodes_lifetime += 1
+        if self._follow_episodes:
+            self._callbacks.episode("on_episode_end", episode, self)
         for (env_index, _, _), slot in self._slots.items():
             if env_index == index:
                 slot.idle = True  # until an agent of the next episode uses it again
-        obs, _ = env.reset()
-        self._episodes[index] = Episode(env_index=index, worker_index=self.worker_index)
+        obs, infos = env.reset()
+        episode = self._episodes[index] = Episode(env_index=index, worker_index=self.worker_index)
         self._obs[index] = dict(obs)
+        if self._follow_episodes:
+            episode.last_infos.update(infos or {})
+            self._callbacks.episode("on_episode_start", episode, self)
 
     def sample(self, num_timesteps: int) -> Segments:
         """Step each env ``ceil(num_timesteps / num_envs)`` times; returns ``{module_id: [segment, ...]}``
@@ -228,12 +259,19 @@ class MultiAgentEnvRunner:
         if not isinstance(num_timesteps, int) or num_timesteps < 1:
             raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}.")
         steps = math.ceil(num_timesteps / len(self.envs))
+        if self._follow_episodes and not self._episodes_started:
+            self._episodes_started = True
+            for episode in self._episodes:
+                self._callbacks.episode("on_episode_start", episode, self)
         for _ in range(steps):
             self._step()
         self.num_env_steps_sampled_lifetime += steps * len(self.envs)
         if self.fragment_length is None:
-            return self._take_all()
-        return self._take_fragments(int(self.fragment_length))
+            segments = self._take_all()
+        else:
+            segments = self._take_fragments(int(self.fragment_length))
+        self._callbacks.sample_end(self, segments)
+        return segments
 
     def _take_all(self) -> Segments:
         """Every closed row; open rows whose agent already has its next observation are closed first."""
@@ -295,6 +333,7 @@ class MultiAgentEnvRunner:
             "num_agent_steps_sampled_lifetime": self.num_agent_steps_sampled_lifetime,
             "num_episodes_lifetime": self.num_episodes_lifetime,
             "worker_index": self.worker_index,
+            "custom": self._callbacks.report(),  # what callbacks logged (dlearner.callbacks.MetricsLogger)
         }
         self._finished = []
         return metrics
@@ -334,6 +373,11 @@ class MultiAgentEnvRunner:
         finally:
             env.close()
         return {"episode_returns": returns, "episode_lengths": lengths, "agent_episode_returns": dict(agent_returns)}
+
+    def foreach_env(self, fn: Callable[[Any], Any]) -> List[Any]:
+        """``fn(env)`` for each of this runner's multi-agent envs, in order; their values (changes
+        apply from the next step on; a running episode goes on in the changed env)."""
+        return [fn(env) for env in self.envs]
 
     # ---------------------------------------------------------------------------------- state
     def get_state(self) -> Dict[str, Any]:

@@ -108,10 +108,15 @@ class AgentTrajectory:
 
 @dataclasses.dataclass
 class Episode:
-    """One env's running episode, as the policy mapping function and the episode metrics see it.
+    """One env's running episode, as the policy mapping function, the episode metrics and episode
+    callbacks (:class:`dlearner.Callbacks`) see it.
 
     ``policy_mapping_fn(agent_id, episode)`` receives this object: ``id_``, ``env_index``,
     ``worker_index``, ``length`` (env steps so far) and ``agent_to_module`` (the mapping so far).
+    Callbacks also read ``agent_returns`` (rewards summed per agent), :meth:`get_return`,
+    ``last_infos`` (each agent's latest ``info``, from reset on; filled only while episode
+    callbacks are configured), ``done_agents``, ``is_done`` and ``custom_data`` (a dict for your own
+    per-episode data).
     """
 
     env_index: int
@@ -121,6 +126,9 @@ class Episode:
     agent_to_module: Dict[str, str] = dataclasses.field(default_factory=dict)
     agent_returns: Dict[str, float] = dataclasses.field(default_factory=dict)
     done_agents: set = dataclasses.field(default_factory=set)
+    last_infos: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    is_done: bool = False
+    custom_data: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def add_reward(self, agent_id: str, reward: float) -> None:
         self.agent_returns[agent_id] = self.agent_returns.get(agent_id, 0.0) + float(reward)
@@ -129,3 +137,7 @@ class Episode:
     def total_return(self) -> float:
         """The sum over agents (RLlib's ``episode_return``)."""
         return float(sum(self.agent_returns.values()))
+
+    def get_return(self) -> float:
+        """The episode's return so far, summed over agents (RLlib's name)."""
+        return self.total_return

@@ -14,7 +14,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from dlearner import settings
 from dlearner.backends.dask.actor_group import ActorGroup, Member
@@ -65,6 +65,8 @@ class DaskEnvRunnerGroup(ActorGroup):
         #: Env steps lost with lost runners (counted, never hidden).
         self.num_env_steps_lost = 0
         self._weights: Any = None  # the last weights synced: a replacement starts from them
+        # Every foreach_env function so far, in order: a replacement replays them (a curriculum's task).
+        self._env_calls: List[Any] = []
         workers = place_env_runners(connection, num, self._timeout_s)
         self.members = [Member(i, worker, env_runner_actor_key(i, run_id)) for i, worker in enumerate(workers)]
         try:
@@ -160,6 +162,8 @@ class DaskEnvRunnerGroup(ActorGroup):
         logger.warning("Env runner %s (%s) replaces the lost %s on Dask worker %s.", index, key, lost.key, worker)
         if self._weights is not None:
             self._all("set_weights", [(self._weights,) if i == index else None for i in range(self.num_runners)])
+        for fn in self._env_calls:
+            self._all("foreach_env", [(fn,) if i == index else None for i in range(self.num_runners)])
 
     # -- calls -------------------------------------------------------------------------------------
     def _all(self, method: str, args_per_runner: Sequence[Optional[tuple]]) -> List[Any]:
@@ -218,6 +222,12 @@ class DaskEnvRunnerGroup(ActorGroup):
 
     def get_metrics(self) -> List[Dict[str, Any]]:
         return self._all("get_metrics", [()] * self.num_runners)
+
+    def foreach_env(self, fn: Callable[[Any], Any]) -> List[List[Any]]:
+        """``fn(env)`` on every env of every runner actor (see the interface); replacements replay it."""
+        values = self._all("foreach_env", [(fn,)] * self.num_runners)
+        self._env_calls.append(fn)
+        return values
 
     def add_module(self, config: Any, module_spec: Any, module_id: str, weights: Any) -> None:
         # Replacements start from the new config and specs (and the next synced weights).
