@@ -401,12 +401,19 @@ def on_cluster(client, callbacks_class) -> PPOConfig:
 
 
 @pytest.mark.slow
-def test_metrics_logged_in_env_runner_actors_reduce_across_them(client):
-    with on_cluster(client, RunnerIndex).build_algo() as algo:
+def test_metrics_logged_in_env_runner_actors_reduce_across_them(client, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = on_cluster(client, RunnerIndex).reporting(loggers=["tensorboard"], log_dir=str(tmp_path))
+    with config.build_algo() as algo:
         result = algo.train()
     runners = result["env_runners"]
     assert (runners["lowest_runner"], runners["highest_runner"]) == (1, 2)  # both actors' episodes
     assert runners["episodes"] == sum(r["episodes_this_iter"] for r in runners["runners"].values()) > 0
+    # A run on a cluster you attached to is logged the same way (the loggers live in the driver).
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [event.value for event in events.Scalars("env_runners/episodes")] == [runners["episodes"]]
 
 
 @pytest.mark.slow

@@ -367,8 +367,12 @@ def test_cli_logger_whose_extra_is_missing_fails_before_training(tmp_path, capsy
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_loggers_write_the_figures_of_env_runner_actors_on_an_embedded_cluster(tmp_path):
+    from test_callbacks import LengthStats
+
     config = tiny_config(loggers=["tensorboard", "mlflow"], log_dir=tmp_path).env_runners(num_env_runners=1)
-    results = train(config, 2)
+    results = train(config.callbacks(LengthStats), 2)
+    # What the actor's callbacks logged is a series like every other result key.
+    assert [event.step for event in tensorboard_events(tmp_path).Scalars("env_runners/longest")] == [1, 2]
     assert results[-1]["num_healthy_env_runners"] == 1
     actor_key = "env_runners/runners/1/env_steps_this_iter"  # runner 1: the actor (0 samples in the driver)
     assert [event.step for event in tensorboard_events(tmp_path).Scalars(actor_key)] == [1, 2]
