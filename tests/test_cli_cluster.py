@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 from dask_processes import QUIET_THREADS, DaskProcesses, wait_for
-from test_cli import DLEARNER, FAST
+from test_cli import DLEARNER, FAST, side_by_side
 
 from dlearner.reporting import read_metrics
 
@@ -96,37 +96,35 @@ def test_train_with_env_runners_on_a_scheduler_file_cluster_then_resume(cluster,
     assert cluster.worker_count() == 2
 
 
-def test_fewer_workers_than_learners_says_what_it_waits_for_and_fails_in_one_line(one_worker, tmp_path):
+def test_fewer_workers_than_learners_says_what_it_waits_for_and_fails_in_one_line(cluster, tmp_path):
     args = [
         "train",
         "--env",
         "CartPole-v1",
         "--num-learners",
-        "2",
+        "3",  # the cluster has two workers
         "--startup-timeout",
-        "3",
+        "1",
         "--stop-iters",
         "1",
         "--scheduler-file",
-        str(one_worker.scheduler_file),
+        str(cluster.scheduler_file),
         *FAST,
     ]
     start = time.monotonic()
-    proc = dlearner(*args)
-    assert time.monotonic() - start < 60  # --startup-timeout 3, not the 60 s default
+    proc, quiet, debug = side_by_side(args, [*args, "-q"], [*args, "--debug"])  # each waits on its own
+    assert time.monotonic() - start < 60  # --startup-timeout 1, not the 60 s default
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     (error,) = error_lines(proc.stderr)
-    assert "num_learners=2" in error and "--debug" in error
+    assert "num_learners=3" in error and "--debug" in error
     # The INFO messages of the `dlearner` logger say what start-up waits for, before the error.
     waiting = [line for line in proc.stderr.splitlines() if "wait" in line.lower() and line != error]
     assert waiting, proc.stderr
 
-    quiet = dlearner(*args, "-q")
     assert quiet.returncode == 1
     assert quiet.stderr.strip().splitlines() == error_lines(quiet.stderr), quiet.stderr  # -q: the error only
 
-    debug = dlearner(*args, "--debug")
     assert debug.returncode == 1
     assert "Traceback (most recent call last)" in debug.stderr
     assert error_lines(debug.stderr)[-1].startswith(error.split("  (--debug")[0])

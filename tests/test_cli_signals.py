@@ -33,14 +33,14 @@ def dlearner(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **QUIET_THREADS})
 
 
-def start_training(run: Path, *extra: str) -> subprocess.Popen:
+def start_dlearner(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [DLEARNER, "train", "--env", "CartPole-v1", "--checkpoint", str(run), "--stop-iters", "100000", *FAST, *extra],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **QUIET_THREADS},
+        [DLEARNER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **QUIET_THREADS}
     )
+
+
+def start_training(run: Path, *extra: str) -> subprocess.Popen:
+    return start_dlearner("train", "--env", "CartPole-v1", "--checkpoint", str(run), "--stop-iters", "100000", *FAST, *extra)
 
 
 def iterations_logged(run: Path) -> List[int]:
@@ -101,11 +101,12 @@ def test_a_signal_finishes_the_iteration_saves_it_whole_and_resume_goes_on(tmp_p
         return  # the checkpoint's contents and --resume are the same for both signals: checked once, below
 
     # Counters and weights of the checkpoint belong to the last iteration logged: the same weights as
-    # a run that stops after exactly `done` iterations (training is deterministic with --seed).
+    # a run that stops after exactly `done` iterations (training is deterministic with --seed). That
+    # reference run trains in the background while the checkpoint is read and resumed.
     assert counters["iteration"] == done
     assert counters["num_env_steps_sampled_lifetime"] == read_metrics(run / "metrics.jsonl")[-1]["num_env_steps_sampled_lifetime"]
     reference = tmp_path / "reference"
-    ref = dlearner(
+    ref = start_dlearner(
         "train",
         "--env",
         "CartPole-v1",
@@ -118,14 +119,22 @@ def test_a_signal_finishes_the_iteration_saves_it_whole_and_resume_goes_on(tmp_p
         "-q",
         *FAST,
     )
-    assert ref.returncode == 0, ref.stderr
-    np.testing.assert_array_equal(checkpoint_weights(run), checkpoint_weights(reference))
+    try:
+        saved = checkpoint_weights(run)
 
-    resumed = dlearner("train", "--checkpoint", str(run), "--resume", "--stop-iters", str(done + 2))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed {run} at iteration {done}" in resumed.stdout
-    assert iterations_logged(run) == list(range(1, done + 3))
-    assert inspect_metadata(run)["counters"]["iteration"] == done + 2
+        resumed = dlearner("train", "--checkpoint", str(run), "--resume", "--stop-iters", str(done + 2))
+        assert resumed.returncode == 0, resumed.stderr
+        assert f"resumed {run} at iteration {done}" in resumed.stdout
+        assert iterations_logged(run) == list(range(1, done + 3))
+        assert inspect_metadata(run)["counters"]["iteration"] == done + 2
+
+        _, ref_err = ref.communicate(timeout=180)
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.communicate()
+    assert ref.returncode == 0, ref_err
+    np.testing.assert_array_equal(saved, checkpoint_weights(reference))
 
 
 def test_a_second_signal_abandons_the_iteration_and_keeps_the_last_checkpoint(tmp_path):

@@ -389,7 +389,8 @@ def test_page_in_a_real_browser_has_the_nav_link_and_draws_the_curve(client):
     try:
 
         async def check() -> int:
-            await browser.open(url)
+            # This run's page: the whole page also draws every run the module's other tests published.
+            await browser.open(f"{url}?run=browser-run")
             assert await browser.wait_for("!!document.querySelector('.navbar a[href=\"dlearner\"]')")
             # The curve's data arrived in the browser and Bokeh drew its plot (a canvas with pixels).
             points = await browser.wait_for(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import pathlib
 import re
 import subprocess
 import sys
+from typing import Dict, Iterator, Tuple
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+API = ROOT / "docs" / "api.md"
 
 
 def example_names(path: pathlib.Path) -> list:
@@ -23,23 +26,41 @@ def example_block(path: pathlib.Path, name: str) -> str:
     return match.group(1)
 
 
+def run_example(path: pathlib.Path, name: str, directory: pathlib.Path) -> Tuple[subprocess.CompletedProcess, pathlib.Path]:
+    """The example saved as a script of its own in ``directory`` and run there, as a reader would;
+    the finished run and the directory."""
+    script = directory / f"{name}.py"
+    script.write_text(example_block(path, name))
+    done = subprocess.run([sys.executable, str(script)], cwd=directory, capture_output=True, text=True, timeout=300)
+    return done, directory
+
+
+@pytest.fixture(scope="module")
+def example_runs(request, tmp_path_factory) -> Iterator[Dict[str, concurrent.futures.Future]]:
+    """The examples of the tests this session runs, two at a time (each is a Python process that spends
+    most of its time importing torch and Dask on one core): each test waits for its own."""
+    wanted = {item.callspec.params["name"] for item in request.session.items if "example_runs" in item.fixturenames}
+    examples = [(ROOT / "README.md", "first-look")] + [(API, name) for name in example_names(API)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        yield {
+            name: pool.submit(run_example, path, name, tmp_path_factory.mktemp(name)) for path, name in examples if name in wanted
+        }
+
+
 @pytest.mark.slow
-def test_readme_first_look_runs(tmp_path):
-    script = tmp_path / "first_look.py"
-    script.write_text(example_block(ROOT / "README.md", "first-look"))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("name", ["first-look"])
+def test_readme_first_look_runs(example_runs, name):
+    done, directory = example_runs[name].result()
     assert done.returncode == 0, done.stderr[-3000:]
     numbers = [float(line) for line in done.stdout.split()]
     assert len(numbers) == 5
-    assert (tmp_path / "runs" / "readme-cartpole" / "zarr.json").exists()
+    assert (directory / "runs" / "readme-cartpole" / "zarr.json").exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", example_names(ROOT / "docs" / "api.md"))
-def test_api_reference_example_runs(name, tmp_path):
-    script = tmp_path / f"{name}.py"
-    script.write_text(example_block(ROOT / "docs" / "api.md", name))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("name", example_names(API))
+def test_api_reference_example_runs(example_runs, name):
+    done, _ = example_runs[name].result()
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -66,7 +66,7 @@ def test_closing_lets_each_worker_process_exit_on_its_own(tmp_path):
             address: str(tmp_path / f"worker-{i}") for i, address in enumerate(connection.client.scheduler_info()["workers"])
         }
         for address, marker in markers.items():
-            connection.client.run(exit_slowly, marker, 6.0, workers=[address])
+            connection.client.run(exit_slowly, marker, 5.0, workers=[address])  # longer than Dask's 4 s
     finally:
         connection.close()
     # Dask alone kills a worker process still running after 4 s ("Worker process still alive after 4.0 seconds, killing").

@@ -24,7 +24,7 @@ import gymnasium as gym
 import numpy as np
 import psutil
 import pytest
-from conftest import SMALL_MODEL, SleepyPPOLearner, ppo_batch
+from conftest import SMALL_MODEL, ppo_batch
 
 from dlearner import ALL_MODULES, COMPONENT_LEARNER, DEFAULT_MODULE_ID, LearnerGroup, PPOConfig, RLModuleSpec
 from dlearner.algorithms.ppo import PPOTorchLearner
@@ -40,11 +40,21 @@ SPACES = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete
 pytestmark = pytest.mark.timeout(120)
 
 
-class ProbePPOLearner(SleepyPPOLearner):
+#: Set in a worker process by :func:`wake_probes`: its probes' sleeps end at once.
+PROBES_AWAKE = threading.Event()
+
+
+def wake_probes() -> None:
+    """Runs on a worker (``client.run``): end the sleep of the probe learner there."""
+    PROBES_AWAKE.set()
+
+
+class ProbePPOLearner(PPOTorchLearner):
     """PPO with test hooks driven by ``timesteps``: sleep, fail on every rank, fail on one rank."""
 
     def before_gradient_based_update(self, *, timesteps):
-        super().before_gradient_based_update(timesteps=timesteps)  # sleeps timesteps["sleep_s"]
+        super().before_gradient_based_update(timesteps=timesteps)
+        PROBES_AWAKE.wait(timesteps.get("sleep_s", 0))  # sleeps timesteps["sleep_s"] unless woken
         if "fail_all" in timesteps:
             raise RuntimeError("probe failure on every learner")
 
@@ -406,23 +416,27 @@ def test_attach_to_a_scheduler_and_workers_started_from_the_command_line(tmp_pat
         )
     ]
     try:
+        # Started together, as a batch job starts them: the workers wait for the scheduler file.
+        procs += [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
         deadline = time.monotonic() + 30
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        procs += [subprocess.Popen(worker, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
         # The group waits (within learner_startup_timeout_s) for the workers to join.
         with config().cluster(scheduler_file=str(path)).build_learner_group(spaces=SPACES) as lg:
             assert len(set(lg.learner_workers)) == 2
             assert lg.update(ppo_batch(32))[ALL_MODULES]["num_env_steps_trained"] == 64
     finally:
-        for proc in reversed(procs):
-            proc.send_signal(signal.SIGINT)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        # The workers first, then their scheduler: a worker whose scheduler is already gone takes
+        # seconds to give up on it before it exits.
+        for stopping in (procs[1:], procs[:1]):
+            for proc in stopping:
+                proc.send_signal(signal.SIGINT)
+            for proc in stopping:
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 # ---------------------------------------------------------------------------- embedded cluster, deaths
@@ -441,9 +455,10 @@ def test_shutdown_closes_the_embedded_cluster():
 
 @pytest.mark.slow
 def test_a_dead_worker_makes_calls_fail_fast_naming_the_learner():
+    # Three workers: the second group finds two live ones while the nanny restarts the killed one.
     with (
         distributed.LocalCluster(
-            n_workers=4, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+            n_workers=3, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
         ) as cluster,
         distributed.Client(cluster, set_as_default=False) as client,
     ):
@@ -474,6 +489,8 @@ def test_a_dead_worker_makes_calls_fail_fast_naming_the_learner():
             # The survivor sleeps 7 s in its update; the call ends well before (loaded CI machines included).
             assert time.perf_counter() - started < 5
             killer.join()
+            # Shutting the group down waits for the update the survivor is still in: wake it.
+            client.run(wake_probes, workers=[lg.learner_workers[0]])
 
 
 def test_a_two_learner_checkpoint_restores_into_one_dask_learner_and_a_local_one(client, tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import distributed
 import numpy as np
 import pytest
 
@@ -91,29 +94,37 @@ def test_ppo_solves_cartpole_with_env_runner_and_learner_actors_on_a_local_clust
 
 @pytest.mark.slow
 def test_algorithm_checkpoint_continues_counters_and_weights(tmp_path):
-    config = (
-        PPOConfig()
-        .environment("CartPole-v1")
-        .env_runners(num_env_runners=1, num_envs_per_env_runner=4)
-        .learners(num_learners=1)  # the learner actor writes its state straight to the store
-        .training(train_batch_size=512, minibatch_size=128, num_epochs=1)
-        .rl_module(model_config={"fcnet_hiddens": [16]})
-        .debugging(seed=0)
-    )
-    with config.build_algo() as algo:
-        algo.train()
-        algo.train()
-        algo.save_to_path(tmp_path / "run")
-        weights = algo.learner_group.get_weights()
-    with config.build_algo() as resumed:
-        resumed.restore_from_path(tmp_path / "run")
-        assert resumed.iteration == 2
-        restored = resumed.learner_group.get_weights()
-        for name, value in weights["default_policy"].items():
-            np.testing.assert_array_equal(restored["default_policy"][name], value)
-        result = resumed.train()
-        assert result["training_iteration"] == 3
-        assert result["num_env_steps_sampled_lifetime"] >= 3 * 512
+    # One cluster of two worker processes for both algorithms, one after the other.
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        distributed.Client(cluster, set_as_default=False) as client,
+    ):
+        config = (
+            PPOConfig()
+            .environment("CartPole-v1")
+            .env_runners(num_env_runners=1, num_envs_per_env_runner=4)
+            .learners(num_learners=1)  # the learner actor writes its state straight to the store
+            .training(train_batch_size=512, minibatch_size=128, num_epochs=1)
+            .rl_module(model_config={"fcnet_hiddens": [16]})
+            .cluster(client=client)
+            .debugging(seed=0)
+        )
+        with config.build_algo() as algo:
+            algo.train()
+            algo.train()
+            algo.save_to_path(tmp_path / "run")
+            weights = algo.learner_group.get_weights()
+        with config.build_algo() as resumed:
+            resumed.restore_from_path(tmp_path / "run")
+            assert resumed.iteration == 2
+            restored = resumed.learner_group.get_weights()
+            for name, value in weights["default_policy"].items():
+                np.testing.assert_array_equal(restored["default_policy"][name], value)
+            result = resumed.train()
+            assert result["training_iteration"] == 3
+            assert result["num_env_steps_sampled_lifetime"] >= 3 * 512
 
 
 def test_the_ppo_cartpole_example_runs():

@@ -42,8 +42,12 @@ SCHEDULER_FILE="$SLURM_SUBMIT_DIR/dask-scheduler-$SLURM_JOB_ID.json"   # must be
 LOCAL_DIR="${TMPDIR:-/tmp}/dask-$SLURM_JOB_ID"                          # node-local scratch for workers
 
 cleanup() {
-    # Workers first (they would otherwise try to reconnect), then the scheduler; ignore ones already gone.
-    [[ -n "${WORKERS_PID:-}" ]] && kill "$WORKERS_PID" 2>/dev/null || true
+    # Workers first, and waited for while their scheduler is still there to see them go (a worker that
+    # lost its scheduler retries for seconds before it exits), then the scheduler; ones already gone are fine.
+    if [[ -n "${WORKERS_PID:-}" ]]; then
+        kill "$WORKERS_PID" 2>/dev/null || true
+        wait "$WORKERS_PID" 2>/dev/null || true
+    fi
     [[ -n "${SCHEDULER_PID:-}" ]] && kill "$SCHEDULER_PID" 2>/dev/null || true
     wait 2>/dev/null || true
     rm -f "$SCHEDULER_FILE"
