@@ -358,6 +358,15 @@ class RunnerCallbacks:
         self.episodes = any(overrides(self.callbacks, m) for m in _EPISODE_METHODS)
         self._overridden = {m for m in (*_EPISODE_METHODS, "on_sample_end") if overrides(self.callbacks, m)}
 
+    @classmethod
+    def for_config(cls, config: Any, worker_index: int) -> "RunnerCallbacks":
+        """The callbacks ``config.callbacks(...)`` names (the base class without it), for env runner ``worker_index``."""
+        return cls(
+            getattr(config, "callbacks_class", None),
+            worker_index=worker_index,
+            window=getattr(config, "metrics_num_episodes_for_smoothing", 20),
+        )
+
     def episode(self, method: str, episode: Any, env_runner: Any) -> None:
         """``method`` (an episode method) for ``episode``, if the class overrides it."""
         if method not in self._overridden:

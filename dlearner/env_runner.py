@@ -136,6 +136,7 @@ class EnvRunner:
         spec = module_spec.rl_module_specs[module_id]
         seed = getattr(config, "seed", None)
         self.acting = ActingModule(spec, seed=seed)
+        self._callbacks = RunnerCallbacks.for_config(config, worker_index)  # before the envs: nothing to close if it fails
         num_envs = config.num_envs_per_env_runner
         self.env = make_vector_env(config, num_envs)
         try:
@@ -145,15 +146,6 @@ class EnvRunner:
             raise
         self._next_step_autoreset = self.env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
         self._torch_rng = runner_generator(seed, worker_index)
-        try:
-            self._callbacks = RunnerCallbacks(
-                getattr(config, "callbacks_class", None),
-                worker_index=worker_index,
-                window=getattr(config, "metrics_num_episodes_for_smoothing", 20),
-            )
-        except BaseException:
-            self.env.close()
-            raise
         obs, reset_infos = self.env.reset(seed=_runner_seed(seed, worker_index))
         self._obs = self._prepare_obs(obs)
         # Episodes for callbacks, one per sub-env (only when the callbacks have episode methods):

@@ -150,3 +150,17 @@ def ppo_batch(rows: int = 256, seed: int = 0, obs_dim: int = 4, num_actions: int
 @pytest.fixture
 def batch():
     return ppo_batch()
+
+
+def usage_error(capsys, *args: str) -> str:
+    """Run ``dlearner ARGS`` in this process, expect a usage error (status 2, no traceback), return its message."""
+    from dlearner.cli import main
+
+    try:
+        status = main(list(args))
+    except SystemExit as exit_:  # argparse's own errors
+        status = exit_.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert "Traceback" not in err
+    return err

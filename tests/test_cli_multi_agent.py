@@ -9,6 +9,7 @@ import json
 import shutil
 
 import pytest
+from conftest import usage_error
 from test_cli import FAST as CLI_FAST
 
 from dlearner.cli import main
@@ -20,18 +21,6 @@ from dlearner.reporting import ProgressDisplay, read_metrics
 ENV = "dlearner.envs:MultiAgentCartPole"
 # Small and fast: test_cli's settings, everything in this process.
 FAST = ["--num-learners", "0", "--num-env-runners", "0", *CLI_FAST]
-
-
-def usage_error(capsys, *args: str) -> str:
-    """Run ``dlearner ARGS``, expect a usage error (status 2, no traceback), return its message."""
-    try:
-        status = main(list(args))
-    except SystemExit as exit_:  # argparse's own errors
-        status = exit_.code
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert "Traceback" not in err
-    return err
 
 
 def parsed(*args: str):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import pytest
+from conftest import usage_error
 from test_cli import FAST as CLI_FAST
 
 from dlearner import PPOConfig
@@ -327,16 +328,6 @@ def test_cli_loggers_write_into_the_run_folder_beside_the_metrics_file(tmp_path,
     (mlflow_run,) = mlflow_runs(run)
     assert mlflow_run.info.run_name == "cartpole"  # the run folder's name, as on the dashboard page
     assert [step for step, _ in metric_points(run, mlflow_run.info.run_id, LOSS)] == [1, 2]
-
-
-def usage_error(capsys, *args: str) -> str:
-    try:
-        status = main(list(args))
-    except SystemExit as exit_:  # argparse's own errors
-        status = exit_.code
-    err = capsys.readouterr().err
-    assert status == 2, err
-    return err
 
 
 def test_cli_logger_needs_a_run_folder(capsys):

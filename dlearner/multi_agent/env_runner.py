@@ -53,6 +53,7 @@ class MultiAgentEnvRunner:
         torch.set_num_threads(max(1, int(getattr(config, "torch_num_threads", None) or 1)))
         seed = getattr(config, "seed", None)
         self.fragment_length: Optional[int] = getattr(config, "rollout_fragment_length", None)
+        self._callbacks = RunnerCallbacks.for_config(config, worker_index)  # before the envs: nothing to close if it fails
         self.envs: List[MultiAgentEnv] = []
         try:
             for _ in range(int(config.num_envs_per_env_runner)):
@@ -70,15 +71,6 @@ class MultiAgentEnvRunner:
             mid: ActingModule(spec, seed=seed) for mid, spec in module_spec.rl_module_specs.items()
         }
         self._torch_rng = runner_generator(seed, worker_index)
-        try:
-            self._callbacks = RunnerCallbacks(
-                getattr(config, "callbacks_class", None),
-                worker_index=worker_index,
-                window=getattr(config, "metrics_num_episodes_for_smoothing", 20),
-            )
-        except BaseException:
-            self.stop()
-            raise
         # Checked once: without episode callbacks, no per-step work for them.
         self._follow_episodes = self._callbacks.episodes
         self._episodes_started = False  # the first episodes start (for callbacks) at the first sample()
