@@ -31,6 +31,7 @@ _EXPORTS: Dict[str, str] = {
     "APPOConfig": "dlearner.algorithms",
     "IMPALAConfig": "dlearner.algorithms",
     "BCConfig": "dlearner.algorithms",
+    "SACConfig": "dlearner.algorithms",
     "Callbacks": "dlearner.callbacks",
     "MultiAgentEnv": "dlearner.multi_agent.env",
     "Learner": "dlearner.learner",
@@ -54,6 +55,7 @@ __all__ = [
     "APPOConfig",
     "IMPALAConfig",
     "BCConfig",
+    "SACConfig",
     "Callbacks",
     "MultiAgentEnv",
     "Learner",
@@ -72,7 +74,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # static type checkers and IDEs see ordinary imports
-    from dlearner.algorithms import APPOConfig, BCConfig, IMPALAConfig, PPOConfig
+    from dlearner.algorithms import APPOConfig, BCConfig, IMPALAConfig, PPOConfig, SACConfig
     from dlearner.callbacks import Callbacks
     from dlearner.columns import (
         ALL_MODULES,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -28,6 +28,8 @@ class ModuleBatchSpec:
     action_dist_inputs_dim: Optional[int]
     required_columns: Tuple[str, ...]
     allowed_columns: frozenset
+    #: The learner class's check of its own columns (``check_module_batch(module_id, columns)``), if any.
+    check_columns: Optional[Callable[[str, Mapping[str, np.ndarray]], None]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +233,8 @@ def _validate_module_columns(module_id: str, columns: Mapping[str, Any], spec: M
         _check_shape(arrays, column, (), where, "one value per row")
     if Columns.LOSS_MASK in arrays and arrays[Columns.LOSS_MASK].dtype != np.bool_:
         raise TypeError(f"Column {Columns.LOSS_MASK!r} of {where} must be bool, got {arrays[Columns.LOSS_MASK].dtype}.")
+    if spec.check_columns is not None:
+        spec.check_columns(module_id, arrays)
     return arrays
 
 

@@ -51,6 +51,8 @@ class AlgorithmConfig:
 
     #: The Learner class this algorithm trains with (algorithms set it).
     default_learner_class: Optional[type] = None
+    #: The RLModule class of modules whose spec names none (``None``: the default actor-critic).
+    default_module_class: Optional[type] = None
     #: The Algorithm class ``build_algo`` creates.
     algo_class_path: Optional[str] = None
     #: Settings earlier versions stored that this one no longer has; :meth:`from_dict` drops them.
@@ -236,13 +238,7 @@ class AlgorithmConfig:
         """Hyper-parameters of the update. ``lr`` is a float or a ``[[timestep, lr], ...]`` schedule;
         ``minibatch_size`` and ``train_batch_size`` count rows over all learners."""
         if lr is not NotProvided:
-            schedule = PiecewiseSchedule(lr, name="lr")
-            if any(v <= 0 for _, v in schedule.points):
-                raise ValueError(f"lr must be > 0, got {lr!r}.")
-            if not is_real(lr):
-                self.lr = [list(p) for p in lr]
-            else:  # kept as given; a numpy scalar as a float, so the config stays plain JSON
-                self.lr = lr if isinstance(lr, (int, float)) else float(lr)
+            self.lr = learning_rate("lr", lr)
         if gamma is not NotProvided:
             self.gamma = unit_interval("gamma", gamma)
         if train_batch_size is not NotProvided:
@@ -560,6 +556,7 @@ class AlgorithmConfig:
                 "or a pettingzoo.ParallelEnv); a gymnasium.Env has one agent. Drop .multi_agent(...) or change the env."
             )
         defaults = RLModuleSpec(
+            module_class=self.default_module_class,
             observation_space=spaces[0] if spaces else None,
             action_space=spaces[1] if spaces else None,
             model_config=dict(self.model_config),
@@ -586,7 +583,10 @@ class AlgorithmConfig:
         specs = {}
         for module_id, own in policies.items():
             defaults = RLModuleSpec(
-                observation_space=spaces[module_id][0], action_space=spaces[module_id][1], model_config=dict(self.model_config)
+                module_class=self.default_module_class,
+                observation_space=spaces[module_id][0],
+                action_space=spaces[module_id][1],
+                model_config=dict(self.model_config),
             )
             specs[module_id] = (own or RLModuleSpec()).update(base or RLModuleSpec()).update(defaults)
         return _checked(specs)
@@ -696,6 +696,17 @@ class AlgorithmConfig:
             setattr(config, key, copy.deepcopy(value))
         config.validate()
         return config
+
+
+def learning_rate(name: str, value: Any) -> Union[float, list]:
+    """A learning rate setting: a float > 0 or a ``[[timestep, lr], ...]`` schedule of them (``ValueError`` naming ``name``)."""
+    schedule = PiecewiseSchedule(value, name=name)
+    if any(v <= 0 for _, v in schedule.points):
+        raise ValueError(f"{name} must be > 0, got {value!r}.")
+    if not is_real(value):
+        return [list(p) for p in value]
+    # Kept as given; a numpy scalar as a float, so the config stays plain JSON.
+    return value if isinstance(value, (int, float)) else float(value)
 
 
 def _checked(specs: Dict[str, RLModuleSpec]) -> MultiRLModuleSpec:

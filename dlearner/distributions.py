@@ -166,3 +166,84 @@ class TorchDiagGaussian(TorchDistribution):
 
     def deterministic_sample(self) -> torch.Tensor:
         return self.loc
+
+
+class TorchSquashedGaussian(TorchDistribution):
+    """A Gaussian squashed by ``tanh`` and rescaled to a bounded ``Box``: SAC's policy (Haarnoja et al. 2018,
+    appendix C). Inputs are ``[mean, log_std]`` concatenated; ``log_std`` is mapped smoothly into
+    ``[LOG_STD_MIN, LOG_STD_MAX]`` (as CleanRL does). Sampled actions always lie inside the bounds.
+
+    :meth:`for_space` gives the class for a space's bounds; :meth:`rsample_with_logp` is the
+    reparameterised sample the SAC loss differentiates through.
+    """
+
+    LOG_STD_MIN = -5.0
+    LOG_STD_MAX = 2.0
+    #: ``(high - low) / 2`` and ``(high + low) / 2`` of the action space (set by :meth:`for_space`).
+    scale: Optional[torch.Tensor] = None
+    center: Optional[torch.Tensor] = None
+
+    @classmethod
+    def for_space(cls, action_space) -> Type["TorchSquashedGaussian"]:
+        """The class whose actions lie in ``action_space``'s bounds (a 1-D ``Box`` with finite bounds)."""
+        low = torch.as_tensor(action_space.low, dtype=torch.float32).reshape(-1)
+        high = torch.as_tensor(action_space.high, dtype=torch.float32).reshape(-1)
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all() and (high > low).all()):
+            raise ValueError(
+                f"A tanh-squashed Gaussian needs finite bounds with high > low, but the action space is {action_space}; "
+                "wrap the env so its actions are bounded (e.g. gymnasium.wrappers.RescaleAction)."
+            )
+        return type(cls.__name__, (cls,), {"scale": (high - low) / 2.0, "center": (high + low) / 2.0, "__module__": __name__})
+
+    def __init__(self, loc: torch.Tensor, log_std: torch.Tensor):
+        self.loc = loc
+        self.log_std = log_std
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor) -> "TorchSquashedGaussian":
+        loc, raw_log_std = torch.chunk(logits, 2, dim=-1)
+        log_std = cls.LOG_STD_MIN + 0.5 * (cls.LOG_STD_MAX - cls.LOG_STD_MIN) * (torch.tanh(raw_log_std) + 1.0)
+        return cls(loc, log_std)
+
+    @staticmethod
+    def required_input_dim(action_space) -> int:
+        return 2 * int(math.prod(action_space.shape))
+
+    def _bounds(self):
+        return self.scale.to(self.loc.device), self.center.to(self.loc.device)
+
+    def rsample_with_logp(self, noise: torch.Tensor):
+        """``(action, log pi(action))`` for standard-normal ``noise``, differentiable in the inputs::
+
+        u = mean + std * noise;  a = center + scale * tanh(u)
+        log pi(a) = log N(u; mean, std) - sum log(scale * (1 - tanh(u)^2))
+        """
+        scale, center = self._bounds()
+        u = self.loc + torch.exp(self.log_std) * noise
+        squashed = torch.tanh(u)
+        gaussian_logp = (-0.5 * noise.pow(2) - self.log_std - _HALF_LOG_2PI).sum(-1)
+        # log(1 - tanh(u)^2) written stably: 2 * (log 2 - u - softplus(-2u)).
+        log_det = (2.0 * (math.log(2.0) - u - F.softplus(-2.0 * u)) + torch.log(scale)).sum(-1)
+        return center + scale * squashed, gaussian_logp - log_det
+
+    def logp(self, actions: torch.Tensor) -> torch.Tensor:
+        scale, center = self._bounds()
+        squashed = torch.clamp((actions.reshape(self.loc.shape) - center) / scale, -1.0 + 1e-6, 1.0 - 1e-6)
+        u = torch.atanh(squashed)
+        noise = (u - self.loc) * torch.exp(-self.log_std)
+        gaussian_logp = (-0.5 * noise.pow(2) - self.log_std - _HALF_LOG_2PI).sum(-1)
+        return gaussian_logp - (torch.log(scale * (1.0 - squashed.pow(2)))).sum(-1)
+
+    def entropy(self) -> torch.Tensor:
+        raise NotImplementedError("A squashed Gaussian has no closed-form entropy; SAC estimates it as -log pi(a).")
+
+    def kl(self, other: "TorchDistribution") -> torch.Tensor:
+        raise NotImplementedError("A squashed Gaussian has no closed-form KL divergence.")
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        noise = torch.randn(self.loc.shape, generator=generator, dtype=self.loc.dtype, device=self.loc.device)
+        return self.rsample_with_logp(noise)[0]
+
+    def deterministic_sample(self) -> torch.Tensor:
+        scale, center = self._bounds()
+        return center + scale * torch.tanh(self.loc)

@@ -145,6 +145,9 @@ class EnvRunner:
             self.env.close()
             raise
         self._next_step_autoreset = self.env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+        # Off-policy algorithms (SAC) store transitions, so they need each step's next observation.
+        self._with_next_obs = bool(getattr(config, "sample_next_obs", False))
+        self._columns = _FRAGMENT_COLUMNS + ((Columns.NEXT_OBS,) if self._with_next_obs else ())
         self._torch_rng = runner_generator(seed, worker_index)
         obs, reset_infos = self.env.reset(seed=_runner_seed(seed, worker_index))
         self._obs = self._prepare_obs(obs)
@@ -240,6 +243,8 @@ class EnvRunner:
             columns[Columns.TERMINATEDS].append(terminateds)
             columns[Columns.TRUNCATEDS].append(truncateds)
             columns[_FINAL_VF].append(final_vf)
+            if self._with_next_obs:
+                columns[Columns.NEXT_OBS].append(self._transition_next_obs(next_obs, terminateds | truncateds, valid, infos))
             valid_steps.append(valid)
             self._record_episodes(infos)
             if follow_episodes:
@@ -253,6 +258,17 @@ class EnvRunner:
         out[NEXT_VF_PREDS] = self._next_values(out, has_values)
         self.num_env_steps_sampled_lifetime += steps * num_envs
         self._callbacks.sample_end(self, out)
+        return out
+
+    def _transition_next_obs(self, next_obs: np.ndarray, done: np.ndarray, valid: np.ndarray, infos: Mapping[str, Any]):
+        """The observation each step led to: a finished episode's final one, not the next episode's first."""
+        if self._next_step_autoreset:
+            return next_obs  # NEXT_STEP returns the final observation itself
+        ended = np.flatnonzero(done & valid)
+        if not len(ended):
+            return next_obs
+        out = next_obs.copy()
+        out[ended] = self.acting.stack([infos["final_obs"][i] for i in ended])
         return out
 
     # ------------------------------------------------------------------- episodes for callbacks
@@ -313,17 +329,18 @@ class EnvRunner:
 
     def _cut_fragment(self, stacked: Dict[str, np.ndarray], valid: np.ndarray, steps: int) -> Dict[str, np.ndarray]:
         """The first ``steps`` valid rows of every sub-env (carried rows first); later ones are carried."""
+        columns = self._columns
         if valid.all() and len(valid) == steps and all(c is None for c in self._carry):
-            return {k: stacked[k] for k in _FRAGMENT_COLUMNS}  # SAME_STEP: every row is a transition
+            return {k: stacked[k] for k in columns}  # SAME_STEP: every row is a transition
         per_env = []
         for i in range(valid.shape[1]):
-            rows = {k: stacked[k][valid[:, i], i] for k in _FRAGMENT_COLUMNS}
+            rows = {k: stacked[k][valid[:, i], i] for k in columns}
             carried = self._carry[i]
             if carried is not None:
-                rows = {k: np.concatenate([carried[k], rows[k]]) for k in _FRAGMENT_COLUMNS}
+                rows = {k: np.concatenate([carried[k], rows[k]]) for k in columns}
             per_env.append({k: v[:steps] for k, v in rows.items()})
             self._carry[i] = {k: v[steps:] for k, v in rows.items()} if len(rows[Columns.OBS]) > steps else None
-        return {k: np.stack([env_rows[k] for env_rows in per_env], axis=1) for k in _FRAGMENT_COLUMNS}
+        return {k: np.stack([env_rows[k] for env_rows in per_env], axis=1) for k in columns}
 
     def _next_values(self, out: Dict[str, np.ndarray], has_values: bool) -> np.ndarray:
         """V(s_{t+1}) per row: the next row's value, the final observation's on truncation, 0 on termination."""

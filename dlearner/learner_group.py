@@ -41,7 +41,7 @@ from dlearner.columns import COMPONENT_LEARNER
 from dlearner.errors import LearnerDiedError
 from dlearner.learner import batch_specs_for, trainable_modules, validate_timesteps
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec, validate_module_id
-from dlearner.validation import positive_int
+from dlearner.validation import non_negative_int, positive_int
 
 if TYPE_CHECKING:
     from dlearner.backends.dask.cluster import ClusterConnection
@@ -109,6 +109,7 @@ class LearnerGroup:
         self._max_in_flight = config.resolved_max_requests_in_flight()
         self._in_flight: Deque[_AsyncRequest] = collections.deque()
         self._closed = False
+        self._replay_row_batches = 0  # row batches sent by update_from_replay_buffer (numbers them)
         self._pool: Optional[LearnerPool] = None
         learner_config = config.copy_for_learner()
         if self.config.num_learners == 0:
@@ -261,6 +262,60 @@ class LearnerGroup:
         )
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
+
+    def update_from_replay_buffer(
+        self,
+        rows: Optional[Mapping[str, Any]] = None,
+        *,
+        num_updates: int,
+        batch_size: int,
+        timesteps: Optional[Mapping[str, Any]] = None,
+    ) -> ResultDict:
+        """Off-policy learners (with a replay buffer of their own, such as SAC's): add ``rows`` (a batch
+        of new transitions, validated here like any batch) to every learner's buffer, then make
+        ``num_updates`` updates of ``batch_size`` rows (over all learners) sampled from it.
+
+        The rows travel once to each learner; training batches never leave the learners (see
+        :mod:`dlearner.algorithms.off_policy`). Returns one reduced result dict (the updates'
+        results averaged, counts summed) with ``replay_buffer_size``. With fault tolerance a
+        learner lost during the call is replaced with a survivor's state, buffer included, and the
+        call is retried; the rows are added once.
+        """
+        self._check_usable()
+        if not callable(getattr(self._learner_class, "update_from_replay_buffer", None)):
+            raise ValueError(
+                f"{self._learner_class.__name__} has no replay buffer; update_from_replay_buffer() trains off-policy "
+                "learners such as SAC's. Use update(batch) for on-policy learners."
+            )
+        validated = None
+        if rows is not None:
+            validated = validate_batch(rows, batch_specs_for(self._learner_class, self._module_spec))
+            if len(validated) != 1:
+                raise ValueError(f"Replay rows must be for one module, got modules {sorted(validated)}.")
+            validated = next(iter(validated.values()))
+        options = {
+            "row_batch_id": f"{self.group_id}-{self._replay_row_batches}",
+            "num_updates": non_negative_int("num_updates", num_updates),
+            "batch_size": positive_int("batch_size", batch_size),
+            "timesteps": validate_timesteps(timesteps),
+        }
+        if validated is not None:
+            self._replay_row_batches += 1
+
+        def args(world: int) -> List[tuple]:
+            return [(validated, options, rank, world) for rank in range(world)]
+
+        self._pool.ensure_ready()
+        call = functools.partial(
+            self._pool.call, learner_ops.update_from_replay_buffer, collective=True, log_topic=self._pool.metrics_topic
+        )
+        try:
+            return call(args(self._pool.num_learners))[0]
+        except LearnerDiedError as err:
+            applied, value = self._pool.recover(err)  # re-raises err without fault tolerance
+            if applied:
+                return value
+        return call(args(self._pool.num_learners))[0]
 
     def drain_async_results(self) -> List[ResultDict]:
         """Wait for every async request in flight; return the results ``update(async_update=True)``
@@ -446,7 +501,10 @@ class LearnerGroup:
         kind = (metadata or {}).get("kind", objects.KIND_LEARNER_GROUP)
         options = dict(kind=kind, extra_metadata=metadata, storage_options=storage_options)
         if not self.is_local and path.startswith("memory://"):
-            objects.save_learner_group_state(self.get_state(), self._module_spec, self.config, path, **options)
+            rank = self._first_live_rank()
+            excluded = self._pool.call(learner_ops.checkpoint_excluded_components, [()], ranks=[rank])[0]
+            state = self.get_state(not_components=excluded or None)
+            objects.save_learner_group_state(state, self._module_spec, self.config, path, **options)
             saved = path
         else:
             saved = self._pool.call(learner_ops.save, [(path, options)], ranks=[self._first_live_rank()])[0]

@@ -64,6 +64,18 @@ def save(learner: "Learner", path: str, options: Dict[str, Any]) -> str:
     return objects.save_learner(learner, path, **options)
 
 
+def checkpoint_excluded_components(learner: "Learner") -> Any:
+    """State paths the learner keeps out of checkpoints (see ``checkpoint.objects.checkpoint_excluded_components``)."""
+    from dlearner.checkpoint import objects
+
+    return objects.checkpoint_excluded_components(learner)
+
+
+def update_from_replay_buffer(learner: Any, rows: Any, options: Dict[str, Any], rank: int, world: int) -> Dict[str, Dict[str, Any]]:
+    """Add new rows to the learner's replay buffer and train from it (see ``ReplayLearnerMixin``)."""
+    return learner.update_from_replay_buffer(rows, rank=rank, world=world, **options)
+
+
 def restore(learner: "Learner", path: str, storage_options: Optional[dict] = None) -> None:
     learner.restore_from_path(path, storage_options=storage_options)
 

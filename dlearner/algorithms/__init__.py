@@ -4,6 +4,7 @@ from dlearner.algorithms.appo import APPOConfig, APPOTorchLearner
 from dlearner.algorithms.bc import BCConfig, BCTorchLearner
 from dlearner.algorithms.impala import IMPALAConfig, IMPALATorchLearner, vtrace
 from dlearner.algorithms.ppo import PPOConfig, PPOTorchLearner, compute_gae
+from dlearner.algorithms.sac import SACConfig, SACTorchLearner
 
 __all__ = [
     "APPOConfig",
@@ -14,6 +15,8 @@ __all__ = [
     "IMPALATorchLearner",
     "PPOConfig",
     "PPOTorchLearner",
+    "SACConfig",
+    "SACTorchLearner",
     "compute_gae",
     "vtrace",
 ]

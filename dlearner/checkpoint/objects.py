@@ -10,7 +10,7 @@ target's before changing anything. Objects are known by what is called on them (
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -49,7 +49,7 @@ def save_learner(
     ``extra_metadata`` is merged over the standard metadata (an Algorithm stores its counters there).
     """
     return save_learner_state(
-        learner.get_state(),
+        learner.get_state(not_components=checkpoint_excluded_components(learner)),
         path,
         learner_class=type(learner),
         config=learner.config,
@@ -58,6 +58,13 @@ def save_learner(
         extra_metadata=extra_metadata,
         storage_options=storage_options,
     )
+
+
+def checkpoint_excluded_components(learner) -> List[str]:
+    """State paths a learner keeps out of its checkpoints (SAC's replay buffer unless
+    ``store_buffer_in_checkpoints``); the learner says which through ``checkpoint_excluded_components()``."""
+    excluded = getattr(learner, "checkpoint_excluded_components", None)
+    return list(excluded()) if excluded is not None else []
 
 
 def save_learner_state(

@@ -14,6 +14,7 @@ ALGORITHMS: Dict[str, Tuple[str, str]] = {
     "PPO": ("dlearner.algorithms", "PPOConfig"),
     "APPO": ("dlearner.algorithms", "APPOConfig"),
     "IMPALA": ("dlearner.algorithms", "IMPALAConfig"),
+    "SAC": ("dlearner.algorithms", "SACConfig"),
 }
 
 

@@ -30,6 +30,7 @@ def batch_specs_for(learner_class: type, module_spec: MultiRLModuleSpec) -> Dict
             action_dist_inputs_dim=dist_dim,
             required_columns=tuple(learner_class.required_columns),
             allowed_columns=allowed,
+            check_columns=getattr(learner_class, "check_module_batch", None),
         )
     return specs
 

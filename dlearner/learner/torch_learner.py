@@ -34,8 +34,27 @@ class _ModuleTensors(NamedTuple):
     columns: Dict[str, torch.Tensor]
 
 
+class StepRows(NamedTuple):
+    """A learner's rows in the running gradient step's global minibatch (see ``TorchLearner.step_rows``)."""
+
+    global_size: int  # rows of the step's minibatch over all learners
+    positions: Optional[np.ndarray]  # where this learner's rows sit in it, in order (None: all of it)
+
+
 class TorchLearner(Learner):
-    """The torch implementation of :class:`Learner`; subclass it to write an algorithm."""
+    """The torch implementation of :class:`Learner`; subclass it to write an algorithm.
+
+    ``compute_loss_for_module`` returns one loss tensor, or ``{optimizer name: loss}`` when each of a
+    module's optimizers has a loss of its own (SAC): each loss then reaches only its optimizer's
+    parameters, and ``total_loss`` reports their sum.
+
+    During a gradient step, ``self.step_rows[module_id]`` (a :class:`StepRows`) says where this
+    learner's rows sit in the step's minibatch over all learners; a loss that draws random numbers per
+    row draws them for the whole minibatch and keeps its own rows', so N learners equal one.
+    """
+
+    #: ``{module_id: StepRows}`` of the running gradient step.
+    step_rows: Dict[str, StepRows] = {}
 
     @override_point
     def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
@@ -74,6 +93,7 @@ class TorchLearner(Learner):
         return out
 
     def _gradient_step(self, tensors, step: Mapping[str, np.ndarray], layout: ShardInfo, last: bool = False) -> None:
+        self.step_rows = {}
         minibatch: Dict[str, Dict[str, torch.Tensor]] = {}
         scale: Dict[str, float] = {}
         weights: Dict[str, float] = {}
@@ -84,12 +104,18 @@ class TorchLearner(Learner):
             offset, rows, mask = layout.row_offsets[mid], local.rows, layout.global_loss_masks.get(mid)
             if offset == 0 and rows == layout.global_rows[mid]:
                 local_idx = global_idx  # the whole batch is here: no filtering needed
+                positions = None
             else:
-                local_idx = global_idx[(global_idx >= offset) & (global_idx < offset + rows)] - offset
+                positions = np.flatnonzero((global_idx >= offset) & (global_idx < offset + rows))
+                local_idx = global_idx[positions] - offset
                 if len(local_idx) == 0:
                     continue
             global_weight = float(mask[global_idx].sum()) if mask is not None else float(len(global_idx))
             local_weight = float(mask[local_idx + offset].sum()) if mask is not None else float(len(local_idx))
+            # Where this learner's rows sit in the step's global minibatch: losses that draw random
+            # numbers per row (SAC) draw them for the whole minibatch and keep their rows', so N
+            # learners draw exactly what one learner would.
+            self.step_rows[mid] = StepRows(len(global_idx), positions)
             index = torch.from_numpy(local_idx).to(self._device)
             minibatch[mid] = {col: t.index_select(0, index) for col, t in local.columns.items()}
             weights[mid] = local_weight
@@ -101,9 +127,10 @@ class TorchLearner(Learner):
             for mid in minibatch:
                 self.metrics.default_weight = weights[mid]
                 loss = self.compute_loss_for_module(module_id=mid, config=self.config, batch=minibatch[mid], fwd_out=fwd_out[mid])
-                self.metrics.log_value((mid, "total_loss"), loss)
-                raw_losses[mid] = loss
-                losses[mid] = loss if scale[mid] == 1.0 else loss * scale[mid]
+                total = self._check_optimizer_losses(mid, loss) if isinstance(loss, Mapping) else loss
+                self.metrics.log_value((mid, "total_loss"), total)
+                raw_losses[mid] = total
+                losses[mid] = loss if scale[mid] == 1.0 else _scaled(loss, scale[mid])
             self.metrics.default_weight = 1.0
         module_ids = sorted(step)
         gradients = self.compute_gradients(losses, module_ids=module_ids)
@@ -137,13 +164,28 @@ class TorchLearner(Learner):
         regs = self._step_optimizers(module_ids if module_ids is not None else loss_per_module.keys())
         for reg in regs:
             reg.optimizer.zero_grad(set_to_none=True)
-        if loss_per_module:
-            losses = list(loss_per_module.values())
-            total = losses[0]
-            for loss in losses[1:]:
-                total = total + loss
-            total.backward()
+        # A module's loss given per optimizer reaches only that optimizer's parameters (SAC's policy
+        # loss must not move the Q networks it differentiates through); the rest are summed.
+        plain = [loss for loss in loss_per_module.values() if not isinstance(loss, Mapping)]
+        backward = [(sum(plain[1:], plain[0]), None)] if plain else []
+        for mid, losses in loss_per_module.items():
+            if isinstance(losses, Mapping):
+                backward += [(loss, self._optimizers[(mid, name)].params) for name, loss in losses.items()]
+        for i, (loss, params) in enumerate(backward):
+            loss.backward(inputs=params, retain_graph=i < len(backward) - 1)
         return {p: p.grad for reg in regs for p in reg.params if p.grad is not None}
+
+    def _check_optimizer_losses(self, module_id: str, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The total of a loss given per optimizer (``{optimizer name: loss}``); names must be the module's optimizers."""
+        own = [name for name, _ in self.get_optimizers_for_module(module_id)]
+        unknown = sorted(set(losses) - set(own))
+        if unknown or not losses:
+            raise ValueError(
+                f"compute_loss_for_module returned losses for optimizer(s) {unknown or '{}'} of module {module_id!r}, "
+                f"which has the optimizers {own}; return one loss tensor, or one per optimizer name."
+            )
+        values = list(losses.values())
+        return sum(values[1:], values[0])
 
     def _all_reduce_gradients(
         self, module_ids: Sequence[str], *, check_metric_keys: bool = False, loss_flags: Optional[Sequence[float]] = None
@@ -255,6 +297,11 @@ class TorchLearner(Learner):
     def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
         self._check_optimizer_state(state)
         load_optimizer_state(self._optimizers.values(), state)
+
+
+def _scaled(loss: Any, scale: float) -> Any:
+    # A loss tensor, or one per optimizer, times a learner's share of the global minibatch.
+    return {name: value * scale for name, value in loss.items()} if isinstance(loss, Mapping) else loss * scale
 
 
 def _is_discrete(space) -> bool:

@@ -1,0 +1,517 @@
+"""Soft Actor-Critic (Haarnoja et al. 2018, with the automatic temperature of their second paper;
+Christodoulou 2019 for discrete actions): the config, the losses and the training step.
+
+The losses on one batch of transitions ``(s, a, r, s', d)`` with ``n`` the steps each return spans
+(n-step returns) and ``w`` the importance weights of prioritized replay (1 without)::
+
+    alpha     = exp(log_alpha)
+    a' ~ pi(.|s'),  y = r + gamma^n * (1 - d) * (min_i Q_target_i(s', a') - alpha * log pi(a'|s'))   # no gradient
+    L_qf      = mean(w * (Q_1(s, a) - y)^2) + mean(w * (Q_2(s, a) - y)^2)
+    a~ ~ pi(.|s) (reparameterised),  L_policy = mean(alpha * log pi(a~|s) - min_i Q_i(s, a~))
+    L_alpha   = mean(-log_alpha * (log pi(a~|s) + target_entropy))                                  # log pi without gradient
+
+For ``Discrete`` actions the expectations over ``a'`` and ``a~`` are exact sums over the actions'
+probabilities instead of samples (Christodoulou 2019). Each loss reaches only its own optimizer's
+parameters (``qf``, ``policy``, ``alpha``); after every update the target networks move towards
+the Q networks by polyak averaging with ``tau``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from dlearner.algorithm import Algorithm
+from dlearner.algorithms.off_policy import WEIGHTS, ReplayLearnerMixin
+from dlearner.algorithms.sac_module import DefaultSACRLModule
+from dlearner.columns import ALL_MODULES, Columns
+from dlearner.config import AlgorithmConfig
+from dlearner.learner import TorchLearner
+from dlearner.schedules import PiecewiseSchedule
+from dlearner.validation import NotProvided, apply_checks, boolean, non_negative_int, positive, positive_int, unit_interval
+
+#: Column of a transition batch: the number of env steps its reward sums (``gamma ** n_step`` discounts the bootstrap).
+N_STEP = "n_step"
+
+
+class SACTorchLearner(ReplayLearnerMixin, TorchLearner):
+    """SAC's losses (see the module docstring), its three optimizers and its target networks."""
+
+    required_columns = (Columns.OBS, Columns.ACTIONS, Columns.REWARDS, Columns.NEXT_OBS, Columns.TERMINATEDS, Columns.TRUNCATEDS)
+    optional_columns = (WEIGHTS, N_STEP)
+
+    def build(self) -> None:
+        super().build()
+        # The reparameterisation noise: the same generator on every learner, drawn for the whole batch.
+        self.noise_generator = torch.Generator(device="cpu")
+        self.noise_generator.manual_seed(int(self.config.seed) + 1 if self.config.seed is not None else torch.seed())
+        for module_id in self.module.keys():
+            self._init_temperature(module_id)
+
+    def _init_temperature(self, module_id: str) -> None:
+        with torch.no_grad():
+            self.module[module_id].log_alpha.fill_(math.log(self.config.initial_alpha))
+
+    def add_module(self, *, module_id, module_spec, config_overrides=None):
+        specs = super().add_module(module_id=module_id, module_spec=module_spec, config_overrides=config_overrides)
+        self._init_temperature(module_id)
+        return specs
+
+    def configure_optimizers_for_module(self, module_id: str, config: Any = None) -> None:
+        """Three Adam optimizers: ``qf`` (both Q networks), ``policy`` and ``alpha`` (``log_alpha``)."""
+        config = config or self.config
+        module = self._module[module_id]
+        groups = {
+            "qf": (list(module.qf1.parameters()) + list(module.qf2.parameters()), config.critic_lr),
+            "policy": (list(module.pi.parameters()), config.actor_lr),
+            "alpha": ([module.log_alpha], config.alpha_lr),
+        }
+        for name, (params, lr) in groups.items():
+            initial = PiecewiseSchedule(lr, name=f"{name} learning rate").value(self._last_timestep)
+            self.register_optimizer(
+                module_id=module_id,
+                optimizer_name=name,
+                optimizer=torch.optim.Adam(params, lr=initial),
+                params=params,
+                lr_or_lr_schedule=lr,
+            )
+
+    # -- the losses -----------------------------------------------------------------------------
+    def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
+        """SAC's three losses, one per optimizer (see the module docstring)."""
+        module = self.module[module_id]
+        obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
+        rewards, terminated = batch[Columns.REWARDS], batch[Columns.TERMINATEDS].float()
+        discount = config.gamma ** batch[N_STEP].float() if N_STEP in batch else torch.full_like(rewards, config.gamma)
+        weights = batch[WEIGHTS] if WEIGHTS in batch else torch.ones_like(rewards)
+        target_entropy = self.target_entropy(module)
+        alpha = module.log_alpha.exp().detach()
+
+        if module.is_discrete:
+            losses, td_error = self._discrete_losses(module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha)
+        else:
+            losses, td_error = self._continuous_losses(
+                module_id, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha
+            )
+        # Squared TD errors weighted by importance (1 without prioritized replay), per Q network.
+        qf_loss = (weights * losses.pop("qf1_sq")).mean() + (
+            (weights * losses.pop("qf2_sq")).mean() if config.twin_q else 0.0
+        )
+        policy_loss, entropy_term = losses["policy"], losses["entropy_term"]
+        # Automatic temperature (Haarnoja et al. 2018b, eq. 18): raise alpha while the entropy is below target.
+        alpha_loss = -(module.log_alpha * (entropy_term + target_entropy)).mean()
+        self.td_errors[module_id] = td_error.detach().abs()
+        self.metrics.log_dict(
+            {
+                "qf_loss": qf_loss,
+                "policy_loss": policy_loss,
+                "alpha_loss": alpha_loss,
+                "alpha_value": alpha,
+                "log_alpha_value": module.log_alpha.detach(),
+                "qf_mean": losses["q_mean"],
+                "td_error_mean": self.td_errors[module_id].mean(),
+            },
+            module_id=module_id,
+        )
+        return {"qf": qf_loss, "policy": policy_loss, "alpha": alpha_loss}
+
+    def _continuous_losses(self, module_id, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha):
+        dist_cls = module.get_train_action_dist_cls()
+        noise_next, noise_now = self._noise(module_id, module.action_dim, obs)
+        with torch.no_grad():
+            # The soft Bellman target, from the minimum of the two target Q networks.
+            next_action, next_logp = dist_cls.from_logits(module.policy_inputs(next_obs)).rsample_with_logp(noise_next)
+            q1_next, q2_next = module.q_values(next_obs, next_action, target=True)
+            q_next = torch.min(q1_next, q2_next) if self.config.twin_q else q1_next
+            target = rewards + discount * (1.0 - terminated) * (q_next - alpha * next_logp)
+        q1, q2 = module.q_values(obs, batch[Columns.ACTIONS])
+        # The policy: reparameterised actions, judged by the (current) Q networks.
+        action, logp = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS]).rsample_with_logp(noise_now)
+        q1_pi, q2_pi = module.q_values(obs, action)
+        q_pi = torch.min(q1_pi, q2_pi) if self.config.twin_q else q1_pi
+        losses = {
+            "qf1_sq": (q1 - target).pow(2),
+            "qf2_sq": (q2 - target).pow(2),
+            "policy": (alpha * logp - q_pi).mean(),
+            "entropy_term": logp.detach(),
+            "q_mean": q1.detach().mean(),
+        }
+        return losses, q1 - target
+
+    def _discrete_losses(self, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha):
+        start = int(module.action_space.start)
+        with torch.no_grad():
+            next_logp = torch.log_softmax(module.policy_inputs(next_obs), dim=-1)
+            q1_next, q2_next = module.q_values(next_obs, target=True)
+            q_next = torch.min(q1_next, q2_next) if self.config.twin_q else q1_next
+            # The soft state value as an exact expectation over the next actions.
+            v_next = (next_logp.exp() * (q_next - alpha * next_logp)).sum(-1)
+            target = rewards + discount * (1.0 - terminated) * v_next
+        q1_all, q2_all = module.q_values(obs)
+        index = (batch[Columns.ACTIONS].long() - start).unsqueeze(-1)
+        q1, q2 = q1_all.gather(-1, index).squeeze(-1), q2_all.gather(-1, index).squeeze(-1)
+        logp = torch.log_softmax(fwd_out[Columns.ACTION_DIST_INPUTS], dim=-1)
+        probs = logp.exp()
+        q_pi = (torch.min(q1_all, q2_all) if self.config.twin_q else q1_all).detach()
+        losses = {
+            "qf1_sq": (q1 - target).pow(2),
+            "qf2_sq": (q2 - target).pow(2),
+            "policy": (probs * (alpha * logp - q_pi)).sum(-1).mean(),
+            # E_pi[log pi] per row, for the temperature's loss.
+            "entropy_term": (probs * logp).sum(-1).detach(),
+            "q_mean": q1.detach().mean(),
+        }
+        return losses, q1 - target
+
+    def _noise(self, module_id: str, action_dim: int, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Standard-normal noise for the next and the current actions: drawn for the step's whole
+        minibatch over all learners from the shared generator, this learner's rows kept."""
+        rows = self.step_rows.get(module_id)
+        size = rows.global_size if rows is not None else obs.shape[0]
+        noise = torch.randn((2, size, action_dim), generator=self.noise_generator)
+        if rows is not None and rows.positions is not None:
+            noise = noise[:, torch.from_numpy(rows.positions)]
+        noise = noise.to(obs.device)
+        return noise[0], noise[1]
+
+    def target_entropy(self, module) -> float:
+        """``target_entropy``, or for ``"auto"``: ``-dim(A)`` (Box), ``0.98 * log(n)`` (Discrete)."""
+        if self.config.target_entropy != "auto":
+            return float(self.config.target_entropy)
+        if module.is_discrete:
+            return 0.98 * math.log(module.num_actions)
+        return -float(module.action_dim)
+
+    # -- the target networks --------------------------------------------------------------------
+    def after_gradient_based_update(self, *, timesteps):
+        """Polyak-average the target Q networks of the modules this update trained towards their Q networks."""
+        super().after_gradient_based_update(timesteps=timesteps)
+        tau = self.config.tau
+        with torch.no_grad():
+            for module_id, module in self.module.items():
+                try:
+                    self.metrics.peek((module_id, "qf_loss"))
+                except KeyError:
+                    continue  # not in this update
+                for target, source in module.target_pairs():
+                    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
+
+    # -- state ----------------------------------------------------------------------------------
+    def get_learner_state(self) -> Dict[str, Any]:
+        state = super().get_learner_state()
+        state["noise_generator"] = self.noise_generator.get_state().numpy().copy()
+        return state
+
+    def _check_learner_state(self, state) -> None:
+        super()._check_learner_state(state)
+        if "noise_generator" in state:
+            scratch = torch.Generator()
+            try:
+                scratch.set_state(torch.from_numpy(np.asarray(state["noise_generator"], dtype=np.uint8).copy()))
+            except (RuntimeError, ValueError, TypeError) as error:
+                raise ValueError(f"learner_state/noise_generator holds no valid torch generator state: {error}") from None
+
+    def set_learner_state(self, state) -> None:
+        super().set_learner_state(state)
+        if "noise_generator" in state:
+            self.noise_generator.set_state(torch.from_numpy(np.asarray(state["noise_generator"], dtype=np.uint8).copy()))
+
+    @staticmethod
+    def check_module_batch(module_id: str, columns: Mapping[str, np.ndarray]) -> None:
+        """SAC's own columns: importance ``weights`` finite and >= 0, ``n_step`` integers >= 1."""
+        where = f"module {module_id!r}"
+        if WEIGHTS in columns:
+            weights = columns[WEIGHTS]
+            if weights.ndim != 1 or not np.issubdtype(weights.dtype, np.floating) or (weights < 0).any():
+                raise ValueError(f"Column {WEIGHTS!r} of {where} must be one float >= 0 per row (importance weights).")
+        if N_STEP in columns:
+            n_step = columns[N_STEP]
+            if n_step.ndim != 1 or not np.issubdtype(n_step.dtype, np.integer) or (n_step < 1).any():
+                raise ValueError(f"Column {N_STEP!r} of {where} must be one int >= 1 per row (the steps each return spans).")
+
+
+# ------------------------------------------------------------------------------------ transitions
+def n_step_transitions(fragment: Mapping[str, np.ndarray], *, n_step: int, gamma: float) -> Dict[str, np.ndarray]:
+    """Transitions from a time-major fragment (``(T, num_envs, ...)``, with ``new_obs``): for each step
+    ``t`` the discounted sum of up to ``n_step`` rewards ``r_t + gamma * r_{t+1} + ...``, stopping at
+    an episode's end or the fragment's, with the observation, flags and span (``n_step`` column)
+    of its last step. Rows come env-major (each sub-env's steps together)."""
+    rewards = np.asarray(fragment[Columns.REWARDS], dtype=np.float64)
+    terminated = np.asarray(fragment[Columns.TERMINATEDS], dtype=bool)
+    truncated = np.asarray(fragment[Columns.TRUNCATEDS], dtype=bool)
+    done = terminated | truncated
+    steps, num_envs = rewards.shape
+    start = np.arange(steps)[:, None].repeat(num_envs, axis=1)
+    returns = np.zeros_like(rewards)
+    last = start.copy()
+    open_ = np.ones_like(done)  # the return of row t still takes rewards
+    env = np.arange(num_envs)[None, :]
+    for k in range(n_step):
+        index = start + k
+        inside = open_ & (index < steps)
+        clipped = np.minimum(index, steps - 1)
+        returns += np.where(inside, gamma**k * rewards[clipped, env], 0.0)
+        last = np.where(inside, clipped, last)
+        open_ = inside & ~done[clipped, env]
+    rows = {
+        Columns.OBS: fragment[Columns.OBS],
+        Columns.ACTIONS: fragment[Columns.ACTIONS],
+        Columns.REWARDS: returns.astype(np.float32),
+        Columns.NEXT_OBS: fragment[Columns.NEXT_OBS][last, env],
+        Columns.TERMINATEDS: terminated[last, env],
+        Columns.TRUNCATEDS: truncated[last, env],
+        N_STEP: (last - start + 1).astype(np.int32),
+    }
+    # (T, num_envs, ...) -> (num_envs * T, ...), each sub-env's steps contiguous.
+    return {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *np.shape(v)[2:]) for k, v in rows.items()}
+
+
+# ------------------------------------------------------------------------------------------ config
+class SACConfig(AlgorithmConfig):
+    """Config of SAC. The defaults learn Pendulum-v1 (a mean return of -250) in about 10,000 env steps
+    with small networks (see ``benchmarks/sac.py``); RLlib's tuned example uses ``[256, 256]``.
+
+    Example::
+
+        algo = SACConfig().environment("Pendulum-v1").build_algo()
+        print(algo.train()["env_runners"]["episode_return_mean"])
+    """
+
+    default_learner_class = SACTorchLearner
+    default_module_class = DefaultSACRLModule
+    algo_class_path = "dlearner.algorithms.sac.SAC"
+    #: Env runners record each step's next observation (transitions for the replay buffer).
+    sample_next_obs = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.actor_lr: Union[float, list] = 1e-3
+        self.critic_lr: Union[float, list] = 1e-3
+        self.alpha_lr: Union[float, list] = 1e-3
+        self.tau = 0.005
+        self.twin_q = True
+        self.initial_alpha = 1.0
+        self.target_entropy: Union[str, float] = "auto"
+        self.n_step = 1
+        self.train_batch_size = 256
+        self.minibatch_size = None  # one gradient step on the whole sampled batch per update
+        self.num_epochs = 1
+        self.num_steps_sampled_before_learning_starts = 1000
+        self.training_intensity: Optional[float] = None
+        self.replay_buffer_config: Dict[str, Any] = {"type": "uniform", "capacity": 1_000_000}
+        self.store_buffer_in_checkpoints = False
+        self.min_sample_timesteps_per_iteration = 1000
+        self.rollout_fragment_length = 1
+        self.model_config = {"fcnet_hiddens": [64, 64], "fcnet_activation": "relu"}
+
+    def training(
+        self,
+        *,
+        actor_lr: Union[float, list] = NotProvided,
+        critic_lr: Union[float, list] = NotProvided,
+        alpha_lr: Union[float, list] = NotProvided,
+        tau: float = NotProvided,
+        twin_q: bool = NotProvided,
+        initial_alpha: float = NotProvided,
+        target_entropy: Union[str, float] = NotProvided,
+        n_step: int = NotProvided,
+        num_steps_sampled_before_learning_starts: int = NotProvided,
+        training_intensity: Optional[float] = NotProvided,
+        replay_buffer_config: Optional[Dict[str, Any]] = NotProvided,
+        store_buffer_in_checkpoints: bool = NotProvided,
+        min_sample_timesteps_per_iteration: int = NotProvided,
+        **kwargs,
+    ) -> "SACConfig":
+        """SAC's settings plus everything :meth:`AlgorithmConfig.training` takes (its ``lr`` is unused:
+        SAC has ``actor_lr``, ``critic_lr`` and ``alpha_lr``)."""
+        from dlearner.config import learning_rate
+
+        super().training(**kwargs)
+        for name, value in (("actor_lr", actor_lr), ("critic_lr", critic_lr), ("alpha_lr", alpha_lr)):
+            if value is not NotProvided:
+                setattr(self, name, learning_rate(name, value))
+        apply_checks(
+            self,
+            {
+                "tau": (tau, unit_interval),
+                "twin_q": (twin_q, boolean),
+                "initial_alpha": (initial_alpha, positive),
+                "n_step": (n_step, positive_int),
+                "num_steps_sampled_before_learning_starts": (num_steps_sampled_before_learning_starts, non_negative_int),
+                "store_buffer_in_checkpoints": (store_buffer_in_checkpoints, boolean),
+                "min_sample_timesteps_per_iteration": (min_sample_timesteps_per_iteration, positive_int),
+            },
+        )
+        if target_entropy is not NotProvided:
+            if target_entropy != "auto" and not (
+                isinstance(target_entropy, (int, float)) and not isinstance(target_entropy, bool) and math.isfinite(target_entropy)
+            ):
+                raise ValueError(f"target_entropy must be 'auto' or a finite number, got {target_entropy!r}.")
+            self.target_entropy = target_entropy if target_entropy == "auto" else float(target_entropy)
+        if training_intensity is not NotProvided:
+            self.training_intensity = None if training_intensity is None else positive("training_intensity", training_intensity)
+        if replay_buffer_config is not NotProvided:
+            from dlearner.replay import validate_replay_buffer_config
+
+            # Checked now against the batch size set so far; validate() checks again at build time.
+            validate_replay_buffer_config(replay_buffer_config, train_batch_size=self.train_batch_size)
+            self.replay_buffer_config = dict(replay_buffer_config or {})
+        return self
+
+    def env_runners(self, *, rollout_fragment_length: int = NotProvided, **kwargs) -> "SACConfig":
+        """:meth:`AlgorithmConfig.env_runners`, plus ``rollout_fragment_length``: env steps each sub-env
+        samples per fragment (SAC's default 1: one update per env step with ``training_intensity=None``)."""
+        super().env_runners(**kwargs)
+        apply_checks(self, {"rollout_fragment_length": (rollout_fragment_length, positive_int)})
+        return self
+
+    def validate(self) -> None:
+        from dlearner.replay import validate_replay_buffer_config
+
+        super().validate()
+        self.replay_buffer_config = validate_replay_buffer_config(self.replay_buffer_config, train_batch_size=self.train_batch_size)
+
+    @property
+    def steps_per_fragment(self) -> int:
+        """Env steps in one fragment of one env runner."""
+        return self.rollout_fragment_length * self.num_envs_per_env_runner
+
+    def resolved_training_intensity(self) -> float:
+        """Trained rows per sampled env step: ``training_intensity``, or one update per fragment."""
+        if self.training_intensity is not None:
+            return float(self.training_intensity)
+        return self.train_batch_size / self.steps_per_fragment
+
+
+# --------------------------------------------------------------------------------------- algorithm
+#: A learner call makes at least this many updates once learning started (fewer calls, each doing
+#: more, keep the cluster's per-call cost small next to SAC's small updates). Env runners then act
+#: with weights at most this many updates old, which off-policy learning tolerates.
+MIN_UPDATES_PER_CALL = 16
+
+
+class SAC(Algorithm):
+    """SAC's training step: sample fragments, add their transitions to the learners' replay buffers,
+    train from them as ``training_intensity`` says, sync weights; until ``min_sample_timesteps_per_iteration``
+    env steps were sampled. Learning starts once the buffer holds
+    ``num_steps_sampled_before_learning_starts`` transitions (a run restored without its buffer
+    refills it first). Results add ``replay_buffer_size``."""
+
+    def __init__(self, config: Any):
+        _check_env_for_sac(config)
+        self._update_credit = 0.0  # fractional updates owed (training_intensity)
+        self.replay_buffer_size = 0
+        super().__init__(config)
+
+    def training_step(self):
+        config = self.config
+        batch_size = config.train_batch_size
+        per_call: list = []
+        sampled = 0
+        while sampled < config.min_sample_timesteps_per_iteration:
+            want = self._round_env_steps(config.min_sample_timesteps_per_iteration - sampled)
+            fragments = self.env_runner_group.sample(want)
+            pieces = [n_step_transitions(f, n_step=config.n_step, gamma=config.gamma) for f in fragments]
+            rows = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+            num_rows = len(rows[Columns.OBS])
+            sampled += num_rows
+            self.replay_buffer_size = min(self.replay_buffer_size + num_rows, self._capacity)
+            num_updates = self._updates_owed(num_rows)
+            results = self.learner_group.update_from_replay_buffer(
+                rows, num_updates=num_updates, batch_size=batch_size, timesteps=self.timesteps(sampled)
+            )
+            self.replay_buffer_size = int(results[ALL_MODULES]["replay_buffer_size"])
+            if num_updates:
+                per_call.append(results)
+                self.num_env_steps_trained_lifetime += num_updates * batch_size
+                self.env_runner_group.sync_weights(self.learner_group.get_weights())
+        if not per_call:
+            return {ALL_MODULES: {"replay_buffer_size": self.replay_buffer_size}}, sampled
+        from dlearner.algorithms.off_policy import _mean_results
+
+        results = _mean_results(per_call)
+        results[ALL_MODULES]["num_env_steps_trained_lifetime"] = self.num_env_steps_trained_lifetime
+        return results, sampled
+
+    @property
+    def _capacity(self) -> int:
+        return int(self.config.replay_buffer_config["capacity"])
+
+    @property
+    def _learning_starts(self) -> int:
+        return max(1, min(self.config.num_steps_sampled_before_learning_starts, self._capacity))
+
+    def _round_env_steps(self, remaining: int) -> int:
+        """Env steps to sample before the next learner call: up to the learning start at once; then
+        enough fragments for :data:`MIN_UPDATES_PER_CALL` updates (at least one round of fragments)."""
+        config = self.config
+        fragment_round = config.steps_per_fragment * max(1, config.num_env_runners)
+        if self.replay_buffer_size < self._learning_starts:
+            wanted = self._learning_starts - self.replay_buffer_size
+        else:
+            updates_per_round = fragment_round * config.resolved_training_intensity() / config.train_batch_size
+            wanted = fragment_round * max(1, math.ceil(MIN_UPDATES_PER_CALL / max(updates_per_round, 1e-9)))
+        wanted = min(wanted, max(remaining, 1))
+        return max(fragment_round, math.ceil(wanted / fragment_round) * fragment_round)
+
+    def _updates_owed(self, num_rows: int) -> int:
+        """Updates for ``num_rows`` newly sampled env steps: ``training_intensity`` trained rows per
+        sampled step (fractions carried over), none before learning starts."""
+        if self.replay_buffer_size < self._learning_starts:
+            return 0
+        self._update_credit += num_rows * self.config.resolved_training_intensity() / self.config.train_batch_size
+        owed = int(self._update_credit)
+        self._update_credit -= owed
+        return owed
+
+    def iteration_results(self) -> Dict[str, Any]:
+        return {"replay_buffer_size": self.replay_buffer_size}
+
+    def get_counters(self) -> Dict[str, Any]:
+        return {**super().get_counters(), "sac_update_credit": self._update_credit}
+
+    def set_counters(self, counters: Mapping[str, Any]) -> None:
+        super().set_counters(counters)
+        credit = counters.get("sac_update_credit", 0.0)
+        self._update_credit = float(credit) if isinstance(credit, (int, float)) and 0 <= credit < 1e9 else 0.0
+
+    def _after_restore(self) -> None:
+        super()._after_restore()
+        self.replay_buffer_size = int(self.learner_group.foreach_learner(_replay_buffer_size)[0])
+
+
+def _replay_buffer_size(learner: Any) -> int:
+    return len(learner.replay_buffer)
+
+
+def _check_env_for_sac(config: Any) -> None:
+    """Refuse, before any cluster starts, an env SAC cannot train: multi-agent, or an action space
+    other than a bounded 1-D Box or a Discrete."""
+    if config.env is None:
+        return  # Algorithm says what is missing
+    env = config.make_env()
+    try:
+        if config.is_multi_agent(env):
+            raise ValueError(
+                f"SAC trains single-agent environments; {config.env!r} is multi-agent. Use PPO, IMPALA or APPO for it."
+            )
+        space = env.action_space
+    finally:
+        env.close()
+    if isinstance(space, gym.spaces.Discrete):
+        return
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        if not (np.isfinite(space.low).all() and np.isfinite(space.high).all()):
+            raise ValueError(
+                f"SAC squashes actions into the action space's bounds, but {config.env!r} has the unbounded {space}; "
+                "wrap the env so its actions are bounded (gymnasium.wrappers.RescaleAction / ClipAction)."
+            )
+        return
+    raise ValueError(
+        f"SAC handles Box (1-D, bounded) and Discrete action spaces; {config.env!r} has {space}. For MultiDiscrete or "
+        "Tuple actions use PPO, IMPALA or APPO, or wrap the env so its actions are one Discrete or Box."
+    )
