@@ -98,9 +98,7 @@ class SACTorchLearner(ReplayLearnerMixin, TorchLearner):
                 module_id, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha
             )
         # Squared TD errors weighted by importance (1 without prioritized replay), per Q network.
-        qf_loss = (weights * losses.pop("qf1_sq")).mean() + (
-            (weights * losses.pop("qf2_sq")).mean() if config.twin_q else 0.0
-        )
+        qf_loss = (weights * losses.pop("qf1_sq")).mean() + ((weights * losses.pop("qf2_sq")).mean() if config.twin_q else 0.0)
         policy_loss, entropy_term = losses["policy"], losses["entropy_term"]
         # Automatic temperature (Haarnoja et al. 2018b, eq. 18): raise alpha while the entropy is below target.
         alpha_loss = -(module.log_alpha * (entropy_term + target_entropy)).mean()
@@ -348,7 +346,9 @@ class SACConfig(AlgorithmConfig):
         )
         if target_entropy is not NotProvided:
             if target_entropy != "auto" and not (
-                isinstance(target_entropy, (int, float)) and not isinstance(target_entropy, bool) and math.isfinite(target_entropy)
+                isinstance(target_entropy, (int, float))
+                and not isinstance(target_entropy, bool)
+                and math.isfinite(target_entropy)
             ):
                 raise ValueError(f"target_entropy must be 'auto' or a finite number, got {target_entropy!r}.")
             self.target_entropy = target_entropy if target_entropy == "auto" else float(target_entropy)
@@ -373,7 +373,9 @@ class SACConfig(AlgorithmConfig):
         from dlearner.replay import validate_replay_buffer_config
 
         super().validate()
-        self.replay_buffer_config = validate_replay_buffer_config(self.replay_buffer_config, train_batch_size=self.train_batch_size)
+        self.replay_buffer_config = validate_replay_buffer_config(
+            self.replay_buffer_config, train_batch_size=self.train_batch_size
+        )
 
     @property
     def steps_per_fragment(self) -> int:
@@ -419,8 +421,8 @@ class SAC(Algorithm):
             rows = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
             num_rows = len(rows[Columns.OBS])
             sampled += num_rows
-            self.replay_buffer_size = min(self.replay_buffer_size + num_rows, self._capacity)
             num_updates = self._updates_owed(num_rows)
+            self.replay_buffer_size = min(self.replay_buffer_size + num_rows, self._capacity)
             results = self.learner_group.update_from_replay_buffer(
                 rows, num_updates=num_updates, batch_size=batch_size, timesteps=self.timesteps(sampled)
             )
@@ -459,11 +461,13 @@ class SAC(Algorithm):
         return max(fragment_round, math.ceil(wanted / fragment_round) * fragment_round)
 
     def _updates_owed(self, num_rows: int) -> int:
-        """Updates for ``num_rows`` newly sampled env steps: ``training_intensity`` trained rows per
-        sampled step (fractions carried over), none before learning starts."""
-        if self.replay_buffer_size < self._learning_starts:
+        """Updates for ``num_rows`` newly sampled env steps (about to join the buffer):
+        ``training_intensity`` trained rows per sampled step (fractions carried over), counting only
+        the steps sampled once the buffer holds what learning starts with."""
+        eligible = min(num_rows, self.replay_buffer_size + num_rows - self._learning_starts)
+        if eligible <= 0:
             return 0
-        self._update_credit += num_rows * self.config.resolved_training_intensity() / self.config.train_batch_size
+        self._update_credit += eligible * self.config.resolved_training_intensity() / self.config.train_batch_size
         owed = int(self._update_credit)
         self._update_credit -= owed
         return owed
