@@ -253,3 +253,40 @@ def test_two_learners_train_several_modules_exactly_as_one(client):
             group.update(batch)
             weights.append(identical_weights(group) if num_learners else group.get_weights())
     assert_close_weights(weights[1], weights[0])
+
+
+def test_sac_survives_lost_env_runners_and_learners_with_identical_replay_buffers(client):
+    from dlearner import SACConfig
+
+    config = (
+        SACConfig()
+        .environment("Pendulum-v1")
+        .env_runners(num_env_runners=1)
+        .learners(num_learners=2, learner_startup_timeout_s=60)
+        .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .training(
+            num_steps_sampled_before_learning_starts=100,
+            min_sample_timesteps_per_iteration=200,
+            train_batch_size=64,
+            replay_buffer_config={"type": "prioritized", "capacity": 10_000},
+        )
+        .fault_tolerance(restart_failed_env_runners=True, restart_failed_learners=True, learner_restart_timeout_s=60)
+        .cluster(client=client)
+        .debugging(seed=5)
+    )
+    with config.build_algo() as algo:
+        algo.train()
+        kill_worker(client, env_runner_worker(algo))
+        result = algo.train()
+        assert result["num_env_runner_restarts"] == 1
+        kill_worker(client, algo.learner_group.learner_workers[1])
+        result = algo.train()
+        assert result["num_learner_restarts"] == 1
+        assert result["replay_buffer_size"] == result["num_env_steps_sampled_lifetime"]  # every delivered step, once
+        # The replacement learner got the survivor's buffer: every learner samples the same batches.
+        buffers = algo.learner_group.foreach_learner(lambda learner: learner.replay_buffer.get_state())
+        for name, value in buffers[0].items():
+            if isinstance(value, np.ndarray):
+                np.testing.assert_array_equal(buffers[1][name], value, err_msg=name)
+        identical_weights(algo.learner_group)
+    wait_for_workers(client, 3)

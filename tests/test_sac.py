@@ -325,3 +325,18 @@ def test_sac_trains_pendulum_with_env_runner_and_learner_actors(client):
         assert len(greedy) == 2 and all(-2000 < r <= 0 for r in greedy)
     finally:
         algo.stop()
+
+
+@pytest.mark.slow
+def test_the_pendulum_example_learns(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "sac_pendulum.py"
+    spec = importlib.util.spec_from_file_location("sac_pendulum_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    # Everything in this process; a random policy scores about -1200.
+    out = example.main(num_learners=0, num_env_runners=0, stop_return=-600.0, max_iters=10, seed=1)
+    assert out["result"]["env_runners"]["episode_return_mean"] >= -600.0
+    assert "greedy evaluation over 5 episodes" in capsys.readouterr().out

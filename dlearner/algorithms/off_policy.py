@@ -79,7 +79,7 @@ class ReplayLearnerMixin:
                 local[WEIGHTS] = weights[lo:hi]
             shard = ShardInfo(row_offsets={DEFAULT_MODULE_ID: lo}, global_rows={DEFAULT_MODULE_ID: batch_size})
             batch = {DEFAULT_MODULE_ID: local} if local else {}
-            results.append(self.update(batch, timesteps, shard=shard if world > 1 else None, num_epochs=1, shuffle=False))
+            results.append(self.update(batch, timesteps, shard=shard if world > 1 else None, shuffle=False))
             if self.is_prioritized:
                 self._update_priorities(indices, lo, hi)
         out = _mean_results(results) if results else {ALL_MODULES: {}}

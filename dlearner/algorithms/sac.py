@@ -233,11 +233,14 @@ class SACTorchLearner(ReplayLearnerMixin, TorchLearner):
 
 
 # ------------------------------------------------------------------------------------ transitions
-def n_step_transitions(fragment: Mapping[str, np.ndarray], *, n_step: int, gamma: float) -> Dict[str, np.ndarray]:
+def n_step_transitions(
+    fragment: Mapping[str, np.ndarray], *, n_step: Union[int, np.ndarray], gamma: float
+) -> Dict[str, np.ndarray]:
     """Transitions from a time-major fragment (``(T, num_envs, ...)``, with ``new_obs``): for each step
     ``t`` the discounted sum of up to ``n_step`` rewards ``r_t + gamma * r_{t+1} + ...``, stopping at
     an episode's end or the fragment's, with the observation, flags and span (``n_step`` column)
-    of its last step. Rows come env-major (each sub-env's steps together)."""
+    of its last step. ``n_step`` is one int, or one per step (shape ``(T, num_envs)``). Rows come
+    env-major (each sub-env's steps together)."""
     rewards = np.asarray(fragment[Columns.REWARDS], dtype=np.float64)
     terminated = np.asarray(fragment[Columns.TERMINATEDS], dtype=bool)
     truncated = np.asarray(fragment[Columns.TRUNCATEDS], dtype=bool)
@@ -248,9 +251,10 @@ def n_step_transitions(fragment: Mapping[str, np.ndarray], *, n_step: int, gamma
     last = start.copy()
     open_ = np.ones_like(done)  # the return of row t still takes rewards
     env = np.arange(num_envs)[None, :]
-    for k in range(n_step):
+    spans = np.broadcast_to(np.asarray(n_step), (steps, num_envs))
+    for k in range(int(spans.max(initial=1))):
         index = start + k
-        inside = open_ & (index < steps)
+        inside = open_ & (index < steps) & (k < spans)
         clipped = np.minimum(index, steps - 1)
         returns += np.where(inside, gamma**k * rewards[clipped, env], 0.0)
         last = np.where(inside, clipped, last)
@@ -316,7 +320,7 @@ class SACConfig(AlgorithmConfig):
         twin_q: bool = NotProvided,
         initial_alpha: float = NotProvided,
         target_entropy: Union[str, float] = NotProvided,
-        n_step: int = NotProvided,
+        n_step: Union[int, Tuple[int, int]] = NotProvided,
         num_steps_sampled_before_learning_starts: int = NotProvided,
         training_intensity: Optional[float] = NotProvided,
         replay_buffer_config: Optional[Dict[str, Any]] = NotProvided,
@@ -324,11 +328,14 @@ class SACConfig(AlgorithmConfig):
         min_sample_timesteps_per_iteration: int = NotProvided,
         **kwargs,
     ) -> "SACConfig":
-        """SAC's settings plus everything :meth:`AlgorithmConfig.training` takes (its ``lr`` is unused:
-        SAC has ``actor_lr``, ``critic_lr`` and ``alpha_lr``)."""
+        """SAC's settings plus everything :meth:`AlgorithmConfig.training` takes. SAC has three learning
+        rates, ``actor_lr``, ``critic_lr`` and ``alpha_lr``; ``lr`` sets all three at once (the
+        command line's ``--lr``), and the specific ones given with it win."""
         from dlearner.config import learning_rate
 
         super().training(**kwargs)
+        if kwargs.get("lr", NotProvided) is not NotProvided:
+            self.actor_lr = self.critic_lr = self.alpha_lr = self.lr
         for name, value in (("actor_lr", actor_lr), ("critic_lr", critic_lr), ("alpha_lr", alpha_lr)):
             if value is not NotProvided:
                 setattr(self, name, learning_rate(name, value))
@@ -338,12 +345,13 @@ class SACConfig(AlgorithmConfig):
                 "tau": (tau, unit_interval),
                 "twin_q": (twin_q, boolean),
                 "initial_alpha": (initial_alpha, positive),
-                "n_step": (n_step, positive_int),
                 "num_steps_sampled_before_learning_starts": (num_steps_sampled_before_learning_starts, non_negative_int),
                 "store_buffer_in_checkpoints": (store_buffer_in_checkpoints, boolean),
                 "min_sample_timesteps_per_iteration": (min_sample_timesteps_per_iteration, positive_int),
             },
         )
+        if n_step is not NotProvided:
+            self.n_step = _checked_n_step(n_step)
         if target_entropy is not NotProvided:
             if target_entropy != "auto" and not (
                 isinstance(target_entropy, (int, float))
@@ -406,6 +414,7 @@ class SAC(Algorithm):
     def __init__(self, config: Any):
         _check_env_for_sac(config)
         self._update_credit = 0.0  # fractional updates owed (training_intensity)
+        self._n_step_rng = np.random.default_rng(config.seed)  # spans of an n_step range
         self.replay_buffer_size = 0
         super().__init__(config)
 
@@ -417,7 +426,7 @@ class SAC(Algorithm):
         while sampled < config.min_sample_timesteps_per_iteration:
             want = self._round_env_steps(config.min_sample_timesteps_per_iteration - sampled)
             fragments = self.env_runner_group.sample(want)
-            pieces = [n_step_transitions(f, n_step=config.n_step, gamma=config.gamma) for f in fragments]
+            pieces = [n_step_transitions(f, n_step=self._n_steps(f), gamma=config.gamma) for f in fragments]
             rows = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
             num_rows = len(rows[Columns.OBS])
             sampled += num_rows
@@ -438,6 +447,14 @@ class SAC(Algorithm):
         results = _mean_results(per_call)
         results[ALL_MODULES]["num_env_steps_trained_lifetime"] = self.num_env_steps_trained_lifetime
         return results, sampled
+
+    def _n_steps(self, fragment: Mapping[str, np.ndarray]) -> Union[int, np.ndarray]:
+        """``n_step``, or for a ``(low, high)`` range one span per step of ``fragment``, drawn uniformly."""
+        n_step = self.config.n_step
+        if isinstance(n_step, int):
+            return n_step
+        low, high = n_step
+        return self._n_step_rng.integers(low, high + 1, size=np.shape(fragment[Columns.REWARDS]))
 
     @property
     def _capacity(self) -> int:
@@ -486,6 +503,19 @@ class SAC(Algorithm):
     def _after_restore(self) -> None:
         super()._after_restore()
         self.replay_buffer_size = int(self.learner_group.foreach_learner(_replay_buffer_size)[0])
+
+
+def _checked_n_step(value: Any) -> Union[int, list]:
+    """``n_step``: an int >= 1, or ``(low, high)`` for a span drawn uniformly in ``[low, high]`` per step (as RLlib)."""
+    if isinstance(value, (list, tuple)):
+        if (
+            len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+            and value[0] <= value[1]
+        ):
+            return [int(value[0]), int(value[1])]
+        raise ValueError(f"n_step must be an int >= 1 or a (low, high) pair of them with low <= high, got {value!r}.")
+    return positive_int("n_step", value)
 
 
 def _replay_buffer_size(learner: Any) -> int:

@@ -147,7 +147,6 @@ class _Section:
             return
         name = self.run_id
         self.curve = ColumnDataSource({"x": [], "y": [], "step": []}, name=f"return-source-{name}")
-        self.losses = ColumnDataSource({"step": [], **{k: [] for k in ("total_loss", "policy_loss", "vf_loss", "entropy")}})
         self.throughput = ColumnDataSource({"step": [], "sampled": [], "trained": []}, name=f"throughput-source-{name}")
         self.timing = ColumnDataSource({"rank": [], **{k: [] for k, _, _ in _TIME_PARTS}})
 
@@ -174,8 +173,8 @@ class _Section:
         self.return_figure = ret
         ret.add_tools(HoverTool(tooltips=[("step", "@step"), (x_label, "@x{0,0}"), (y_label, "@y{0.000}")]))
         loss = fig("losses (mean over modules)", "iteration" if run["kind"] == "train" else "update", legend=True)
-        for color, key in zip(COLORS, ("total_loss", "policy_loss", "vf_loss", "entropy")):
-            loss.line("step", key, source=self.losses, color=color, line_width=2, legend_label=key)
+        # A line per loss the results have (PPO's policy_loss, vf_loss, ...; SAC's qf_loss, alpha_loss, ...).
+        self.loss_lines = _ModuleLines(loss, x_key="step", group="losses")
         # A multi-agent run's curves per module: hidden until its results name modules; a line is
         # added for each module as it appears (modules can join a run: Algorithm.add_module).
         self.module_returns = _ModuleLines(
@@ -247,13 +246,7 @@ class _Section:
                 "y": [_nan(p.get("y")) for p in history],
                 "step": [p["step"] for p in history],
             }
-            self.losses.data = {
-                "step": [p["step"] for p in history],
-                **{
-                    k: [_nan((p.get("losses") or {}).get(k)) for p in history]
-                    for k in ("total_loss", "policy_loss", "vf_loss", "entropy")
-                },
-            }
+            self.loss_lines.update(history)
             self.throughput.data = {
                 "step": [p["step"] for p in history],
                 "sampled": [_nan((p.get("throughput") or {}).get("env steps sampled/s")) for p in history],
@@ -280,8 +273,9 @@ class _Section:
 
 
 class _ModuleLines:
-    """One figure with a line per module of a multi-agent run (``point[group][module]`` against
-    ``point[x_key]``), and its legend; hidden while fewer than ``min_modules`` modules have values."""
+    """One figure with a line per key of ``point[group]`` (a multi-agent run's modules, or the losses a
+    run reports) against ``point[x_key]``, and its legend; hidden while fewer than ``min_modules``
+    keys have values."""
 
     def __init__(self, figure: Any, *, x_key: str, group: str, min_modules: int = 1):
         from bokeh.models import ColumnDataSource

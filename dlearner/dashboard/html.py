@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from dlearner.columns import ALL_MODULES
 from dlearner.dashboard.formatting import age, clock_time, fmt, fmt_seconds
 from dlearner.dashboard.protocol import KIND_TRAIN, PAGE_PATH
-from dlearner.dashboard.store import LOSS_KEYS, MODULE_LOSS_KEY, custom_metric_keys
+from dlearner.dashboard.store import MODULE_LOSS_KEY, custom_metric_keys
 from dlearner.dashboard.svg import COLORS, render_svg_chart, xy_points
 from dlearner.dashboard.templating import render
 
@@ -295,7 +295,7 @@ def render_run(run: Dict[str, Any], now: Optional[float] = None) -> str:
 
 
 def module_ids(history: Sequence[Mapping[str, Any]], group: str) -> List[str]:
-    """The modules that have values under ``group`` (``module_returns`` / ``module_losses``) in some
+    """The keys that have values under ``group`` (``module_returns`` / ``module_losses`` / ``losses``) in some
     point of a multi-agent run's ``history``, by id; ``[]`` for a single-agent run."""
     return sorted({m for point in history for m, value in (point.get(group) or {}).items() if value is not None})
 
@@ -353,7 +353,10 @@ def run_charts(run: Mapping[str, Any], width: int = 420, height: int = 220) -> L
         ),
         *module_returns,
         render_svg_chart(
-            [(key, color, xy_points(history, "step", key, "losses")) for key, color in zip(LOSS_KEYS, COLORS)],
+            [
+                (key, color, xy_points(history, "step", key, "losses"))
+                for key, color in zip(module_ids(history, "losses"), COLORS)
+            ],
             x_label=step,
             y_label="loss",
             title="losses (mean over modules)",

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 #: Run ids of learner groups that no run claimed: ``learner-group-<group id>``.
 GROUP_RUN_PREFIX = "learner-group-"
 #: Losses drawn on the loss curve (mean over modules), when a result has them.
-LOSS_KEYS = ("total_loss", "policy_loss", "vf_loss", "entropy")
+LOSS_KEYS = ("total_loss", "policy_loss", "vf_loss", "entropy", "qf_loss", "alpha_loss")
 #: The loss drawn per module on a multi-agent run's page.
 MODULE_LOSS_KEY = "total_loss"
 #: Modules a multi-agent run's per-module curves follow (the first by id): each point of the history
