@@ -82,95 +82,87 @@ class SACTorchLearner(ReplayLearnerMixin, TorchLearner):
 
     # -- the losses -----------------------------------------------------------------------------
     def compute_loss_for_module(self, *, module_id, config, batch, fwd_out):
-        """SAC's three losses, one per optimizer (see the module docstring)."""
+        """SAC's three losses, one per optimizer, term by term as in the module docstring."""
         module = self.module[module_id]
-        obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
+        obs, actions, next_obs = batch[Columns.OBS], batch[Columns.ACTIONS], batch[Columns.NEXT_OBS]
         rewards, terminated = batch[Columns.REWARDS], batch[Columns.TERMINATEDS].float()
         discount = config.gamma ** batch[N_STEP].float() if N_STEP in batch else torch.full_like(rewards, config.gamma)
-        weights = batch[WEIGHTS] if WEIGHTS in batch else torch.ones_like(rewards)
-        target_entropy = self.target_entropy(module)
-        alpha = module.log_alpha.exp().detach()
+        weights = batch[WEIGHTS] if WEIGHTS in batch else torch.ones_like(rewards)  # importance weights
+        log_alpha = module.log_alpha
+        alpha = log_alpha.exp().detach()
+        noise_next, noise_now = self._noise(module_id, module, obs)
 
-        if module.is_discrete:
-            losses, td_error = self._discrete_losses(module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha)
-        else:
-            losses, td_error = self._continuous_losses(
-                module_id, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha
-            )
-        # Squared TD errors weighted by importance (1 without prioritized replay), per Q network.
-        qf_loss = (weights * losses.pop("qf1_sq")).mean() + ((weights * losses.pop("qf2_sq")).mean() if config.twin_q else 0.0)
-        policy_loss, entropy_term = losses["policy"], losses["entropy_term"]
-        # Automatic temperature (Haarnoja et al. 2018b, eq. 18): raise alpha while the entropy is below target.
-        alpha_loss = -(module.log_alpha * (entropy_term + target_entropy)).mean()
-        self.td_errors[module_id] = td_error.detach().abs()
+        # The soft Bellman target (Haarnoja et al. 2018, eqs. 3 and 6), from the minimum of the target Q networks.
+        with torch.no_grad():
+            y = rewards + discount * (1.0 - terminated) * self._soft_value(module, next_obs, noise_next, alpha, target=True)
+
+        # Q losses (eq. 5): squared TD errors, weighted by prioritized replay's importance weights.
+        q1, q2 = self._q_of_actions(module, obs, actions)
+        qf_loss = (weights * (q1 - y).pow(2)).mean()
+        if config.twin_q:
+            qf_loss = qf_loss + (weights * (q2 - y).pow(2)).mean()
+
+        # The policy loss (eq. 7): E_a~pi[alpha * log pi(a|s) - min_i Q_i(s, a)], and E[log pi] for alpha.
+        policy_loss, expected_logp = self._policy_loss(module, fwd_out[Columns.ACTION_DIST_INPUTS], obs, noise_now, alpha)
+
+        # The temperature loss (Haarnoja et al. 2018b, eq. 18): alpha rises while the entropy is below target.
+        alpha_loss = -(log_alpha * (expected_logp.detach() + self.target_entropy(module))).mean()
+
+        self.td_errors[module_id] = (q1 - y).detach().abs()  # prioritized replay's new priorities
         self.metrics.log_dict(
             {
                 "qf_loss": qf_loss,
                 "policy_loss": policy_loss,
                 "alpha_loss": alpha_loss,
                 "alpha_value": alpha,
-                "log_alpha_value": module.log_alpha.detach(),
-                "qf_mean": losses["q_mean"],
+                "log_alpha_value": log_alpha.detach(),
+                "qf_mean": q1.detach().mean(),
                 "td_error_mean": self.td_errors[module_id].mean(),
             },
             module_id=module_id,
         )
         return {"qf": qf_loss, "policy": policy_loss, "alpha": alpha_loss}
 
-    def _continuous_losses(self, module_id, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha):
-        dist_cls = module.get_train_action_dist_cls()
-        noise_next, noise_now = self._noise(module_id, module.action_dim, obs)
-        with torch.no_grad():
-            # The soft Bellman target, from the minimum of the two target Q networks.
-            next_action, next_logp = dist_cls.from_logits(module.policy_inputs(next_obs)).rsample_with_logp(noise_next)
-            q1_next, q2_next = module.q_values(next_obs, next_action, target=True)
-            q_next = torch.min(q1_next, q2_next) if self.config.twin_q else q1_next
-            target = rewards + discount * (1.0 - terminated) * (q_next - alpha * next_logp)
-        q1, q2 = module.q_values(obs, batch[Columns.ACTIONS])
-        # The policy: reparameterised actions, judged by the (current) Q networks.
-        action, logp = dist_cls.from_logits(fwd_out[Columns.ACTION_DIST_INPUTS]).rsample_with_logp(noise_now)
-        q1_pi, q2_pi = module.q_values(obs, action)
-        q_pi = torch.min(q1_pi, q2_pi) if self.config.twin_q else q1_pi
-        losses = {
-            "qf1_sq": (q1 - target).pow(2),
-            "qf2_sq": (q2 - target).pow(2),
-            "policy": (alpha * logp - q_pi).mean(),
-            "entropy_term": logp.detach(),
-            "q_mean": q1.detach().mean(),
-        }
-        return losses, q1 - target
+    def _min_q(self, q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+        return torch.min(q1, q2) if self.config.twin_q else q1
 
-    def _discrete_losses(self, module, batch, fwd_out, obs, next_obs, rewards, terminated, discount, alpha):
-        start = int(module.action_space.start)
-        with torch.no_grad():
-            next_logp = torch.log_softmax(module.policy_inputs(next_obs), dim=-1)
-            q1_next, q2_next = module.q_values(next_obs, target=True)
-            q_next = torch.min(q1_next, q2_next) if self.config.twin_q else q1_next
-            # The soft state value as an exact expectation over the next actions.
-            v_next = (next_logp.exp() * (q_next - alpha * next_logp)).sum(-1)
-            target = rewards + discount * (1.0 - terminated) * v_next
-        q1_all, q2_all = module.q_values(obs)
-        index = (batch[Columns.ACTIONS].long() - start).unsqueeze(-1)
-        q1, q2 = q1_all.gather(-1, index).squeeze(-1), q2_all.gather(-1, index).squeeze(-1)
-        logp = torch.log_softmax(fwd_out[Columns.ACTION_DIST_INPUTS], dim=-1)
-        probs = logp.exp()
-        q_pi = (torch.min(q1_all, q2_all) if self.config.twin_q else q1_all).detach()
-        losses = {
-            "qf1_sq": (q1 - target).pow(2),
-            "qf2_sq": (q2 - target).pow(2),
-            "policy": (probs * (alpha * logp - q_pi)).sum(-1).mean(),
-            # E_pi[log pi] per row, for the temperature's loss.
-            "entropy_term": (probs * logp).sum(-1).detach(),
-            "q_mean": q1.detach().mean(),
-        }
-        return losses, q1 - target
+    def _soft_value(self, module, obs, noise, alpha, *, target: bool) -> torch.Tensor:
+        """V(s) = E_a~pi[min_i Q_i(s, a) - alpha * log pi(a|s)]: one reparameterised sample (Box), or the
+        exact expectation over the actions (Discrete)."""
+        inputs = module.policy_inputs(obs)
+        if module.is_discrete:
+            logp = torch.log_softmax(inputs, dim=-1)
+            return (logp.exp() * (self._min_q(*module.q_values(obs, target=target)) - alpha * logp)).sum(-1)
+        action, logp = module.get_train_action_dist_cls().from_logits(inputs).rsample_with_logp(noise)
+        return self._min_q(*module.q_values(obs, action, target=target)) - alpha * logp
 
-    def _noise(self, module_id: str, action_dim: int, obs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Standard-normal noise for the next and the current actions: drawn for the step's whole
-        minibatch over all learners from the shared generator, this learner's rows kept."""
+    def _q_of_actions(self, module, obs, actions):
+        """``(Q1(s, a), Q2(s, a))`` of the batch's actions."""
+        if not module.is_discrete:
+            return module.q_values(obs, actions)
+        index = (actions.long() - int(module.action_space.start)).unsqueeze(-1)
+        return tuple(q.gather(-1, index).squeeze(-1) for q in module.q_values(obs))
+
+    def _policy_loss(self, module, dist_inputs, obs, noise, alpha):
+        """``(policy loss, E[log pi(a|s)] per row)``. Box: the reparameterised action's gradient flows
+        through the Q networks (the ``policy`` optimizer takes only the policy's part). Discrete: the
+        exact expectation, with the Q values as constants."""
+        if module.is_discrete:
+            logp = torch.log_softmax(dist_inputs, dim=-1)
+            probs = logp.exp()
+            q = self._min_q(*module.q_values(obs)).detach()
+            return (probs * (alpha * logp - q)).sum(-1).mean(), (probs * logp).sum(-1)
+        action, logp = module.get_train_action_dist_cls().from_logits(dist_inputs).rsample_with_logp(noise)
+        return (alpha * logp - self._min_q(*module.q_values(obs, action))).mean(), logp
+
+    def _noise(self, module_id: str, module, obs: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Standard-normal noise for the next and the current actions (Box only): drawn for the step's
+        whole minibatch over all learners from the shared generator, this learner's rows kept."""
+        if module.is_discrete:
+            return None, None
         rows = self.step_rows.get(module_id)
         size = rows.global_size if rows is not None else obs.shape[0]
-        noise = torch.randn((2, size, action_dim), generator=self.noise_generator)
+        noise = torch.randn((2, size, module.action_dim), generator=self.noise_generator)
         if rows is not None and rows.positions is not None:
             noise = noise[:, torch.from_numpy(rows.positions)]
         noise = noise.to(obs.device)
