@@ -71,7 +71,9 @@ def checkpoint_excluded_components(learner: "Learner") -> Any:
     return objects.checkpoint_excluded_components(learner)
 
 
-def update_from_replay_buffer(learner: Any, rows: Any, options: Dict[str, Any], rank: int, world: int) -> Dict[str, Dict[str, Any]]:
+def update_from_replay_buffer(
+    learner: Any, rows: Any, options: Dict[str, Any], rank: int, world: int
+) -> Dict[str, Dict[str, Any]]:
     """Add new rows to the learner's replay buffer and train from it (see ``ReplayLearnerMixin``)."""
     return learner.update_from_replay_buffer(rows, rank=rank, world=world, **options)
 

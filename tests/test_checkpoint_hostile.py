@@ -2,7 +2,8 @@
 
 Every test writes a real checkpoint with ``Learner.save_to_path`` (on disk, and on ``memory://``
 where the attack applies there), damages it the way an attacker could (special files, symbolic
-links, compression bombs, huge or deeply nested JSON, millions of chunks, edited array metadata),
+links, compression bombs, damaged, swapped or missing compressed chunks, huge or deeply nested JSON,
+millions of chunks, edited array metadata),
 and checks that the restore raises ``ValueError`` naming the file and the limit, within a time bound
 and, for the attacks aimed at memory, with a bounded peak of allocated memory. The learner that was
 asked to restore is unchanged. The limits are in ``dlearner/checkpoint/limits.py``.
@@ -23,15 +24,20 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
+import google_crc32c
 import gymnasium as gym
+import numcodecs.zstd
 import numpy as np
 import pytest
 
 from dlearner import PPOConfig
-from dlearner.checkpoint import inspect_checkpoint, load_state_tree, save_state_tree
+from dlearner.checkpoint import inspect_checkpoint, layout, load_state_tree, save_state_tree
+from dlearner.checkpoint.encoding import CHUNK_BYTES, compressed_chunk_limit
 from dlearner.checkpoint.limits import (
+    DECOMPRESSION_ALLOWANCE_BYTES,
     MAX_ARRAY_BYTES,
     MAX_ARRAY_METADATA_BYTES,
+    MAX_COMPRESSION_RATIO,
     MAX_JSON_DEPTH,
     MAX_JSON_DOCUMENT_BYTES,
     MAX_KEY_CHARS,
@@ -227,7 +233,8 @@ def test_a_huge_sparse_chunk_is_refused_by_its_size_without_reading_it(learner, 
 
 
 # --------------------------------------------------------------------------------------------------
-# Array metadata: only dlearner's own encoding is read, so nothing is decompressed or filled in
+# Array metadata: only dlearner's own encodings are read, so nothing is filled in, and nothing is
+# decompressed but dlearner's own compressed chunks (see the next section)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -248,7 +255,7 @@ def test_a_gzip_bomb_behind_an_edited_codec_is_refused_without_decompressing(lea
 
 
 def test_a_gzip_bomb_as_a_chunk_is_only_wrong_bytes(learner, ckpt: Path) -> None:
-    # dlearner never compresses, so a compressed chunk is just a chunk of the wrong size.
+    # dlearner compresses no array this small, so a compressed chunk is just a chunk of the wrong size.
     chunk = ckpt / _node(ckpt) / "0.0"
     chunk.write_bytes(zlib.compress(bytes(2**28), 9))
     _assert_refused(learner, ckpt, r"0\.0 has \d+ bytes, more than the 132 bytes this file may hold", check_memory=True)
@@ -313,6 +320,151 @@ def test_tiny_chunks_are_refused_before_any_is_read(learner, location: str) -> N
                 fs.rm_file(file)
         else:
             shutil.rmtree(root)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compressed chunks (arrays over 1 MiB): each checked, and decompressed only into its exact size
+# --------------------------------------------------------------------------------------------------
+
+# (6000, 256) float32: 6 MB, so compressed in two chunks of 4096 rows (4 MiB), the second one padded.
+WIDE = "learner/rl_module/default_policy/pi.2.weight"
+WIDE_TWIN = "learner/rl_module/default_policy/vf.2.weight"  # same shape and dtype
+BOMB_BYTES = 2**28
+
+
+@pytest.fixture(scope="module")
+def wide_learner():
+    env = gym.make("CartPole-v1")
+    model = {"fcnet_hiddens": [256, 6000]}
+    config = PPOConfig().training(minibatch_size=64).rl_module(model_config=model).debugging(seed=0)
+    learner = config.build_learner(env=env)
+    learner.build()
+    yield learner
+    env.close()
+
+
+@pytest.fixture(params=["local", "memory"])
+def wide_location(request, wide_learner, tmp_path: Path) -> Iterator[str]:
+    """A checkpoint of the wide learner, on disk or on memory://, whose WIDE array has two compressed chunks."""
+    if request.param == "local":
+        yield wide_learner.save_to_path(str(tmp_path / "ckpt"))
+        return
+    url = wide_learner.save_to_path(f"memory://dlearner-hostile-{uuid.uuid4().hex}/ckpt")
+    yield url
+    fs, root = _fs(url)
+    for file in fs.find(root):
+        fs.rm_file(file)
+
+
+def _chunk(location: str, index: int, name: str = WIDE) -> str:
+    return f"{_node(location, name)}/{index}.0"
+
+
+def _with_crc32c(frame: bytes) -> bytes:
+    """A compressed chunk file as the crc32c codec ends it: the frame, then its CRC32C."""
+    return frame + google_crc32c.value(frame).to_bytes(4, "little")
+
+
+def _without_content_size(frame: bytes) -> bytes:
+    """The same zstd frame with its header declaring no content size, as a streaming compressor writes it."""
+    descriptor = frame[4]
+    assert not descriptor & 0x20 and not descriptor & 0x03, "a frame with a window descriptor and no dictionary"
+    size_bytes = (0, 2, 4, 8)[descriptor >> 6]
+    return frame[:4] + bytes([descriptor & 0x3F]) + frame[5:6] + frame[6 + size_bytes :]
+
+
+@pytest.mark.parametrize(
+    ("bomb", "message"),
+    [
+        # 256 MiB of zeros in 8 KiB: refused by the size its header declares, before any allocation.
+        (
+            "declares 256 MiB",
+            rf"0\.0: the compressed chunk declares {BOMB_BYTES} bytes of data, but the chunk holds {CHUNK_BYTES}",
+        ),
+        # The chunk's true size in its header, and 256 MiB more behind it, in a second frame.
+        ("more than it declares", rf"0\.0: the compressed chunk does not decompress to its {CHUNK_BYTES} bytes"),
+        # A streamed frame, which numcodecs would decompress into a buffer that grows without bound.
+        ("declares no size", r"0\.0: the compressed chunk is not a zstd frame that declares its size"),
+    ],
+)
+def test_a_decompression_bomb_as_a_chunk_is_refused_within_its_size(
+    wide_learner, wide_location: str, bomb: str, message: str
+) -> None:
+    zeros = numcodecs.zstd.compress(np.zeros(BOMB_BYTES, np.uint8), 1)
+    frame = {
+        "declares 256 MiB": zeros,
+        "more than it declares": numcodecs.zstd.compress(np.zeros(CHUNK_BYTES, np.uint8), 1) + zeros,
+        "declares no size": _without_content_size(zeros),
+    }[bomb]
+    _write(wide_location, _chunk(wide_location, 0), _with_crc32c(frame))
+    _assert_refused(wide_learner, wide_location, message, check_memory=True)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flipped byte", r"1\.0: checksum mismatch in the compressed chunk"),
+        ("truncated", r"1\.0: checksum mismatch in the compressed chunk"),
+        ("truncated, checksum recomputed", r"1\.0: the compressed chunk does not decompress to its \d+ bytes"),
+        ("deleted", r"the data of array .*pi\.2\.weight is missing \(.*pi\.2\.weight/1\.0 not found\)"),
+        ("swapped with the array's other chunk", r"pi\.2\.weight: its chunks are intact, but together they are not the data"),
+        ("moved from another array", r"pi\.2\.weight: its chunks are intact, but together they are not the data"),
+    ],
+)
+def test_a_damaged_swapped_or_missing_chunk_is_refused(wide_learner, wide_location: str, damage: str, message: str) -> None:
+    chunk = _chunk(wide_location, 1)
+    data = _read(wide_location, chunk)
+    if damage == "flipped byte":
+        _write(wide_location, chunk, data[:1000] + bytes([data[1000] ^ 0x10]) + data[1001:])
+    elif damage == "truncated":
+        _write(wide_location, chunk, data[: len(data) // 2])
+    elif damage == "truncated, checksum recomputed":
+        _write(wide_location, chunk, _with_crc32c(data[: len(data) // 2]))
+    elif damage == "deleted":
+        fs, root = _fs(wide_location)
+        fs.rm_file(f"{root}/{chunk}")
+    elif damage == "swapped with the array's other chunk":
+        first = _chunk(wide_location, 0)
+        _write(wide_location, chunk, _read(wide_location, first))
+        _write(wide_location, first, data)
+    else:
+        _write(wide_location, chunk, _read(wide_location, _chunk(wide_location, 1, WIDE_TWIN)))
+    _assert_refused(wide_learner, wide_location, message)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="sparse files")
+def test_an_oversized_compressed_chunk_is_refused_by_its_size_without_reading_it(wide_learner, tmp_path: Path) -> None:
+    ckpt = Path(wide_learner.save_to_path(str(tmp_path / "ckpt")))
+    with open(ckpt / _chunk(str(ckpt), 1), "r+b") as f:
+        f.truncate(8 * 2**30)  # 8 GiB that cost no disk
+    limit = compressed_chunk_limit(CHUNK_BYTES)
+    _assert_refused(
+        wide_learner, ckpt, rf"1\.0 has 8589934592 bytes, more than the {limit} bytes this file may hold", check_memory=True
+    )
+
+
+def test_compressed_zeros_that_expand_past_the_limit_are_refused_before_allocating(location: str, monkeypatch) -> None:
+    # 384 MiB of zeros are ~13 KB of chunks: a store of a few MB could otherwise make a reader allocate terabytes.
+    path = location.rstrip("/") + "-zeros"
+    monkeypatch.setattr(
+        layout, "decompressed_bytes_allowed", lambda compressed_bytes: MAX_ARRAY_BYTES
+    )  # a writer without the limit
+    save_state_tree(path, {"zeros": np.zeros(384 * 2**20, np.uint8)}, metadata={})
+    monkeypatch.undo()
+    tracemalloc.start()
+    try:
+        with (
+            _time_limit(2 * TIME_LIMIT_S),
+            pytest.raises(ValueError, match=r"hold 402653184 bytes of data in \d+ bytes of chunk files"),
+        ):
+            load_state_tree(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        fs, root = _fs(path)
+        for file in fs.find(root):
+            fs.rm_file(file)
+    assert peak < MEMORY_LIMIT_BYTES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -447,6 +599,20 @@ def test_a_save_that_readers_would_refuse_is_refused_first(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="cannot save: the metadata .* more than the 16777216 readers accept"):
         save_state_tree(path, {}, metadata={"big": "x" * MAX_JSON_DOCUMENT_BYTES})
     assert not path.exists()
+
+
+def test_a_save_whose_compressed_arrays_would_expand_past_the_limit_is_refused_before_its_commit(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt"
+    save_state_tree(path, {"zeros": np.zeros(10, np.uint8)}, metadata={"step": 1})
+    zeros = np.zeros(DECOMPRESSION_ALLOWANCE_BYTES + 64 * 2**20, np.uint8)
+    message = (
+        rf"cannot save: the compressed arrays up to 'zeros' .* hold {zeros.nbytes} bytes of data .* more than the "
+        rf"{DECOMPRESSION_ALLOWANCE_BYTES} bytes plus {MAX_COMPRESSION_RATIO}x .* store only the rows that hold data"
+    )
+    with pytest.raises(ValueError, match=message):
+        save_state_tree(path, {"zeros": zeros}, metadata={"step": 2})
+    tree, metadata = load_state_tree(path)
+    assert metadata == {"step": 1} and tree["zeros"].shape == (10,)
 
 
 def test_what_is_just_within_the_limits_round_trips(tmp_path: Path) -> None:

@@ -1,12 +1,13 @@
 """The hand-written Zarr v3 encoder and decoder behind dlearner checkpoints.
 
 Pure data transformations, no I/O: this module names Zarr nodes after tree keys, writes and checks
-the ``zarr.json`` documents of groups and arrays, encodes and decodes the single chunk of each array,
-and parses JSON documents within the limits for untrusted data (JSON values are stored by the exact
-policy of :mod:`dlearner.jsonsafe`). It writes what ``zarr.create_array`` would write, byte for byte,
+the ``zarr.json`` documents of groups and arrays, encodes and decodes the chunks of each array (one
+uncompressed chunk, or for arrays over :data:`COMPRESS_OVER_BYTES` zstd-compressed chunks of about
+:data:`CHUNK_BYTES`), and parses JSON documents within the limits for untrusted data (JSON values
+are stored by the exact policy of :mod:`dlearner.jsonsafe`). It writes what ``zarr.create_array`` would write, byte for byte,
 at a fraction of the cost (``benchmarks/checkpoint.py`` has a "zarr API" row to keep that true):
 :func:`array_template` asks zarr for the metadata of a sample array once per (ndim, dtype) and checks
-that our chunk encoding is identical to zarr's. :mod:`dlearner.checkpoint.manifest` lays a tree out
+that our chunk encodings are identical to zarr's. :mod:`dlearner.checkpoint.manifest` lays a tree out
 in nodes; :mod:`dlearner.checkpoint.layout` puts the documents and chunks in place.
 """
 
@@ -21,9 +22,10 @@ from functools import lru_cache
 from typing import Any
 
 import google_crc32c  # a hard dependency of zarr 3 (its crc32c codec); the same checksum, computed here
+import numcodecs.zstd  # a hard dependency of zarr 3 (its zstd codec); the same compressor, called here
 import numpy as np
 import zarr
-from zarr.codecs import BytesCodec, Crc32cCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from dlearner.checkpoint.limits import MAX_JSON_DEPTH
 from dlearner.jsonsafe import MalformedJSONError, from_json_exact
@@ -37,28 +39,57 @@ CORRUPTED = "the checkpoint is corrupted; restore from another checkpoint"
 NODE_NAME = re.compile(r"[a-z0-9_.\-%~A-F]+")
 """Every name :func:`encode_key` returns matches this; manifests naming other nodes are refused."""
 
+COMPRESS_OVER_BYTES = 2**20
+"""Arrays of more data than this are stored compressed, in chunks of about :data:`CHUNK_BYTES`.
+
+Smaller arrays keep one uncompressed chunk, exactly as format version 1 stores every array: a
+model's parameters and optimizer moments (a 512x512 float32 layer is 1 MiB) are floats that hardly
+compress, so compressing them would only cost time and make the checkpoint unreadable for older
+dlearners. Replay-buffer columns of more than ~256k float32 values are compressed."""
+
+CHUNK_BYTES = 4 * 2**20
+"""Most data of one compressed chunk: whole rows (along axis 0) of at most this many bytes, or one row.
+
+zstd compresses no better in larger chunks (measured on replay-buffer columns: the same ratio for 1,
+4 and 16 MiB); a chunk that size costs far more to transfer than to open or fetch (a file, an object
+store GET); a 40 MB buffer is still ~10 chunks that threads (de)compress in parallel; and a buffer
+of GBs of images streams through memory a few chunks at a time."""
+
+ZSTD_LEVEL = 1
+"""zstd level of compressed chunks: its fastest regular level; higher ones cost 1.5-3x the time for a
+few percent (no gain on float columns)."""
+
 _SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 _MAX_NAME_CHARS = 200  # file systems limit one path component to 255 bytes
 _TRUNCATED_PREFIX_CHARS = 150
 
 __all__ = [
+    "CHUNK_BYTES",
+    "COMPRESS_OVER_BYTES",
     "CORRUPTED",
     "NODE_NAME",
     "ZARR_JSON",
     "ArrayTemplate",
     "InvalidCheckpointError",
+    "array_chunks",
     "array_template",
     "check_array_metadata",
+    "check_compressed_chunk",
     "check_json_document",
+    "chunk_rows",
+    "compressed_chunk_limit",
     "data_crc32c",
     "decode_chunk",
     "decode_json",
+    "decompress_chunk",
     "dimension_names",
     "encode_chunk",
+    "encode_compressed_chunk",
     "encode_key",
     "group_doc",
     "json_bytes",
     "parse_json_document",
+    "zstd_content_size",
 ]
 
 
@@ -180,11 +211,34 @@ def encode_key(key: str) -> str:
 #
 # Creating each array through zarr's array API costs about 0.7 ms of Python per array, far more than
 # a whole torch.save of a small model. So zarr is asked once per (ndim, dtype) for a template
-# zarr.json and for the encoding of a sample, and dlearner writes every array's zarr.json (the
-# template with the real shape) and its single chunk itself. The chunk encoding is the one fixed by
-# the template's codecs ("bytes" little-endian, then "crc32c"); array_template checks that our
-# encoding of the sample is byte-identical to zarr's, so a zarr release that encodes differently
-# fails loudly instead of producing stores that zarr reads differently.
+# zarr.json and for the encoding of a sample (and once per process for compressed chunks), and
+# dlearner writes every array's zarr.json (the template with the real shape) and its chunks itself.
+# The chunk encodings are the ones fixed by the codecs: "bytes" little-endian then "crc32c" for one
+# uncompressed chunk, and "bytes", "zstd", "crc32c" for compressed chunks; array_template and
+# _compressed_codecs check that our encoding of the samples is byte-identical to zarr's, so a zarr
+# release that encodes differently fails loudly instead of producing stores that zarr reads
+# differently.
+
+
+def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int | None:
+    """Rows (along axis 0) per compressed chunk of an array of this shape and itemsize, or ``None``
+    for an array stored in one uncompressed chunk (at most :data:`COMPRESS_OVER_BYTES`, so also every
+    0-d array and every array without elements).
+
+    Whole rows of at most :data:`CHUNK_BYTES`, or one row where a row is larger. The last chunk is
+    padded to the full chunk shape with the fill value 0, as Zarr stores edge chunks.
+    """
+    nbytes = math.prod(shape) * itemsize
+    if nbytes <= COMPRESS_OVER_BYTES:
+        return None
+    return min(shape[0], max(1, CHUNK_BYTES // (nbytes // shape[0])))
+
+
+def compressed_chunk_limit(chunk_nbytes: int) -> int:
+    """Most bytes a compressed chunk of ``chunk_nbytes`` bytes of data may have: zstd's own bound for
+    that much data (``ZSTD_COMPRESSBOUND``: incompressible data grows by ~1/256), plus the CRC32C."""
+    small_input_margin = ((128 << 10) - chunk_nbytes) >> 11 if chunk_nbytes < (128 << 10) else 0
+    return chunk_nbytes + (chunk_nbytes >> 8) + small_input_margin + 4
 
 
 @dataclass(frozen=True)
@@ -192,21 +246,39 @@ class ArrayTemplate:
     """What zarr writes for arrays of one (ndim, dtype), from :func:`array_template`."""
 
     doc: dict[str, Any]  # zarr.json for the sample shape, without "attributes" and "dimension_names"
-    chunk_key: str  # key of the single chunk relative to the array node
+    chunk_key: str  # key of the single chunk relative to the array node (of the first one, when several)
+    itemsize: int
 
     def doc_for(
-        self, shape: tuple[int, ...], attributes: dict[str, Any] | None = None, name: str | None = None
+        self,
+        shape: tuple[int, ...],
+        attributes: dict[str, Any] | None = None,
+        name: str | None = None,
+        *,
+        chunk_rows: int | None = None,
     ) -> dict[str, Any]:
-        """The ``zarr.json`` of an array of ``shape``; with ``name``, its dimension names too."""
+        """The ``zarr.json`` of an array of ``shape``; with ``name``, its dimension names too.
+
+        One uncompressed chunk, or with ``chunk_rows``, compressed chunks of that many rows.
+        """
         doc = dict(self.doc)
         doc["shape"] = list(shape)
-        # Zarr requires chunk edges >= 1; an array with a zero-length axis has no chunks at all.
-        doc["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": [max(d, 1) for d in shape]}}
+        if chunk_rows is None:
+            # Zarr requires chunk edges >= 1; an array with a zero-length axis has no chunks at all.
+            chunk_shape = [max(d, 1) for d in shape]
+        else:
+            chunk_shape = [chunk_rows, *shape[1:]]
+            doc["codecs"] = _compressed_codecs()
+        doc["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": chunk_shape}}
         if attributes is not None:
             doc["attributes"] = attributes
         if name is not None and shape:  # zarr, too, writes none for 0-d arrays
             doc["dimension_names"] = dimension_names(name, len(shape))
         return doc
+
+    def chunk_key_of(self, index: int) -> str:
+        """Key of the ``index``-th chunk along axis 0 (chunk key encoding ``v2`` with ``.``)."""
+        return ".".join([str(index), *self.chunk_key.split(".")[1:]])
 
 
 def dimension_names(name: str, ndim: int) -> list[str]:
@@ -225,46 +297,83 @@ def array_template(ndim: int, dtype_str: str) -> ArrayTemplate:
     # Small whatever ndim is, with first and last axes of different lengths so that C and Fortran
     # order differ; distinct nonzero values so the chunk is written and byte order would show.
     sample_shape = () if ndim == 0 else (3,) if ndim == 1 else (2, *(1,) * (ndim - 2), 3)
-    size = int(np.prod(sample_shape, dtype=np.int64))
-    sample = np.arange(1, size + 1).astype(dtype).reshape(sample_shape)
+    doc, chunks = _zarr_sample(dtype, sample_shape, sample_shape, compressors=[Crc32cCodec()])
+    if len(chunks) != 1:
+        raise RuntimeError(f"zarr {zarr.__version__} wrote chunks {sorted(chunks)} for a one-chunk array")
+    ((chunk_key, chunk),) = chunks.items()
+    if b"".join(bytes(p) for p in encode_chunk(_sample(dtype, sample_shape))) != chunk:
+        raise _encodes_differently(dtype)
+    return ArrayTemplate(doc, chunk_key, dtype.itemsize)
+
+
+@lru_cache(maxsize=1)
+def _compressed_codecs() -> list[dict[str, Any]]:
+    """The codecs of compressed chunks, as zarr writes them, after checking once that zarr writes a
+    sample in three compressed chunks (the last one partial) byte for byte as dlearner does.
+
+    Once, not per dtype: the zstd and crc32c codecs see only bytes, and :func:`array_template`
+    checks the ``bytes`` codec of each dtype; edge chunks are padded with zeros for every dtype.
+    """
+    dtype, shape = np.dtype("<f4"), (5, 3)
+    doc, chunks = _zarr_sample(dtype, shape, (2, 3), compressors=[ZstdCodec(level=ZSTD_LEVEL, checksum=False), Crc32cCodec()])
+    template = array_template(2, dtype.str)
+    expected = {**template.doc_for(shape), "chunk_grid": doc["chunk_grid"], "codecs": doc["codecs"]}
+    if doc != expected:
+        raise RuntimeError(f"zarr {zarr.__version__} wrote unexpected array metadata {doc!r}")
+    ours = {
+        template.chunk_key_of(i): b"".join(bytes(p) for p in encode_compressed_chunk(data, 2 * 3 * dtype.itemsize))
+        for i, data in enumerate(array_chunks(_sample(dtype, shape), 2))
+    }
+    if ours != chunks:
+        raise _encodes_differently(dtype)
+    return doc["codecs"]
+
+
+def _sample(dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    return np.arange(1, math.prod(shape) + 1).astype(dtype).reshape(shape)
+
+
+def _zarr_sample(
+    dtype: np.dtype[Any], shape: tuple[int, ...], chunk_shape: tuple[int, ...], compressors: list[Any]
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """The ``zarr.json`` (without attributes) and the chunks zarr writes for a sample array."""
     store: dict[str, Any] = {}
     try:
         array = zarr.create_array(
             store,
-            shape=sample_shape,
+            shape=shape,
             dtype=dtype,
-            chunks=sample_shape,
+            chunks=chunk_shape,
             filters=None,
             serializer=BytesCodec(endian="little"),
-            compressors=[Crc32cCodec()],
+            compressors=compressors,
             fill_value=0,
             chunk_key_encoding={"name": "v2", "separator": "."},
             zarr_format=3,
             attributes={},
-            dimension_names=dimension_names("sample", ndim) or None,
+            dimension_names=dimension_names("sample", len(shape)) or None,
         )
     except (ValueError, TypeError) as exc:
         # e.g. float128, which Zarr v3 has no data type for.
         raise TypeError(f"arrays of dtype {dtype} cannot be stored in a Zarr v3 checkpoint ({exc})") from exc
-    array[...] = sample
+    array[...] = _sample(dtype, shape)
     doc = json.loads(store.pop(ZARR_JSON).to_bytes())
-    if len(store) != 1:
-        raise RuntimeError(f"zarr {zarr.__version__} wrote chunks {sorted(store)} for a one-chunk array")
-    ((chunk_key, chunk),) = store.items()
-    expected_grid = {"name": "regular", "configuration": {"chunk_shape": list(sample_shape)}}
+    expected_grid = {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}}
     if (
-        doc.get("shape") != list(sample_shape)
+        doc.get("shape") != list(shape)
         or doc.get("chunk_grid") != expected_grid
-        or doc.pop("dimension_names", None) != (dimension_names("sample", ndim) or None)
+        or doc.pop("dimension_names", None) != (dimension_names("sample", len(shape)) or None)
     ):
         raise RuntimeError(f"zarr {zarr.__version__} wrote unexpected array metadata {doc!r}")
-    if b"".join(bytes(p) for p in encode_chunk(sample)) != chunk.to_bytes():
-        raise RuntimeError(
-            f"zarr {zarr.__version__} encodes {dtype} chunks differently from dlearner.checkpoint; "
-            "please report this (checkpoints written now might not be readable by zarr)"
-        )
     doc.pop("attributes", None)
-    return ArrayTemplate(doc, chunk_key)
+    return doc, {key: chunk.to_bytes() for key, chunk in store.items()}
+
+
+def _encodes_differently(dtype: np.dtype[Any]) -> RuntimeError:
+    return RuntimeError(
+        f"zarr {zarr.__version__} encodes {dtype} chunks differently from dlearner.checkpoint; "
+        "please report this (checkpoints written now might not be readable by zarr)"
+    )
 
 
 @lru_cache(maxsize=1)
@@ -290,23 +399,30 @@ def group_doc(attributes: dict[str, Any], *, indent: int | None = None) -> bytes
     return json_bytes({**_group_template(), "attributes": attributes}, indent=indent)
 
 
-def check_array_metadata(meta: Any, expected: dict[str, Any], name: str) -> None:
-    """Raise :class:`InvalidCheckpointError` unless ``meta`` is what dlearner writes for this array.
+def check_array_metadata(meta: Any, template: ArrayTemplate, shape: tuple[int, ...], name: str) -> int | None:
+    """Which of dlearner's encodings ``meta`` (an array's ``zarr.json``) uses, for the manifest's ``shape``.
 
-    ``expected`` is :meth:`ArrayTemplate.doc_for` of the manifest's shape. Attributes and dimension
-    names play no part in decoding and are ignored (checkpoints written before dimension names
-    existed have none); an absent ``storage_transformers`` means none, as in the Zarr v3 spec. Any
-    other difference (data type, shape, chunk grid, chunk key encoding, fill value, codecs such as
-    compression) is refused rather than decoded some other way: dlearner reads its own encoding
-    only, so a missing chunk can never be replaced by a fill value and nothing is decompressed.
+    Returns ``None`` for one uncompressed chunk (any array; the only encoding of format version 1)
+    or the rows per chunk of compressed chunks (only for arrays over :data:`COMPRESS_OVER_BYTES`,
+    and only in the chunk shape :func:`chunk_rows` gives). Raises :class:`InvalidCheckpointError` for anything
+    else. Attributes and dimension names play no part in decoding and are ignored (checkpoints
+    written before dimension names existed have none); an absent ``storage_transformers`` means none,
+    as in the Zarr v3 spec. Any other difference (data type, shape, chunk grid, chunk key encoding,
+    fill value, codecs) is refused rather than decoded some other way: dlearner reads its own
+    encodings only, so a missing chunk can never be replaced by a fill value and nothing is
+    decompressed but its own zstd chunks, each into a buffer of exactly its size.
     """
     if not isinstance(meta, dict):
         raise InvalidCheckpointError(f"{name} is not a JSON object; {CORRUPTED}")
     got = {k: v for k, v in meta.items() if k not in ("attributes", "dimension_names")}
     got.setdefault("storage_transformers", [])
-    expected = {"storage_transformers": [], **expected}
-    if got == expected:
-        return
+    rows = chunk_rows(shape, template.itemsize)
+    # What dlearner writes now comes last, so that the messages below compare with it.
+    accepted = [None] if rows is None else [None, rows]
+    for candidate in accepted:
+        expected = {"storage_transformers": [], **template.doc_for(shape, chunk_rows=candidate)}
+        if got == expected:
+            return candidate
     if got.get("shape") != expected["shape"] or got.get("data_type") != expected["data_type"]:
         raise InvalidCheckpointError(
             f"{name} has shape {got.get('shape')!r:.80} and data type {got.get('data_type')!r:.40}, but the "
@@ -316,8 +432,9 @@ def check_array_metadata(meta: Any, expected: dict[str, Any], name: str) -> None
     shown = ", ".join(f"{k} {_short_json(got.get(k))} instead of {_short_json(expected.get(k))}" for k in differs)
     raise InvalidCheckpointError(
         f"{name} is not encoded the way dlearner writes arrays ({shown}); dlearner reads only its own "
-        f"encoding (one uncompressed chunk, fill value 0, bytes + crc32c codecs), never another one "
-        f"that could fill in missing data; {CORRUPTED}"
+        f"encodings (one uncompressed chunk; for arrays over {COMPRESS_OVER_BYTES >> 20} MiB also zstd-compressed "
+        "chunks of whole rows; fill value 0, bytes + crc32c codecs), never another one that could fill in "
+        f"missing data or decompress without bound; {CORRUPTED}"
     )
 
 
@@ -335,12 +452,13 @@ def _chunk_data(array: np.ndarray) -> np.ndarray:
 
 
 def data_crc32c(array: np.ndarray) -> int | None:
-    """The CRC32C of ``array``'s chunk data (``None`` for an array without elements)."""
+    """The CRC32C of ``array``'s data, its raw little-endian C-order bytes (``None`` for an array
+    without elements): what ends its chunk when uncompressed, and the manifest's ``crc32c``."""
     return google_crc32c.value(_chunk_data(array)) if array.size else None
 
 
 def encode_chunk(array: np.ndarray, crc32c: int | None = None) -> list[Any]:
-    """The chunk as parts: raw little-endian C-order bytes, then their CRC32C (little-endian).
+    """The one uncompressed chunk as parts: raw little-endian C-order bytes, then their CRC32C (little-endian).
 
     ``crc32c``, when given, is the data's checksum computed earlier (by :func:`data_crc32c`).
     """
@@ -349,7 +467,8 @@ def encode_chunk(array: np.ndarray, crc32c: int | None = None) -> list[Any]:
 
 
 def decode_chunk(raw: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], expected_crc32c: int | None, where: str) -> np.ndarray:
-    """The array of ``dtype`` and ``shape`` from its chunk, after checking size and CRC32C; a writable copy.
+    """The array of ``dtype`` and ``shape`` from its one uncompressed chunk, after checking size and
+    CRC32C; a writable copy.
 
     ``expected_crc32c`` is the manifest's checksum of the array (``None`` where it has none).
     """
@@ -370,3 +489,76 @@ def decode_chunk(raw: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], expec
     # astype copies, so the result is writable and owns its memory rather than viewing the bytes read.
     le_view = data.view(dtype.newbyteorder("<")).reshape(shape)
     return le_view.astype(dtype, copy=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Compressed chunks: bytes -> zstd -> crc32c, decompressed only into a buffer of the exact size
+# --------------------------------------------------------------------------------------------------
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def array_chunks(array: np.ndarray, rows: int) -> list[np.ndarray]:
+    """The data of each compressed chunk of ``rows`` rows of ``array``: raw little-endian C-order bytes
+    (views where the array already is so); the last one is short where the rows do not divide evenly."""
+    data = _chunk_data(array)
+    step = rows * (data.size // array.shape[0])
+    return [data[start : start + step] for start in range(0, data.size, step)]
+
+
+def encode_compressed_chunk(data: np.ndarray, chunk_nbytes: int) -> list[bytes]:
+    """A compressed chunk as parts: the zstd frame of ``data`` (padded with zeros to ``chunk_nbytes``,
+    as Zarr stores edge chunks), then the frame's CRC32C (little-endian)."""
+    if data.size < chunk_nbytes:
+        padded = np.zeros(chunk_nbytes, np.uint8)
+        padded[: data.size] = data
+        data = padded
+    frame = numcodecs.zstd.compress(data, ZSTD_LEVEL)
+    return [frame, google_crc32c.value(frame).to_bytes(4, "little")]
+
+
+def zstd_content_size(frame: bytes | np.ndarray) -> int | None:
+    """The data size the zstd frame at the start of ``frame`` declares in its header, or ``None`` where
+    it declares none (a streamed frame) or is no zstd frame (RFC 8878, section 3.1.1.1)."""
+    if len(frame) < 6 or bytes(frame[:4]) != _ZSTD_MAGIC:
+        return None
+    descriptor = int(frame[4])
+    if descriptor & 0x08:  # the reserved bit: no valid frame sets it
+        return None
+    single_segment = (descriptor >> 5) & 1
+    size_bytes = (single_segment, 2, 4, 8)[descriptor >> 6]
+    start = 5 + (1 - single_segment) + (0, 1, 2, 4)[descriptor & 3]  # after the window and dictionary id
+    if not size_bytes or len(frame) < start + size_bytes:
+        return None
+    size = int.from_bytes(bytes(frame[start : start + size_bytes]), "little")
+    return size + 256 if size_bytes == 2 else size
+
+
+def check_compressed_chunk(raw: bytes | bytearray, chunk_nbytes: int, where: str) -> np.ndarray:
+    """The zstd frame of a compressed chunk (a uint8 view of ``raw``), after checking its CRC32C and
+    that it declares exactly ``chunk_nbytes`` bytes of data; nothing is decompressed or allocated here."""
+    if len(raw) < 4:
+        raise InvalidCheckpointError(f"{where}: the chunk has {len(raw)} bytes, too few for its checksum; {CORRUPTED}")
+    frame = np.frombuffer(raw, dtype=np.uint8)[:-4]  # no copy; google_crc32c and numcodecs take numpy buffers
+    if google_crc32c.value(frame) != int.from_bytes(raw[-4:], "little"):
+        raise InvalidCheckpointError(f"{where}: checksum mismatch in the compressed chunk; {CORRUPTED}")
+    declared = zstd_content_size(frame)
+    if declared != chunk_nbytes:
+        said = "is not a zstd frame that declares its size" if declared is None else f"declares {declared} bytes of data"
+        raise InvalidCheckpointError(
+            f"{where}: the compressed chunk {said}, but the chunk holds {chunk_nbytes}; refusing to decompress "
+            f"it (a decompression bomb, or a chunk of another array); {CORRUPTED}"
+        )
+    return frame
+
+
+def decompress_chunk(frame: np.ndarray, out: np.ndarray, where: str) -> None:
+    """Decompress a frame checked by :func:`check_compressed_chunk` into ``out`` (uint8, exactly the
+    chunk's size). zstd writes at most ``out.nbytes`` bytes: a frame holding more or less data than it
+    declared (more frames behind it, damaged blocks) raises :class:`InvalidCheckpointError`."""
+    try:
+        numcodecs.zstd.decompress(frame, out)
+    except (RuntimeError, ValueError) as exc:  # numcodecs' errors for bad frames and sizes
+        raise InvalidCheckpointError(
+            f"{where}: the compressed chunk does not decompress to its {out.nbytes} bytes ({exc}); {CORRUPTED}"
+        ) from exc

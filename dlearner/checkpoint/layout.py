@@ -5,8 +5,9 @@ A store (``docs/checkpoint-format.md``, "Layout" and "Atomic commit protocol") i
 * ``zarr.json`` at the root holds, in ``attributes["dlearner"]``, the format name and version, the
   user metadata and ``committed_version``, the id of the one complete version group. Rewriting this
   single small object is the commit.
-* ``versions/<id>/`` is a version group: one Zarr group per dict of the tree, one Zarr array (one
-  chunk) per numpy array, and the manifest (key order, JSON leaves, dtypes, shapes) in its attributes.
+* ``versions/<id>/`` is a version group: one Zarr group per dict of the tree, one Zarr array per
+  numpy array (one uncompressed chunk, or zstd-compressed chunks of about 4 MiB for arrays over
+  1 MiB), and the manifest (key order, JSON leaves, dtypes, shapes) in its attributes.
 
 This module writes a version and commits it, and reads the committed root, its manifest and its
 arrays, through any :class:`~dlearner.checkpoint.backends.Backend`. The bytes of each document and
@@ -15,16 +16,20 @@ chunk come from :mod:`dlearner.checkpoint.encoding`.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import itertools
+import os
 import posixpath
 import re
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -34,16 +39,29 @@ from dlearner.checkpoint.encoding import (
     ZARR_JSON,
     ArrayTemplate,
     InvalidCheckpointError,
+    array_chunks,
     array_template,
     check_array_metadata,
+    check_compressed_chunk,
+    chunk_rows,
+    compressed_chunk_limit,
     decode_chunk,
     decode_json,
+    decompress_chunk,
     encode_chunk,
+    encode_compressed_chunk,
     group_doc,
     json_bytes,
     parse_json_document,
 )
-from dlearner.checkpoint.limits import MAX_ARRAY_METADATA_BYTES, MAX_JSON_DOCUMENT_BYTES, MAX_LISTED_ENTRIES
+from dlearner.checkpoint.limits import (
+    DECOMPRESSION_ALLOWANCE_BYTES,
+    MAX_ARRAY_METADATA_BYTES,
+    MAX_COMPRESSION_RATIO,
+    MAX_JSON_DOCUMENT_BYTES,
+    MAX_LISTED_ENTRIES,
+    decompressed_bytes_allowed,
+)
 from dlearner.checkpoint.manifest import ArrayLeaf, Manifest, parse_manifest
 from dlearner.validation import is_int
 
@@ -60,13 +78,17 @@ __all__ = [
     "read_committed_root",
     "read_manifest",
     "root_doc",
+    "store_format_version",
 ]
 
 FORMAT_NAME = "dlearner-checkpoint"
 """Value of ``attributes["dlearner"]["format"]`` in the root group of every checkpoint."""
 
-FORMAT_VERSION = 1
-"""The format version this module writes, and the newest one it reads."""
+FORMAT_VERSION = 2
+"""The newest format version this module writes and reads.
+
+Version 2 added compressed chunks (arrays over 1 MiB); a store without any is written as version 1,
+exactly the format older dlearners read (see :func:`store_format_version`)."""
 
 ATTRS_KEY = "dlearner"
 """Attribute key under which dlearner keeps its attributes in every group and array it writes."""
@@ -84,6 +106,10 @@ _VERSION_ID = re.compile(r"[0-9a-f]{32}")
 # Arrays whose files are fetched in one read_many call: remote stores fetch a batch concurrently, and
 # a store with a missing or bad array is rejected after at most one batch.
 _READ_BATCH_ARRAYS = 256
+# Compressed chunks fetched in one read_many call: at most this many bytes by their read limits.
+_READ_CHUNK_GROUP_BYTES = 64 * 2**20
+# Threads that (de)compress the chunks of one array: zstd and reading release the GIL.
+_CHUNK_THREADS = min(4, os.cpu_count() or 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -196,15 +222,68 @@ def read_manifest(backend: Backend, root: CommittedRoot) -> Manifest:
 # --------------------------------------------------------------------------------------------------
 
 
-def _array_files(version_dir: str, leaf: ArrayLeaf, key: str, template: ArrayTemplate) -> list[tuple[str, list[Any]]]:
-    """The files of one array: its zarr.json and, unless it has no elements, its single chunk."""
+@dataclass
+class _CompressedTotals:
+    """Data and chunk-file bytes of the compressed arrays met so far, in manifest order: a store may
+    expand only so far (see :data:`~dlearner.checkpoint.limits.MAX_COMPRESSION_RATIO`)."""
+
+    data_bytes: int = 0
+    file_bytes: int = 0
+
+    def within_limit(self) -> bool:
+        return self.data_bytes <= decompressed_bytes_allowed(self.file_bytes)
+
+    def describe(self) -> str:
+        return (
+            f"{self.data_bytes} bytes of data in {self.file_bytes} bytes of chunk files, more than the "
+            f"{DECOMPRESSION_ALLOWANCE_BYTES} bytes plus {MAX_COMPRESSION_RATIO}x the chunk files readers "
+            "accept (DECOMPRESSION_ALLOWANCE_BYTES, MAX_COMPRESSION_RATIO)"
+        )
+
+
+def _array_files(
+    version_dir: str, leaf: ArrayLeaf, key: str, template: ArrayTemplate, totals: _CompressedTotals
+) -> Iterator[tuple[str, list[Any]]]:
+    """The files of one array: its zarr.json and, unless it has no elements, its chunks."""
     node = f"{version_dir}/{leaf.node}"
-    doc = template.doc_for(leaf.shape, {ATTRS_KEY: {"key": key}}, name=posixpath.basename(leaf.node))
-    files = [(f"{node}/{ZARR_JSON}", [json_bytes(doc)])]
-    if leaf.nbytes:
-        assert leaf.array is not None
-        files.append((f"{node}/{template.chunk_key}", encode_chunk(leaf.array, leaf.crc32c)))
-    return files
+    rows = chunk_rows(leaf.shape, leaf.dtype.itemsize)
+    doc = template.doc_for(leaf.shape, {ATTRS_KEY: {"key": key}}, name=posixpath.basename(leaf.node), chunk_rows=rows)
+    yield f"{node}/{ZARR_JSON}", [json_bytes(doc)]
+    if not leaf.nbytes:
+        return
+    assert leaf.array is not None
+    if rows is None:
+        yield f"{node}/{template.chunk_key}", encode_chunk(leaf.array, leaf.crc32c)
+        return
+    chunk_nbytes = rows * (leaf.nbytes // leaf.shape[0])
+    with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
+        encoded = _in_order(pool, lambda data: encode_compressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
+        for index, parts in enumerate(encoded):
+            totals.file_bytes += sum(len(part) for part in parts)
+            yield f"{node}/{template.chunk_key_of(index)}", parts
+    totals.data_bytes += leaf.nbytes
+    if not totals.within_limit():
+        raise ValueError(
+            f"cannot save: the compressed arrays up to {key!r} ({node}) hold {totals.describe()}, so readers "
+            "would refuse the checkpoint. Data that compresses this well is mostly constant (such as the unused "
+            "rows of a preallocated buffer): store only the rows that hold data. Nothing was committed."
+        )
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _in_order(pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
+    """``fn`` of each item, computed in ``pool`` and yielded in order, with at most two results per
+    thread computed ahead: the consumer writes one while the next ones are being computed."""
+    pending: collections.deque[Future[_R]] = collections.deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) > 2 * _CHUNK_THREADS:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _version_files(
@@ -215,23 +294,32 @@ def _version_files(
     yield f"{VERSIONS_GROUP}/{ZARR_JSON}", [group_doc({})]
     for keys, node in manifest.groups():
         yield f"{version_dir}/{node.node}/{ZARR_JSON}", [group_doc({ATTRS_KEY: {"key": keys[-1]}})]
+    totals = _CompressedTotals()
     for keys, leaf in manifest.arrays():
-        yield from _array_files(version_dir, leaf, keys[-1], templates[leaf.signature])
+        yield from _array_files(version_dir, leaf, keys[-1], templates[leaf.signature], totals)
+
+
+def store_format_version(manifest: Manifest) -> int:
+    """The format version a store of ``manifest`` is written in: 2 if it has compressed arrays, else 1
+    (the format that dlearners from before compressed chunks read)."""
+    compressed = any(chunk_rows(leaf.shape, leaf.dtype.itemsize) is not None for _, leaf in manifest.arrays())
+    return FORMAT_VERSION if compressed else 1
 
 
 def manifest_doc(manifest: Manifest) -> bytes:
     """The ``zarr.json`` of a version group: the manifest in its attributes."""
-    return group_doc({ATTRS_KEY: {"format_version": FORMAT_VERSION, "tree": manifest.root.to_json()}})
+    return group_doc({ATTRS_KEY: {"format_version": store_format_version(manifest), "tree": manifest.root.to_json()}})
 
 
-def root_doc(committed: str | None, metadata: Any) -> bytes:
+def root_doc(committed: str | None, metadata: Any, format_version: int = FORMAT_VERSION) -> bytes:
     """The root ``zarr.json`` pointing at version ``committed`` (``None``: a claimed, uncommitted store).
 
-    ``metadata`` is already in the exact JSON encoding.
+    ``metadata`` is already in the exact JSON encoding; ``format_version`` is the store's (see
+    :func:`store_format_version`).
     """
     attrs = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "committed_version": committed,
         "committed_at": datetime.datetime.now(datetime.timezone.utc).isoformat() if committed else None,
         "metadata": metadata,
@@ -253,7 +341,8 @@ def commit_version(
     ``manifest_doc`` and ``metadata`` are what :func:`manifest_doc` and :func:`root_doc` take, already
     checked to be readable; ``templates`` has the array template of every signature in the manifest.
     Raises :class:`InvalidCheckpointError` (before writing anything) for a store that is not dlearner's
-    or is in a newer format. Until the commit, readers see the previous checkpoint.
+    or is in a newer format, and ``ValueError`` (before the commit) for compressed arrays that expand more
+    than readers accept. Until the commit, readers see the previous checkpoint.
     """
     where = backend.display
     state = _probe_root(backend)
@@ -271,7 +360,7 @@ def commit_version(
     if state.kind in ("absent", "empty"):
         # Claim the location first: a first save that dies later leaves a store that readers
         # recognise as an uncommitted dlearner checkpoint and that the next save may clean up.
-        backend.write_atomic(ZARR_JSON, root_doc(None, None))
+        backend.write_atomic(ZARR_JSON, root_doc(None, None, store_format_version(manifest)))
 
     version_id = uuid.uuid4().hex
     version_dir = f"{VERSIONS_GROUP}/{version_id}"
@@ -281,7 +370,7 @@ def commit_version(
 
     # The commit: one small object replaced atomically (a rename on local disks, a single PUT on
     # object stores). Before it readers see the previous checkpoint, after it the new one.
-    backend.write_atomic(ZARR_JSON, root_doc(version_id, metadata))
+    backend.write_atomic(ZARR_JSON, root_doc(version_id, metadata, store_format_version(manifest)))
 
     # Remove the previous version and leftovers of interrupted saves. The new checkpoint is already
     # committed, so a failure here only leaves garbage that the next save removes: warn, don't raise.
@@ -315,46 +404,130 @@ def read_arrays(backend: Backend, root: CommittedRoot, manifest: Manifest) -> di
         except TypeError as exc:
             raise InvalidCheckpointError(f"{where}: {exc}; {CORRUPTED}") from exc
     arrays: dict[str, np.ndarray | np.generic] = {}
-    # Each array's zarr.json and chunk, a batch of arrays at a time: remote stores fetch a batch
-    # concurrently, and the first missing or bad file ends the load. A chunk is read up to its exact
-    # size (the manifest's shape x itemsize, plus its 4-byte checksum), never more.
+    totals = _CompressedTotals()
+
+    def done(leaf: ArrayLeaf, data: np.ndarray) -> None:
+        arrays[leaf.node] = data[()] if leaf.numpy_scalar else data
+
+    # Each array's zarr.json, and the chunk of each array small enough to have one uncompressed chunk
+    # only, a batch of arrays at a time: remote stores fetch a batch concurrently, and the first
+    # missing or bad file ends the load. An uncompressed chunk is read up to its exact size (the
+    # manifest's shape x itemsize, plus its 4-byte checksum), never more.
     for start in range(0, len(leaves), _READ_BATCH_ARRAYS):
         batch = leaves[start : start + _READ_BATCH_ARRAYS]
         keys: list[tuple[str, int]] = []
         for leaf in batch:
             node = f"{version_dir}/{leaf.node}"
             keys.append((f"{node}/{ZARR_JSON}", MAX_ARRAY_METADATA_BYTES))
-            if leaf.nbytes:  # arrays with a zero-length axis have no chunk
+            if _one_chunk_only(leaf):
                 keys.append((f"{node}/{templates[leaf.signature].chunk_key}", leaf.nbytes + 4))
         blobs = iter(backend.read_many(keys))
+        larger: list[tuple[ArrayLeaf, int | None]] = []  # read once their zarr.json said how they are stored
         for leaf in batch:
             node = f"{version_dir}/{leaf.node}"
-            meta_raw = next(blobs)
-            chunk = next(blobs) if leaf.nbytes else None
-            data = _decode_array(backend, node, leaf, templates[leaf.signature], meta_raw=meta_raw, chunk=chunk, where=where)
-            arrays[leaf.node] = data[()] if leaf.numpy_scalar else data
+            rows = _check_metadata(backend, node, leaf, templates[leaf.signature], next(blobs), where)
+            if _one_chunk_only(leaf):
+                done(leaf, _decode_one_chunk(node, leaf, next(blobs), where))
+            elif not leaf.nbytes:
+                done(leaf, np.empty(leaf.shape, dtype=leaf.dtype))  # an array with a zero-length axis has no chunk
+            else:
+                larger.append((leaf, rows))
+        # Larger arrays in one uncompressed chunk (as format version 1 wrote them), fetched together.
+        uncompressed = [leaf for leaf, rows in larger if rows is None]
+        chunks = backend.read_many(
+            [(f"{version_dir}/{leaf.node}/{templates[leaf.signature].chunk_key}", leaf.nbytes + 4) for leaf in uncompressed]
+        )
+        for leaf, chunk in zip(uncompressed, chunks):
+            done(leaf, _decode_one_chunk(f"{version_dir}/{leaf.node}", leaf, chunk, where))
+        for leaf, rows in larger:
+            if rows is not None:
+                node = f"{version_dir}/{leaf.node}"
+                done(leaf, _read_compressed_array(backend, node, leaf, templates[leaf.signature], rows, totals, where))
     return arrays
 
 
-def _decode_array(
-    backend: Backend,
-    node: str,
-    leaf: ArrayLeaf,
-    template: ArrayTemplate,
-    *,
-    meta_raw: bytes | None,
-    chunk: bytes | None,
-    where: str,
-) -> np.ndarray:
+def _one_chunk_only(leaf: ArrayLeaf) -> bool:
+    """Whether ``leaf`` has data and is small enough that its only encoding is one uncompressed chunk."""
+    return leaf.nbytes > 0 and chunk_rows(leaf.shape, leaf.dtype.itemsize) is None
+
+
+def _check_metadata(
+    backend: Backend, node: str, leaf: ArrayLeaf, template: ArrayTemplate, meta_raw: bytes | None, where: str
+) -> int | None:
+    """The chunk rows of the array's encoding (``None``: one uncompressed chunk), from its zarr.json."""
     if meta_raw is None:
         raise InvalidCheckpointError(f"{where}: array {node} is missing; {CORRUPTED}")
     meta_key = f"{node}/{ZARR_JSON}"
     meta = _parse_json(meta_raw, meta_key, backend.display, MAX_ARRAY_METADATA_BYTES)
-    # Only dlearner's own encoding is read (see check_array_metadata): another one is refused, so
-    # no chunk is ever decompressed or replaced by a fill value.
-    check_array_metadata(meta, template.doc_for(leaf.shape), f"{where}: {meta_key}")
-    if not leaf.nbytes:
-        return np.empty(leaf.shape, dtype=leaf.dtype)
+    # Only dlearner's own encodings are read (see check_array_metadata): another one is refused, so
+    # no chunk is ever replaced by a fill value or decompressed beyond its size.
+    return check_array_metadata(meta, template, leaf.shape, f"{where}: {meta_key}")
+
+
+def _decode_one_chunk(node: str, leaf: ArrayLeaf, chunk: bytes | None, where: str) -> np.ndarray:
     if chunk is None:
         raise InvalidCheckpointError(f"{where}: the data of array {node} is missing; {CORRUPTED}")
     return decode_chunk(chunk, leaf.dtype, leaf.shape, leaf.crc32c, f"{where}: array {node}")
+
+
+def _read_compressed_array(
+    backend: Backend,
+    node: str,
+    leaf: ArrayLeaf,
+    template: ArrayTemplate,
+    rows: int,
+    totals: _CompressedTotals,
+    where: str,
+) -> np.ndarray:
+    """An array stored in compressed chunks of ``rows`` rows.
+
+    All its chunk files are read and checked first (each up to zstd's bound for its data; checksum;
+    a zstd frame that declares exactly the chunk's size), then the store's expansion limit, and only
+    then is the array allocated and are the chunks decompressed, each into its exact place. The CRC32C
+    of the whole data must be the manifest's: each chunk's own checksum covers its compressed bytes
+    only, so this is what refuses chunks swapped within the array or moved from another one.
+    """
+    if leaf.crc32c is None:
+        raise InvalidCheckpointError(
+            f"{where}: the manifest has no crc32c for array {node}, which has compressed chunks; {CORRUPTED}"
+        )
+    chunk_nbytes = rows * (leaf.nbytes // leaf.shape[0])
+    keys = [f"{node}/{template.chunk_key_of(i)}" for i in range(-(-leaf.shape[0] // rows))]
+    limit = compressed_chunk_limit(chunk_nbytes)
+    per_call = max(1, _READ_CHUNK_GROUP_BYTES // limit)
+    frames: list[np.ndarray] = []
+    for first in range(0, len(keys), per_call):
+        group = keys[first : first + per_call]
+        for key, raw in zip(group, backend.read_many([(key, limit) for key in group])):
+            if raw is None:
+                raise InvalidCheckpointError(f"{where}: the data of array {node} is missing ({key} not found); {CORRUPTED}")
+            frames.append(check_compressed_chunk(raw, chunk_nbytes, f"{where}: {key}"))
+            totals.file_bytes += len(raw)
+    totals.data_bytes += leaf.nbytes
+    if not totals.within_limit():
+        raise InvalidCheckpointError(
+            f"{where}: the compressed arrays up to {node} hold {totals.describe()}; refusing to decompress them; {CORRUPTED}"
+        )
+
+    data = np.empty(leaf.shape, leaf.dtype.newbyteorder("<"))
+    flat = data.reshape(-1).view(np.uint8)
+
+    def decompress(index: int) -> None:
+        target = flat[index * chunk_nbytes : (index + 1) * chunk_nbytes]
+        if target.size == chunk_nbytes:
+            decompress_chunk(frames[index], target, f"{where}: {keys[index]}")
+        else:  # the last chunk, padded to the full chunk shape
+            padded = np.empty(chunk_nbytes, np.uint8)
+            decompress_chunk(frames[index], padded, f"{where}: {keys[index]}")
+            target[:] = padded[: target.size]
+
+    with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
+        for _ in pool.map(decompress, range(len(frames))):
+            pass  # map raises the first chunk's error, in chunk order
+    if google_crc32c.value(flat) != leaf.crc32c:
+        raise InvalidCheckpointError(
+            f"{where}: array {node}: its chunks are intact, but together they are not the data saved for this "
+            f"array (their CRC32C differs from the manifest's: chunks swapped, or moved from another array?); {CORRUPTED}"
+        )
+    # astype copies only for big-endian dtypes; data is written little-endian.
+    return data if data.dtype == leaf.dtype else data.astype(leaf.dtype)

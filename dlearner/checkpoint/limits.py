@@ -3,18 +3,24 @@
 A checkpoint is data that may come from anyone (a download, a shared run folder). Whatever a store
 holds, loading it must end, quickly, in either the saved state or a ``ValueError``: never a hang, a
 ``MemoryError`` or a ``RecursionError``. Each limit below is far above what any checkpoint dlearner
-writes needs, and :func:`dlearner.checkpoint.save_state_tree` refuses (before writing anything) a
-state that would exceed one, so every checkpoint dlearner writes can be read back. Every message
+writes needs, and :func:`dlearner.checkpoint.save_state_tree` refuses a state that would exceed one
+(before writing anything; for :data:`MAX_COMPRESSION_RATIO`, which needs the compressed sizes,
+before committing), so every checkpoint dlearner writes can be read back. Every message
 about a limit names the file and the limit. The list, with the reasons, is in
 ``docs/checkpoint-format.md`` ("Reading untrusted checkpoints").
 
 Limits that need no constant, because the store's own manifest bounds them:
 
-* an array's chunk is read only up to its exact size, the manifest's shape × itemsize plus the 4 bytes
-  of its CRC32C: checkpoints are never compressed, so nothing is ever decompressed;
-* each array has exactly one chunk, so the files read are the root ``zarr.json``, the manifest, and
-  one ``zarr.json`` and one chunk per array, at most ``2 * MAX_MANIFEST_NODES + 2`` files, and the
-  first missing or bad one ends the load.
+* an uncompressed chunk (arrays of at most 1 MiB, and larger ones written in format version 1) is
+  read only up to its exact size, the manifest's shape × itemsize plus the 4 bytes of its CRC32C;
+* a compressed chunk (arrays over 1 MiB, format version 2) is read only up to zstd's bound for its
+  data (``compressed_chunk_limit``: the data's size + 1/256 + 4 bytes), and decompressed into a
+  buffer of exactly its data's size, after its frame header has declared that size: a frame that
+  declares another size, or holds more, is refused before anything is allocated for it;
+* an array has exactly one chunk, or the chunks that its shape determines (whole rows, at most 4 MiB
+  of data each unless one row is more, so each but the last holds more than 2 MiB), so the files read
+  are the root ``zarr.json``, the manifest, one ``zarr.json`` and one chunk per array, and one more
+  chunk per 2 MiB of compressed arrays' data; the first missing or bad one ends the load.
 """
 
 from __future__ import annotations
@@ -48,8 +54,24 @@ MAX_ARRAY_NDIM = 64
 
 MAX_ARRAY_BYTES = 2**40
 """Largest array a manifest may declare (1 TiB). A sanity bound that keeps size arithmetic exact;
-memory for array data is otherwise bounded by what the manifest declares, and each chunk file must
-have exactly its declared size."""
+memory for array data is otherwise bounded by what the manifest declares, each uncompressed chunk
+file must have exactly its declared size, and compressed data by :data:`MAX_COMPRESSION_RATIO`."""
+
+MAX_COMPRESSION_RATIO = 1024
+"""How much compressed chunks may expand, store-wide, beyond :data:`DECOMPRESSION_ALLOWANCE_BYTES`.
+
+Uncompressed, a store can only make a reader allocate what its files hold. zstd expands up to
+~32,000x (a 4 MiB chunk of zeros is ~130 bytes), so a store of a few MB could otherwise declare
+terabytes. Reading, the data of the compressed arrays read so far (in manifest order) may total at
+most ``DECOMPRESSION_ALLOWANCE_BYTES + MAX_COMPRESSION_RATIO * (bytes of their chunk files)``; it is
+checked before an array's memory is allocated. Real data compresses far less (the float columns of
+a replay buffer ~1.1x; images and boolean columns more, but not 1,000x unless mostly constant)."""
+
+DECOMPRESSION_ALLOWANCE_BYTES = 256 * 2**20
+"""Data of compressed arrays a store may hold beyond :data:`MAX_COMPRESSION_RATIO` (see there):
+enough for any checkpoint up to 256 MiB of arrays whatever its content (a Pendulum replay buffer of
+1M rows is 38 MB), and the most memory a store of tiny chunks can make a reader allocate beyond
+:data:`MAX_COMPRESSION_RATIO` times its size."""
 
 MAX_KEY_CHARS = 65_536
 """Longest tree key saved (a key is stored in its node's ``zarr.json``, see
@@ -57,3 +79,9 @@ MAX_KEY_CHARS = 65_536
 
 MAX_LISTED_ENTRIES = 1_000
 """Most directory entries looked at when saying what a path that is not a checkpoint holds."""
+
+
+def decompressed_bytes_allowed(compressed_bytes: int) -> int:
+    """Most data the compressed arrays read so far may hold, when their chunk files have
+    ``compressed_bytes`` bytes (see :data:`MAX_COMPRESSION_RATIO`)."""
+    return DECOMPRESSION_ALLOWANCE_BYTES + MAX_COMPRESSION_RATIO * compressed_bytes

@@ -54,9 +54,11 @@ class ArrayLeaf:
     shape: tuple[int, ...]
     numpy_scalar: bool  # restore as a numpy scalar rather than a 0-d array
     array: np.ndarray | None = None  # the data, when saving
-    # CRC32C of the chunk's data, kept in the manifest too: the chunk's own checksum proves it is
-    # intact, this one that it is this array's (not another array's of the same shape, moved here).
-    # None for arrays without elements, and in checkpoints written before it was recorded.
+    # CRC32C of the array's whole data (raw little-endian bytes, all chunks together): each chunk's
+    # own checksum proves it intact, this one that the data is this array's (not another array's of
+    # the same shape moved here, nor its own compressed chunks swapped). For an uncompressed array it
+    # is the checksum that ends its chunk. None for arrays without elements, and in checkpoints
+    # written before it was recorded (which have no compressed arrays).
     crc32c: int | None = None
 
     @property
