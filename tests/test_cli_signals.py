@@ -33,14 +33,32 @@ def dlearner(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([DLEARNER, *args], capture_output=True, text=True, timeout=timeout, env={**os.environ, **QUIET_THREADS})
 
 
-def start_dlearner(*args: str) -> subprocess.Popen:
+def start_dlearner(*args: str, own_process_group: bool = False) -> subprocess.Popen:
+    """``own_process_group``: the command and every process it starts form a process group of their
+    own, as a command typed in a terminal does (its Ctrl-C signals the whole group)."""
     return subprocess.Popen(
-        [DLEARNER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **QUIET_THREADS}
+        [DLEARNER, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **QUIET_THREADS},
+        start_new_session=own_process_group,
     )
 
 
-def start_training(run: Path, *extra: str) -> subprocess.Popen:
-    return start_dlearner("train", "--env", "CartPole-v1", "--checkpoint", str(run), "--stop-iters", "100000", *FAST, *extra)
+def start_training(run: Path, *extra: str, own_process_group: bool = False) -> subprocess.Popen:
+    return start_dlearner(
+        "train",
+        "--env",
+        "CartPole-v1",
+        "--checkpoint",
+        str(run),
+        "--stop-iters",
+        "100000",
+        *FAST,
+        *extra,
+        own_process_group=own_process_group,
+    )
 
 
 def iterations_logged(run: Path) -> List[int]:
@@ -67,12 +85,17 @@ def checkpoint_weights(run: Path) -> np.ndarray:
     return np.concatenate([np.ravel(np.asarray(weights[m][k])) for m in sorted(weights) for k in sorted(weights[m])])
 
 
-def stop_with(proc: subprocess.Popen, signum: int, run: Path, after_iterations: int = 3):
+def stop_with(proc: subprocess.Popen, signum: int, run: Path, after_iterations: int = 3, to_group: bool = False):
+    """Send ``signum`` to ``proc`` (``to_group``: to its whole process group) once ``run`` has
+    ``after_iterations`` iterations; returns its stdout and stderr."""
     try:
         wait_for(
             lambda: len(iterations_logged(run)) >= after_iterations, timeout=120, proc=proc, what=f"{after_iterations} iterations"
         )
-        proc.send_signal(signum)
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            proc.send_signal(signum)
         return proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -80,12 +103,16 @@ def stop_with(proc: subprocess.Popen, signum: int, run: Path, after_iterations: 
             proc.communicate()
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_finishes_the_iteration_saves_it_whole_and_resume_goes_on(tmp_path, signum, status):
+# SIGTERM as `kill PID` sends it, to the driver alone; SIGINT as Ctrl-C in a terminal sends it, to the
+# whole process group, so the embedded cluster's worker processes get it too and leave it to the driver.
+@pytest.mark.parametrize(
+    "signum, status, to_group", [(signal.SIGTERM, 0, False), (signal.SIGINT, 130, True)], ids=["SIGTERM", "SIGINT"]
+)
+def test_a_signal_finishes_the_iteration_saves_it_whole_and_resume_goes_on(tmp_path, signum, status, to_group):
     run = tmp_path / "run"
     # A learner actor on the embedded cluster: the signal reaches the driver while it waits on the actor.
-    proc = start_training(run, "--num-learners", "1", "--checkpoint-every", "0")
-    out, err = stop_with(proc, signum, run)
+    proc = start_training(run, "--num-learners", "1", "--checkpoint-every", "0", own_process_group=to_group)
+    out, err = stop_with(proc, signum, run, to_group=to_group)
     name = signal.Signals(signum).name
     assert proc.returncode == status, err
     assert "Traceback" not in err

@@ -1,5 +1,6 @@
 """The LocalCluster dlearner starts itself (no ``.cluster(...)`` named): it keeps the number of worker
-processes it was built with, and closing it lets every worker process exit on its own.
+processes it was built with, its worker processes leave SIGINT and SIGTERM to the driver, and closing
+it lets every worker process exit on its own, with nothing logged.
 
 Dask's ``LocalCluster`` gives up on a worker that is not back within
 ``distributed.deploy.lost-worker-timeout`` (its nanny is closed for good), and gives a closing worker
@@ -9,6 +10,7 @@ need more than either. The cluster is dlearner's own, so dlearner takes care of 
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -71,3 +73,39 @@ def test_closing_lets_each_worker_process_exit_on_its_own(tmp_path):
         connection.close()
     # Dask alone kills a worker process still running after 4 s ("Worker process still alive after 4.0 seconds, killing").
     assert all(Path(marker).is_file() for marker in markers.values()), "a worker process was killed instead of exiting"
+
+
+def test_worker_processes_leave_sigint_and_sigterm_to_the_driver():
+    # Ctrl-C in a terminal (and `timeout`, `scancel`) signals the worker processes too; the driver
+    # finishes its iteration on them before it closes them.
+    connection = connect(PPOConfig(), num_workers=1)
+    try:
+        (address, pid), *_ = connection.client.run(os.getpid).items()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            os.kill(pid, signum)
+        time.sleep(1.0)  # a worker process that took a signal would be gone (or restarted) by now
+        assert connection.client.run(os.getpid) == {address: pid}
+        assert connection.client.submit(sum, [1, 2], workers=[address]).result(timeout=60) == 3
+    finally:
+        connection.close()
+
+
+def test_closing_while_a_heartbeat_is_in_flight_logs_nothing(capfd):
+    connection = connect(PPOConfig(), num_workers=2)
+    try:
+        # A scheduler slow to answer heartbeats, as on a busy machine: each worker sends one within
+        # 0.5 s, which is still waiting for its answer when the workers close.
+        scheduler = connection.cluster.scheduler
+        answer = scheduler.handlers["heartbeat_worker"]
+
+        async def slow_heartbeat_worker(*args, **kwargs):
+            await asyncio.sleep(2.0)
+            return answer(*args, **kwargs)
+
+        scheduler.handlers["heartbeat_worker"] = slow_heartbeat_worker
+        time.sleep(1.0)
+    finally:
+        connection.close()
+    # Dask's worker alone closes its connections under the heartbeat in flight and logs
+    # "Failed to communicate with scheduler during heartbeat" with a traceback.
+    assert capfd.readouterr().err == ""

@@ -4,8 +4,9 @@ One client-creation path for everything dlearner starts (the LearnerGroup, the A
 ``dlearner`` command line): an existing ``distributed.Client``, a scheduler ``address``, a
 ``scheduler_file`` (HPC jobs, dask-jobqueue, dask-mpi), or an embedded ``LocalCluster`` of worker
 processes that the connection owns, keeps at its size (:func:`_keep_workers`) and closes without
-killing its workers. TLS and the other ``distributed.comm`` settings of the client apply to
-everything sent through it.
+killing its workers; those workers leave SIGINT and SIGTERM to the driver (see
+:mod:`dlearner.backends.dask.embedded_worker`). TLS and the other ``distributed.comm`` settings of
+the client apply to everything sent through it.
 
 Placement: one learner per worker *process*, chosen explicitly. Dask releases a task's
 ``resources`` as soon as the task that created an actor finishes, so resources alone would let two
@@ -29,6 +30,7 @@ import distributed
 from distributed import Client, LocalCluster
 from distributed.core import Status
 
+from dlearner.backends.dask.embedded_worker import EmbeddedNanny
 from dlearner.devices import device_for_rank, gpu_packing
 from dlearner.errors import ClusterResourceError, LearnerGroupError
 
@@ -181,6 +183,8 @@ def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
         n_workers=num_workers,
         threads_per_worker=max(1, int(config.num_cpus_per_learner)),
         processes=True,  # learners need their own processes (and their own GIL)
+        # Worker processes that leave SIGINT/SIGTERM to the driver and close without a heartbeat error.
+        worker_class=EmbeddedNanny,
         dashboard_address=":0",  # a free port: several groups (or tests) can run side by side
         silence_logs=logging.WARNING,
     )
