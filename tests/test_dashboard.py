@@ -279,7 +279,20 @@ def test_store_orders_by_start_folds_finished_runs_and_hides_claimed_groups():
     assert owner["status"] == "finished" and owner["folded"]
     assert r["status"] == "running" and not r["folded"]
     assert r["step"] == 5 and r["learners"]["m"]["total_loss"] == 5.0
-    assert [p["step"] for p in r["history"]] == [3, 4, 5]  # sorted, trimmed to max_history
+    assert [p["step"] for p in r["history"]] == [1, 4, 5]  # sorted; past max_history the older half is thinned
+
+
+def test_a_long_run_keeps_its_whole_curve_in_a_bounded_number_of_points():
+    store = MetricsStore(max_history=1000)
+    for i in range(1, 100_001):  # ~3 hours of APPO at 10 iterations/s before the iteration floor
+        result = {"training_iteration": i, "num_env_steps_sampled_lifetime": 500 * i, "env_runners": {"episode_return_mean": 1.0}}
+        store.add({"run_id": "long", "kind": "train", "result": result}, received=float(i))
+    steps = [p["step"] for p in store.to_json()["runs"][0]["history"]]
+    assert len(steps) <= 1000 and steps == sorted(steps)
+    assert steps[0] == 1 and steps[-1] == 100_000
+    assert steps[-500:] == list(range(100_001 - 500, 100_001))  # the latest iterations in full
+    deciles = {step * 10 // 100_001 for step in steps}
+    assert deciles == set(range(10))  # and the whole run's shape: every tenth of it has points
 
 
 def test_curves_have_round_ticks_and_pages_render_without_data():

@@ -188,9 +188,10 @@ class _Run:
         self._env_runner_seen: Dict[int, Set[str]] = {}
         self.algorithm: Optional[str] = None
         self.env: Optional[str] = None
-        # step -> point; a dict so that a re-sent step replaces its point, trimmed to max_history.
+        # step -> point; a dict so that a re-sent step replaces its point, thinned to max_history.
         self.history: "collections.OrderedDict[int, Dict[str, Any]]" = collections.OrderedDict()
         self.max_history = max_history
+        self.stride = 1  # older points are kept at multiples of this step (see _thin)
 
     @property
     def axis_labels(self) -> Tuple[str, str]:
@@ -203,8 +204,21 @@ class _Run:
         self.history[step] = {"step": step, **point}
         if late:  # messages may overtake each other: keep the curve in step order
             self.history = collections.OrderedDict(sorted(self.history.items()))
+        if len(self.history) > self.max_history:
+            self._thin()
+
+    def _thin(self) -> None:
+        """Keep the whole run's shape in at most ``max_history`` points: the newest half in full, and
+        older points (but the first) only at steps that are multiples of a stride, doubled whenever
+        they would fill the other half. The old part of the curve stays evenly spaced however long
+        the run; ``metrics.jsonl`` has every iteration."""
         while len(self.history) > self.max_history:
-            self.history.popitem(last=False)
+            steps = list(self.history)
+            for step in steps[1 : len(steps) - self.max_history // 2]:
+                if step % self.stride:
+                    del self.history[step]
+            if len(self.history) > self.max_history:
+                self.stride *= 2
 
     def status_now(
         self, liveness: Optional[Liveness], groups: Mapping[str, _Group]
