@@ -270,16 +270,19 @@ class LearnerGroup:
         num_updates: int,
         batch_size: int,
         timesteps: Optional[Mapping[str, Any]] = None,
-    ) -> ResultDict:
+        async_update: bool = False,
+    ) -> Union[ResultDict, concurrent.futures.Future]:
         """Off-policy learners (with a replay buffer of their own, such as SAC's): add ``rows`` (a batch
         of new transitions, validated here like any batch) to every learner's buffer, then make
         ``num_updates`` updates of ``batch_size`` rows (over all learners) sampled from it.
 
         The rows travel once to each learner; training batches never leave the learners (see
         :mod:`dlearner.algorithms.off_policy`). Returns one reduced result dict (the updates'
-        results averaged, counts summed) with ``replay_buffer_size``. With fault tolerance a
-        learner lost during the call is replaced with a survivor's state, buffer included, and the
-        call is retried; the rows are added once.
+        results averaged, counts summed) with ``replay_buffer_size``; with ``async_update=True`` a
+        ``concurrent.futures.Future`` of it at once (learners run calls in the order they were made,
+        so a ``get_weights_async()`` made next gives the weights after these updates). With fault
+        tolerance a learner lost during the call is replaced with a survivor's state, buffer
+        included, and the call is retried; the rows are added once.
         """
         self._check_usable()
         if not callable(getattr(self._learner_class, "update_from_replay_buffer", None)):
@@ -306,6 +309,11 @@ class LearnerGroup:
             return [(validated, options, rank, world) for rank in range(world)]
 
         self._pool.ensure_ready()
+        if async_update:
+            self._wait_for_capacity()
+            pending, _ = self._pool.submit_update(learner_ops.update_from_replay_buffer, args, log_topic=self._pool.metrics_topic)
+            self._in_flight.append(_AsyncRequest(pending, report=False))
+            return first_value(pending)
         call = functools.partial(
             self._pool.call, learner_ops.update_from_replay_buffer, collective=True, log_topic=self._pool.metrics_topic
         )

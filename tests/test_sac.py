@@ -340,3 +340,18 @@ def test_the_pendulum_example_learns(capsys):
     out = example.main(num_learners=0, num_env_runners=0, stop_return=-600.0, max_iters=10, seed=1)
     assert out["result"]["env_runners"]["episode_return_mean"] >= -600.0
     assert "greedy evaluation over 5 episodes" in capsys.readouterr().out
+
+
+def test_an_updates_snapshot_leaves_the_replay_buffer_out_but_keeps_the_noise_generator():
+    learner = build_learner(PENDULUM)
+    learner.update_from_replay_buffer(transitions(PENDULUM, 100), row_batch_id="a", num_updates=0, batch_size=32, timesteps={})
+    snapshot = learner.take_snapshot()
+    # Copying the buffer for every update would cost more than the update; no update changes it.
+    assert "replay_buffer" not in snapshot.learner_state and "noise_generator" in snapshot.learner_state
+    assert "replay_buffer" in learner.get_state()["learner_state"]  # checkpoints and new learners get it
+    before = learner.get_state()
+    learner.update_from_replay_buffer(None, row_batch_id="a", num_updates=1, batch_size=32, timesteps={})
+    learner.restore_snapshot(snapshot)
+    for name, value in before["rl_module"][DEFAULT_MODULE_ID].items():
+        np.testing.assert_array_equal(learner.module[DEFAULT_MODULE_ID].get_state()[name], value)
+    np.testing.assert_array_equal(learner.noise_generator.get_state().numpy(), before["learner_state"]["noise_generator"])

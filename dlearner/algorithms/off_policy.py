@@ -99,9 +99,20 @@ class ReplayLearnerMixin:
     # -- state ----------------------------------------------------------------------------------
     def get_learner_state(self) -> Dict[str, Any]:
         state = super().get_learner_state()
-        state[REPLAY_BUFFER_STATE] = self.replay_buffer.get_state()
+        if not getattr(self, "_snapshotting", False):
+            state[REPLAY_BUFFER_STATE] = self.replay_buffer.get_state()
         state[ROWS_ADDED_STATE] = self.last_replay_row_batch
         return state
+
+    def learner_state_for_snapshot(self) -> Dict[str, Any]:
+        """The learner state without the buffer: an update never changes it (rows join before, priorities
+        change after), and copying a million rows for every update's snapshot would cost more than the
+        update. The subclass's own state (SAC's noise generator) is in, as ``get_learner_state`` gives it."""
+        self._snapshotting = True
+        try:
+            return self.get_learner_state()
+        finally:
+            self._snapshotting = False
 
     def _check_learner_state(self, state) -> None:
         super()._check_learner_state(state)

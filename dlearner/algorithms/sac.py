@@ -19,7 +19,7 @@ the Q networks by polyak averaging with ``tau``.
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import gymnasium as gym
 import numpy as np
@@ -393,7 +393,7 @@ class SACConfig(AlgorithmConfig):
 #: A learner call makes at least this many updates once learning started (fewer calls, each doing
 #: more, keep the cluster's per-call cost small next to SAC's small updates). Env runners then act
 #: with weights at most this many updates old, which off-policy learning tolerates.
-MIN_UPDATES_PER_CALL = 16
+MIN_UPDATES_PER_CALL = 64
 
 
 class SAC(Algorithm):
@@ -412,33 +412,44 @@ class SAC(Algorithm):
 
     def training_step(self):
         config = self.config
-        batch_size = config.train_batch_size
-        per_call: list = []
+        per_call: List[Dict[str, Any]] = []
         sampled = 0
+        in_flight = None  # the learner call of the last round: (future of its results, of the weights after it)
         while sampled < config.min_sample_timesteps_per_iteration:
-            want = self._round_env_steps(config.min_sample_timesteps_per_iteration - sampled)
-            fragments = self.env_runner_group.sample(want)
+            # The env runners sample the next fragments while the learners train on the last ones.
+            fragments = self.env_runner_group.sample(self._round_env_steps(config.min_sample_timesteps_per_iteration - sampled))
+            if in_flight is not None:
+                self._finish_call(*in_flight, per_call)
             pieces = [n_step_transitions(f, n_step=self._n_steps(f), gamma=config.gamma) for f in fragments]
             rows = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
             num_rows = len(rows[Columns.OBS])
             sampled += num_rows
             num_updates = self._updates_owed(num_rows)
             self.replay_buffer_size = min(self.replay_buffer_size + num_rows, self._capacity)
-            results = self.learner_group.update_from_replay_buffer(
-                rows, num_updates=num_updates, batch_size=batch_size, timesteps=self.timesteps(sampled)
-            )
-            self.replay_buffer_size = int(results[ALL_MODULES]["replay_buffer_size"])
-            if num_updates:
-                per_call.append(results)
-                self.num_env_steps_trained_lifetime += num_updates * batch_size
-                self.env_runner_group.sync_weights(self.learner_group.get_weights())
+            future = self.learner_group.update_from_replay_buffer(
+                rows, num_updates=num_updates, batch_size=config.train_batch_size, timesteps=self.timesteps(sampled),
+                async_update=True,
+            )  # fmt: skip
+            # Queued behind the call on the learners: the weights after its updates, without waiting here.
+            in_flight = (future, self.learner_group.get_weights_async() if num_updates else None)
+        self._finish_call(*in_flight, per_call)
         if not per_call:
             return {ALL_MODULES: {"replay_buffer_size": self.replay_buffer_size}}, sampled
         from dlearner.algorithms.off_policy import _mean_results
 
         results = _mean_results(per_call)
         results[ALL_MODULES]["num_env_steps_trained_lifetime"] = self.num_env_steps_trained_lifetime
+        results[ALL_MODULES]["replay_buffer_size"] = self.replay_buffer_size  # now, not a mean over the calls
         return results, sampled
+
+    def _finish_call(self, future, weights, per_call: List[Dict[str, Any]]) -> None:
+        """Wait for a learner call; keep its results, count its training and send its weights to the env runners."""
+        results = future.result()
+        self.replay_buffer_size = int(results[ALL_MODULES]["replay_buffer_size"])
+        if weights is not None:
+            per_call.append(results)
+            self.num_env_steps_trained_lifetime += int(results[ALL_MODULES]["num_env_steps_trained"])
+            self.env_runner_group.sync_weights(weights.result())
 
     def _n_steps(self, fragment: Mapping[str, np.ndarray]) -> Union[int, np.ndarray]:
         """``n_step``, or for a ``(low, high)`` range one span per step of ``fragment``, drawn uniformly."""

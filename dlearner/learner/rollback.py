@@ -86,7 +86,7 @@ class RollbackMixin:
             )
         # get_learner_state returns copies (semantics 5); only its containers are copied here, in case a
         # subclass hands out a live dict the update then changes.
-        learner_state = _copy_tree(self.get_learner_state(), copy_arrays=False)
+        learner_state = _copy_tree(self.learner_state_for_snapshot(), copy_arrays=False)
         return LearnerSnapshot(self._snapshot_owner, modules, optimizers, learner_state)
 
     def restore_snapshot(self, snapshot: LearnerSnapshot) -> None:

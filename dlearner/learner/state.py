@@ -126,6 +126,12 @@ class StateMixin:
             "rng": {"bit_generator": bit_state["bit_generator"], "state": bit_state},
         }
 
+    def learner_state_for_snapshot(self) -> Dict[str, Any]:
+        """The part of :meth:`get_learner_state` an update may change: what a snapshot copies (see
+        ``take_snapshot``). A learner whose state also holds data no update changes (a replay buffer,
+        which it fills outside ``update``) leaves that out, so a snapshot stays cheap."""
+        return self.get_learner_state()
+
     @override_point
     def set_learner_state(self, state: Mapping[str, Any]) -> None:
         """Set what :meth:`get_learner_state` returned (checked first by :meth:`_check_learner_state`)."""
