@@ -40,6 +40,9 @@ def run(config_class, seed: int, runners: int, max_steps: int = 300_000, max_wal
         .learners(num_learners=1)
         .debugging(seed=seed)
     )
+    if hasattr(config, "min_time_s_per_iteration"):
+        # Per-batch iterations (not the 5 s default), so the solve is seen within one batch of it.
+        config.training(min_time_s_per_iteration=None)
     with config.build_algo() as algo:
         train_start = time.perf_counter()
         train_time, trained, lags, lag_max, dropped = 0.0, 0, [], 0, 0

@@ -142,7 +142,7 @@ def appo_config(client):
         .environment("CartPole-v1")
         .env_runners(num_env_runners=1, num_envs_per_env_runner=2)
         .learners(num_learners=2, learner_startup_timeout_s=60)
-        .training(rollout_fragment_length=10, train_batch_size=40)
+        .training(rollout_fragment_length=10, train_batch_size=40, min_time_s_per_iteration=None)
         .rl_module(model_config={"fcnet_hiddens": [16, 16]})
         .fault_tolerance(restart_failed_learners=True, restart_failed_env_runners=True, learner_restart_timeout_s=60)
         .cluster(client=client)

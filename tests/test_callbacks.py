@@ -278,7 +278,7 @@ def test_custom_metrics_arrive_with_every_sample_of_impala():
         IMPALAConfig()
         .environment(ENV_ID)
         .env_runners(num_envs_per_env_runner=4, rollout_fragment_length=25)
-        .training(train_batch_size=200)
+        .training(train_batch_size=200, min_time_s_per_iteration=None)
         .rl_module(model_config=SMALL)
         .callbacks(LengthStats)
         .debugging(seed=0)

@@ -601,6 +601,8 @@ def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, al
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["training_iteration"] for r in rows] == [1, 2]
     assert all("policy_lag_mean" in r and r["num_env_steps_dropped_lifetime"] == 0 for r in rows)
+    # By default an iteration (one progress line, one metrics line) stands for at least 5 s of work.
+    assert all(r["time_this_iter_s"] >= 5.0 for r in rows)
     inspected = dlearner("inspect", str(run))
     assert inspected.returncode == 0 and algo in inspected.stdout
 

@@ -656,7 +656,7 @@ def test_an_appo_run_in_a_real_browser_shows_true_throughputs_legends_beside_the
         .environment("CartPole-v1")
         .env_runners(num_env_runners=2, num_envs_per_env_runner=2)
         .learners(num_learners=1)
-        .training(rollout_fragment_length=10, train_batch_size=40)
+        .training(rollout_fragment_length=10, train_batch_size=40, min_time_s_per_iteration=None)
         .rl_module(model_config=SMALL)
         .cluster(client=client)
         .debugging(seed=0)

@@ -197,6 +197,7 @@ def test_a_lost_env_runner_of_an_asynchronous_algorithm_is_replaced_while_sampli
         .env_runners(num_env_runners=1)
         .learners(num_learners=1, learner_startup_timeout_s=60)
         .rl_module(model_config={"fcnet_hiddens": [16, 16]})
+        .training(min_time_s_per_iteration=None)
         .fault_tolerance(restart_failed_env_runners=True)
         .cluster(client=client)
     )

@@ -48,7 +48,8 @@ def small(config_class, **training):
         config_class()
         .environment("CartPole-v1")
         .rl_module(model_config=SMALL_MODEL)
-        .training(**{"rollout_fragment_length": 10, "train_batch_size": 40, **training})
+        # Per-batch iterations (not the 5 s default): tests count iterations of a few batches.
+        .training(**{"rollout_fragment_length": 10, "train_batch_size": 40, "min_time_s_per_iteration": None, **training})
         .debugging(seed=1)
     )
 
@@ -80,7 +81,7 @@ def count_arrays(tree):
         ("clip_param", 0.0),
         ("kl_target", -1.0),
         ("entropy_coeff", -0.1),
-        ("min_time_s_per_iteration", 0),
+        ("min_time_s_per_iteration", -1.0),
     ],
 )
 def test_bad_settings_raise_naming_them_at_the_fluent_call(setting, value):
@@ -266,6 +267,15 @@ def test_min_time_s_per_iteration_makes_an_iteration_last_that_long():
         result = algo.train()
     assert result["time_this_iter_s"] >= 0.5
     assert result["num_learner_updates"] >= 1
+
+
+def test_an_iteration_also_trains_at_least_train_batch_size_new_samples():
+    assert IMPALAConfig().min_time_s_per_iteration == APPOConfig().min_time_s_per_iteration == 5.0
+    config = small(APPOConfig, min_time_s_per_iteration=0.01, train_batch_size=400).env_runners(num_envs_per_env_runner=2)
+    with config.build_algo() as algo:
+        result = algo.train()
+    trained = result["num_env_steps_trained_throughput"] * result["time_this_iter_s"]
+    assert trained == pytest.approx(400 * result["num_learner_updates"]) and trained >= 400  # however short the minimum time
 
 
 # ------------------------------------------------------------------------------- on Dask actors

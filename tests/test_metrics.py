@@ -148,7 +148,7 @@ def test_an_appo_iteration_right_after_a_checkpoint_reports_the_throughput_it_ha
         APPOConfig()
         .environment("CartPole-v1")
         .rl_module(model_config=SMALL_MODEL)
-        .training(rollout_fragment_length=10, train_batch_size=40)
+        .training(rollout_fragment_length=10, train_batch_size=40, min_time_s_per_iteration=None)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
         .debugging(seed=1)
     )

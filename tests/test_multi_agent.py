@@ -321,7 +321,7 @@ def test_a_pettingzoo_env_trains_with_appo_on_env_runner_actors_and_two_learners
             .environment(simple_spread)
             .env_runners(num_env_runners=1, num_envs_per_env_runner=2, rollout_fragment_length=25)
             .learners(num_learners=2, learner_startup_timeout_s=60)
-            .training(train_batch_size=100)
+            .training(train_batch_size=100, min_time_s_per_iteration=None)
             .rl_module(model_config=SMALL)
             .multi_agent(policy_mapping_fn="per-agent")
             .cluster(client=client)

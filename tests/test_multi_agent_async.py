@@ -31,7 +31,7 @@ def two_policies(config_class, **multi_agent):
         )
         .rl_module(model_config=SMALL_MODEL)
         .env_runners(num_env_runners=0, num_envs_per_env_runner=2)
-        .training(rollout_fragment_length=FRAGMENT_LENGTH, train_batch_size=60)
+        .training(rollout_fragment_length=FRAGMENT_LENGTH, train_batch_size=60, min_time_s_per_iteration=None)
         .debugging(seed=0)
     )
 
