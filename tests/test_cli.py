@@ -608,6 +608,26 @@ def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, al
 
 
 @pytest.mark.slow
+def test_train_runs_sac_on_a_continuous_action_env_and_resumes_with_a_refilled_buffer(tmp_path):
+    run = tmp_path / "sac"
+    common = ["--env", "Pendulum-v1", "--num-learners", "0", "--num-env-runners", "0", "--checkpoint", str(run)]
+    proc = dlearner("train", "--algo", "SAC", *common, "--stop-iters", "2", "--fcnet-hiddens", "16,16", "--lr", "0.002")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["replay_buffer_size"] for r in rows] == [1000, 2000]
+    # Learning starts at 1,000 transitions: one update of 256 rows per env step after that.
+    assert rows[-1]["num_env_steps_trained_lifetime"] == 1000 * 256
+    for name in ("qf", "policy", "alpha"):  # --lr sets SAC's three learning rates
+        assert rows[-1][f"learners/default_policy/{name}_learning_rate"] == pytest.approx(0.002)
+    resumed = dlearner("train", "--resume", *common, "--stop-iters", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    last = read_metrics(run / "metrics.jsonl")[-1]
+    # The buffer stays out of checkpoints by default: the resumed run refills it before learning again.
+    assert last["training_iteration"] == 3 and last["replay_buffer_size"] == 1000
+    assert last["num_env_steps_trained_lifetime"] == 1000 * 256
+
+
+@pytest.mark.slow
 def test_a_checkpoint_never_imports_the_module_of_a_module_env_id_by_itself(tmp_path):
     """`module:Env` ids import `module`: `--resume` and `evaluate` need the user to name the id again."""
     (tmp_path / "their_envs.py").write_text(
