@@ -72,17 +72,32 @@ def _json_value(value: Any, name: str) -> Any:
 
 
 # ------------------------------------------------------------------------------- metrics file
+#: What a metrics file may grow by, on average, in a day: past a burst of :data:`METRICS_BURST_BYTES`
+#: (a few thousand iterations, so short runs keep every line), a run of fast iterations writes lines at
+#: this rate (see :class:`MetricsWriter`).
+METRICS_MAX_BYTES_PER_DAY = 50e6
+METRICS_BURST_BYTES = 5e6
+
+
 class MetricsWriter:
     """Appends one flattened JSON object per training iteration to a JSON-lines file.
 
     Each line is flushed as it is written, so ``tail -f`` and :func:`plot_learning_curve` see it
     while training runs.
 
+    The file's growth is bounded in rate, so a run of days stays readable: lines are written while the
+    file grows by less than ``max_bytes_per_day`` on average (after a first ``burst_bytes``, so any run
+    of a few thousand iterations keeps them all); beyond that, an iteration whose line would exceed
+    the rate is left out (counted in :attr:`lines_skipped`). Every line is a whole record (lifetime
+    counters, smoothed returns), so the lines kept are still the run's curve, and the last
+    iteration's line is always written at :meth:`close`.
+
     Args:
         path: The ``.jsonl`` file; its directory is created if missing.
         resume_after_iteration: ``None`` starts a new file (an existing one is replaced). An int
             continues a resumed run: lines with ``training_iteration`` above it (written after the
             checkpoint that was restored) are removed, the rest kept and appended to.
+        max_bytes_per_day, burst_bytes: the rate bound (``None``: no bound).
 
     Example::
 
@@ -90,7 +105,21 @@ class MetricsWriter:
             writer.write(algo.train())
     """
 
-    def __init__(self, path: PathLike, *, resume_after_iteration: Optional[int] = None):
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        resume_after_iteration: Optional[int] = None,
+        max_bytes_per_day: Optional[float] = METRICS_MAX_BYTES_PER_DAY,
+        burst_bytes: float = METRICS_BURST_BYTES,
+    ):
+        self._bytes_per_s = None if max_bytes_per_day is None else float(max_bytes_per_day) / 86400.0
+        self._burst = float(burst_bytes)
+        self._allowance = self._burst  # bytes that may be written now (a token bucket)
+        self._refilled = time.monotonic()
+        self._held: Optional[str] = None  # the newest line left out, written at close()
+        #: Iterations whose line was left out to keep the file within its rate.
+        self.lines_skipped = 0
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_after_iteration is None:
@@ -117,12 +146,34 @@ class MetricsWriter:
         if self._file is None:
             raise ValueError(f"MetricsWriter for {self.path} is closed.")
         row = {"timestamp": time.time(), **flatten_result(result)}
-        self._file.write(json.dumps(row, allow_nan=False) + "\n")
-        self._file.flush()
+        line = json.dumps(row, allow_nan=False) + "\n"
+        if self._within_rate(len(line)):
+            self._write_line(line)
+        else:
+            self._held = line
+            self.lines_skipped += 1
         return row
+
+    def _within_rate(self, size: int) -> bool:
+        if self._bytes_per_s is None:
+            return True
+        now = time.monotonic()
+        self._allowance = min(self._burst, self._allowance + (now - self._refilled) * self._bytes_per_s)
+        self._refilled = now
+        if self._allowance < size:
+            return False
+        self._allowance -= size
+        return True
+
+    def _write_line(self, line: str) -> None:
+        self._file.write(line)
+        self._file.flush()
+        self._held = None
 
     def close(self) -> None:
         if self._file is not None:
+            if self._held is not None:
+                self._write_line(self._held)  # the run's last iteration is always in the file
             self._file.close()
             self._file = None
 

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -407,6 +408,27 @@ def test_metrics_writer_appends_and_resumes_after_the_checkpoint(tmp_path):
     with MetricsWriter(path) as writer:  # a new run starts a new file
         pass
     assert read_metrics(path) == []
+
+
+def test_a_metrics_file_grows_within_its_rate_however_fast_the_iterations(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    burst, per_day = 20_000, 86_400 * 1000  # 1 kB a second after a 20 kB burst
+    started = time.monotonic()
+    with MetricsWriter(path, max_bytes_per_day=per_day, burst_bytes=burst) as writer:
+        for i in range(1, 3001):  # thousands of iterations a second: far over the rate
+            writer.write({"training_iteration": i, "num_env_steps_sampled_lifetime": 500 * i, "pad": "x" * 200})
+        skipped = writer.lines_skipped
+    elapsed = time.monotonic() - started
+    iterations = [r["training_iteration"] for r in read_metrics(path)]
+    line = len(path.read_text().splitlines()[0]) + 1
+    assert path.stat().st_size <= burst + elapsed * 1000 + 2 * line
+    assert skipped > 0 and len(iterations) in (3000 - skipped, 3000 - skipped + 1)  # + the last, held back
+    assert iterations[0] == 1 and iterations[-1] == 3000  # the first lines and the run's last one are there
+    assert iterations == sorted(iterations)
+    with MetricsWriter(path, max_bytes_per_day=None) as writer:  # no bound: every line
+        for i in range(1, 3001):
+            writer.write({"training_iteration": i, "pad": "x" * 200})
+    assert len(read_metrics(path)) == 3000
 
 
 def test_plot_learning_curve_draws_a_real_plot_and_explains_an_empty_file(tmp_path):

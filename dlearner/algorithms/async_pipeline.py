@@ -32,10 +32,10 @@ fragments, and the driver moves data between them::
   driver). A fragment remembers the version its runner sampled with; when it is trained in update
   ``u`` (the ``u``-th request, learning from the weights after ``u`` updates), its policy lag is ``u - version``.
 
-One ``train()`` call (:meth:`AsyncPipeline.run_iteration`) runs this loop until ``train_batch_size``
-new env steps were trained on and at least ``min_time_s_per_iteration`` seconds passed (5 by
-default, so that each progress line, metrics line and dashboard point of a long run stands for real
-work), and returns the mean of its updates' results. Sample requests stay in flight between calls: the runners
+One ``train()`` call (:meth:`AsyncPipeline.run_iteration`) runs this loop for ``min_time_s_per_iteration``
+seconds (5 by default, so that each progress line, metrics line and dashboard point of a long run
+stands for real work), or, when that is ``None``, until ``train_batch_size`` new env steps were
+trained on, and returns the mean of its updates' results. Sample requests stay in flight between calls: the runners
 go on sampling while the caller looks at the results.
 """
 
@@ -163,8 +163,9 @@ class AsyncPipeline:
 
     # --------------------------------------------------------------------------- one iteration
     def run_iteration(self) -> Tuple[Dict[str, Any], int]:
-        """Run the loop until ``train_batch_size`` new samples were trained on, ``min_time_s_per_iteration``
-        passed (when set) and new samples arrived; returns ``(mean learner results, env steps sampled)``.
+        """Run the loop until ``min_time_s_per_iteration`` passed (when set; else until ``train_batch_size``
+        new samples were trained on), with an update finished and new samples arrived; returns ``(mean
+        learner results, env steps sampled)``.
 
         The iteration's time (``time_this_iter_s``) is the wall-clock window since the previous
         iteration ended, not just this call: sampling and updates go on between ``train()`` calls
@@ -190,9 +191,9 @@ class AsyncPipeline:
                 elif kind == "update":
                     finished.append(payload)
             new_samples_trained = sum(update.env_steps for update, _ in finished)
-            done_time = not min_time or time.perf_counter() - start >= min_time
-            done_samples = new_samples_trained >= self.config.train_batch_size
-            if done_time and done_samples and finished and sampled > 0:
+            done_time = bool(min_time) and time.perf_counter() - start >= min_time
+            done_samples = not min_time and new_samples_trained >= self.config.train_batch_size
+            if (done_time or done_samples) and finished and sampled > 0:
                 break
         self._iteration_ended = time.perf_counter()
         elapsed = self._iteration_ended - window_start

@@ -243,8 +243,9 @@ class IMPALAConfig(AlgorithmConfig):
     ``rollout_fragment_length`` steps per vector env, without waiting for the learners; every
     ``broadcast_interval`` updates the new weights go to them with their next request; at most
     ``learner_queue_size`` train batches of samples wait for the learners (sampling waits when the
-    queue is full, nothing is dropped); one ``train()`` call trains on at least ``train_batch_size``
-    new samples and lasts at least ``min_time_s_per_iteration`` seconds.
+    queue is full, nothing is dropped); one ``train()`` call lasts ``min_time_s_per_iteration``
+    seconds (5 by default), or trains on ``train_batch_size`` new samples when you give
+    ``train_batch_size`` (or ``min_time_s_per_iteration=None``): whichever setting you gave.
     """
 
     default_learner_class = IMPALATorchLearner
@@ -268,8 +269,9 @@ class IMPALAConfig(AlgorithmConfig):
         self.rollout_fragment_length = 50
         self.broadcast_interval = 1
         self.learner_queue_size = 4
-        # One iteration (a progress line, a metrics line, a dashboard point) for at least this long: at
-        # ~10 batches a second, per-batch iterations would write ~2 GB of metrics a day (RLlib: 10 s).
+        # One iteration (a progress line, a metrics line, a dashboard point) lasts this long unless the
+        # user sizes it by train_batch_size: at ~10 train batches a second, per-batch iterations would
+        # write ~2 GB of metrics a day (RLlib's IMPALA: 10 s).
         self.min_time_s_per_iteration: Optional[float] = 5.0
 
     def training(
@@ -291,10 +293,14 @@ class IMPALAConfig(AlgorithmConfig):
         rho-bar_pg (``None``: no clipping); ``rollout_fragment_length`` is the steps per fragment and
         vector env; ``broadcast_interval`` the updates between weight broadcasts to the env runners;
         ``learner_queue_size`` the train batches that may wait for the learners;
-        ``min_time_s_per_iteration`` (default 5 s) makes one ``train()`` call last at least that long
-        (and train on at least ``train_batch_size`` new samples); ``None`` or 0 ends it as soon as
-        ``train_batch_size`` new samples were trained on.
+        One ``train()`` call lasts ``min_time_s_per_iteration`` seconds (5 by default), or trains on
+        ``train_batch_size`` new samples: whichever setting you gave. Giving ``train_batch_size``
+        without ``min_time_s_per_iteration`` makes iterations count samples (the time default no
+        longer applies); giving ``min_time_s_per_iteration`` makes them count time; ``None`` or 0
+        counts samples.
         """
+        if "train_batch_size" in kwargs and min_time_s_per_iteration is NotProvided:
+            min_time_s_per_iteration = None
         super().training(**kwargs)
         apply_checks(
             self,
