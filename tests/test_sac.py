@@ -159,7 +159,7 @@ def test_target_networks_follow_by_polyak_averaging_with_tau():
 
 
 def test_sampled_actions_lie_inside_the_bounds_and_greedy_is_the_squashed_mean():
-    learner = build_learner((PENDULUM[0], gym.spaces.Box(np.array([-1.0, 0.0]), np.array([3.0, 0.5]), dtype=np.float32)))
+    learner = build_learner((PENDULUM[0], gym.spaces.Box(np.array([-1.0, 0.0], np.float32), np.array([3.0, 0.5], np.float32))))
     module = learner.module[DEFAULT_MODULE_ID]
     logits = module.forward_inference({Columns.OBS: torch.randn(500, 3) * 10})[Columns.ACTION_DIST_INPUTS] * 50
     dist = module.get_exploration_action_dist_cls().from_logits(logits)
