@@ -122,6 +122,8 @@ class DaskLearnerPool(ActorGroup):
         #: Port of the process group's rendezvous store on rank 0's worker interface (2+ learners).
         self.store_port: Optional[int] = None
         self._updates_submitted = 0
+        #: Keeps the scheduler's task group of this pool's update tasks alive (see :meth:`_update_future`).
+        self._update_group_anchor: Optional[Future] = None
         #: The last checkpoint the group committed (a fault-tolerant pool's state of last resort).
         self.checkpoint_path: Optional[str] = None
         death_confirm_s = settings.seconds("learner-group.death-confirm")
@@ -341,7 +343,19 @@ class DaskLearnerPool(ActorGroup):
         )
 
     def _update_future(self, pending: concurrent.futures.Future, *, fault_tolerant: bool) -> Future:
-        """The ``distributed.Future`` of the update ``pending`` (sent with ``publish=True``)."""
+        """The ``distributed.Future`` of the update ``pending`` (sent with ``publish=True``).
+
+        Its task is of the scheduler's task group ``learner-update``, which the pool keeps alive with
+        one finished task (``learner-update-<group id>-0``) held until shutdown. Without it, the group
+        ends whenever no update task is left (between two updates), and the next task starts a new
+        group in a new default span: Dask keeps every span with its task groups for the scheduler's
+        life (dask/distributed#7977), and each worker keeps metrics per span, so a long run grew by
+        a few KiB per update in the scheduler and in the workers.
+        """
+        if self._update_group_anchor is None:
+            self._update_group_anchor = self.connection.client.submit(
+                _keep_task_group, key=f"learner-update-{self.group_id}-0", pure=False
+            )
         self._updates_submitted += 1
         key = f"learner-update-{self.group_id}-{self._updates_submitted}"
         targets = tuple((s.rank, s.worker, s.key, seq) for s, seq in zip(self.members, pending.seqs))  # type: ignore[attr-defined]
@@ -586,6 +600,7 @@ class DaskLearnerPool(ActorGroup):
         self._closed = True
         client = self.connection.client
         futures = [s.future for s in self.members if s.future is not None]
+        self._update_group_anchor = None  # released: the task group may end with the last update task
         for slot in self.members:
             self.stop_watching(slot)
         if client.status == "running":
@@ -594,6 +609,10 @@ class DaskLearnerPool(ActorGroup):
                 client.cancel(futures, force=True)
         if self._owns_connection:
             self.connection.close()
+
+
+def _keep_task_group() -> None:
+    """The task that keeps a pool's ``learner-update`` task group alive (see ``DaskLearnerPool._update_future``)."""
 
 
 def _on_learner(operation: Callable[..., Any], args_per_rank: Sequence[tuple]) -> List[tuple]:
