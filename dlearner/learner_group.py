@@ -284,7 +284,7 @@ class LearnerGroup:
         tolerance a learner lost during the call is replaced with a survivor's state, buffer
         included, and the call is retried; the rows are added once.
         """
-        self._check_usable()
+        self._check_open()  # a learner already lost is replaced (or reported) by ensure_ready() below
         if not callable(getattr(self._learner_class, "update_from_replay_buffer", None)):
             raise ValueError(
                 f"{self._learner_class.__name__} has no replay buffer; update_from_replay_buffer() trains off-policy "

@@ -281,6 +281,11 @@ def test_sac_survives_lost_env_runners_and_learners_with_identical_replay_buffer
         result = algo.train()
         assert result["num_env_runner_restarts"] == 1
         kill_worker(client, algo.learner_group.learner_workers[1])
+        # The group knows the learner is gone before the next call: the call replaces it (it once raised).
+        deadline = time.monotonic() + 30
+        while algo.learner_group.num_healthy_learners != 1:
+            assert time.monotonic() < deadline, "the group did not notice its lost learner"
+            time.sleep(0.05)
         result = algo.train()
         assert result["num_learner_restarts"] == 1
         assert result["replay_buffer_size"] == result["num_env_steps_sampled_lifetime"]  # every delivered step, once
