@@ -17,6 +17,13 @@ from dlearner.rl_module import RLModule, RLModuleSpec
 from dlearner.spaces import check_flattenable, flatten_observations, needs_flattening
 
 
+def module_input(obs: Any) -> torch.Tensor:
+    """Observations as a module takes them: ``uint8`` as they are (the module scales them, see
+    :func:`dlearner.conv_encoder.observations_as_float`), any other dtype as float32."""
+    array = np.asarray(obs)
+    return torch.from_numpy(array if array.dtype == np.uint8 else array.astype(np.float32, copy=False))
+
+
 class Actions(NamedTuple):
     """What one forward pass gives for a batch of observations."""
 
@@ -68,7 +75,7 @@ class ActingModule:
     @torch.no_grad()
     def act(self, obs: np.ndarray, *, explore: bool = True, generator: Optional[torch.Generator] = None) -> Actions:
         """Sample (``explore``) or take the greedy action for each row of ``obs``."""
-        out = self.module.forward_train({Columns.OBS: torch.from_numpy(np.asarray(obs, dtype=np.float32))})
+        out = self.module.forward_train({Columns.OBS: module_input(obs)})
         inputs = out[Columns.ACTION_DIST_INPUTS]
         dist = self.module.get_exploration_action_dist_cls().from_logits(inputs)
         actions = dist.sample(generator=generator) if explore else dist.deterministic_sample()
@@ -80,7 +87,7 @@ class ActingModule:
         compute_values = getattr(self.module, "compute_values", None)
         if compute_values is None:
             raise ValueError(f"{type(self.module).__name__} has no compute_values(); PPO needs a value function.")
-        return compute_values({Columns.OBS: torch.from_numpy(np.asarray(obs, dtype=np.float32))}).numpy()
+        return compute_values({Columns.OBS: module_input(obs)}).numpy()
 
     def env_actions(self, actions: torch.Tensor) -> np.ndarray:
         """The values the env receives: a Box action clipped to its bounds (the learner trains on the

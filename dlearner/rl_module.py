@@ -20,12 +20,16 @@ from torch import nn
 
 from dlearner.class_paths import class_path, import_class, import_dlearner_class
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
+from dlearner.conv_encoder import ConvEncoder, is_image_space, observations_as_float, validate_conv_filters
 from dlearner.distributions import TorchCategorical, TorchDiagGaussian, TorchDistribution
 
 DEFAULT_MODEL_CONFIG: Dict[str, Any] = {
     "fcnet_hiddens": [256, 256],
     "fcnet_activation": "tanh",
     "vf_share_layers": False,
+    # Image observations (3-D Box): see dlearner.conv_encoder. None: the defaults for the image's size.
+    "conv_filters": None,
+    "conv_activation": "relu",
 }
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "swish": nn.SiLU, "linear": None}
 
@@ -48,6 +52,12 @@ def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str
         )
     if not isinstance(merged["vf_share_layers"], bool):
         raise ValueError("model_config['vf_share_layers'] must be True or False.")
+    merged["conv_filters"] = validate_conv_filters(merged["conv_filters"])
+    if merged["conv_activation"] not in _ACTIVATIONS:
+        raise ValueError(
+            f"model_config['conv_activation']={merged['conv_activation']!r} is not supported; "
+            f"use one of {sorted(_ACTIVATIONS)}."
+        )
     return merged
 
 
@@ -225,43 +235,68 @@ def _mlp(in_dim: int, hiddens, activation: str, out_dim: Optional[int], out_gain
     return nn.Sequential(*layers)
 
 
+def encoded_input(obs: torch.Tensor, conv: Optional[ConvEncoder]) -> torch.Tensor:
+    """What the first dense layer takes: the conv encoder's features of image observations, or the
+    observations flattened to float (``uint8`` scaled to [0, 1])."""
+    return conv(obs) if conv is not None else observations_as_float(obs.reshape(obs.shape[0], -1))
+
+
 class DefaultActorCriticRLModule(RLModule):
-    """The default MLP actor-critic: a policy network and a value network (``vf_share_layers=False``,
+    """The default actor-critic: a policy network and a value network (``vf_share_layers=False``,
     as RLlib's PPO) or one shared trunk with two heads (``vf_share_layers=True``).
 
+    Image observations (a 3-D ``Box``) go through a :class:`~dlearner.conv_encoder.ConvEncoder`
+    first (one per network, or the shared trunk's), then ``fcnet_hiddens``.
     ``forward_train`` returns ``action_dist_inputs`` and ``vf_preds``; :meth:`compute_values` gives
     the value estimates alone (used for bootstrapping at truncation).
     """
 
     def setup(self) -> None:
         cfg = self.model_config
-        obs_dim = _obs_dim(self.observation_space)
+        image = is_image_space(self.observation_space)
+
+        def conv() -> Optional[ConvEncoder]:
+            return ConvEncoder(self.observation_space, cfg) if image else None
+
         out_dim = self.action_dist_cls.required_input_dim(self.action_space)
         hiddens, act = cfg["fcnet_hiddens"], cfg["fcnet_activation"]
         if cfg["vf_share_layers"]:
-            self.encoder = _mlp(obs_dim, hiddens, act, None, 1.0)
-            last = hiddens[-1] if hiddens else obs_dim
+            self.conv = conv()
+            in_dim = self.conv.out_dim if image else _obs_dim(self.observation_space)
+            self.encoder = _mlp(in_dim, hiddens, act, None, 1.0)
+            last = hiddens[-1] if hiddens else in_dim
             self.pi = _mlp(last, [], act, out_dim, 0.01)
             self.vf = _mlp(last, [], act, 1, 1.0)
         else:
             self.encoder = None
-            self.pi = _mlp(obs_dim, hiddens, act, out_dim, 0.01)
-            self.vf = _mlp(obs_dim, hiddens, act, 1, 1.0)
+            self.pi_conv, self.vf_conv = conv(), conv()
+            in_dim = self.pi_conv.out_dim if image else _obs_dim(self.observation_space)
+            self.pi = _mlp(in_dim, hiddens, act, out_dim, 0.01)
+            self.vf = _mlp(in_dim, hiddens, act, 1, 1.0)
 
-    def _features(self, obs: torch.Tensor) -> torch.Tensor:
-        obs = obs.reshape(obs.shape[0], -1).float()
-        return obs if self.encoder is None else self.encoder(obs)
+    def _shared_features(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.encoder(encoded_input(obs, self.conv))
 
     def forward_train(self, batch):
-        features = self._features(batch[Columns.OBS])
-        return {Columns.ACTION_DIST_INPUTS: self.pi(features), Columns.VF_PREDS: self.vf(features).squeeze(-1)}
+        obs = batch[Columns.OBS]
+        if self.encoder is not None:
+            features = self._shared_features(obs)
+            return {Columns.ACTION_DIST_INPUTS: self.pi(features), Columns.VF_PREDS: self.vf(features).squeeze(-1)}
+        return {
+            Columns.ACTION_DIST_INPUTS: self.pi(encoded_input(obs, self.pi_conv)),
+            Columns.VF_PREDS: self.vf(encoded_input(obs, self.vf_conv)).squeeze(-1),
+        }
 
     def forward_inference(self, batch):
-        return {Columns.ACTION_DIST_INPUTS: self.pi(self._features(batch[Columns.OBS]))}
+        obs = batch[Columns.OBS]
+        features = self._shared_features(obs) if self.encoder is not None else encoded_input(obs, self.pi_conv)
+        return {Columns.ACTION_DIST_INPUTS: self.pi(features)}
 
     def compute_values(self, batch) -> torch.Tensor:
         """Value estimate per row of ``batch[Columns.OBS]``."""
-        return self.vf(self._features(batch[Columns.OBS])).squeeze(-1)
+        obs = batch[Columns.OBS]
+        features = self._shared_features(obs) if self.encoder is not None else encoded_input(obs, self.vf_conv)
+        return self.vf(features).squeeze(-1)
 
 
 @dataclasses.dataclass

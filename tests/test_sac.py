@@ -73,7 +73,7 @@ def paper_losses_box(module, batch, noise, gamma, target_entropy):
         return (low + high) / 2 + (high - low) / 2 * torch.tanh(u), logp
 
     def q(net, obs, action):
-        return net(torch.cat([obs, action / 2.0], -1)).squeeze(-1)
+        return net(obs, action / 2.0).squeeze(-1)
 
     with torch.no_grad():
         a_next, logp_next = policy(t[Columns.NEXT_OBS], noise[0])

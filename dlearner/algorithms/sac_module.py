@@ -16,15 +16,16 @@ networks and the temperature exactly; env runners act with ``pi`` alone.
 from __future__ import annotations
 
 import copy
-from typing import Dict
+from typing import Dict, Optional
 
 import gymnasium as gym
 import torch
 from torch import nn
 
 from dlearner.columns import Columns
+from dlearner.conv_encoder import ConvEncoder, is_image_space
 from dlearner.distributions import TorchSquashedGaussian
-from dlearner.rl_module import RLModule, _mlp, _obs_dim
+from dlearner.rl_module import RLModule, _mlp, _obs_dim, encoded_input
 
 
 class DefaultSACRLModule(RLModule):
@@ -45,44 +46,55 @@ class DefaultSACRLModule(RLModule):
                 "Tuple actions use PPO, APPO or IMPALA, or flatten the actions into one Discrete or Box."
             )
         cfg = self.model_config
-        hiddens, act = cfg["fcnet_hiddens"], cfg["fcnet_activation"]
-        obs_dim = _obs_dim(self.observation_space)
-        self.pi = _mlp(obs_dim, hiddens, act, self.action_dist_cls.required_input_dim(space), 0.01)
-        q_in, q_out = (obs_dim, self.num_actions) if self.is_discrete else (obs_dim + self.action_dim, 1)
-        self.qf1 = _mlp(q_in, hiddens, act, q_out, 1.0)
-        self.qf2 = _mlp(q_in, hiddens, act, q_out, 1.0)
+        action_inputs = 0 if self.is_discrete else self.action_dim
+        q_out = self.num_actions if self.is_discrete else 1
+        self.pi = _Network(self.observation_space, cfg, 0, self.action_dist_cls.required_input_dim(space), 0.01)
+        self.qf1 = _Network(self.observation_space, cfg, action_inputs, q_out, 1.0)
+        self.qf2 = _Network(self.observation_space, cfg, action_inputs, q_out, 1.0)
         self.qf1_target = _frozen_copy(self.qf1)
         self.qf2_target = _frozen_copy(self.qf2)
         self.log_alpha = nn.Parameter(torch.zeros(()))
 
     # -- acting ---------------------------------------------------------------------------------
-    def _flat_obs(self, obs: torch.Tensor) -> torch.Tensor:
-        return obs.reshape(obs.shape[0], -1).float()
-
     def forward_train(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The policy's ``action_dist_inputs`` for ``batch["obs"]`` (what acting and the policy loss need)."""
-        return {Columns.ACTION_DIST_INPUTS: self.pi(self._flat_obs(batch[Columns.OBS]))}
+        return {Columns.ACTION_DIST_INPUTS: self.pi(batch[Columns.OBS])}
 
     # -- what the losses ask ---------------------------------------------------------------------
     def policy_inputs(self, obs: torch.Tensor) -> torch.Tensor:
         """``action_dist_inputs`` of observations (e.g. the next observations of the Q target)."""
-        return self.pi(self._flat_obs(obs))
+        return self.pi(obs)
 
     def q_values(self, obs: torch.Tensor, actions: torch.Tensor = None, *, target: bool = False):
         """``(Q1, Q2)``: for a Box, Q of ``actions`` (the env's values), one per row; for Discrete,
         all actions' values, ``(rows, n)``. ``target=True`` asks the target networks."""
         qf1, qf2 = (self.qf1_target, self.qf2_target) if target else (self.qf1, self.qf2)
-        x = self._flat_obs(obs)
         if self.is_discrete:
-            return qf1(x), qf2(x)
+            return qf1(obs), qf2(obs)
         dist = self.action_dist_cls
-        scaled = (actions.reshape(actions.shape[0], -1) - dist.center.to(x.device)) / dist.scale.to(x.device)
-        x = torch.cat([x, scaled], dim=-1)
-        return qf1(x).squeeze(-1), qf2(x).squeeze(-1)
+        scaled = (actions.reshape(actions.shape[0], -1) - dist.center.to(obs.device)) / dist.scale.to(obs.device)
+        return qf1(obs, scaled).squeeze(-1), qf2(obs, scaled).squeeze(-1)
 
     def target_pairs(self):
         """``[(target network, network), ...]`` for the polyak update."""
         return [(self.qf1_target, self.qf1), (self.qf2_target, self.qf2)]
+
+
+class _Network(nn.Module):
+    """One of SAC's networks: observations (through a conv encoder of its own for images, else
+    flattened), with the actions appended for a Box's Q networks, into ``fcnet_hiddens`` and a head."""
+
+    def __init__(self, observation_space: gym.Space, model_config, action_inputs: int, out_dim: int, out_gain: float):
+        super().__init__()
+        self.conv = ConvEncoder(observation_space, model_config) if is_image_space(observation_space) else None
+        in_dim = self.conv.out_dim if self.conv is not None else _obs_dim(observation_space)
+        self.mlp = _mlp(
+            in_dim + action_inputs, model_config["fcnet_hiddens"], model_config["fcnet_activation"], out_dim, out_gain
+        )
+
+    def forward(self, obs: torch.Tensor, actions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = encoded_input(obs, self.conv)
+        return self.mlp(x if actions is None else torch.cat([x, actions], dim=-1))
 
 
 def _frozen_copy(network: nn.Module) -> nn.Module:
