@@ -3,7 +3,9 @@ runner to the loss (the module scales them to [0, 1])."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import pathlib
 
 import distributed
 import gymnasium as gym
@@ -105,7 +107,9 @@ def test_a_custom_module_reuses_the_conv_encoder():
         def forward_train(self, batch):
             return {Columns.ACTION_DIST_INPUTS: self.head(self.encoder(batch[Columns.OBS]))}
 
-    module = RLModuleSpec(module_class=TinyPolicy, observation_space=IMAGE, action_space=TWO_ACTIONS, model_config=SMALL_CNN).build()
+    module = RLModuleSpec(
+        module_class=TinyPolicy, observation_space=IMAGE, action_space=TWO_ACTIONS, model_config=SMALL_CNN
+    ).build()
     out = module.forward_train({Columns.OBS: torch.zeros((2, 42, 42, 1), dtype=torch.uint8)})
     assert out[Columns.ACTION_DIST_INPUTS].shape == (2, 2)
 
@@ -180,7 +184,11 @@ def test_uint8_observations_stay_uint8_from_the_env_runner_to_the_loss(client, c
         if config_class is SACConfig:
             assert results["new_obs_uint8"] == 1.0
             dtypes = algo.learner_group.foreach_learner(
-                lambda learner: {name: str(value.dtype) for name, value in learner.replay_buffer.get_state()["columns"].items() if "obs" in name}
+                lambda learner: {
+                    name: str(value.dtype)
+                    for name, value in learner.replay_buffer.get_state()["columns"].items()
+                    if "obs" in name
+                }
             )[0]
             assert dtypes and set(dtypes.values()) == {"uint8"}, dtypes
 
@@ -216,21 +224,12 @@ def test_a_cnn_checkpoint_restores_the_same_policy_and_keeps_uint8_replay_rows(t
 
 
 @pytest.mark.slow
-def test_ppo_learns_where_the_square_is_from_pixels():
-    config = (
-        PPOConfig()
-        .environment(FindTheSquare, env_config={"size": 42})
-        .env_runners(num_env_runners=0, num_envs_per_env_runner=4)
-        .learners(num_learners=0)
-        .rl_module(model_config={"fcnet_hiddens": [64], "vf_share_layers": True})
-        .training(train_batch_size=1000, minibatch_size=250, num_epochs=4, lr=1e-3)
-        .debugging(seed=0)
-    )
-    with config.build_algo() as algo:
-        for _ in range(25):
-            result = algo.train()
-            if result["env_runners"]["episode_return_mean"] >= 9.0:  # a random policy gets 5 of 10
-                break
-        greedy = algo.evaluate(20, seed=7)["env_runners"]["episode_return_mean"]
-    assert result["env_runners"]["episode_return_mean"] >= 9.0, result["env_runners"]
-    assert greedy >= 9.0
+def test_the_image_example_learns_where_the_square_is_from_pixels(capsys):
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "image_find_the_square.py"
+    spec = importlib.util.spec_from_file_location("image_find_the_square_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(seed=0)
+    assert out["result"]["env_runners"]["episode_return_mean"] >= 9.0  # a random policy gets 5 of 10
+    assert out["evaluation"]["episode_return_mean"] >= 9.0
+    assert "greedy evaluation over 20 episodes" in capsys.readouterr().out
