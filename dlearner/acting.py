@@ -6,6 +6,7 @@ flattening, sampling, values and the action values an env receives are written o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional, Sequence
 
 import gymnasium as gym
@@ -52,7 +53,9 @@ class ActingModule:
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            self.module: RLModule = spec.build()
+            # Inference-only: what acting needs (e.g. SAC's policy without its Q networks), and
+            # ``RLModule.set_state`` still takes a whole module's weights.
+            self.module: RLModule = dataclasses.replace(spec, inference_only=True).build()
         self.module.eval()
         self._is_box = isinstance(spec.action_space, gym.spaces.Box)
 

@@ -430,19 +430,25 @@ class LearnerGroup:
             )
         self._broadcast(learner_ops.set_state, (state[COMPONENT_LEARNER],))
 
-    def get_weights(self, module_ids: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, np.ndarray]]:
-        """``{module_id: {parameter name: np.ndarray}}`` of all (or the given) modules."""
+    def get_weights(
+        self, module_ids: Optional[Sequence[str]] = None, *, inference_only: bool = False
+    ) -> Dict[str, Dict[str, np.ndarray]]:
+        """``{module_id: {parameter name: np.ndarray}}`` of all (or the given) modules.
+        ``inference_only=True``: only the weights env runners act with (e.g. SAC's policy network,
+        not its Q networks; see ``RLModule.inference_only_parts``)."""
         self._check_open()
         ids = None if module_ids is None else list(module_ids)
-        return self._pool.call(learner_ops.get_weights, [(ids,)], ranks=[self._first_live_rank()])[0]
+        return self._pool.call(learner_ops.get_weights, [(ids, inference_only)], ranks=[self._first_live_rank()])[0]
 
-    def get_weights_async(self, module_ids: Optional[Sequence[str]] = None) -> concurrent.futures.Future:
+    def get_weights_async(
+        self, module_ids: Optional[Sequence[str]] = None, *, inference_only: bool = False
+    ) -> concurrent.futures.Future:
         """A ``concurrent.futures.Future`` of :meth:`get_weights`, read after every request already
         sent (so the weights are exactly those after the last update sent) without waiting for them.
         Async algorithms use it to broadcast weights while updates are in flight."""
         self._check_open()
         ids = None if module_ids is None else list(module_ids)
-        return first_value(self._pool.submit(learner_ops.get_weights, [(ids,)], ranks=[self._first_live_rank()]))
+        return first_value(self._pool.submit(learner_ops.get_weights, [(ids, inference_only)], ranks=[self._first_live_rank()]))
 
     def set_weights(self, weights: Mapping[str, Mapping[str, Any]]) -> None:
         """Set module weights on every learner (optimizer state untouched)."""

@@ -36,8 +36,8 @@ def set_state(learner: "Learner", state: Dict[str, Any]) -> None:
     learner.set_state(state)
 
 
-def get_weights(learner: "Learner", module_ids: Any) -> Dict[str, Dict[str, "np.ndarray"]]:
-    return learner.module.get_state(module_ids)
+def get_weights(learner: "Learner", module_ids: Any, inference_only: bool = False) -> Dict[str, Dict[str, "np.ndarray"]]:
+    return learner.module.get_state(module_ids, inference_only=inference_only)
 
 
 def set_weights(learner: "Learner", weights: Dict[str, Any]) -> None:

@@ -55,8 +55,7 @@ def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str
     merged["conv_filters"] = validate_conv_filters(merged["conv_filters"])
     if merged["conv_activation"] not in _ACTIVATIONS:
         raise ValueError(
-            f"model_config['conv_activation']={merged['conv_activation']!r} is not supported; "
-            f"use one of {sorted(_ACTIVATIONS)}."
+            f"model_config['conv_activation']={merged['conv_activation']!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
         )
     return merged
 
@@ -126,13 +125,30 @@ class RLModule(nn.Module):
         return self.action_dist_cls
 
     # -- state ----------------------------------------------------------------------------------
-    def get_state(self) -> Dict[str, np.ndarray]:
-        """Parameters and buffers as ``{name: np.ndarray}`` copies (never views of live tensors)."""
-        return {name: t.detach().cpu().numpy().copy() for name, t in self.state_dict().items()}
+    #: Names of the parts an inference-only module keeps (``None``: all of it). A module built with
+    #: ``inference_only=True`` (env runners build theirs so) builds only these, and
+    #: ``get_state(inference_only=True)`` gives only their weights: what env runners are sent.
+    inference_only_parts: Optional[tuple] = None
+
+    def get_state(self, *, inference_only: bool = False) -> Dict[str, np.ndarray]:
+        """Parameters and buffers as ``{name: np.ndarray}`` copies (never views of live tensors);
+        ``inference_only=True``: only those an inference-only module has (see :attr:`inference_only_parts`)."""
+        return {
+            name: t.detach().cpu().numpy().copy()
+            for name, t in self.state_dict().items()
+            if not inference_only or self._is_inference_state(name)
+        }
+
+    def _is_inference_state(self, name: str) -> bool:
+        parts = self.inference_only_parts
+        return parts is None or name.split(".", 1)[0] in parts
 
     def set_state(self, state: Mapping[str, Any]) -> None:
-        """Load ``{name: array}``; names and shapes must match exactly (``ValueError`` says what differs)."""
+        """Load ``{name: array}``; names and shapes must match exactly (``ValueError`` says what differs).
+        An inference-only module also takes a whole module's state, keeping the parts it has."""
         own = self.state_dict()
+        if self.inference_only and self.inference_only_parts is not None:
+            state = {name: value for name, value in state.items() if self._is_inference_state(name)}
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:
@@ -460,10 +476,11 @@ class MultiRLModule(nn.Module):
     def forward(self, batch):  # nn.Module protocol
         return self.forward_train(batch)
 
-    def get_state(self, module_ids=None) -> Dict[str, Dict[str, np.ndarray]]:
-        """``{module_id: {name: np.ndarray}}`` for all (or the given) modules."""
+    def get_state(self, module_ids=None, *, inference_only: bool = False) -> Dict[str, Dict[str, np.ndarray]]:
+        """``{module_id: {name: np.ndarray}}`` for all (or the given) modules; ``inference_only=True``:
+        only what their inference-only versions hold (what env runners need)."""
         ids = list(self.keys()) if module_ids is None else list(module_ids)
-        return {mid: self[mid].get_state() for mid in ids}
+        return {mid: self[mid].get_state(inference_only=inference_only) for mid in ids}
 
     def set_state(self, state: Mapping[str, Mapping[str, Any]]) -> None:
         """Set the weights of the modules named in ``state`` (all are checked before any is changed)."""

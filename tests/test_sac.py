@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from dlearner import ALL_MODULES, DEFAULT_MODULE_ID, Columns, SACConfig
+from dlearner import ALL_MODULES, DEFAULT_MODULE_ID, Columns, RLModuleSpec, SACConfig
 from dlearner.algorithms.sac import N_STEP, n_step_transitions
+from dlearner.algorithms.sac_module import DefaultSACRLModule
 
 PENDULUM = (gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-2.0, 2.0, (1,), np.float32))
 DISCRETE = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete(3, start=1))
@@ -323,8 +324,28 @@ def test_sac_trains_pendulum_with_env_runner_and_learner_actors(client):
         assert {"qf_loss", "policy_loss", "alpha_loss", "alpha_value", "total_loss"} <= set(learner)
         greedy = algo.evaluate(2, seed=0)["env_runners"]["episode_returns"]
         assert len(greedy) == 2 and all(-2000 < r <= 0 for r in greedy)
+        # Env runners act with the policy alone and hold exactly the learners' policy weights.
+        runner_weights = algo.env_runner_group._all("get_weights", [()])[0][DEFAULT_MODULE_ID]
+        policy = algo.learner_group.get_weights(inference_only=True)[DEFAULT_MODULE_ID]
+        assert set(runner_weights) == set(policy) and all(name.startswith("pi.") for name in policy)
+        for name, value in policy.items():
+            np.testing.assert_array_equal(runner_weights[name], value)
     finally:
         algo.stop()
+
+
+def test_env_runners_get_the_policy_weights_only():
+    learner = build_learner(PENDULUM)
+    whole = learner.module.get_state()[DEFAULT_MODULE_ID]
+    sent = learner.module.get_state(inference_only=True)[DEFAULT_MODULE_ID]
+    assert set(sent) == {name for name in whole if name.startswith("pi.")}
+    assert sum(v.nbytes for v in sent.values()) < sum(v.nbytes for v in whole.values()) / 4
+    acting = RLModuleSpec(module_class=DefaultSACRLModule, observation_space=PENDULUM[0], action_space=PENDULUM[1],
+                          model_config=SMALL, inference_only=True).build()  # fmt: skip
+    assert not hasattr(acting, "qf1") and set(acting.get_state()) == set(sent)
+    acting.set_state(whole)  # a whole module's state fits: the policy part is taken
+    for name, value in sent.items():
+        np.testing.assert_array_equal(acting.get_state()[name], value)
 
 
 @pytest.mark.slow

@@ -261,7 +261,7 @@ class PPO(Algorithm):
                 # The learners count rows (agent steps); a multi-agent run reports env steps there too.
                 results[ALL_MODULES]["num_env_steps_trained"] = trained_env_steps
                 results[ALL_MODULES]["num_env_steps_trained_lifetime"] = self.num_env_steps_trained_lifetime
-        self.env_runner_group.sync_weights(self.learner_group.get_weights())
+        self.env_runner_group.sync_weights(self.learner_group.get_weights(inference_only=True))
         return results, num_sampled
 
 

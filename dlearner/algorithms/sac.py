@@ -431,7 +431,7 @@ class SAC(Algorithm):
                 async_update=True,
             )  # fmt: skip
             # Queued behind the call on the learners: the weights after its updates, without waiting here.
-            in_flight = (future, self.learner_group.get_weights_async() if num_updates else None)
+            in_flight = (future, self.learner_group.get_weights_async(inference_only=True) if num_updates else None)
         self._finish_call(*in_flight, per_call)
         if not per_call:
             return {ALL_MODULES: {"replay_buffer_size": self.replay_buffer_size}}, sampled

@@ -10,7 +10,8 @@
 * ``log_alpha``: the temperature's logarithm, trained by its own optimizer.
 
 Everything is part of the module's weights, so checkpoints, rollbacks and restores carry the target
-networks and the temperature exactly; env runners act with ``pi`` alone.
+networks and the temperature exactly; env runners act with ``pi`` alone (an inference-only module)
+and are sent only its weights.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ from dlearner.rl_module import RLModule, _mlp, _obs_dim, encoded_input
 
 class DefaultSACRLModule(RLModule):
     """SAC's networks (see the module docstring); ``model_config``'s ``fcnet_hiddens`` and
-    ``fcnet_activation`` size the policy and each Q network alike."""
+    ``fcnet_activation`` size the policy and each Q network alike. Built with ``inference_only=True``
+    (as env runners build it) it holds ``pi`` alone, a fifth of the weights to send them."""
+
+    inference_only_parts = ("pi",)
 
     def setup(self) -> None:
         space = self.action_space
@@ -46,9 +50,11 @@ class DefaultSACRLModule(RLModule):
                 "Tuple actions use PPO, APPO or IMPALA, or flatten the actions into one Discrete or Box."
             )
         cfg = self.model_config
+        self.pi = _Network(self.observation_space, cfg, 0, self.action_dist_cls.required_input_dim(space), 0.01)
+        if self.inference_only:
+            return  # env runners act with the policy alone
         action_inputs = 0 if self.is_discrete else self.action_dim
         q_out = self.num_actions if self.is_discrete else 1
-        self.pi = _Network(self.observation_space, cfg, 0, self.action_dist_cls.required_input_dim(space), 0.01)
         self.qf1 = _Network(self.observation_space, cfg, action_inputs, q_out, 1.0)
         self.qf2 = _Network(self.observation_space, cfg, action_inputs, q_out, 1.0)
         self.qf1_target = _frozen_copy(self.qf1)
