@@ -376,3 +376,15 @@ def test_an_updates_snapshot_leaves_the_replay_buffer_out_but_keeps_the_noise_ge
     for name, value in before["rl_module"][DEFAULT_MODULE_ID].items():
         np.testing.assert_array_equal(learner.module[DEFAULT_MODULE_ID].get_state()[name], value)
     np.testing.assert_array_equal(learner.noise_generator.get_state().numpy(), before["learner_state"]["noise_generator"])
+
+
+def test_a_restored_run_draws_the_same_n_step_spans():
+    sac = config(n_step=[1, 3]).environment("Pendulum-v1").env_runners(num_env_runners=0)
+    fragment = {Columns.REWARDS: np.zeros((50, 1), np.float32)}
+    with sac.build_algo() as algo, sac.build_algo() as restored:
+        algo._n_steps(fragment)  # the generator moved on since the start
+        restored.set_counters(algo.get_counters())
+        np.testing.assert_array_equal(restored._n_steps(fragment), algo._n_steps(fragment))
+        counters = {**algo.get_counters(), "sac_n_step_rng": '{"bit_generator": "MT19937"}'}
+        with pytest.raises(ValueError, match="sac_n_step_rng.*corrupted"):
+            restored.set_counters(counters)

@@ -18,6 +18,7 @@ the Q networks by polyak averaging with ``tau``.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -496,16 +497,41 @@ class SAC(Algorithm):
         return {"replay_buffer_size": self.replay_buffer_size}
 
     def get_counters(self) -> Dict[str, Any]:
-        return {**super().get_counters(), "sac_update_credit": self._update_credit}
+        return {
+            **super().get_counters(),
+            "sac_update_credit": self._update_credit,
+            # The spans an n_step range draws next: a restored run draws the same ones. As a JSON
+            # string, since the generator's 128-bit integers exceed what checkpoint JSON holds exactly.
+            "sac_n_step_rng": json.dumps(self._n_step_rng.bit_generator.state),
+        }
 
     def set_counters(self, counters: Mapping[str, Any]) -> None:
+        rng = counters.get("sac_n_step_rng")
+        n_step_rng = None if rng is None else _n_step_generator(rng)  # checked before anything changes
         super().set_counters(counters)
         credit = counters.get("sac_update_credit", 0.0)
         self._update_credit = float(credit) if isinstance(credit, (int, float)) and 0 <= credit < 1e9 else 0.0
+        if n_step_rng is not None:
+            self._n_step_rng = n_step_rng
 
     def _after_restore(self) -> None:
         super()._after_restore()
         self.replay_buffer_size = int(self.learner_group.foreach_learner(_replay_buffer_size)[0])
+
+
+def _n_step_generator(stored: Any) -> np.random.Generator:
+    """The n-step span generator a checkpoint stored (see ``get_counters``); ``ValueError`` if it is not one."""
+    try:
+        state = json.loads(stored)
+        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
+            raise ValueError("not a PCG64 state")
+        generator = np.random.Generator(np.random.PCG64())
+        generator.bit_generator.state = state
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"The checkpoint's SAC counter 'sac_n_step_rng' is not a PCG64 generator state ({err}); it is corrupted."
+        ) from None
+    return generator
 
 
 def _checked_n_step(value: Any) -> Union[int, list]:
