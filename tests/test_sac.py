@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dlearner import ALL_MODULES, DEFAULT_MODULE_ID, Columns, RLModuleSpec, SACConfig
-from dlearner.algorithms.sac import N_STEP, n_step_transitions
+from dlearner.algorithms.n_step import N_STEP, n_step_transitions
 from dlearner.algorithms.sac_module import DefaultSACRLModule
 
 PENDULUM = (gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-2.0, 2.0, (1,), np.float32))

@@ -18,7 +18,6 @@ the Q networks by polyak averaging with ``tau``.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
@@ -27,6 +26,13 @@ import numpy as np
 import torch
 
 from dlearner.algorithm import Algorithm
+from dlearner.algorithms.n_step import (
+    N_STEP,
+    checked_n_step,
+    n_step_generator,
+    n_step_generator_state,
+    n_step_transitions,
+)
 from dlearner.algorithms.off_policy import WEIGHTS, ReplayLearnerMixin
 from dlearner.algorithms.sac_module import DefaultSACRLModule
 from dlearner.columns import ALL_MODULES, Columns
@@ -34,9 +40,6 @@ from dlearner.config import AlgorithmConfig
 from dlearner.learner import TorchLearner
 from dlearner.schedules import PiecewiseSchedule
 from dlearner.validation import NotProvided, apply_checks, boolean, non_negative_int, positive, positive_int, unit_interval
-
-#: Column of a transition batch: the number of env steps its reward sums (``gamma ** n_step`` discounts the bootstrap).
-N_STEP = "n_step"
 
 
 class SACTorchLearner(ReplayLearnerMixin, TorchLearner):
@@ -225,46 +228,6 @@ class SACTorchLearner(ReplayLearnerMixin, TorchLearner):
                 raise ValueError(f"Column {N_STEP!r} of {where} must be one int >= 1 per row (the steps each return spans).")
 
 
-# ------------------------------------------------------------------------------------ transitions
-def n_step_transitions(
-    fragment: Mapping[str, np.ndarray], *, n_step: Union[int, np.ndarray], gamma: float
-) -> Dict[str, np.ndarray]:
-    """Transitions from a time-major fragment (``(T, num_envs, ...)``, with ``new_obs``): for each step
-    ``t`` the discounted sum of up to ``n_step`` rewards ``r_t + gamma * r_{t+1} + ...``, stopping at
-    an episode's end or the fragment's, with the observation, flags and span (``n_step`` column)
-    of its last step. ``n_step`` is one int, or one per step (shape ``(T, num_envs)``). Rows come
-    env-major (each sub-env's steps together)."""
-    rewards = np.asarray(fragment[Columns.REWARDS], dtype=np.float64)
-    terminated = np.asarray(fragment[Columns.TERMINATEDS], dtype=bool)
-    truncated = np.asarray(fragment[Columns.TRUNCATEDS], dtype=bool)
-    done = terminated | truncated
-    steps, num_envs = rewards.shape
-    start = np.arange(steps)[:, None].repeat(num_envs, axis=1)
-    returns = np.zeros_like(rewards)
-    last = start.copy()
-    open_ = np.ones_like(done)  # the return of row t still takes rewards
-    env = np.arange(num_envs)[None, :]
-    spans = np.broadcast_to(np.asarray(n_step), (steps, num_envs))
-    for k in range(int(spans.max(initial=1))):
-        index = start + k
-        inside = open_ & (index < steps) & (k < spans)
-        clipped = np.minimum(index, steps - 1)
-        returns += np.where(inside, gamma**k * rewards[clipped, env], 0.0)
-        last = np.where(inside, clipped, last)
-        open_ = inside & ~done[clipped, env]
-    rows = {
-        Columns.OBS: fragment[Columns.OBS],
-        Columns.ACTIONS: fragment[Columns.ACTIONS],
-        Columns.REWARDS: returns.astype(np.float32),
-        Columns.NEXT_OBS: fragment[Columns.NEXT_OBS][last, env],
-        Columns.TERMINATEDS: terminated[last, env],
-        Columns.TRUNCATEDS: truncated[last, env],
-        N_STEP: (last - start + 1).astype(np.int32),
-    }
-    # (T, num_envs, ...) -> (num_envs * T, ...), each sub-env's steps contiguous.
-    return {k: np.swapaxes(np.asarray(v), 0, 1).reshape(-1, *np.shape(v)[2:]) for k, v in rows.items()}
-
-
 # ------------------------------------------------------------------------------------------ config
 class SACConfig(AlgorithmConfig):
     """Config of SAC. The defaults learn Pendulum-v1 (a mean return of -250) in about 10,000 env steps
@@ -344,7 +307,7 @@ class SACConfig(AlgorithmConfig):
             },
         )
         if n_step is not NotProvided:
-            self.n_step = _checked_n_step(n_step)
+            self.n_step = checked_n_step(n_step)
         if target_entropy is not NotProvided:
             if target_entropy != "auto" and not (
                 isinstance(target_entropy, (int, float))
@@ -500,14 +463,13 @@ class SAC(Algorithm):
         return {
             **super().get_counters(),
             "sac_update_credit": self._update_credit,
-            # The spans an n_step range draws next: a restored run draws the same ones. As a JSON
-            # string, since the generator's 128-bit integers exceed what checkpoint JSON holds exactly.
-            "sac_n_step_rng": json.dumps(self._n_step_rng.bit_generator.state),
+            # The spans an n_step range draws next: a restored run draws the same ones.
+            "sac_n_step_rng": n_step_generator_state(self._n_step_rng),
         }
 
     def set_counters(self, counters: Mapping[str, Any]) -> None:
         rng = counters.get("sac_n_step_rng")
-        n_step_rng = None if rng is None else _n_step_generator(rng)  # checked before anything changes
+        n_step_rng = None if rng is None else n_step_generator(rng)  # checked before anything changes
         super().set_counters(counters)
         credit = counters.get("sac_update_credit", 0.0)
         self._update_credit = float(credit) if isinstance(credit, (int, float)) and 0 <= credit < 1e9 else 0.0
@@ -517,34 +479,6 @@ class SAC(Algorithm):
     def _after_restore(self) -> None:
         super()._after_restore()
         self.replay_buffer_size = int(self.learner_group.foreach_learner(_replay_buffer_size)[0])
-
-
-def _n_step_generator(stored: Any) -> np.random.Generator:
-    """The n-step span generator a checkpoint stored (see ``get_counters``); ``ValueError`` if it is not one."""
-    try:
-        state = json.loads(stored)
-        if not isinstance(state, dict) or state.get("bit_generator") != "PCG64":
-            raise ValueError("not a PCG64 state")
-        generator = np.random.Generator(np.random.PCG64())
-        generator.bit_generator.state = state
-    except (TypeError, ValueError, KeyError) as err:
-        raise ValueError(
-            f"The checkpoint's SAC counter 'sac_n_step_rng' is not a PCG64 generator state ({err}); it is corrupted."
-        ) from None
-    return generator
-
-
-def _checked_n_step(value: Any) -> Union[int, list]:
-    """``n_step``: an int >= 1, or ``(low, high)`` for a span drawn uniformly in ``[low, high]`` per step (as RLlib)."""
-    if isinstance(value, (list, tuple)):
-        if (
-            len(value) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
-            and value[0] <= value[1]
-        ):
-            return [int(value[0]), int(value[1])]
-        raise ValueError(f"n_step must be an int >= 1 or a (low, high) pair of them with low <= high, got {value!r}.")
-    return positive_int("n_step", value)
 
 
 def _replay_buffer_size(learner: Any) -> int:
