@@ -4,14 +4,13 @@ runner to the loss (the module scales them to [0, 1])."""
 from __future__ import annotations
 
 import importlib.util
-import logging
 import pathlib
 
-import distributed
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from conftest import killable_cluster
 
 from dlearner import APPOConfig, Columns, PPOConfig, RLModule, RLModuleSpec, SACConfig
 from dlearner.algorithms.appo import APPOTorchLearner
@@ -139,12 +138,7 @@ class ObsDtypeSACLearner(_ObsDtypeMixin, SACTorchLearner):
 
 @pytest.fixture(scope="module")
 def client():
-    with (
-        distributed.LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
-        ) as cluster,
-        distributed.Client(cluster, set_as_default=False) as client,
-    ):
+    with killable_cluster(2) as client:  # two worker processes: an env runner and a learner
         yield client
 
 
