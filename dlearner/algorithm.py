@@ -8,9 +8,10 @@ core class.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -314,10 +315,28 @@ class Algorithm:
         """The ``timesteps`` dict passed to learner updates (drives learning-rate schedules)."""
         return {TIMESTEP_KEY: self.num_env_steps_sampled_lifetime + num_sampled}
 
-    def evaluate(self, num_episodes: Optional[int] = None, *, seed: Optional[int] = None) -> Dict[str, Any]:
-        """Greedy episodes with the current weights; returns ``{"env_runners": {"episode_return_mean": ...}}``."""
+    def evaluate(
+        self,
+        num_episodes: Optional[int] = None,
+        *,
+        seed: Optional[int] = None,
+        gif_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+        gif_max_frames: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Greedy episodes with the current weights; returns ``{"env_runners": {"episode_return_mean": ...}}``.
+
+        With ``gif_path``, the first episode is also written there as an animated GIF (its first
+        ``gif_max_frames`` frames, 1000 by default, of ``env.render()``, the env made with ``render_mode="rgb_array"``;
+        single-agent envs that render RGB arrays). The episodes then run in this process, with the
+        learners' current weights, so frames never cross the network; the result's ``gif_frames``
+        says how many frames the GIF holds.
+        """
         num_episodes = num_episodes or self.config.evaluation_num_episodes
-        out = self._env_runner_group.evaluate(num_episodes, seed=seed)
+        recording: Dict[str, Any] = {}
+        if gif_path is None:
+            out = self._env_runner_group.evaluate(num_episodes, seed=seed)
+        else:
+            out, recording["gif_frames"] = self._evaluate_recording(num_episodes, seed, gif_path, gif_max_frames)
         returns = out["episode_returns"]
         return {
             "env_runners": {
@@ -336,8 +355,28 @@ class Algorithm:
                     if out.get("agent_episode_returns")
                     else {}
                 ),
+                **recording,
             }
         }
+
+    def _evaluate_recording(
+        self, num_episodes: int, seed: Optional[int], gif_path: Union[str, "os.PathLike[str]"], max_frames: Optional[int]
+    ) -> Tuple[Dict[str, Any], int]:
+        """:meth:`evaluate`'s episodes on an env runner in this process, the first one recorded to ``gif_path``."""
+        from dlearner.env_runner import EnvRunner
+        from dlearner.envs.recording import GifRecorder
+
+        if self.is_multi_agent:
+            raise ValueError("evaluate(gif_path=...) records single-agent episodes; this run's env is multi-agent.")
+        # Checks max_frames before any env is made.
+        recorder = GifRecorder() if max_frames is None else GifRecorder(max_frames=max_frames)
+        runner = EnvRunner(self.config, module_spec=self.module_spec)
+        try:
+            runner.set_weights(self._learner_group.get_weights())
+            out = runner.evaluate(num_episodes, seed=seed, recorder=recorder)
+        finally:
+            runner.stop()
+        return out, recorder.save(gif_path)
 
     # ------------------------------------------------------------------------- multi-agent
     def add_module(

@@ -62,6 +62,7 @@ class AlgorithmConfig:
         # environment
         self.env: EnvSpec = None
         self.env_config: Dict[str, Any] = {}
+        self.atari = False  # the standard Atari preprocessing (dlearner.envs.atari)
         # env runners
         self.num_env_runners = 0
         self.num_envs_per_env_runner = 1
@@ -116,16 +117,33 @@ class AlgorithmConfig:
         self.callbacks_class: type = Callbacks
 
     # ------------------------------------------------------------------------------ fluent API
-    def environment(self, env: EnvSpec = NotProvided, *, env_config: Dict[str, Any] = NotProvided) -> "AlgorithmConfig":
-        """The environment: a gymnasium id such as ``"CartPole-v1"`` or a creator ``fn(env_config) -> gym.Env``."""
+    def environment(
+        self, env: EnvSpec = NotProvided, *, env_config: Dict[str, Any] = NotProvided, atari: bool = NotProvided
+    ) -> "AlgorithmConfig":
+        """The environment: a gymnasium id such as ``"CartPole-v1"`` or a creator ``fn(env_config) -> gym.Env``.
+
+        ``atari=True`` (an ALE id such as ``"ALE/Pong-v5"``; needs ``pip install "dlearner[atari]"``)
+        applies the standard Atari preprocessing: gymnasium's ``AtariPreprocessing`` (noop starts,
+        frame skip 4, 84x84 grayscale, terminal on life loss off) and the 4 latest frames stacked
+        last, so observations are ``Box(0, 255, (84, 84, 4), uint8)``. ``env_config`` then goes to
+        ``gymnasium.make``, which makes the game with ``frameskip=1`` (the preprocessing skips frames).
+        """
+        new_env, new_env_config, new_atari = self.env, self.env_config, self.atari
         if env is not NotProvided:
             if env is not None and not (isinstance(env, str) or callable(env)):
                 raise ValueError(f"env must be a gymnasium id (str) or a callable returning a gym.Env, got {env!r}.")
-            self.env = env
+            new_env = env
         if env_config is not NotProvided:
             if not isinstance(env_config, dict):
                 raise ValueError(f"env_config must be a dict, got {type(env_config).__name__}.")
-            self.env_config = dict(env_config)
+            new_env_config = dict(env_config)
+        if atari is not NotProvided:
+            new_atari = boolean("atari", atari)
+        if new_atari:
+            from dlearner.envs.atari import check_atari_env
+
+            check_atari_env(new_env, new_env_config)  # before anything changes
+        self.env, self.env_config, self.atari = new_env, new_env_config, new_atari
         return self
 
     def env_runners(
@@ -451,6 +469,16 @@ class AlgorithmConfig:
             )
         if self.grad_clip is not None and self.grad_clip_by not in ("value", "norm", "global_norm"):
             raise ValueError(f"grad_clip_by={self.grad_clip_by!r} is not supported.")
+        if boolean("atari", self.atari):
+            from dlearner.envs.atari import check_atari_env
+
+            check_atari_env(self.env, self.env_config)
+            if self.gym_env_vectorize_mode == "vector_entry_point":
+                raise ValueError(
+                    "atari=True wraps each env made by .environment(...) in the Atari preprocessing, which "
+                    "gym_env_vectorize_mode='vector_entry_point' (ale-py's own vector env) would skip; use "
+                    "gym_env_vectorize_mode='sync'."
+                )
         if isinstance(self.policies_to_train, list) and self.policies is not None:
             unknown = sorted(set(self.policies_to_train) - set(self.policies))
             if unknown:
@@ -501,8 +529,16 @@ class AlgorithmConfig:
         if self.env is None:
             raise ValueError("No environment configured: call .environment('CartPole-v1') or pass env= to build_*.")
         env_config = self.env_config if env_config is None else env_config
+        if self.atari:
+            from dlearner.envs.atari import make_atari_env
+
+            return make_atari_env(self.env, env_config)
         creator = env_creator_from_id(self.env) if isinstance(self.env, str) else self.env
         if creator is None:
+            from dlearner.envs.atari import is_ale_env_id, register_ale_envs
+
+            if is_ale_env_id(self.env):
+                register_ale_envs()  # ale-py's ids exist once it registers them (an error naming the extra if missing)
             try:
                 return gym.make(self.env, **env_config)
             except gym.error.Error as err:

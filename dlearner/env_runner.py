@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -30,6 +30,9 @@ from dlearner.callbacks import Callbacks, RunnerCallbacks, SingleAgentEpisode, s
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.rl_module import MultiRLModuleSpec, RLModule
 from dlearner.spaces import observation_row_shape
+
+if TYPE_CHECKING:
+    from dlearner.envs.recording import GifRecorder
 
 #: Column of sampled fragments holding V(s_{t+1}) (bootstrap values; consumed by GAE, not trained on).
 NEXT_VF_PREDS = "next_vf_preds"
@@ -385,23 +388,33 @@ class EnvRunner:
         return metrics
 
     @torch.no_grad()
-    def evaluate(self, num_episodes: int, *, seed: Optional[int] = None) -> Dict[str, Any]:
+    def evaluate(
+        self, num_episodes: int, *, seed: Optional[int] = None, recorder: Optional["GifRecorder"] = None
+    ) -> Dict[str, Any]:
         """Run ``num_episodes`` greedy episodes on fresh environments; returns their returns and lengths.
 
         Up to ``num_envs_per_env_runner`` episodes run side by side, one forward pass for all of
         them per step, as sampling does. Episode ``i`` is reset with ``seed + i``, so the figures do
-        not depend on how many run at once.
+        not depend on how many run at once. With a ``recorder``, the first episode's env is made with
+        ``render_mode="rgb_array"`` and its frames (``env.render()`` after the reset and each step)
+        go to ``recorder.add`` until it is full; ``recorder.fps`` is set to the episode's real-time step rate.
         """
         num_envs = max(1, min(num_episodes, int(getattr(self.config, "num_envs_per_env_runner", 1) or 1)))
-        envs = [gym.wrappers.RecordEpisodeStatistics(self.config.make_env()) for _ in range(num_envs)]
+        envs = [gym.wrappers.RecordEpisodeStatistics(self._evaluation_env(recorder if i == 0 else None)) for i in range(num_envs)]
         returns: Dict[int, float] = {}
         lengths: Dict[int, int] = {}
+
+        def record(position: int, episode: int) -> None:
+            if recorder is not None and episode == 0 and not recorder.full:
+                recorder.add(envs[position].render())
+
         try:
             running: Dict[int, Any] = {}  # env position -> (episode number, current observation)
             next_episode = 0
             for position, env in enumerate(envs):
                 if next_episode < num_episodes:
                     obs, _ = env.reset(seed=None if seed is None else seed + next_episode)
+                    record(position, next_episode)
                     running[position] = (next_episode, obs)
                     next_episode += 1
             while running:
@@ -411,6 +424,7 @@ class EnvRunner:
                 for position, action in zip(positions, self._env_actions(actions)):
                     episode, _ = running[position]
                     obs, _, terminated, truncated, info = envs[position].step(action)
+                    record(position, episode)
                     if not (terminated or truncated):
                         running[position] = (episode, obs)
                         continue
@@ -428,6 +442,25 @@ class EnvRunner:
             "episode_returns": [returns[i] for i in range(num_episodes)],
             "episode_lengths": [lengths[i] for i in range(num_episodes)],
         }
+
+    def _evaluation_env(self, recorder: Optional["GifRecorder"]) -> gym.Env:
+        """A fresh env for :meth:`evaluate`; the one a ``recorder`` watches renders RGB arrays."""
+        if recorder is None:
+            return self.config.make_env()
+        from dlearner.envs.atari import AGENT_STEPS_PER_SECOND
+        from dlearner.envs.recording import check_rgb_array_env
+
+        env = self.config.make_env({**self.config.env_config, "render_mode": "rgb_array"})
+        try:
+            check_rgb_array_env(env)
+        except ValueError:
+            env.close()
+            raise
+        # One frame per agent step: an Atari step is 4 of the console's 60 frames a second, other envs
+        # declare their step rate as render_fps.
+        fps = AGENT_STEPS_PER_SECOND if getattr(self.config, "atari", False) else env.metadata.get("render_fps")
+        recorder.fps = float(fps) if fps else None
+        return env
 
     # ---------------------------------------------------------------------------------- state
     def get_state(self) -> Dict[str, Any]:

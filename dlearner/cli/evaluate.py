@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from dlearner.cli.algorithms import algo_name, config_from_dict
-from dlearner.cli.errors import EXIT_OK
+from dlearner.cli.errors import EXIT_OK, UsageError, flag
 from dlearner.cli.runs import load_run_metadata, restore_env
 from dlearner.reporting import returns_by_id
 
@@ -22,11 +23,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config.env_runners(num_env_runners=0)
     config.address, config.scheduler_file, config.client = None, None, None
     counters = metadata.get("counters") or {}
+    if args.gif is not None:
+        gif_dir = Path(args.gif).expanduser().resolve().parent
+        if not gif_dir.is_dir():
+            raise UsageError(f"argument --gif: the folder {str(gif_dir)!r} does not exist; create it or pick another path.")
     with config.build_algo() as algo:
         algo.restore_from_path(args.checkpoint)
-        out = algo.evaluate(args.episodes, seed=args.seed)["env_runners"]
+        if args.gif is None:
+            out = algo.evaluate(args.episodes, seed=args.seed)["env_runners"]
+        else:
+            with flag("--gif"):  # an env that cannot render RGB images, a multi-agent run
+                out = algo.evaluate(args.episodes, seed=args.seed, gif_path=args.gif, gif_max_frames=args.gif_max_frames)[
+                    "env_runners"
+                ]
     if args.json:
-        print(json.dumps({"checkpoint": args.checkpoint, "iteration": counters.get("iteration"), **out}))
+        gif = {"gif": args.gif} if args.gif is not None else {}
+        print(json.dumps({"checkpoint": args.checkpoint, "iteration": counters.get("iteration"), **out, **gif}))
         return EXIT_OK
     print(
         f"checkpoint {args.checkpoint}: {algo_name(config)} on {config.env}, iteration {counters.get('iteration', '?')}, "
@@ -42,4 +54,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     per_agent = returns_by_id(out.get("agent_episode_returns_mean"))
     if per_agent:  # a multi-agent run: the return above is the sum over its agents
         print(f"mean return per agent: {per_agent} (the mean return above is their sum)")
+    if args.gif is not None:
+        print(f"episode 1 written to {args.gif} ({out['gif_frames']} frames)")
     return EXIT_OK

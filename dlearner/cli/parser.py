@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keyword arguments for gymnasium.make, or the env_config a module:creator receives, as a JSON object",
     )
     what.add_argument(
+        "--atari",
+        action="store_true",
+        default=None,
+        help="apply the standard Atari preprocessing to an ALE game such as ALE/Pong-v5 (84x84 grayscale, frame skip 4, "
+        'noop starts, the 4 latest frames stacked); needs pip install "dlearner[atari]". A resumed run keeps the '
+        "checkpoint's setting",
+    )
+    what.add_argument(
         "--policies",
         choices=POLICIES_CHOICES,
         default=None,
@@ -327,6 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--episodes", type=_positive_int, default=10, help="episodes to run (default: 10)")
     evaluate.add_argument("--seed", type=_non_negative_int, default=None, help="seed of the first episode's reset")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.add_argument(
+        "--gif",
+        default=None,
+        metavar="PATH",
+        help="also write the first episode as an animated GIF (frames of env.render() with render_mode='rgb_array'; "
+        "any env that renders RGB images, e.g. CartPole-v1 or an ALE game)",
+    )
+    evaluate.add_argument(
+        "--gif-max-frames",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="record at most the first N frames of the episode (default: 1000)",
+    )
     evaluate.add_argument(
         "--env",
         default=None,

@@ -111,7 +111,10 @@ def make_config(args: argparse.Namespace) -> RunConfig:
             config.callbacks(callbacks_from_path(args.callbacks))
     with flag("--env"):
         # Fail here, before any cluster starts, if the environment cannot be made.
-        env = config.make_env()
+        try:
+            env = config.make_env()
+        except ImportError as err:  # an extra that is not installed (ale-py for ALE games): the message names it
+            raise UsageError(f"argument --env: {err}") from err
     try:
         multi_agent = apply_policies(config, args, env)
     finally:
@@ -153,12 +156,18 @@ def _apply_loggers(config: "AlgorithmConfig", args: argparse.Namespace) -> None:
 
 def _apply_flags(config: "AlgorithmConfig", args: argparse.Namespace) -> None:
     """Apply the settings flags the user gave (``None`` = not given) to ``config``."""
-    if args.env is not None:
-        with flag("--env"):
-            config.environment(args.env)
-    if args.env_config is not None:
-        with flag("--env-config"):
-            config.environment(env_config=args.env_config)
+    if args.atari:
+        # One call: atari=True is checked against the env id and env_config given with it.
+        given = {"env": args.env, "env_config": args.env_config}
+        with flag("--atari"):
+            config.environment(**{key: value for key, value in given.items() if value is not None}, atari=True)
+    else:
+        if args.env is not None:
+            with flag("--env"):
+                config.environment(args.env)
+        if args.env_config is not None:
+            with flag("--env-config"):
+                config.environment(env_config=args.env_config)
     for name, attr, setter in (
         ("--num-env-runners", "num_env_runners", config.env_runners),
         ("--num-envs-per-env-runner", "num_envs_per_env_runner", config.env_runners),

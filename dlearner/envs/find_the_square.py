@@ -34,6 +34,7 @@ class FindTheSquare(gym.Env):
 
     def __init__(self, config: Optional[Dict[str, Any]] = None, render_mode: Optional[str] = None):
         config = dict(config or {})
+        render_mode = config.pop("render_mode", render_mode)  # as creators get it (evaluate's GIF)
         self.size = int(config.pop("size", 42))
         self.channels = int(config.pop("channels", 1))
         self.episode_len = int(config.pop("episode_len", 10))
