@@ -95,6 +95,33 @@ def test_the_error_names_the_gradient_step(cartpole):
         learner.update(batch)
 
 
+def test_updates_as_one_make_the_same_updates_as_separate_calls(cartpole):
+    learner, twin = trained_learner(cartpole), trained_learner(cartpole)
+    with learner.updates_as_one():
+        results = [learner.update(ppo_batch(seed=seed)) for seed in (2, 3)]
+    assert results == [twin.update(ppo_batch(seed=seed)) for seed in (2, 3)]
+    assert_same_state(learner.get_state(), twin.get_state())
+
+
+def test_a_failure_in_updates_as_one_undoes_every_update_of_the_block(cartpole):
+    learner = trained_learner(cartpole)
+    before = learner.get_state()
+    poisoned = ppo_batch(seed=3)
+    poisoned[Columns.VALUE_TARGETS][0] = 3e38  # finite in the batch, non-finite in the update
+    with pytest.raises(NonFiniteUpdateError):
+        with learner.updates_as_one():
+            learner.update(ppo_batch(seed=2))  # applied, then undone with the block
+            learner.update(poisoned)
+    assert_same_state(learner.get_state(), before)
+    with pytest.raises(NonFiniteUpdateError, match="gradient step 1 of 8"):
+        with learner.updates_as_one():  # a non-finite loss found by the check at the block's end
+            bad = ppo_batch()
+            bad[Columns.ACTION_LOGP][:] = -1e30
+            learner.update(ppo_batch(seed=2))
+            learner.update(bad)
+    assert_same_state(learner.get_state(), before)
+
+
 class OverflowingSGD(PPOTorchLearner):
     """Plain SGD with a learning rate so large that one step overflows the weights to inf."""
 

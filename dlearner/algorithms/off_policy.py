@@ -72,16 +72,20 @@ class ReplayLearnerMixin:
             raise ValueError("The replay buffer is empty; add rows before training from it.")
         bounds = np.linspace(0, batch_size, world + 1).round().astype(int)
         lo, hi = int(bounds[rank]), int(bounds[rank + 1])
-        for _ in range(num_updates):
-            indices, weights = self.replay_buffer.sample_indices(batch_size)
-            local = self.replay_buffer.gather(indices[lo:hi]) if hi > lo else {}
-            if weights is not None and hi > lo:
-                local[WEIGHTS] = weights[lo:hi]
-            shard = ShardInfo(row_offsets={DEFAULT_MODULE_ID: lo}, global_rows={DEFAULT_MODULE_ID: batch_size})
-            batch = {DEFAULT_MODULE_ID: local} if local else {}
-            results.append(self.update(batch, timesteps, shard=shard if world > 1 else None, shuffle=False))
-            if self.is_prioritized:
-                self._update_priorities(indices, lo, hi)
+        # The call's updates stand or fall together: one snapshot and one non-finite check for all of
+        # them (each would cost SAC's small update ~9 %). A failed call leaves the weights, optimizers
+        # and counters as before it; the rows stay added (once) and earlier priorities stay updated.
+        with self.updates_as_one():
+            for _ in range(num_updates):
+                indices, weights = self.replay_buffer.sample_indices(batch_size)
+                local = self.replay_buffer.gather(indices[lo:hi]) if hi > lo else {}
+                if weights is not None and hi > lo:
+                    local[WEIGHTS] = weights[lo:hi]
+                shard = ShardInfo(row_offsets={DEFAULT_MODULE_ID: lo}, global_rows={DEFAULT_MODULE_ID: batch_size})
+                batch = {DEFAULT_MODULE_ID: local} if local else {}
+                results.append(self.update(batch, timesteps, shard=shard if world > 1 else None, shuffle=False))
+                if self.is_prioritized:
+                    self._update_priorities(indices, lo, hi)
         out = _mean_results(results) if results else {ALL_MODULES: {}}
         out[ALL_MODULES]["replay_buffer_size"] = len(self.replay_buffer)
         return out

@@ -76,6 +76,8 @@ class Learner(StateMixin, RollbackMixin):
         self._snapshot_owner = object()  # what a snapshot remembers of its learner (ids can be reused)
         self._step_position = (0, 0)  # (gradient step, of steps) of the running update, for error messages
         self._step_losses: List[Tuple[Tuple[int, int], str, torch.Tensor]] = []  # this update's losses, checked at its end
+        # Inside updates_as_one(): the modules its updates trained, checked (and rolled back) together at its end.
+        self._deferred_modules: Optional[set] = None
 
     # ---------------------------------------------------------------------------------- building
     @override_point
@@ -256,9 +258,12 @@ class Learner(StateMixin, RollbackMixin):
 
         tensors = self._to_tensors(local)
         # Everything below may fail (a non-finite loss or gradient, a hook, a collective): the learner
-        # then goes back to this snapshot, so a failed update changes nothing.
-        snapshot = self.take_snapshot()
-        self._step_losses = []
+        # then goes back to this snapshot, so a failed update changes nothing. Inside updates_as_one()
+        # the snapshot before the first of its updates serves them all.
+        deferred = self._deferred_modules is not None
+        snapshot = None if deferred else self.take_snapshot()
+        if not deferred:
+            self._step_losses = []
         try:
             self._last_timestep = int(timesteps.get(TIMESTEP_KEY, self._last_timestep))
             self._apply_lr_schedules(self._last_timestep)
@@ -277,7 +282,10 @@ class Learner(StateMixin, RollbackMixin):
                 self._gradient_step(tensors, step, layout, last=i == num_steps - 1)
             self.metrics.all_reduce(self._collective)
             self.after_gradient_based_update(timesteps=timesteps)
-            self._check_finite_after_update(layout.global_rows)
+            if deferred:
+                self._deferred_modules.update(layout.global_rows)
+            else:
+                self._check_finite_after_update(layout.global_rows)
             for reg in self._optimizers.values():
                 if reg.module_id in layout.global_rows:
                     self.metrics.log_value((reg.module_id, f"{reg.name}_learning_rate"), get_lr(reg.optimizer), reduce="last")
@@ -290,10 +298,12 @@ class Learner(StateMixin, RollbackMixin):
             return _plain_numbers(results)
         except BaseException:
             self.metrics.clear()
-            self.restore_snapshot(snapshot)
+            if snapshot is not None:
+                self.restore_snapshot(snapshot)
             raise
         finally:
-            self._step_losses = []
+            if not deferred:
+                self._step_losses = []
 
     def _resolve(self, value, name: str, default):
         if value is None:

@@ -8,10 +8,11 @@ raises :class:`NonFiniteUpdateError` after :meth:`~dlearner.learner.Learner.upda
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -52,7 +53,8 @@ class RollbackMixin:
     not usable alone).
 
     They read the attributes ``Learner.__init__`` sets (``_module``, ``_optimizers``,
-    ``_snapshot_owner``, ``_step_losses``, ``_step_position``) and the learner state methods.
+    ``_snapshot_owner``, ``_step_losses``, ``_step_position``, ``_deferred_modules``) and the learner
+    state methods.
     """
 
     def take_snapshot(self) -> LearnerSnapshot:
@@ -136,6 +138,38 @@ class RollbackMixin:
                 group.update(_copy_tree(hyper))
                 group["params"] = params
         self.set_learner_state(_copy_tree(snapshot.learner_state))
+
+    @contextlib.contextmanager
+    def updates_as_one(self) -> Iterator[None]:
+        """Several :meth:`update` calls that stand or fall together: one snapshot before the first and
+        one non-finite check after the last, instead of one of each per update.
+
+        If any of them fails (or the check finds a NaN or inf in a loss, weight or optimizer value of
+        a module they trained), the learner goes back to its state before the block, every update of
+        it undone, and the error propagates. For many small updates in one call (SAC's replay-buffer
+        calls: 64 and more updates of 256 rows) this takes the snapshot's and the check's cost off each
+        update. State outside the snapshot (a replay buffer's rows and priorities) is not rolled back.
+
+        Example::
+
+            with learner.updates_as_one():
+                for batch in batches:
+                    learner.update(batch)
+        """
+        self._check_is_built()
+        if self._deferred_modules is not None:
+            raise RuntimeError("updates_as_one() blocks do not nest.")
+        snapshot = self.take_snapshot()
+        self._deferred_modules, self._step_losses = set(), []
+        try:
+            yield
+            self._check_finite_after_update(self._deferred_modules)
+        except BaseException:
+            self.metrics.clear()
+            self.restore_snapshot(snapshot)
+            raise
+        finally:
+            self._deferred_modules, self._step_losses = None, []
 
     def _check_finite_after_update(self, module_ids: Iterable[str]) -> None:
         """Raise :class:`NonFiniteUpdateError` if a loss of this update, or a weight or optimizer value of
