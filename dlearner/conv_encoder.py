@@ -119,7 +119,9 @@ class ConvEncoder(nn.Module):
         model_config = dict(model_config or {})
         activation = model_config.get("conv_activation", "relu")
         if activation not in _ACTIVATIONS:
-            raise ValueError(f"model_config['conv_activation']={activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}.")
+            raise ValueError(
+                f"model_config['conv_activation']={activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            )
         height, width, channels = (int(s) for s in observation_space.shape)
         filters = validate_conv_filters(model_config.get("conv_filters"))
         if filters is None:

@@ -28,7 +28,7 @@ from tornado.routing import PathMatches, Rule
 
 from dlearner.dashboard.html import render_page
 from dlearner.dashboard.protocol import PAGE_PATH, PLUGIN_NAME, sanitize
-from dlearner.dashboard.store import MetricsStore, SchedulerLiveness
+from dlearner.dashboard.store import MAX_HISTORY, MetricsStore, SchedulerLiveness
 from dlearner.events import EVENT_TOPIC, LEARNER_TOPIC_PREFIX, TIMING_TOPIC
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class DashboardPlugin(SchedulerPlugin):
     name = PLUGIN_NAME
     idempotent = True  # registering again (another client or run) keeps the existing plugin and its data
 
-    def __init__(self, *, max_history: int = 10_000, max_runs: int = 100):
+    def __init__(self, *, max_history: int = MAX_HISTORY, max_runs: int = 100):
         self.max_history = max_history
         self.max_runs = max_runs
         self.store: Optional[MetricsStore] = None

@@ -31,6 +31,11 @@ logger = logging.getLogger(__name__)
 
 #: Run ids of learner groups that no run claimed: ``learner-group-<group id>``.
 GROUP_RUN_PREFIX = "learner-group-"
+#: Points of a run's curve the store keeps (the newest half in full, older ones thinned; see
+#: ``_Run._thin``). A point holds ~0.9 kB, so a run keeps at most ~2 MB however long it lasts (100
+#: runs: 200 MB in the scheduler's process); a curve on the page is narrower than 2,000 pixels, and
+#: ``metrics.jsonl`` has every iteration.
+MAX_HISTORY = 2_000
 #: Losses drawn on the loss curve (mean over modules), when a result has them.
 LOSS_KEYS = ("total_loss", "policy_loss", "vf_loss", "entropy", "qf_loss", "alpha_loss")
 #: The loss drawn per module on a multi-agent run's page.
@@ -307,7 +312,7 @@ class _Run:
 class MetricsStore:
     """The metrics of every run that published to this scheduler (lives in the scheduler process)."""
 
-    def __init__(self, *, max_history: int = 10_000, max_runs: int = 100):
+    def __init__(self, *, max_history: int = MAX_HISTORY, max_runs: int = 100):
         self.max_history = max_history
         self.max_runs = max_runs
         self.runs: Dict[str, _Run] = {}
@@ -340,8 +345,13 @@ class MetricsStore:
             self._add_learner_update(run, result, message.get("step"))
 
     def add_group_result(self, group_id: str, result: Optional[Mapping[str, Any]], received: float) -> None:
-        """A learner group's rank-0 update result (topic ``learner-metrics-<group id>``)."""
-        if result is None:
+        """A learner group's rank-0 update result (topic ``learner-metrics-<group id>``).
+
+        Kept only for a group that no run claimed: a run's page shows its own curve, never its
+        group's, and an asynchronous run's group updates several times a second, so its curve
+        would fill ``max_history`` points that nothing reads.
+        """
+        if result is None or self._claimed(group_id):
             return
         run = self._run(GROUP_RUN_PREFIX + group_id, KIND_LEARNER, received)
         run.groups.add(group_id)
@@ -377,12 +387,18 @@ class MetricsStore:
             run.client = message["client"]
         for group_id in message.get("learner_groups") or ():
             run.groups.add(str(group_id))
+            if not run.run_id.startswith(GROUP_RUN_PREFIX):  # claimed: the group's own curve is not shown
+                self.runs.pop(GROUP_RUN_PREFIX + str(group_id), None)
         keys = message.get("env_runner_keys")
         if isinstance(keys, (list, tuple)) and keys:  # Dask's events decode lists as tuples
             run.env_runner_keys = [str(k) for k in keys]
         for name in ("algorithm", "env"):
             if isinstance(message.get(name), str):
                 setattr(run, name, message[name][:MAX_STRING])
+
+    def _claimed(self, group_id: str) -> bool:
+        """Whether a run's status named learner group ``group_id`` (the page shows it inside that run)."""
+        return any(group_id in run.groups for run in self.runs.values() if not run.run_id.startswith(GROUP_RUN_PREFIX))
 
     def _run(self, run_id: str, kind: str, now: float) -> _Run:
         run = self.runs.get(run_id)

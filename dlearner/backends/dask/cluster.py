@@ -46,6 +46,30 @@ _KEEP_WORKERS_EVERY_S = 1.0
 _WORKER_EXIT_TIMEOUT_S = 30.0
 
 
+#: Samples of CPU, memory and network use that Dask's system monitor keeps in each process of the
+#: embedded cluster (the scheduler's, in the driver, and each worker's): one every 500 ms, so a minute.
+#: Dask keeps 7,200 (an hour) by default, so for the first hour of a run the scheduler's grew by ~0.1 MiB
+#: a minute (~6 MiB in all) and each worker's by a quarter of that. Only the System pages of Dask's
+#: dashboard read the history (a page opened later shows the minute before it, then plots on from there).
+_SYSTEM_MONITOR_SAMPLES = 120
+
+#: Entries of each of Dask's low-level logs (``distributed.admin.low-level-log-length``, 1,000 by
+#: default) in the embedded cluster: the scheduler's events per topic, its transition log and the
+#: recent messages of each connection, and in each worker its state-machine, stimulus, transfer and
+#: message logs. Every learner update and every iteration adds to several of them (a compute-task
+#: message holding the task, an event of the update's result, of its timings, of the dashboard's
+#: metrics); at 1,000 entries they held a few MB more and, for the slower ones (an event per
+#: iteration, a task a second), kept growing for 10-80 minutes of a run. They are logs for debugging
+#: Dask, plus ``client.get_events(topic)``, which then returns the last 100 events of a topic.
+_DASK_LOG_ENTRIES = 100
+
+#: Dask settings of the embedded cluster's scheduler and of dlearner's client of it (both in the
+#: driver process; read when they start, so ``cluster_kwargs`` does not change them).
+_EMBEDDED_SCHEDULER_CONFIG: Dict[str, Any] = {
+    "distributed.admin.system-monitor.log-length": _SYSTEM_MONITOR_SAMPLES,
+    "distributed.admin.low-level-log-length": _DASK_LOG_ENTRIES,
+}
+
 #: Dask settings of the embedded cluster's worker processes (``cluster_kwargs={"config": {...}}`` replaces them).
 #: Dask's statistical profiler is off: it samples every thread that runs an actor call 100 times a
 #: second, so an env runner's sampling loop was profiled without pause, and keeps the last 1,000
@@ -55,7 +79,11 @@ _WORKER_EXIT_TIMEOUT_S = 30.0
 #: Dotted keys: the nanny adds these to a shallow copy of its own configuration, and the worker process
 #: applies them after it (``dask.config.set``); a nested ``{"distributed": ...}`` would replace every
 #: other ``distributed`` setting.
-_EMBEDDED_WORKER_CONFIG: Dict[str, Any] = {"distributed.worker.profile.enabled": False}
+_EMBEDDED_WORKER_CONFIG: Dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.system-monitor.log-length": _SYSTEM_MONITOR_SAMPLES,
+    "distributed.admin.low-level-log-length": _DASK_LOG_ENTRIES,
+}
 
 
 @dataclasses.dataclass
@@ -219,13 +247,14 @@ def _start_embedded_cluster(config: Any, num_workers: int) -> ClusterConnection:
     # tensor above 128 KiB: 30-40 % slower updates. Learner workers go without it.
     environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ, **_EMBEDDED_SCHEDULER_CONFIG}):
         cluster = LocalCluster(**kwargs)
-    try:
-        client = Client(cluster, set_as_default=_no_default_client(), security=cluster.security)
-    except BaseException:
-        cluster.close()
-        raise
+        try:
+            # In the settings' scope too: the scheduler opens its stream to this client now.
+            client = Client(cluster, set_as_default=_no_default_client(), security=cluster.security)
+        except BaseException:
+            cluster.close()
+            raise
     connection = ClusterConnection(client, cluster, owns_client=True, description="embedded LocalCluster")
     connection._keeper = asyncio.run_coroutine_threadsafe(_keep_workers(cluster), cluster.loop.asyncio_loop)
     return connection
