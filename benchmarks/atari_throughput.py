@@ -190,11 +190,13 @@ def socket_bytes_received(pids: Dict[str, int]) -> Dict[str, int]:
     return totals
 
 
-def cluster_run(config_class, env_id: str, seconds: float, warmup_s: float) -> Dict[str, float]:
+def cluster_run(config_class, env_id: str, seconds: float, warmup_s: float, num_envs: int) -> Dict[str, float]:
     config = (
         config_class()
         .environment(env_id, atari=True)
-        .env_runners(num_env_runners=1, num_envs_per_env_runner=8)
+        # Many envs per runner: one forward pass acts for all of them, and the CNN's cost per
+        # observation falls with the batch (~0.22 ms each for 8, ~0.14 ms for 64 on one core here).
+        .env_runners(num_env_runners=1, num_envs_per_env_runner=num_envs)
         .learners(num_learners=1)
         .rl_module(model_config=MODEL)
         .debugging(seed=0)
@@ -237,6 +239,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15, help="timed updates of each kind (interleaved)")
     parser.add_argument("--seconds", type=float, default=90.0, help="timed window of each cluster run")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of training before the window")
+    parser.add_argument("--num-envs", type=int, default=32, help="envs per env runner in the cluster runs")
     parser.add_argument("--parts", default="raw,learner,runs", help="which measurements (1: raw, 2: learner, 3-4: runs)")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -261,10 +264,10 @@ def main() -> None:
         return
     rows = []
     for name, config_class in (("APPO", APPOConfig), ("IMPALA", IMPALAConfig)):
-        out = cluster_run(config_class, args.env, args.seconds, args.warmup)
+        out = cluster_run(config_class, args.env, args.seconds, args.warmup, args.num_envs)
         rows.append(
             (
-                f"{name}, 1 env runner (8 envs) + 1 learner",
+                f"{name}, 1 env runner ({args.num_envs} envs) + 1 learner",
                 f"{out['sampled_per_s']:,.0f}",
                 f"{out['sampled_per_s'] / raw:.2f}",
                 f"{out['trained_per_s']:,.0f}",
