@@ -1,10 +1,11 @@
-"""Large arrays in checkpoints: zstd-compressed chunks of whole rows that plain zarr reads, restored exactly.
+"""Large arrays in checkpoints: chunks of whole rows that plain zarr reads, restored exactly.
 
-Arrays over 1 MiB (``COMPRESS_OVER_BYTES``), such as the columns of a replay buffer, are split along
-axis 0 into chunks of at most 4 MiB (``CHUNK_BYTES``), each stored with Zarr v3's standard codecs
-``bytes``, ``zstd``, ``crc32c``; such a store is format version 2. Smaller arrays keep the one
-uncompressed chunk of format version 1, and checkpoints of that format still load. Damaged and
-hostile compressed chunks are in ``tests/test_checkpoint_hostile.py``.
+Arrays over 1 MiB (``COMPRESS_OVER_BYTES``), such as the columns of a replay buffer or large layers,
+are split along axis 0 into chunks of at most 4 MiB (``CHUNK_BYTES``). Bool and integer arrays are
+stored with Zarr v3's standard codecs ``bytes``, ``zstd``, ``crc32c`` (format version 2); float and
+complex arrays, which zstd hardly shrinks, with ``bytes``, ``crc32c`` (format version 3). Smaller
+arrays keep the one uncompressed chunk of format version 1, and checkpoints of every older format
+still load. Damaged and hostile chunks are in ``tests/test_checkpoint_hostile.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import zarr
 
-from dlearner.checkpoint import backends, inspect_checkpoint, layout, load_state_tree, save_state_tree
+from dlearner.checkpoint import backends, encoding, inspect_checkpoint, layout, load_state_tree, save_state_tree
 from dlearner.checkpoint.encoding import CHUNK_BYTES, COMPRESS_OVER_BYTES, compressed_chunk_limit
 
 ROWS = 20 * 2**20 // 16  # 20 MiB of (ROWS, 4) float32
@@ -40,11 +41,12 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         fs.rm_file(file)
 
 
-def _column(content: str, rows: int = ROWS) -> np.ndarray:
+def _column(content: str, rows: int = ROWS, dtype: Any = np.uint32) -> np.ndarray:
+    """(rows, 4) of a 4-byte ``dtype``: uint32 is stored compressed, float32 in uncompressed chunks."""
     rng = np.random.default_rng(0)
     if content == "compressible":  # runs of equal values, as in a replay buffer's repeated observations
-        return np.repeat(rng.standard_normal((rows // 64, 4)).astype(np.float32), 64, axis=0)
-    return rng.integers(0, 2**32, size=(rows, 4), dtype=np.uint32).view(np.float32)  # incompressible bits
+        return np.repeat(rng.integers(0, 2**32, size=(rows // 64, 4), dtype=np.uint32), 64, axis=0).view(dtype)
+    return rng.integers(0, 2**32, size=(rows, 4), dtype=np.uint32).view(dtype)  # incompressible bits
 
 
 def _files(location: str, node: str) -> dict[str, int]:
@@ -78,9 +80,10 @@ def _assert_same_array(actual: Any, expected: np.ndarray) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.float32])
 @pytest.mark.parametrize("content", ["compressible", "random"])
-def test_a_large_array_round_trips_exactly_and_zarr_reads_the_same(location: str, content: str) -> None:
-    column = _column(content)
+def test_a_large_array_round_trips_exactly_and_zarr_reads_the_same(location: str, content: str, dtype: Any) -> None:
+    column = _column(content, dtype=dtype)
     save_state_tree(location, {"buffer": {"obs": column, "size": ROWS}}, metadata={})
     tree, _ = load_state_tree(location)
     _assert_same_array(tree["buffer"]["obs"], column)
@@ -109,13 +112,28 @@ def test_a_large_array_is_stored_as_compressed_chunks_of_whole_rows(location: st
     assert _format_version(location) == 2  # readers from before compressed chunks refuse it by its version
 
 
-def test_the_last_chunk_is_padded_to_the_chunk_shape_as_zarr_stores_edge_chunks(tmp_path: Path) -> None:
+def test_float_arrays_over_1_mib_are_stored_in_uncompressed_chunks_of_whole_rows(location: str) -> None:
+    column = _column("compressible", dtype=np.float32)
+    save_state_tree(location, {"obs": column}, metadata={})
+    node = _array_node(location, "obs")
+    meta = _zarr_json(location, node)
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [ROWS_PER_CHUNK, 4]
+    assert meta["codecs"] == [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
+    chunks = {key: size for key, size in _files(location, node).items() if key != "zarr.json"}
+    assert chunks == {f"{i}.0": CHUNK_BYTES + 4 for i in range(5)}  # the data and its CRC32C, never compressed
+    assert _format_version(location) == 3  # readers from before uncompressed chunks refuse it by its version
+    _assert_same_array(load_state_tree(location)[0]["obs"], column)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.float32])
+def test_the_last_chunk_is_padded_to_the_chunk_shape_as_zarr_stores_edge_chunks(tmp_path: Path, dtype: Any) -> None:
     rows = ROWS_PER_CHUNK + 100
-    column = _column("random", rows)
+    column = _column("random", rows, dtype)
     save_state_tree(tmp_path / "ckpt", {"obs": column}, metadata={})
     node = _array_node(str(tmp_path / "ckpt"), "obs")
-    last = (tmp_path / "ckpt" / node / "1.0").read_bytes()[:-4]  # the zstd frame, without its CRC32C
-    data = np.frombuffer(numcodecs.zstd.decompress(last), np.float32).reshape(-1, 4)
+    last = (tmp_path / "ckpt" / node / "1.0").read_bytes()[:-4]  # the chunk's data (a zstd frame), without its CRC32C
+    raw = numcodecs.zstd.decompress(last) if dtype == np.uint32 else last
+    data = np.frombuffer(raw, dtype).reshape(-1, 4)
     assert data.shape == (ROWS_PER_CHUNK, 4)
     assert data[:100].tobytes() == column[ROWS_PER_CHUNK:].tobytes() and not data[100:].any()
     _assert_same_array(load_state_tree(tmp_path / "ckpt")[0]["obs"], column)
@@ -127,16 +145,26 @@ def test_arrays_up_to_1_mib_keep_one_uncompressed_chunk_and_format_version_1(loc
     assert weight.nbytes == COMPRESS_OVER_BYTES
     save_state_tree(location, {"weight": weight}, metadata={})
     node = _array_node(location, "weight")
+    assert node.endswith("/weight")  # a Zarr array of its own
     assert [codec["name"] for codec in _zarr_json(location, node)["codecs"]] == ["bytes", "crc32c"]
     assert _files(location, node)["0.0"] == weight.nbytes + 4
     assert _format_version(location) == 1
+    _assert_same_array(load_state_tree(location)[0]["weight"], weight)
 
     one_row_more = np.vstack([weight, weight[:1]])
     save_state_tree(location, {"weight": one_row_more}, metadata={})
     node = _array_node(location, "weight")
+    assert [codec["name"] for codec in _zarr_json(location, node)["codecs"]] == ["bytes", "crc32c"]
+    assert _zarr_json(location, node)["chunk_grid"]["configuration"]["chunk_shape"] == [513, 512]
+    assert _format_version(location) == 3
+    _assert_same_array(load_state_tree(location)[0]["weight"], one_row_more)
+
+    counts = one_row_more.view(np.int32)
+    save_state_tree(location, {"counts": counts}, metadata={})
+    node = _array_node(location, "counts")
     assert [codec["name"] for codec in _zarr_json(location, node)["codecs"]] == ["bytes", "zstd", "crc32c"]
     assert _format_version(location) == 2
-    _assert_same_array(load_state_tree(location)[0]["weight"], one_row_more)
+    _assert_same_array(load_state_tree(location)[0]["counts"], counts)
 
 
 def test_rows_larger_than_a_chunk_get_one_chunk_each(location: str) -> None:
@@ -172,8 +200,8 @@ def test_every_dtype_byte_order_and_shape_round_trips(location: str) -> None:
 
 def test_large_arrays_of_format_version_1_still_load(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
     # As dlearner wrote them before compressed chunks: every array in one uncompressed chunk.
-    column = _column("random")
-    monkeypatch.setattr(layout, "chunk_rows", lambda shape, itemsize: None)
+    column = _column("random", dtype=np.float32)
+    monkeypatch.setattr(layout, "chunk_layout", lambda shape, dtype: None)
     save_state_tree(location, {"obs": column}, metadata={})
     monkeypatch.undo()
     node = _array_node(location, "obs")
@@ -182,10 +210,46 @@ def test_large_arrays_of_format_version_1_still_load(location: str, monkeypatch:
     _assert_same_array(load_state_tree(location)[0]["obs"], column)
 
 
+def test_float_arrays_of_format_version_2_still_load(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As dlearner wrote them before uncompressed chunks: float arrays over 1 MiB compressed with zstd.
+    column = _column("random", dtype=np.float32)
+    monkeypatch.setattr(encoding, "COMPRESSED_KINDS", frozenset("biufc"))
+    save_state_tree(location, {"obs": column, "small": np.arange(3.0)}, metadata={})
+    monkeypatch.undo()
+    node = _array_node(location, "obs")
+    assert [codec["name"] for codec in _zarr_json(location, node)["codecs"]] == ["bytes", "zstd", "crc32c"]
+    assert _format_version(location) == 2
+    tree, _ = load_state_tree(location)
+    _assert_same_array(tree["obs"], column)
+    _assert_same_array(tree["small"], np.arange(3.0))
+
+
+def test_chunks_read_and_written_concurrently_equal_the_original_bit_for_bit(
+    location: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Many chunks per array (small chunks), arrays of both encodings and a padded last chunk, with
+    # more threads than chunks in flight: every byte lands in its place.
+    monkeypatch.setattr(encoding, "CHUNK_BYTES", 64 * 2**10)
+    monkeypatch.setattr(backends, "IO_THREADS", 8)
+    monkeypatch.setattr(backends, "_THREADED_WRITE_BYTES", 1)
+    rng = np.random.default_rng(1)
+    tree = {
+        "floats": rng.standard_normal((300_001, 3)).astype(np.float32),
+        "doubles": rng.standard_normal(200_003).astype(">f8"),
+        "ints": rng.integers(0, 1000, size=(400_007, 2), dtype=np.int32),
+    }
+    save_state_tree(location, tree, metadata={})
+    assert len(_files(location, _array_node(location, "floats"))) > 50
+    loaded, _ = load_state_tree(location)
+    for key, expected in tree.items():
+        _assert_same_array(loaded[key], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.float32])
 @pytest.mark.parametrize("location", ["memory"], indirect=True)
-def test_the_chunks_of_an_array_are_fetched_in_one_request(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_chunks_of_an_array_are_fetched_in_one_request(location: str, monkeypatch: pytest.MonkeyPatch, dtype: Any) -> None:
     # Object stores fetch the keys of one read_many call concurrently.
-    save_state_tree(location, {"obs": _column("random")}, metadata={})
+    save_state_tree(location, {"obs": _column("random", dtype=dtype)}, metadata={})
     calls: list[list[str]] = []
     original = backends.FsspecBackend.read_many
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from dlearner import PPOConfig
-from dlearner.checkpoint import inspect_checkpoint, layout, load_state_tree, save_state_tree
+from dlearner.checkpoint import encoding, inspect_checkpoint, layout, load_state_tree, save_state_tree
 from dlearner.checkpoint.encoding import CHUNK_BYTES, compressed_chunk_limit
 from dlearner.checkpoint.limits import (
     DECOMPRESSION_ALLOWANCE_BYTES,
@@ -326,7 +326,10 @@ def test_tiny_chunks_are_refused_before_any_is_read(learner, location: str) -> N
 # Compressed chunks (arrays over 1 MiB): each checked, and decompressed only into its exact size
 # --------------------------------------------------------------------------------------------------
 
-# (6000, 256) float32: 6 MB, so compressed in two chunks of 4096 rows (4 MiB), the second one padded.
+# (6000, 256) float32: 6 MB, so in two chunks of 4096 rows (4 MiB), the second one padded. dlearner
+# writes float arrays in uncompressed chunks since format version 3; ``wide_location`` writes them
+# compressed, as format version 2 did (and as integer arrays still are), so that the defences of the
+# compressed reader are tested on them.
 WIDE = "learner/rl_module/default_policy/pi.2.weight"
 WIDE_TWIN = "learner/rl_module/default_policy/vf.2.weight"  # same shape and dtype
 BOMB_BYTES = 2**28
@@ -344,9 +347,21 @@ def wide_learner():
 
 
 @pytest.fixture(params=["local", "memory"])
-def wide_location(request, wide_learner, tmp_path: Path) -> Iterator[str]:
+def wide_location(request, wide_learner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A checkpoint of the wide learner, on disk or on memory://, whose WIDE array has two compressed chunks."""
-    if request.param == "local":
+    with monkeypatch.context() as patch:
+        patch.setattr(encoding, "COMPRESSED_KINDS", frozenset("biufc"))  # floats compressed, as in format 2
+        yield from _wide_store(request.param, wide_learner, tmp_path)
+
+
+@pytest.fixture(params=["local", "memory"])
+def wide_raw_location(request, wide_learner, tmp_path: Path) -> Iterator[str]:
+    """A checkpoint of the wide learner whose WIDE array has two uncompressed chunks (format version 3)."""
+    yield from _wide_store(request.param, wide_learner, tmp_path)
+
+
+def _wide_store(where: str, wide_learner, tmp_path: Path) -> Iterator[str]:
+    if where == "local":
         yield wide_learner.save_to_path(str(tmp_path / "ckpt"))
         return
     url = wide_learner.save_to_path(f"memory://dlearner-hostile-{uuid.uuid4().hex}/ckpt")
@@ -432,9 +447,57 @@ def test_a_damaged_swapped_or_missing_chunk_is_refused(wide_learner, wide_locati
     _assert_refused(wide_learner, wide_location, message)
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flipped byte", r"1\.0: checksum mismatch in the chunk"),
+        ("truncated", r"1\.0 has \d+ bytes, expected 4194308"),
+        ("one byte more", r"1\.0 has 4194309 bytes, expected 4194308"),
+        ("deleted", r"the data of array .*pi\.2\.weight is missing \(.*pi\.2\.weight/1\.0 not found\)"),
+        ("swapped with the array's other chunk", r"pi\.2\.weight: its chunks are intact, but together they are not the data"),
+        ("moved from another array", r"pi\.2\.weight: its chunks are intact, but together they are not the data"),
+    ],
+)
+def test_a_damaged_swapped_or_missing_uncompressed_chunk_is_refused(
+    wide_learner, wide_raw_location: str, damage: str, message: str
+) -> None:
+    location = wide_raw_location
+    chunk = _chunk(location, 1)
+    data = _read(location, chunk)
+    assert len(data) == CHUNK_BYTES + 4  # the padded last chunk and its CRC32C
+    if damage == "flipped byte":
+        _write(location, chunk, data[:1000] + bytes([data[1000] ^ 0x10]) + data[1001:])
+    elif damage == "truncated":
+        _write(location, chunk, data[: len(data) // 2])
+    elif damage == "one byte more":
+        _write(location, chunk, data + b"\0")
+    elif damage == "deleted":
+        fs, root = _fs(location)
+        fs.rm_file(f"{root}/{chunk}")
+    elif damage == "swapped with the array's other chunk":
+        first = _chunk(location, 0)
+        _write(location, chunk, _read(location, first))
+        _write(location, first, data)
+    else:
+        _write(location, chunk, _read(location, _chunk(location, 1, WIDE_TWIN)))
+    _assert_refused(wide_learner, location, message, check_memory=True)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="sparse files")
-def test_an_oversized_compressed_chunk_is_refused_by_its_size_without_reading_it(wide_learner, tmp_path: Path) -> None:
+def test_an_oversized_uncompressed_chunk_is_refused_by_its_size_before_allocating(wide_learner, tmp_path: Path) -> None:
     ckpt = Path(wide_learner.save_to_path(str(tmp_path / "ckpt")))
+    with open(ckpt / _chunk(str(ckpt), 1), "r+b") as f:
+        f.truncate(8 * 2**30)  # 8 GiB that cost no disk
+    _assert_refused(wide_learner, ckpt, r"1\.0 has 8589934592 bytes, expected 4194308", check_memory=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="sparse files")
+def test_an_oversized_compressed_chunk_is_refused_by_its_size_without_reading_it(
+    wide_learner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encoding, "COMPRESSED_KINDS", frozenset("biufc"))  # floats compressed, as in format 2
+    ckpt = Path(wide_learner.save_to_path(str(tmp_path / "ckpt")))
+    monkeypatch.undo()
     with open(ckpt / _chunk(str(ckpt), 1), "r+b") as f:
         f.truncate(8 * 2**30)  # 8 GiB that cost no disk
     limit = compressed_chunk_limit(CHUNK_BYTES)

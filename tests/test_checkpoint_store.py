@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -93,6 +94,8 @@ def _root_attrs(path: str) -> dict[str, Any]:
 
 
 def _versions(path: str) -> set[str]:
+    """The version folders in the store, once the background deletion of replaced ones has finished."""
+    layout.wait_for_deletions()
     return {k.split("/")[1] for k in _keys(path, "versions") if re.fullmatch(r"versions/[0-9a-f]{32}/.*", k)}
 
 
@@ -445,6 +448,107 @@ def test_save_removes_stale_versions_but_nothing_else(location: str) -> None:
     assert _versions(location) == {_root_attrs(location)["committed_version"]}
     assert "versions/README" in _keys(location)
     _assert_same(load_state_tree(location)[0], {"a": np.zeros(2)})
+
+
+def test_a_save_leaves_exactly_the_committed_version_once_the_deletion_finished(location: str) -> None:
+    for step in range(3):
+        save_state_tree(location, _learner_like_tree(float(step)), metadata={"step": step})
+        assert _versions(location) == {_root_attrs(location)["committed_version"]}
+    _assert_same(load_state_tree(location)[0], _learner_like_tree(2.0))
+
+
+def test_the_replaced_version_is_deleted_after_the_save_returns(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The deletion runs on a background thread: held back here, the save returns anyway, the new
+    # version restores meanwhile, and the next save waits for it before it writes.
+    save_state_tree(location, _learner_like_tree(1.0), metadata={"step": 1})
+    old_version = _root_attrs(location)["committed_version"]
+    release, started = threading.Event(), threading.Event()
+    deleted: list[str] = []
+    originals = {cls: cls.delete_tree for cls in (backends.LocalBackend, backends.FsspecBackend)}
+
+    def held_back(self: Any, key: str) -> None:
+        started.set()
+        assert release.wait(30)
+        deleted.append(key)
+        originals[type(self)](self, key)
+
+    for cls in originals:
+        monkeypatch.setattr(cls, "delete_tree", held_back)
+    save_state_tree(location, _learner_like_tree(2.0), metadata={"step": 2})
+    assert started.wait(30) and not deleted  # the save returned while the deletion waits
+    new_version = _root_attrs(location)["committed_version"]
+    assert _keys(location, f"versions/{old_version}")  # still there, and harmless
+    _assert_same(load_state_tree(location)[0], _learner_like_tree(2.0))
+    release.set()
+    save_state_tree(location, _learner_like_tree(3.0), metadata={"step": 3})
+    assert deleted[0] == f"versions/{old_version}"  # finished before the third save wrote anything
+    assert _versions(location) == {_root_attrs(location)["committed_version"]}
+    assert f"versions/{new_version}" in deleted  # the second save's version, replaced by the third
+
+
+def test_a_failure_between_commit_and_deletion_leaves_the_new_checkpoint(location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_state_tree(location, _learner_like_tree(1.0), metadata={"step": 1})
+
+    def crash(backend: Any, names: list[str]) -> None:
+        raise RuntimeError("injected crash after the commit")
+
+    monkeypatch.setattr(layout, "_delete_in_background", crash)
+    with pytest.raises(RuntimeError, match="injected crash"):
+        save_state_tree(location, _learner_like_tree(2.0), metadata={"step": 2})
+    monkeypatch.undo()
+    committed = _root_attrs(location)["committed_version"]
+    assert len(_versions(location)) == 2 and committed in _versions(location)
+    tree, metadata = load_state_tree(location)
+    _assert_same(tree, _learner_like_tree(2.0))
+    assert metadata == {"step": 2}
+    save_state_tree(location, _learner_like_tree(3.0), metadata={"step": 3})  # cleans up both old ones
+    assert _versions(location) == {_root_attrs(location)["committed_version"]}
+    _assert_same(load_state_tree(location)[0], _learner_like_tree(3.0))
+
+
+CRASH_AFTER_COMMIT_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import numpy as np
+    from dlearner.checkpoint import layout, store
+
+    store.save_state_tree(sys.argv[1], {"w": np.full(8, 1.0)}, metadata={"step": 1})
+    layout.wait_for_deletions()
+    # The process dies right after the second save's commit, before anything is deleted.
+    layout._delete_in_background = lambda backend, names: os._exit(17)
+    store.save_state_tree(sys.argv[1], {"w": np.full(8, 2.0)}, metadata={"step": 2})
+    """
+)
+
+
+def test_a_process_killed_between_commit_and_deletion_leaves_the_new_checkpoint(tmp_path: Path) -> None:
+    path = str(tmp_path / "ckpt")
+    result = subprocess.run(
+        [sys.executable, "-c", CRASH_AFTER_COMMIT_SCRIPT, path], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 17, result.stderr
+    assert len(_versions(path)) == 2
+    tree, metadata = load_state_tree(path)
+    _assert_same(tree, {"w": np.full(8, 2.0)})
+    assert metadata == {"step": 2}
+    save_state_tree(path, {"w": np.full(8, 3.0)}, metadata={"step": 3})
+    assert _versions(path) == {_root_attrs(path)["committed_version"]}
+
+
+def test_a_failed_background_deletion_is_reported_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = str(tmp_path / "ckpt")
+    save_state_tree(path, {"a": np.ones(2)}, metadata={})
+
+    def refuse(self: Any, key: str) -> None:
+        raise PermissionError(f"injected: cannot remove {key}")
+
+    monkeypatch.setattr(backends.LocalBackend, "delete_tree", refuse)
+    save_state_tree(path, {"a": np.zeros(2)}, metadata={})  # committed; the deletion fails later
+    with pytest.warns(RuntimeWarning, match=r"removing the old version [0-9a-f]{32} failed .*injected.*next save"):
+        layout.wait_for_deletions()
+    monkeypatch.undo()
+    save_state_tree(path, {"a": np.full(2, 5.0)}, metadata={})
+    assert _versions(path) == {_root_attrs(path)["committed_version"]}
 
 
 def test_debris_of_a_killed_commit_is_ignored_and_removed(tmp_path: Path) -> None:

@@ -257,11 +257,20 @@ def test_docs_plain_zarr_example_rebuilds_the_saved_weights(cartpole, path):
 
 
 def test_weights_carry_dimension_names_that_zarr_reads(cartpole, path):
-    make_learner(cartpole).save_to_path(path)
-    node = next(a["node"] for a in inspect_checkpoint(path)["arrays"] if a["keys"][-1] == "pi.0.weight")
-    array = zarr.open_group(path, mode="r")[node]
-    assert array.metadata.dimension_names == ("pi.0.weight.dim_0", "pi.0.weight.dim_1")
-    assert array.shape == (32, 4)
+    # Every weight is a Zarr array of its own with dimension names, small ones (one chunk) and those
+    # over 1 MiB (chunks of rows) alike.
+    learner = make_learner(cartpole, hiddens=[32, 600, 600])
+    learner.save_to_path(path)
+    arrays = {a["name"]: a for a in inspect_checkpoint(path)["arrays"]}
+    large = arrays["learner/rl_module/default_policy/pi.4.weight"]
+    array = zarr.open_group(path, mode="r")[large["node"]]
+    assert array.shape == (600, 600)
+    assert array.metadata.dimension_names == ("pi.4.weight.dim_0", "pi.4.weight.dim_1")
+    np.testing.assert_array_equal(array[...], learner.get_state()["rl_module"][DEFAULT_MODULE_ID]["pi.4.weight"])
+    small = zarr.open_group(path, mode="r")[arrays["learner/rl_module/default_policy/pi.0.weight"]["node"]]
+    assert small.metadata.dimension_names == ("pi.0.weight.dim_0", "pi.0.weight.dim_1")
+    assert small.shape == (32, 4)
+    np.testing.assert_array_equal(small[...], learner.get_state()["rl_module"][DEFAULT_MODULE_ID]["pi.0.weight"])
 
 
 # ---------------------------------------------------------------------------------------- run folders

@@ -2,8 +2,8 @@
 
 Pure data transformations, no I/O: this module names Zarr nodes after tree keys, writes and checks
 the ``zarr.json`` documents of groups and arrays, encodes and decodes the chunks of each array (one
-uncompressed chunk, or for arrays over :data:`COMPRESS_OVER_BYTES` zstd-compressed chunks of about
-:data:`CHUNK_BYTES`), and parses JSON documents within the limits for untrusted data (JSON values
+uncompressed chunk, or for arrays over :data:`COMPRESS_OVER_BYTES` chunks of about
+:data:`CHUNK_BYTES`, zstd-compressed for the dtypes in :data:`COMPRESSED_KINDS`), and parses JSON documents within the limits for untrusted data (JSON values
 are stored by the exact policy of :mod:`dlearner.jsonsafe`). It writes what ``zarr.create_array`` would write, byte for byte,
 at a fraction of the cost (``benchmarks/checkpoint.py`` has a "zarr API" row to keep that true):
 :func:`array_template` asks zarr for the metadata of a sample array once per (ndim, dtype) and checks
@@ -40,12 +40,12 @@ NODE_NAME = re.compile(r"[a-z0-9_.\-%~A-F]+")
 """Every name :func:`encode_key` returns matches this; manifests naming other nodes are refused."""
 
 COMPRESS_OVER_BYTES = 2**20
-"""Arrays of more data than this are stored compressed, in chunks of about :data:`CHUNK_BYTES`.
+"""Arrays of more data than this are stored in chunks of whole rows of about :data:`CHUNK_BYTES`
+(compressed for the dtypes in :data:`COMPRESSED_KINDS`).
 
 Smaller arrays keep one uncompressed chunk, exactly as format version 1 stores every array: a
 model's parameters and optimizer moments (a 512x512 float32 layer is 1 MiB) are floats that hardly
-compress, so compressing them would only cost time and make the checkpoint unreadable for older
-dlearners. Replay-buffer columns of more than ~256k float32 values are compressed."""
+compress. Every array, of any size, is a Zarr array of its own."""
 
 CHUNK_BYTES = 4 * 2**20
 """Most data of one compressed chunk: whole rows (along axis 0) of at most this many bytes, or one row.
@@ -59,13 +59,22 @@ ZSTD_LEVEL = 1
 """zstd level of compressed chunks: its fastest regular level; higher ones cost 1.5-3x the time for a
 few percent (no gain on float columns)."""
 
+COMPRESSED_KINDS = frozenset("biu")
+"""numpy dtype kinds whose arrays over :data:`COMPRESS_OVER_BYTES` are written zstd-compressed: bool,
+signed and unsigned integers (actions, flags, uint8 images), which shrink a lot. Float and complex
+arrays (weights, optimizer moments, float observations) shrink ~8% at ~3x the CPU time of writing them
+(their mantissas are noise), so since format version 3 they are written in uncompressed chunks of the
+same rows; readers accept either encoding for any dtype."""
+
 _SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_.-")
 _MAX_NAME_CHARS = 200  # file systems limit one path component to 255 bytes
 _TRUNCATED_PREFIX_CHARS = 150
 
 __all__ = [
     "CHUNK_BYTES",
+    "COMPRESSED_KINDS",
     "COMPRESS_OVER_BYTES",
+    "ChunkLayout",
     "CORRUPTED",
     "NODE_NAME",
     "ZARR_JSON",
@@ -75,7 +84,9 @@ __all__ = [
     "array_template",
     "check_array_metadata",
     "check_compressed_chunk",
+    "check_uncompressed_chunk",
     "check_json_document",
+    "chunk_layout",
     "chunk_rows",
     "compressed_chunk_limit",
     "data_crc32c",
@@ -85,6 +96,7 @@ __all__ = [
     "dimension_names",
     "encode_chunk",
     "encode_compressed_chunk",
+    "encode_uncompressed_chunk",
     "encode_key",
     "group_doc",
     "json_bytes",
@@ -234,6 +246,23 @@ def chunk_rows(shape: tuple[int, ...], itemsize: int) -> int | None:
     return min(shape[0], max(1, CHUNK_BYTES // (nbytes // shape[0])))
 
 
+@dataclass(frozen=True)
+class ChunkLayout:
+    """How an array over :data:`COMPRESS_OVER_BYTES` is chunked: ``rows`` per chunk (whole rows along
+    axis 0, from :func:`chunk_rows`), zstd-compressed or not."""
+
+    rows: int
+    compressed: bool
+
+
+def chunk_layout(shape: tuple[int, ...], dtype: np.dtype[Any]) -> ChunkLayout | None:
+    """How dlearner writes an array of ``shape`` and ``dtype``: ``None`` for one uncompressed chunk
+    (at most :data:`COMPRESS_OVER_BYTES`), else chunks of whole rows, compressed for the dtype kinds
+    in :data:`COMPRESSED_KINDS` only."""
+    rows = chunk_rows(shape, dtype.itemsize)
+    return None if rows is None else ChunkLayout(rows, dtype.kind in COMPRESSED_KINDS)
+
+
 def compressed_chunk_limit(chunk_nbytes: int) -> int:
     """Most bytes a compressed chunk of ``chunk_nbytes`` bytes of data may have: zstd's own bound for
     that much data (``ZSTD_COMPRESSBOUND``: incompressible data grows by ~1/256), plus the CRC32C."""
@@ -255,20 +284,24 @@ class ArrayTemplate:
         attributes: dict[str, Any] | None = None,
         name: str | None = None,
         *,
-        chunk_rows: int | None = None,
+        layout: ChunkLayout | None = None,
     ) -> dict[str, Any]:
         """The ``zarr.json`` of an array of ``shape``; with ``name``, its dimension names too.
 
-        One uncompressed chunk, or with ``chunk_rows``, compressed chunks of that many rows.
+        One uncompressed chunk, or with ``layout``, chunks of ``layout.rows`` rows, zstd-compressed
+        if ``layout.compressed``.
         """
         doc = dict(self.doc)
         doc["shape"] = list(shape)
-        if chunk_rows is None:
+        if layout is None:
             # Zarr requires chunk edges >= 1; an array with a zero-length axis has no chunks at all.
             chunk_shape = [max(d, 1) for d in shape]
         else:
-            chunk_shape = [chunk_rows, *shape[1:]]
-            doc["codecs"] = _compressed_codecs()
+            chunk_shape = [layout.rows, *shape[1:]]
+            if layout.compressed:
+                doc["codecs"] = _compressed_codecs()
+            else:
+                _check_uncompressed_chunks()
         doc["chunk_grid"] = {"name": "regular", "configuration": {"chunk_shape": chunk_shape}}
         if attributes is not None:
             doc["attributes"] = attributes
@@ -327,6 +360,23 @@ def _compressed_codecs() -> list[dict[str, Any]]:
     if ours != chunks:
         raise _encodes_differently(dtype)
     return doc["codecs"]
+
+
+@lru_cache(maxsize=1)
+def _check_uncompressed_chunks() -> None:
+    """Check once that zarr writes a sample in three uncompressed chunks (the last one partial,
+    padded with zeros) with the one-chunk codecs, byte for byte as dlearner does."""
+    dtype, shape = np.dtype("<f4"), (5, 3)
+    doc, chunks = _zarr_sample(dtype, shape, (2, 3), compressors=[Crc32cCodec()])
+    template = array_template(2, dtype.str)
+    if doc != {**template.doc_for(shape), "chunk_grid": doc["chunk_grid"]} or doc["codecs"] != template.doc["codecs"]:
+        raise RuntimeError(f"zarr {zarr.__version__} wrote unexpected array metadata {doc!r}")
+    ours = {
+        template.chunk_key_of(i): b"".join(bytes(p) for p in encode_uncompressed_chunk(data, 2 * 3 * dtype.itemsize))
+        for i, data in enumerate(array_chunks(_sample(dtype, shape), 2))
+    }
+    if ours != chunks:
+        raise _encodes_differently(dtype)
 
 
 def _sample(dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
@@ -399,12 +449,13 @@ def group_doc(attributes: dict[str, Any], *, indent: int | None = None) -> bytes
     return json_bytes({**_group_template(), "attributes": attributes}, indent=indent)
 
 
-def check_array_metadata(meta: Any, template: ArrayTemplate, shape: tuple[int, ...], name: str) -> int | None:
+def check_array_metadata(meta: Any, template: ArrayTemplate, shape: tuple[int, ...], name: str) -> ChunkLayout | None:
     """Which of dlearner's encodings ``meta`` (an array's ``zarr.json``) uses, for the manifest's ``shape``.
 
     Returns ``None`` for one uncompressed chunk (any array; the only encoding of format version 1)
-    or the rows per chunk of compressed chunks (only for arrays over :data:`COMPRESS_OVER_BYTES`,
-    and only in the chunk shape :func:`chunk_rows` gives). Raises :class:`InvalidCheckpointError` for anything
+    or the :class:`ChunkLayout` of chunks of whole rows, zstd-compressed (format version 2) or not
+    (version 3), only for arrays over :data:`COMPRESS_OVER_BYTES` and only in the chunk shape
+    :func:`chunk_rows` gives, whatever the dtype. Raises :class:`InvalidCheckpointError` for anything
     else. Attributes and dimension names play no part in decoding and are ignored (checkpoints
     written before dimension names existed have none); an absent ``storage_transformers`` means none,
     as in the Zarr v3 spec. Any other difference (data type, shape, chunk grid, chunk key encoding,
@@ -418,9 +469,9 @@ def check_array_metadata(meta: Any, template: ArrayTemplate, shape: tuple[int, .
     got.setdefault("storage_transformers", [])
     rows = chunk_rows(shape, template.itemsize)
     # What dlearner writes now comes last, so that the messages below compare with it.
-    accepted = [None] if rows is None else [None, rows]
+    accepted: list[ChunkLayout | None] = [None] if rows is None else [None, ChunkLayout(rows, False), ChunkLayout(rows, True)]
     for candidate in accepted:
-        expected = {"storage_transformers": [], **template.doc_for(shape, chunk_rows=candidate)}
+        expected = {"storage_transformers": [], **template.doc_for(shape, layout=candidate)}
         if got == expected:
             return candidate
     if got.get("shape") != expected["shape"] or got.get("data_type") != expected["data_type"]:
@@ -432,9 +483,9 @@ def check_array_metadata(meta: Any, template: ArrayTemplate, shape: tuple[int, .
     shown = ", ".join(f"{k} {_short_json(got.get(k))} instead of {_short_json(expected.get(k))}" for k in differs)
     raise InvalidCheckpointError(
         f"{name} is not encoded the way dlearner writes arrays ({shown}); dlearner reads only its own "
-        f"encodings (one uncompressed chunk; for arrays over {COMPRESS_OVER_BYTES >> 20} MiB also zstd-compressed "
-        "chunks of whole rows; fill value 0, bytes + crc32c codecs), never another one that could fill in "
-        f"missing data or decompress without bound; {CORRUPTED}"
+        f"encodings (one uncompressed chunk; for arrays over {COMPRESS_OVER_BYTES >> 20} MiB also chunks of whole "
+        "rows, uncompressed or zstd-compressed; fill value 0, bytes + crc32c codecs), never another one that could "
+        f"fill in missing data or decompress without bound; {CORRUPTED}"
     )
 
 
@@ -506,14 +557,33 @@ def array_chunks(array: np.ndarray, rows: int) -> list[np.ndarray]:
     return [data[start : start + step] for start in range(0, data.size, step)]
 
 
+def _padded(data: np.ndarray, chunk_nbytes: int) -> np.ndarray:
+    """``data`` padded with zeros to ``chunk_nbytes`` (as Zarr stores edge chunks); itself if full."""
+    if data.size >= chunk_nbytes:
+        return data
+    padded = np.zeros(chunk_nbytes, np.uint8)
+    padded[: data.size] = data
+    return padded
+
+
+def encode_uncompressed_chunk(data: np.ndarray, chunk_nbytes: int) -> list[Any]:
+    """An uncompressed chunk of several as parts: ``data`` (padded with zeros to ``chunk_nbytes``),
+    then its CRC32C (little-endian). Views, not copies, except for a padded last chunk."""
+    data = _padded(data, chunk_nbytes)
+    return [data, google_crc32c.value(data).to_bytes(4, "little")]
+
+
+def check_uncompressed_chunk(chunk: np.ndarray, stored_crc32c: bytes, where: str) -> None:
+    """Raise :class:`InvalidCheckpointError` unless ``stored_crc32c`` (the 4 bytes ending the chunk
+    file) is the CRC32C of ``chunk``, the chunk's data read in place."""
+    if google_crc32c.value(chunk) != int.from_bytes(stored_crc32c, "little"):
+        raise InvalidCheckpointError(f"{where}: checksum mismatch in the chunk; {CORRUPTED}")
+
+
 def encode_compressed_chunk(data: np.ndarray, chunk_nbytes: int) -> list[bytes]:
     """A compressed chunk as parts: the zstd frame of ``data`` (padded with zeros to ``chunk_nbytes``,
     as Zarr stores edge chunks), then the frame's CRC32C (little-endian)."""
-    if data.size < chunk_nbytes:
-        padded = np.zeros(chunk_nbytes, np.uint8)
-        padded[: data.size] = data
-        data = padded
-    frame = numcodecs.zstd.compress(data, ZSTD_LEVEL)
+    frame = numcodecs.zstd.compress(_padded(data, chunk_nbytes), ZSTD_LEVEL)
     return [frame, google_crc32c.value(frame).to_bytes(4, "little")]
 
 

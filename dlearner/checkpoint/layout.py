@@ -5,9 +5,14 @@ A store (``docs/checkpoint-format.md``, "Layout" and "Atomic commit protocol") i
 * ``zarr.json`` at the root holds, in ``attributes["dlearner"]``, the format name and version, the
   user metadata and ``committed_version``, the id of the one complete version group. Rewriting this
   single small object is the commit.
-* ``versions/<id>/`` is a version group: one Zarr group per dict of the tree, one Zarr array per
-  numpy array (one uncompressed chunk, or zstd-compressed chunks of about 4 MiB for arrays over
-  1 MiB), and the manifest (key order, JSON leaves, dtypes, shapes) in its attributes.
+* ``versions/<id>/`` is a version group: the manifest (key order, JSON leaves, dtypes, shapes) in its
+  attributes, one Zarr group per dict of the tree and one Zarr array per numpy array (one
+  uncompressed chunk for arrays of at most 1 MiB; larger ones in chunks of about 4 MiB, uncompressed
+  for floats, zstd-compressed for integers and bools).
+
+Saving is durable on local disks: everything written is fsynced (all at once) before the commit, and
+the commit's rename with its directory. Versions that the commit replaced are deleted afterwards by
+a background thread (:func:`wait_for_deletions`), off the save's critical path.
 
 This module writes a version and commits it, and reads the committed root, its manifest and its
 arrays, through any :class:`~dlearner.checkpoint.backends.Backend`. The bytes of each document and
@@ -22,6 +27,7 @@ import itertools
 import os
 import posixpath
 import re
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -38,18 +44,21 @@ from dlearner.checkpoint.encoding import (
     CORRUPTED,
     ZARR_JSON,
     ArrayTemplate,
+    ChunkLayout,
     InvalidCheckpointError,
     array_chunks,
     array_template,
     check_array_metadata,
     check_compressed_chunk,
-    chunk_rows,
+    check_uncompressed_chunk,
+    chunk_layout,
     compressed_chunk_limit,
     decode_chunk,
     decode_json,
     decompress_chunk,
     encode_chunk,
     encode_compressed_chunk,
+    encode_uncompressed_chunk,
     group_doc,
     json_bytes,
     parse_json_document,
@@ -73,6 +82,7 @@ __all__ = [
     "VERSIONS_GROUP",
     "CommittedRoot",
     "commit_version",
+    "wait_for_deletions",
     "manifest_doc",
     "read_arrays",
     "read_committed_root",
@@ -84,11 +94,13 @@ __all__ = [
 FORMAT_NAME = "dlearner-checkpoint"
 """Value of ``attributes["dlearner"]["format"]`` in the root group of every checkpoint."""
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest format version this module writes and reads.
 
-Version 2 added compressed chunks (arrays over 1 MiB); a store without any is written as version 1,
-exactly the format older dlearners read (see :func:`store_format_version`)."""
+Version 2 added compressed chunks (arrays over 1 MiB), version 3 uncompressed chunks of rows (float
+arrays over 1 MiB, which zstd hardly shrinks); a store is written in the oldest version that holds
+it, so one whose arrays are all at most 1 MiB is version 1, exactly the format older dlearners read
+(see :func:`store_format_version`)."""
 
 ATTRS_KEY = "dlearner"
 """Attribute key under which dlearner keeps its attributes in every group and array it writes."""
@@ -166,7 +178,8 @@ class CommittedRoot:
 
 
 def read_committed_root(backend: Backend) -> CommittedRoot:
-    """The root of the committed checkpoint, or the error that says why there is none."""
+    """The root of the committed checkpoint, or the error that says why there is none. Replaced
+    versions that are still being deleted in the background play no part: only the committed one is read."""
     where = backend.display
     state = _probe_root(backend)
     if state.kind == "absent":
@@ -242,20 +255,33 @@ class _CompressedTotals:
 
 
 def _array_files(
-    version_dir: str, leaf: ArrayLeaf, key: str, template: ArrayTemplate, totals: _CompressedTotals
+    version_dir: str,
+    leaf: ArrayLeaf,
+    key: str,
+    template: ArrayTemplate,
+    totals: _CompressedTotals,
 ) -> Iterator[tuple[str, list[Any]]]:
     """The files of one array: its zarr.json and, unless it has no elements, its chunks."""
     node = f"{version_dir}/{leaf.node}"
-    rows = chunk_rows(leaf.shape, leaf.dtype.itemsize)
-    doc = template.doc_for(leaf.shape, {ATTRS_KEY: {"key": key}}, name=posixpath.basename(leaf.node), chunk_rows=rows)
+    layout = chunk_layout(leaf.shape, leaf.dtype)
+    doc = template.doc_for(leaf.shape, {ATTRS_KEY: {"key": key}}, name=posixpath.basename(leaf.node), layout=layout)
     yield f"{node}/{ZARR_JSON}", [json_bytes(doc)]
     if not leaf.nbytes:
         return
     assert leaf.array is not None
-    if rows is None:
+    if layout is None:
         yield f"{node}/{template.chunk_key}", encode_chunk(leaf.array, leaf.crc32c)
         return
+    rows = layout.rows
     chunk_nbytes = rows * (leaf.nbytes // leaf.shape[0])
+    if not layout.compressed:
+        # Views of the array's own memory (a copy only for a padded last chunk), their checksums
+        # computed by threads; the backend writes them from threads too.
+        with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
+            encoded = _in_order(pool, lambda data: encode_uncompressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
+            for index, parts in enumerate(encoded):
+                yield f"{node}/{template.chunk_key_of(index)}", parts
+        return
     with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
         encoded = _in_order(pool, lambda data: encode_compressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
         for index, parts in enumerate(encoded):
@@ -287,11 +313,12 @@ def _in_order(pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[
 
 
 def _version_files(
-    version_dir: str, manifest: Manifest, templates: dict[tuple[int, str], ArrayTemplate]
+    version_dir: str, manifest: Manifest, templates: dict[tuple[int, str], ArrayTemplate], *, versions_doc: bool = True
 ) -> Iterator[tuple[str, list[Any]]]:
     # Lazily, so that an encoded chunk is alive only until it is written. Groups first: their
     # directories are the parents of what follows.
-    yield f"{VERSIONS_GROUP}/{ZARR_JSON}", [group_doc({})]
+    if versions_doc:
+        yield f"{VERSIONS_GROUP}/{ZARR_JSON}", [group_doc({})]
     for keys, node in manifest.groups():
         yield f"{version_dir}/{node.node}/{ZARR_JSON}", [group_doc({ATTRS_KEY: {"key": keys[-1]}})]
     totals = _CompressedTotals()
@@ -300,10 +327,13 @@ def _version_files(
 
 
 def store_format_version(manifest: Manifest) -> int:
-    """The format version a store of ``manifest`` is written in: 2 if it has compressed arrays, else 1
-    (the format that dlearners from before compressed chunks read)."""
-    compressed = any(chunk_rows(leaf.shape, leaf.dtype.itemsize) is not None for _, leaf in manifest.arrays())
-    return FORMAT_VERSION if compressed else 1
+    """The format version a store of ``manifest`` is written in: the oldest that reads it. 3 if it has
+    arrays in uncompressed chunks of rows (float arrays over 1 MiB), else 2 if it has compressed ones,
+    else 1 (every array in one uncompressed chunk)."""
+    layouts = [chunk_layout(leaf.shape, leaf.dtype) for _, leaf in manifest.arrays()]
+    if any(layout is not None and not layout.compressed for layout in layouts):
+        return 3
+    return 2 if any(layout is not None for layout in layouts) else 1
 
 
 def manifest_doc(manifest: Manifest) -> bytes:
@@ -325,8 +355,9 @@ def root_doc(committed: str | None, metadata: Any, format_version: int = FORMAT_
         "metadata": metadata,
         "written_with": {"zarr": zarr.__version__, "numpy": np.__version__},
     }
-    # Indented: this is the file people open to see what a checkpoint is.
-    return group_doc({ATTRS_KEY: attrs}, indent=2)
+    # Compact: indenting makes json use its pure-Python encoder, ~8 ms for a learner's config on
+    # every save. `dlearner inspect` shows it readably.
+    return group_doc({ATTRS_KEY: attrs})
 
 
 def commit_version(
@@ -336,7 +367,8 @@ def commit_version(
     metadata: Any,
     templates: dict[tuple[int, str], ArrayTemplate],
 ) -> None:
-    """Write a new version group holding ``manifest``'s tree and commit it, then remove older versions.
+    """Write a new version group holding ``manifest``'s tree and commit it, then have the versions it
+    replaced deleted in the background (:func:`wait_for_deletions`).
 
     ``manifest_doc`` and ``metadata`` are what :func:`manifest_doc` and :func:`root_doc` take, already
     checked to be readable; ``templates`` has the array template of every signature in the manifest.
@@ -345,6 +377,7 @@ def commit_version(
     than readers accept. Until the commit, readers see the previous checkpoint.
     """
     where = backend.display
+    wait_for_deletions(backend.location)
     state = _probe_root(backend)
     if state.kind == "foreign":
         raise InvalidCheckpointError(
@@ -364,27 +397,93 @@ def commit_version(
 
     version_id = uuid.uuid4().hex
     version_dir = f"{VERSIONS_GROUP}/{version_id}"
-    backend.write_many(_version_files(version_dir, manifest, templates))
+    # versions/zarr.json holds the same bytes in every store: written once (rewriting it is not atomic).
+    versions_doc_missing = (
+        state.kind in ("absent", "empty") or backend.read(f"{VERSIONS_GROUP}/{ZARR_JSON}", MAX_ARRAY_METADATA_BYTES) is None
+    )
+    backend.write_many(_version_files(version_dir, manifest, templates, versions_doc=versions_doc_missing))
     # The manifest goes last, so a version group that has one is complete on its own.
     backend.write_many([(f"{version_dir}/{ZARR_JSON}", [manifest_doc])])
+    # Everything written is made durable, all at once, before the commit points at it.
+    backend.flush()
 
     # The commit: one small object replaced atomically (a rename on local disks, a single PUT on
     # object stores). Before it readers see the previous checkpoint, after it the new one.
     backend.write_atomic(ZARR_JSON, root_doc(version_id, metadata, store_format_version(manifest)))
 
-    # Remove the previous version and leftovers of interrupted saves. The new checkpoint is already
-    # committed, so a failure here only leaves garbage that the next save removes: warn, don't raise.
-    for name in backend.list_dir(VERSIONS_GROUP):
-        if _VERSION_ID.fullmatch(name) and name != version_id:
+    # Remove the version this commit replaced and leftovers of interrupted saves, never the new one:
+    # listed now (so that nothing a later save creates is touched), deleted by a background thread
+    # (deleting ~100 small directories cost more than the rest of a small save). The checkpoint is
+    # already committed, so readers never need the old versions; a crash before they are gone only
+    # leaves garbage that the next save lists and removes.
+    stale = [name for name in backend.list_dir(VERSIONS_GROUP) if _VERSION_ID.fullmatch(name) and name != version_id]
+    if stale:
+        _delete_in_background(backend, stale)
+
+
+# --------------------------------------------------------------------------------------------------
+# Deleting replaced versions in the background
+# --------------------------------------------------------------------------------------------------
+
+# One thread for all stores: deletions run one after the other, in the order of the commits.
+_deletion_pool: ThreadPoolExecutor | None = None
+# Per store location, the deletion of its replaced versions, until a save or wait_for_deletions()
+# has seen it finish. Guarded by _deletions_lock (saves may run on several threads).
+_pending_deletions: dict[str, Future[list[str]]] = {}
+_deletions_lock = threading.Lock()
+
+
+def _delete_in_background(backend: Backend, names: list[str]) -> None:
+    """Delete ``versions/<name>`` for each name on the deletion thread (see :func:`wait_for_deletions`)."""
+    global _deletion_pool
+
+    def delete() -> list[str]:
+        failures = []
+        for name in names:
             try:
                 backend.delete_tree(f"{VERSIONS_GROUP}/{name}")
-            except OSError as exc:
-                warnings.warn(
-                    f"checkpoint saved to {where!r}, but removing the old version {name} failed ({exc}); "
-                    "the next save to this path retries",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+            except OSError as exc:  # reported by the next wait for this store, in the caller's thread
+                failures.append(f"removing the old version {name} failed ({exc})")
+        return failures
+
+    with _deletions_lock:
+        if _deletion_pool is None:
+            _deletion_pool = ThreadPoolExecutor(1, thread_name_prefix="dlearner-checkpoint-delete")
+        _pending_deletions[backend.location] = _deletion_pool.submit(delete)
+
+
+def wait_for_deletions(location: str | None = None) -> None:
+    """Wait until the versions that earlier saves replaced are deleted: those of the store at
+    ``location`` (a backend's :attr:`~dlearner.checkpoint.backends.Backend.location`), or of every
+    store when ``None``.
+
+    Every save calls it for its own store before it writes (so at most one deletion per store is in
+    flight, and a save never races the deletion of the version it replaces); the interpreter waits for
+    the deletion thread at exit. A deletion that failed is reported here as a ``RuntimeWarning``: the
+    checkpoint itself was committed, and the next save to the store retries.
+    """
+    with _deletions_lock:
+        if location is None:
+            waiting = list(_pending_deletions.items())
+        else:
+            waiting = [(location, _pending_deletions[location])] if location in _pending_deletions else []
+    for where, future in waiting:
+        failures = future.result()
+        with _deletions_lock:
+            if _pending_deletions.get(where) is future:
+                del _pending_deletions[where]
+        for failure in failures:
+            warnings.warn(f"checkpoint at {where!r}: {failure}; the next save to this path retries", RuntimeWarning, stacklevel=2)
+
+
+def _forget_deletions() -> None:
+    # A forked child has no deletion thread: it starts its own, and waits only for its own deletions.
+    global _deletion_pool, _pending_deletions, _deletions_lock
+    _deletion_pool, _pending_deletions, _deletions_lock = None, {}, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_deletions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -393,10 +492,9 @@ def commit_version(
 
 
 def read_arrays(backend: Backend, root: CommittedRoot, manifest: Manifest) -> dict[str, np.ndarray | np.generic]:
-    """Every array of the committed version, by node path, each checked against the manifest."""
+    """Every array of the committed version, keyed by its node path, each checked against the manifest."""
     where = repr(backend.display)
     version_dir = f"{VERSIONS_GROUP}/{root.version}"
-    leaves = [leaf for _, leaf in manifest.arrays()]
     templates: dict[tuple[int, str], ArrayTemplate] = {}
     for sig in manifest.signatures():
         try:
@@ -408,6 +506,8 @@ def read_arrays(backend: Backend, root: CommittedRoot, manifest: Manifest) -> di
 
     def done(leaf: ArrayLeaf, data: np.ndarray) -> None:
         arrays[leaf.node] = data[()] if leaf.numpy_scalar else data
+
+    leaves = [leaf for _, leaf in manifest.arrays()]
 
     # Each array's zarr.json, and the chunk of each array small enough to have one uncompressed chunk
     # only, a batch of arrays at a time: remote stores fetch a batch concurrently, and the first
@@ -422,7 +522,7 @@ def read_arrays(backend: Backend, root: CommittedRoot, manifest: Manifest) -> di
             if _one_chunk_only(leaf):
                 keys.append((f"{node}/{templates[leaf.signature].chunk_key}", leaf.nbytes + 4))
         blobs = iter(backend.read_many(keys))
-        larger: list[tuple[ArrayLeaf, int | None]] = []  # read once their zarr.json said how they are stored
+        larger: list[tuple[ArrayLeaf, ChunkLayout | None]] = []  # read once their zarr.json said how they are stored
         for leaf in batch:
             node = f"{version_dir}/{leaf.node}"
             rows = _check_metadata(backend, node, leaf, templates[leaf.signature], next(blobs), where)
@@ -433,28 +533,30 @@ def read_arrays(backend: Backend, root: CommittedRoot, manifest: Manifest) -> di
             else:
                 larger.append((leaf, rows))
         # Larger arrays in one uncompressed chunk (as format version 1 wrote them), fetched together.
-        uncompressed = [leaf for leaf, rows in larger if rows is None]
+        uncompressed = [leaf for leaf, layout in larger if layout is None]
         chunks = backend.read_many(
             [(f"{version_dir}/{leaf.node}/{templates[leaf.signature].chunk_key}", leaf.nbytes + 4) for leaf in uncompressed]
         )
         for leaf, chunk in zip(uncompressed, chunks):
             done(leaf, _decode_one_chunk(f"{version_dir}/{leaf.node}", leaf, chunk, where))
-        for leaf, rows in larger:
-            if rows is not None:
-                node = f"{version_dir}/{leaf.node}"
-                done(leaf, _read_compressed_array(backend, node, leaf, templates[leaf.signature], rows, totals, where))
+        for leaf, layout in larger:
+            node = f"{version_dir}/{leaf.node}"
+            if layout is not None and layout.compressed:
+                done(leaf, _read_compressed_array(backend, node, leaf, templates[leaf.signature], layout.rows, totals, where))
+            elif layout is not None:
+                done(leaf, _read_chunked_array(backend, node, leaf, templates[leaf.signature], layout.rows, where))
     return arrays
 
 
 def _one_chunk_only(leaf: ArrayLeaf) -> bool:
     """Whether ``leaf`` has data and is small enough that its only encoding is one uncompressed chunk."""
-    return leaf.nbytes > 0 and chunk_rows(leaf.shape, leaf.dtype.itemsize) is None
+    return leaf.nbytes > 0 and chunk_layout(leaf.shape, leaf.dtype) is None
 
 
 def _check_metadata(
     backend: Backend, node: str, leaf: ArrayLeaf, template: ArrayTemplate, meta_raw: bytes | None, where: str
-) -> int | None:
-    """The chunk rows of the array's encoding (``None``: one uncompressed chunk), from its zarr.json."""
+) -> ChunkLayout | None:
+    """The chunk layout of the array's encoding (``None``: one uncompressed chunk), from its zarr.json."""
     if meta_raw is None:
         raise InvalidCheckpointError(f"{where}: array {node} is missing; {CORRUPTED}")
     meta_key = f"{node}/{ZARR_JSON}"
@@ -524,6 +626,53 @@ def _read_compressed_array(
     with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
         for _ in pool.map(decompress, range(len(frames))):
             pass  # map raises the first chunk's error, in chunk order
+    if google_crc32c.value(flat) != leaf.crc32c:
+        raise InvalidCheckpointError(
+            f"{where}: array {node}: its chunks are intact, but together they are not the data saved for this "
+            f"array (their CRC32C differs from the manifest's: chunks swapped, or moved from another array?); {CORRUPTED}"
+        )
+    # astype copies only for big-endian dtypes; data is written little-endian.
+    return data if data.dtype == leaf.dtype else data.astype(leaf.dtype)
+
+
+def _read_chunked_array(
+    backend: Backend, node: str, leaf: ArrayLeaf, template: ArrayTemplate, rows: int, where: str
+) -> np.ndarray:
+    """An array stored in uncompressed chunks of ``rows`` rows (format version 3).
+
+    Every chunk file must exist and hold exactly its chunk's data plus 4 bytes of CRC32C, checked
+    before the array is allocated (so a manifest cannot make a reader allocate more than the store
+    holds). The files are then read concurrently straight into their place in the array (the padded
+    last chunk into a buffer of its own), each chunk's CRC32C checked, and finally the CRC32C of the
+    whole data against the manifest's: no copy of the data besides the read itself.
+    """
+    if leaf.crc32c is None:
+        raise InvalidCheckpointError(f"{where}: the manifest has no crc32c for array {node}, which has chunks; {CORRUPTED}")
+    chunk_nbytes = rows * (leaf.nbytes // leaf.shape[0])
+    keys = [f"{node}/{template.chunk_key_of(i)}" for i in range(-(-leaf.shape[0] // rows))]
+    for key, size in zip(keys, backend.sizes(keys)):
+        if size is None:
+            raise InvalidCheckpointError(f"{where}: the data of array {node} is missing ({key} not found); {CORRUPTED}")
+        if size != chunk_nbytes + 4:
+            raise InvalidCheckpointError(f"{where}: {key} has {size} bytes, expected {chunk_nbytes + 4}; {CORRUPTED}")
+
+    data = np.empty(leaf.shape, leaf.dtype.newbyteorder("<"))
+    flat = data.reshape(-1).view(np.uint8)
+    crcs = np.empty((len(keys), 4), np.uint8)
+    targets = [flat[i * chunk_nbytes : (i + 1) * chunk_nbytes] for i in range(len(keys))]
+    last = targets[-1]
+    if last.size < chunk_nbytes:  # the last chunk, padded to the full chunk shape
+        targets[-1] = np.empty(chunk_nbytes, np.uint8)
+    backend.read_into_many([(key, [memoryview(t), memoryview(crcs[i])]) for i, (key, t) in enumerate(zip(keys, targets))])
+
+    def check(index: int) -> None:
+        check_uncompressed_chunk(targets[index], crcs[index].tobytes(), f"{where}: {keys[index]}")
+
+    with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
+        for _ in pool.map(check, range(len(keys))):
+            pass  # map raises the first chunk's error, in chunk order
+    if last.size < chunk_nbytes:
+        last[:] = targets[-1][: last.size]
     if google_crc32c.value(flat) != leaf.crc32c:
         raise InvalidCheckpointError(
             f"{where}: array {node}: its chunks are intact, but together they are not the data saved for this "

@@ -11,16 +11,18 @@ about a limit names the file and the limit. The list, with the reasons, is in
 
 Limits that need no constant, because the store's own manifest bounds them:
 
-* an uncompressed chunk (arrays of at most 1 MiB, and larger ones written in format version 1) is
-  read only up to its exact size, the manifest's shape × itemsize plus the 4 bytes of its CRC32C;
-* a compressed chunk (arrays over 1 MiB, format version 2) is read only up to zstd's bound for its
+* an uncompressed chunk (of an array of at most 1 MiB, of a float array over 1 MiB, or of any array
+  in format version 1) is read only up to its exact size, the manifest's shape × itemsize plus the 4
+  bytes of its CRC32C, and the chunk files of a chunked array are all checked for that size before
+  the array is allocated;
+* a compressed chunk (integer and bool arrays over 1 MiB) is read only up to zstd's bound for its
   data (``compressed_chunk_limit``: the data's size + 1/256 + 4 bytes), and decompressed into a
   buffer of exactly its data's size, after its frame header has declared that size: a frame that
   declares another size, or holds more, is refused before anything is allocated for it;
 * an array has exactly one chunk, or the chunks that its shape determines (whole rows, at most 4 MiB
   of data each unless one row is more, so each but the last holds more than 2 MiB), so the files read
   are the root ``zarr.json``, the manifest, one ``zarr.json`` and one chunk per array, and one more
-  chunk per 2 MiB of compressed arrays' data; the first missing or bad one ends the load.
+  chunk per 2 MiB of chunked arrays' data; the first missing or bad one ends the load.
 """
 
 from __future__ import annotations

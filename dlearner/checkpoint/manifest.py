@@ -114,16 +114,18 @@ class Manifest:
     """The whole tree's structure, as stored in the version group's attributes."""
 
     root: DictNode
+    _arrays: list[tuple[tuple[str, ...], ArrayLeaf]] | None = field(default=None, repr=False, compare=False)
 
     def groups(self) -> Iterator[tuple[tuple[str, ...], DictNode]]:
         for keys, node in self.root.walk():
             if isinstance(node, DictNode):
                 yield keys, node
 
-    def arrays(self) -> Iterator[tuple[tuple[str, ...], ArrayLeaf]]:
-        for keys, node in self.root.walk():
-            if isinstance(node, ArrayLeaf):
-                yield keys, node
+    def arrays(self) -> list[tuple[tuple[str, ...], ArrayLeaf]]:
+        """``(keys, leaf)`` of every array, in tree order (computed once: saving and loading ask often)."""
+        if self._arrays is None:
+            self._arrays = [(keys, node) for keys, node in self.root.walk() if isinstance(node, ArrayLeaf)]
+        return self._arrays
 
     def leaves(self) -> Iterator[tuple[tuple[str, ...], ArrayLeaf | Any]]:
         """Arrays as :class:`ArrayLeaf`, JSON leaves decoded, in tree order."""

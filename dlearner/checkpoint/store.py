@@ -14,7 +14,7 @@ folder that keeps it in ``checkpoint/``). The work is done below it:
 
 The on-disk layout, the key encoding, the commit protocol and the versioning policy are documented
 in ``docs/checkpoint-format.md``. No pickle is involved anywhere: arrays are raw little-endian bytes
-(zstd-compressed for arrays over 1 MiB), everything else is JSON.
+(integer arrays over 1 MiB zstd-compressed), everything else is JSON.
 """
 
 from __future__ import annotations
