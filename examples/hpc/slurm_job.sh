@@ -34,6 +34,7 @@ GPUS_PER_LEARNER="${GPUS_PER_LEARNER:-1}"                     # 0 on CPU-only no
 NUM_ENV_RUNNERS="${NUM_ENV_RUNNERS:-0}"                       # env-runner actors (each needs a worker of its own)
 ENV_ID="${ENV_ID:-CartPole-v1}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8787}"                      # the scheduler takes another one if it is in use
+SCHEDULER_PORT="${SCHEDULER_PORT:-0}"                         # 0: a free port (another job's scheduler may hold 8786); the scheduler file says which
 TRAIN_ARGS="${TRAIN_ARGS:-}"                                  # more `dlearner train` flags, e.g. "--stop-iters 50"
 # Activate the environment that has dlearner installed, e.g.:
 # module load python/3.11 && source "$HOME/venvs/dlearner/bin/activate"
@@ -59,7 +60,7 @@ trap 'exit 130' INT
 
 # ---- 1. the scheduler, on this (the first) node ------------------------------------------------------
 # --preload serves the dlearner page in the dashboard from the start (dlearner train registers it too).
-dask scheduler --scheduler-file "$SCHEDULER_FILE" --dashboard-address ":$DASHBOARD_PORT" \
+dask scheduler --scheduler-file "$SCHEDULER_FILE" --port "$SCHEDULER_PORT" --dashboard-address ":$DASHBOARD_PORT" \
     --preload dlearner.dashboard &
 SCHEDULER_PID=$!
 # The dashboard's real port is in the scheduler file (another one when DASHBOARD_PORT was taken). The
