@@ -19,8 +19,8 @@ ratios:
 * ``dlearner``: ``Learner.save_to_path`` / ``Learner.restore_from_path`` (get_state / set_state
   included), which validate, checksum and commit atomically (``docs/checkpoint-format.md``). The
   save returns after the commit; the version it replaced is deleted by a background thread, which the
-  next save to the same path waits for before it writes (so a round's save pays for the deletion only
-  where the previous round's has not finished yet);
+  next save to the same path waits for after its own commit (so a round's save pays for the deletion
+  only where the previous round's has not finished by the time this one has written and committed);
 * ``dlearner + deletion`` (save only): ``save_to_path`` followed by waiting for that background
   deletion, i.e. the whole work of a save, to its own path.
 

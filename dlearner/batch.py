@@ -39,11 +39,15 @@ class ShardInfo:
     ``row_offsets[module_id]`` is the shard's first row in the global batch, ``global_rows[module_id]``
     the global row count, and ``global_loss_masks[module_id]`` the global ``loss_mask`` column (only for
     modules that have one), so every learner weights its gradient by its share of the global minibatch.
+    ``validated`` says the shard was already checked by :func:`validate_batch` where it was made (by a
+    LearnerGroup in the driver, or by a replay buffer when its rows were added), so the learner does
+    not check it a second time; leave it ``False`` for anything else.
     """
 
     row_offsets: Dict[str, int]
     global_rows: Dict[str, int]
     global_loss_masks: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    validated: bool = False
 
     @classmethod
     def whole(cls, batch: MultiBatch) -> "ShardInfo":

@@ -46,6 +46,8 @@ class TorchCollective:
     #: Seconds this rank has spent inside all-reduce and all-gather calls since it was made (a
     #: cumulative counter: the learner actor reports the difference per update to the dashboard).
     time_in_collectives_s: float = 0.0
+    #: All-reduce and all-gather calls this rank has made since the collective was made.
+    num_collective_calls: int = 0
 
     @classmethod
     def from_process_group(cls, process_group: Any, device: Optional[torch.device] = None) -> "TorchCollective":
@@ -88,6 +90,7 @@ class TorchCollective:
 
     def _all_reduce(self, tensor: torch.Tensor, op) -> None:
         start = time.perf_counter()
+        self.num_collective_calls += 1
         try:
             self._all_reduce_timed(tensor, op)
         finally:
@@ -115,6 +118,7 @@ class TorchCollective:
     def all_gather_object(self, obj: Any) -> List[Any]:
         """Every rank's ``obj`` (small, picklable Python objects only), in rank order."""
         start = time.perf_counter()
+        self.num_collective_calls += 1
         try:
             return self._all_gather_object(obj)
         finally:

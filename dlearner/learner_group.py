@@ -263,6 +263,38 @@ class LearnerGroup:
         self._in_flight.append(_AsyncRequest(pending, report=False))
         return future
 
+    def update_from_fragment_refs_async(
+        self,
+        args_for_world: Callable[[int], Sequence[tuple]],
+        *,
+        timesteps: Optional[Mapping[str, Any]] = None,
+        keep_weights_version: Optional[int] = None,
+    ) -> concurrent.futures.Future:
+        """IMPALA / APPO with Dask learners and env runners: an async update whose learners fetch their
+        shards straight from the env runners (the driver sends only references). ``args_for_world(n)``:
+        each of ``n`` ranks' ``(sources, pieces, ShardInfo)`` (see
+        :func:`dlearner.learner_ops.update_from_fragment_refs`). ``keep_weights_version``: the learner
+        of rank 0 then keeps the weights after the update as that version, for env runners to pull
+        (:func:`dlearner.learner_ops.keep_weights`; ``learner_workers[0]`` / ``learner_keys[0]`` say
+        where). A ``concurrent.futures.Future`` of the reduced result; like :meth:`update_async`, it
+        counts towards the in-flight bound and runs in order."""
+        self._check_open()
+        if self.is_local:
+            raise ValueError("update_from_fragment_refs_async needs Dask learners: a local learner takes batches (update_async).")
+        timesteps = validate_timesteps(timesteps)
+
+        def args(world: int) -> List[tuple]:
+            return [
+                (*rank_args, timesteps, {}, keep_weights_version if rank == 0 else None)
+                for rank, rank_args in enumerate(args_for_world(world))
+            ]
+
+        self._wait_for_capacity()
+        self._pool.ensure_ready()
+        pending, _ = self._pool.submit_update(learner_ops.update_from_fragment_refs, args, log_topic=self._pool.metrics_topic)
+        self._in_flight.append(_AsyncRequest(pending, report=False))
+        return first_value(pending)
+
     def update_from_replay_buffer(
         self,
         rows: Optional[Mapping[str, Any]] = None,
@@ -355,8 +387,13 @@ class LearnerGroup:
         if world == 1:
             # The layout says "the whole batch", so the learner never applies policies_to_train again
             # (its copy of the config may predate a change made through the group's).
-            return [(request.batch, ShardInfo.whole(request.batch), request.timesteps, request.options)]
-        return [(shard, info, request.timesteps, request.options) for shard, info in shard_batch(request.batch, world)]
+            layout = dataclasses.replace(ShardInfo.whole(request.batch), validated=True)
+            return [(request.batch, layout, request.timesteps, request.options)]
+        # Validated in _prepare_update: the learners need not check their shards again.
+        return [
+            (shard, dataclasses.replace(info, validated=True), request.timesteps, request.options)
+            for shard, info in shard_batch(request.batch, world)
+        ]
 
     def _prepare_update(self, batch, timesteps, num_epochs, minibatch_size, shuffle, *, copy: bool) -> "_UpdateRequest":
         """Validate in the driver, before anything is sent or numbered."""

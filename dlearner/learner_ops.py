@@ -8,6 +8,9 @@ wherever it runs. Each learner runs the operations sent to it in the order they 
 
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from dlearner import devices
@@ -85,3 +88,92 @@ def restore(learner: "Learner", path: str, storage_options: Optional[dict] = Non
 def device_facts(learner: "Learner") -> Dict[str, Any]:
     """What the learner's device is (the group chooses NCCL or gloo from every learner's facts)."""
     return devices.device_facts(learner.device)
+
+
+def update_from_fragment_refs(
+    learner: "Learner",
+    sources: Dict[str, str],
+    pieces: Dict[str, Any],
+    shard: Any,
+    timesteps: Any,
+    options: Dict[str, Any],
+    keep_weights_version: Optional[int] = None,
+) -> Dict[str, Dict[str, Any]]:
+    """One update on this learner's shard, fetched here from the env runners' workers (IMPALA / APPO
+    with remote learners: the driver sends only references). ``sources``: env-runner actor key ->
+    worker address; ``pieces``: per module, the ``(runner key, fragment id, start, stop)`` row ranges
+    that make the shard, in order. The learner validates the shard like any batch. Raises
+    :class:`~dlearner.backends.dask.env_runners.FragmentsLostError` before anything changes when a
+    runner's fragments cannot be fetched. ``keep_weights_version``: then :func:`keep_weights` the
+    weights after the update as that version (one request instead of an update and a keep)."""
+    from dlearner.backends.dask.env_runners import fetch_fragment_shard
+
+    batch = fetch_fragment_shard(sources, pieces)
+    return _update_prefetched(learner, batch, shard, timesteps, options, keep_weights_version)
+
+
+async def _prefetch_fragment_refs(worker: Any, sources: Dict[str, str], pieces: Dict[str, Any], *rest: Any) -> tuple:
+    from dlearner.backends.dask.env_runners import fetch_fragment_shard_async
+
+    return (await fetch_fragment_shard_async(worker, sources, pieces), *rest)
+
+
+def _update_prefetched(
+    learner: "Learner",
+    batch: "MultiBatch",
+    shard: Any,
+    timesteps: Any,
+    options: Dict[str, Any],
+    keep_weights_version: Optional[int] = None,
+) -> Dict[str, Dict[str, Any]]:
+    result = learner.update(batch, timesteps, shard=shard, **options)
+    if keep_weights_version is not None:
+        keep_weights(learner, keep_weights_version)
+    return result
+
+
+# A learner actor fetches the fragments when the request arrives, while the update before it still
+# trains (see LearnerActor.run), then runs the update on what it fetched.
+update_from_fragment_refs.prefetch = (_prefetch_fragment_refs, _update_prefetched)  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------- weights kept for the env runners
+#: How many weights versions a learner keeps for env runners to pull (``keep_weights``). A runner
+#: pulls the version the driver named as soon as its request arrives, normally within milliseconds;
+#: on a loaded machine 4 versions (~0.25 s of APPO updates on CartPole) were once not enough.
+KEPT_WEIGHTS_VERSIONS = 8
+
+# learner -> {version: weights}, oldest first. The compute thread adds (keep_weights), the worker's
+# event loop reads (LearnerActor.kept_weights): hence the lock.
+_kept_weights: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakref.WeakKeyDictionary()
+_kept_weights_lock = threading.Lock()
+
+
+class WeightsVersionGoneError(LookupError):
+    """A learner was asked for a weights version it does not keep (never kept there, or replaced by
+    :data:`KEPT_WEIGHTS_VERSIONS` newer ones)."""
+
+
+def keep_weights(learner: "Learner", version: int, module_ids: Any = None, inference_only: bool = False) -> int:
+    """Keep the weights as they are now (after every request before this one) as ``version``, for
+    env runners to pull (IMPALA / APPO: the weights never pass through the driver); returns
+    ``version``. The :data:`KEPT_WEIGHTS_VERSIONS` newest versions are kept."""
+    weights = learner.module.get_state(module_ids, inference_only=inference_only)  # copies, never views
+    with _kept_weights_lock:
+        kept = _kept_weights.setdefault(learner, collections.OrderedDict())
+        kept[int(version)] = weights
+        while len(kept) > KEPT_WEIGHTS_VERSIONS:
+            kept.popitem(last=False)
+    return int(version)
+
+
+def kept_weights(learner: "Learner", version: int) -> Dict[str, Dict[str, "np.ndarray"]]:
+    """The weights kept as ``version`` by :func:`keep_weights`; :class:`WeightsVersionGoneError` if
+    this learner does not keep them. Cheap (a look-up): it runs on the worker's event loop."""
+    with _kept_weights_lock:
+        kept = _kept_weights.get(learner) if learner is not None else None
+        weights = None if kept is None else kept.get(int(version))
+        newest = sorted(kept) if kept else []
+    if weights is None:
+        raise WeightsVersionGoneError(f"This learner keeps no weights version {version} (it keeps versions {newest}).")
+    return weights

@@ -405,6 +405,7 @@ def test_the_extension_points_are_marked_and_the_mark_costs_nothing():
         "get_parameters",
         "before_gradient_based_update",
         "after_gradient_based_update",
+        "log_step_metrics",
         "compute_loss_for_module",
         "compute_gradients",
         "postprocess_gradients",

@@ -209,6 +209,29 @@ def test_minibatched_epochs_keep_every_learner_identical(client):
     local.shutdown()
 
 
+def test_after_the_first_update_the_metrics_ride_in_the_last_gradient_all_reduce(client):
+    batch = ppo_batch(64, seed=3)  # one minibatch per epoch, 2 epochs: two gradient steps
+    local = config(num_learners=0, grad_clip=0.5).build_learner_group(spaces=SPACES)
+    with config(grad_clip=0.5).cluster(client=client).build_learner_group(spaces=SPACES) as lg:
+        lg.set_weights(local.get_weights())
+        calls = []
+        for _ in range(3):
+            before = lg.foreach_learner(lambda learner: learner._collective.num_collective_calls)
+            result = lg.update(batch)
+            expected = local.update(batch)
+            after = lg.foreach_learner(lambda learner: learner._collective.num_collective_calls)
+            calls.append([b - a for a, b in zip(before, after)])
+            # The same numbers as one learner: means, sums, and the replicated gradient norm.
+            for name in ("total_loss", "policy_loss", "vf_loss", "mean_kl_loss", "gradients_default_optimizer_global_norm"):
+                assert result[DEFAULT_MODULE_ID][name] == pytest.approx(expected[DEFAULT_MODULE_ID][name], rel=1e-4, abs=1e-6)
+            assert result[ALL_MODULES]["num_env_steps_trained"] == expected[ALL_MODULES]["num_env_steps_trained"]
+        # The first update agrees on the metric keys and reduces them with a collective of its own;
+        # later ones fold the sums into the last gradient all-reduce: one all-reduce per gradient step.
+        assert all(n > 2 for n in calls[0])
+        assert calls[1:] == [[2, 2], [2, 2]]
+    local.shutdown()
+
+
 def test_multi_module_batch_with_a_module_smaller_than_the_group(group):
     spec = RLModuleSpec(observation_space=SPACES[0], action_space=SPACES[1], model_config=SMALL_MODEL)
     group.add_module(module_id="tiny", module_spec=spec)

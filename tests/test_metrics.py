@@ -55,6 +55,30 @@ def test_key_probe_agrees_only_when_every_learner_logged_the_same_keys():
         assert not metrics._keys_agreed
 
 
+def test_folded_sums_keep_float64_precision_and_refuse_what_float32_cannot_hold():
+    collective = object()  # only its identity matters to the fold
+    pair = [MetricsLogger() for _ in range(2)]
+    for metrics, value in zip(pair, (1.0 + 1e-12, 3.0)):
+        metrics._fold_keys, metrics._fold_collective = [(("m", "loss"), "mean"), (("m", "gone"), "mean")], collective
+        metrics.log_value(("m", "loss"), torch.tensor(value, dtype=torch.float64), weight=2)
+    summed = sum(m.fold_values(collective) for m in pair)
+    for metrics in pair:
+        metrics.accept_fold(summed)
+        # (2 * (1 + 1e-12) + 2 * 3) / 4, with the 1e-12 kept; a key nobody logged is left out.
+        assert metrics._folded == {("m", "loss"): (pytest.approx(8.0 + 2e-12, abs=1e-13), 4.0)}
+        assert ("m", "loss") not in metrics._entries
+
+    huge = [MetricsLogger() for _ in range(2)]
+    for metrics in huge:
+        metrics._fold_keys, metrics._fold_collective = [(("m", "loss"), "mean")], collective
+        metrics.log_value(("m", "loss"), 1e300)
+    summed = sum(m.fold_values(collective) for m in huge)
+    for metrics in huge:
+        metrics.accept_fold(summed)
+        assert metrics._fold_rejected and not metrics._folded
+        assert metrics._entries[("m", "loss")][1] == [1e300]  # left for the float64 collective
+
+
 def test_bad_keys_and_reductions_are_refused():
     metrics = MetricsLogger()
     with pytest.raises(ValueError, match="reduce"):

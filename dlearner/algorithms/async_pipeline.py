@@ -1,16 +1,41 @@
 """The asynchronous training loop behind IMPALA's and APPO's ``algo.train()``.
 
 Three things run at once: the env runners sample rollout fragments, the learners update on earlier
-fragments, and the driver moves data between them::
+fragments, and the driver keeps the books between them::
 
-    env runners --(fragments)--> bounded queue --(train batches)--> learners (update_async)
-         ^                                                              |
-         +------ weights, every broadcast_interval updates -------------+
+    env runners --(fragment references)--> bounded queue --(shard references)--> learners
+      (keep the fragments)  <------- each learner fetches its shard ---------------+
+         ^  |                                                                       |
+         |  +-- pull weights version k from rank 0 (the driver names k) ------------+
+         +------------ (weights version k, where it is kept), every broadcast_interval updates
+
+* **The driver out of the data path.** With Dask learners and Dask env runners (``fragment_refs``),
+  a runner keeps what it samples (:class:`~dlearner.env_runner.FragmentStore`) and replies with
+  fragment ids and bookkeeping; the driver queues :class:`FragmentRef` objects, and for an update
+  sends each learner its shard's ids and row ranges with its layout (:func:`fragment_shards`, the
+  very shard and ``ShardInfo`` that ``shard_batch`` would cut from the columns). Learners fetch
+  from the runners' workers (``learner_ops.update_from_fragment_refs``). Runners forget fragments
+  when the next sample request says their update ended or they were dropped. A runner that is lost
+  takes its fragments with it: queued ones are dropped, an update that needed one fails before it
+  changed anything (``FragmentsLostError``), and both count in ``num_env_steps_dropped_lifetime``.
+  Otherwise (a local learner or env runner, or a ``policies_to_train`` function, which looks at the
+  fragments) the fragments come to the driver with each sample reply and go to ``update_async``.
+* **The weights out of the data path too** (``weights_refs``, whenever fragments stay on the
+  runners). Every ``broadcast_interval``-th update request also has learner rank 0 keep its weights
+  after the update as version ``k`` (``learner_ops.keep_weights``, in the same request; the newest
+  few versions are kept); nothing but the update's result comes back. A runner's next sample request carries a
+  :class:`~dlearner.env_runner.WeightsRef` (worker, learner key, ``k``); the runner pulls version
+  ``k`` from that learner (``LearnerActor.kept_weights``, served from its event loop, never behind
+  an update) before it samples, unless it has it already, and says which version it sampled with.
+  If the pull fails (that learner was lost or replaced), the runner samples with the weights it
+  had, the driver logs it, counts the fragments' policy lag from the version they really had
+  (``num_weights_pulls_failed``) and names newer weights with a later request.
 
 * **Sampling never waits for learning.** Each env runner always has one ``sample_async`` request
-  in flight; when it returns, the next one goes out at once. Newer weights travel *with* that next
-  request (the runner loads them, then samples), so a broadcast never stops a runner.
-* **A bounded queue.** Fragments wait in the driver for the learners; at most
+  in flight; when it returns, the next one goes out at once. Newer weights (or their reference)
+  travel *with* that next request (the runner loads them, then samples), so a broadcast never
+  stops a runner.
+* **A bounded queue.** Fragments (or their references) wait in the driver for the learners; at most
   ``learner_queue_size`` train batches of them, counted in env steps (including the steps still
   being sampled). When it is full, the next sample request waits: samples are never dropped to make
   room. Samples are only discarded when a restore replaces the weights that sampled them (or a
@@ -27,9 +52,9 @@ fragments, and the driver moves data between them::
   Fragments of modules that ``policies_to_train`` leaves out are sampled (they act) but never queued.
   ``train_batch_size`` and ``num_env_steps_trained_lifetime`` count env steps, not agent rows.
 * **Weights versions and policy lag.** The weights after ``k`` updates are version ``k``. After every
-  ``broadcast_interval``-th update request, the weights are fetched by a request queued on the
-  learners behind it (so they are exactly version ``k``, and fetching them never blocks the
-  driver). A fragment remembers the version its runner sampled with; when it is trained in update
+  ``broadcast_interval``-th update request, the weights are fetched (or kept on rank 0) by a request
+  queued on the learners behind it (so they are exactly version ``k``, and fetching them never
+  blocks the driver). A fragment remembers the version its runner sampled with; when it is trained in update
   ``u`` (the ``u``-th request, learning from the weights after ``u`` updates), its policy lag is ``u - version``.
 
 One ``train()`` call (:meth:`AsyncPipeline.run_iteration`) runs this loop for ``min_time_s_per_iteration``
@@ -44,27 +69,86 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
+import logging
 import math
 import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dlearner.batch import ShardInfo
 from dlearner.columns import ALL_MODULES, DEFAULT_MODULE_ID, TIMESTEP_KEY, Columns
+from dlearner.env_runner import WeightsRef
 from dlearner.errors import EnvRunnerDiedError, LearnerDiedError
 from dlearner.multi_agent.trajectories import ENV_STEP_SHARE
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class _Fragment:
     """``rollout_fragment_length`` consecutive steps of one vector env (single-agent) or of one agent
-    slot (multi-agent), waiting for the learners."""
+    slot (multi-agent), waiting for the learners: its columns, or (with remote learners and env
+    runners) a reference to it on its env runner."""
 
-    columns: Dict[str, np.ndarray]
+    columns: Optional[Dict[str, np.ndarray]]
     weights_version: int
     runner: int = 0  # index of the env runner that sampled it
     module_id: str = DEFAULT_MODULE_ID  # the module it trains
     env_steps: float = 0.0  # the env steps its rows stand for: its rows, or (multi-agent) sum(env_step_share)
+    ref: Optional["FragmentRef"] = None  # where it waits, when it stays on its env runner
+
+
+@dataclasses.dataclass(frozen=True)
+class FragmentRef:
+    """A fragment kept by its env runner (see :class:`~dlearner.env_runner.FragmentStore`)."""
+
+    runner_key: str  # the runner's actor key (a replacement runner has another)
+    worker: str  # the runner's worker address
+    fragment_id: int
+    rows: int
+    loss_mask: Optional[np.ndarray] = None  # multi-agent: which rows are padding (the learners need the global mask)
+
+
+def fragment_shards(fragments: Sequence[_Fragment], world: int) -> List[Tuple[Dict[str, str], Dict[str, list], ShardInfo]]:
+    """Each of ``world`` learners' ``(sources, pieces, ShardInfo)`` for a train batch of referenced
+    fragments (queue order): exactly the shards and layouts that :func:`dlearner.batch.shard_batch`
+    (``ShardInfo.whole`` for one learner) makes of the batch the fragments' columns would form.
+
+    ``pieces[module_id]`` lists ``(runner key, fragment id, start, stop)``: the rows of each fragment
+    in the shard, in order; ``sources`` maps the runner keys to their workers. The pipeline's batches
+    are whole fragments, a multiple of ``num_learners`` per module, so with that many learners every
+    piece is a whole fragment; a fault-tolerant group that runs with fewer learners for a while gets
+    the same row ranges as ``shard_batch`` would give it.
+    """
+    by_module: Dict[str, List[FragmentRef]] = {}
+    for fragment in fragments:
+        by_module.setdefault(fragment.module_id, []).append(fragment.ref)
+    sources = {ref.runner_key: ref.worker for refs in by_module.values() for ref in refs}
+    global_rows = {mid: sum(ref.rows for ref in refs) for mid, refs in by_module.items()}
+    loss_masks = {
+        mid: np.concatenate([ref.loss_mask for ref in refs]) for mid, refs in by_module.items() if refs[0].loss_mask is not None
+    }
+    bounds = {mid: np.linspace(0, rows, world + 1).round().astype(int) for mid, rows in global_rows.items()}
+    shards = []
+    for rank in range(world):
+        pieces: Dict[str, list] = {}
+        offsets: Dict[str, int] = {}
+        for mid, refs in by_module.items():
+            lo, hi = int(bounds[mid][rank]), int(bounds[mid][rank + 1])
+            offsets[mid] = lo
+            start = 0  # the fragment's first row in the module's batch
+            for ref in refs:
+                first, last = max(lo, start), min(hi, start + ref.rows)
+                if first < last:
+                    pieces.setdefault(mid, []).append((ref.runner_key, ref.fragment_id, first - start, last - start))
+                start += ref.rows
+        used = {key: sources[key] for mid_pieces in pieces.values() for key, _, _, _ in mid_pieces}
+        shards.append(
+            (used, pieces, ShardInfo(row_offsets=offsets, global_rows=dict(global_rows), global_loss_masks=dict(loss_masks)))
+        )
+    return shards
 
 
 def select_train_batch(fragments: Sequence[Tuple[str, float]], train_batch_size: float, num_shards: int) -> Optional[List[int]]:
@@ -104,6 +188,7 @@ class _Update:
     index: int  # the u-th request: it learns from the weights after u updates
     env_steps: float  # the env steps its fragments stand for (single-agent: its rows)
     lags: np.ndarray  # policy lag of each fragment in it
+    refs: Tuple[FragmentRef, ...] = ()  # its fragments, when they stay on their env runners
 
 
 class AsyncPipeline:
@@ -113,7 +198,12 @@ class AsyncPipeline:
     (with 0 env runners the driver samples between looking after the learners' futures).
     """
 
-    def __init__(self, algo: Any):
+    def __init__(self, algo: Any, *, fragment_refs: Optional[bool] = None, weights_refs: Optional[bool] = None):
+        """``fragment_refs``: whether fragments stay on the env runners and the learners fetch them
+        (``None``: whenever both are Dask actors and ``policies_to_train`` is not a function, which
+        sees the fragments' columns; ``False``: the driver receives every fragment, as a local learner does).
+        ``weights_refs``: whether the env runners pull new weights from learner rank 0 instead of
+        receiving them from the driver (``None``: whenever fragments stay on the runners; needs that)."""
         self.algo = algo
         config = algo.config
         self.config = config
@@ -136,14 +226,34 @@ class AsyncPipeline:
         self.max_updates_in_flight = config.resolved_max_requests_in_flight()
         if self.multi_agent:
             _check_some_module_trains(algo)
+        refs_possible = (
+            not algo.learner_group.is_local
+            and hasattr(algo.env_runner_group, "sample_fragment_refs_async")
+            and not callable(config.policies_to_train)
+        )
+        if fragment_refs and not refs_possible:
+            raise ValueError(
+                "fragment_refs=True needs Dask learners and Dask env runners, and a policies_to_train that is not a function."
+            )
+        #: Whether fragments stay on the env runners (the driver handles references only).
+        self.fragment_refs = refs_possible if fragment_refs is None else bool(fragment_refs)
+        if weights_refs and not self.fragment_refs:
+            raise ValueError("weights_refs=True needs fragment references (Dask learners and env runners).")
+        #: Whether the runners pull new weights from the learner that keeps them (the driver sends a WeightsRef).
+        self.weights_refs = self.fragment_refs if weights_refs is None else bool(weights_refs)
+        self._weights_ref: Optional[WeightsRef] = None  # the newest weights the runners pull, with weights_refs
+        # Fragment ids each runner (by actor key) may forget: sent with its next sample request.
+        self._releasable: Dict[str, List[int]] = {}
 
         self._queue: Deque[_Fragment] = collections.deque()
-        self._sampling: Dict[Any, Tuple[int, int]] = {}  # sample future -> (runner index, weights version)
+        # sample future -> (runner index, weights version it samples with, the version the runner had before)
+        self._sampling: Dict[Any, Tuple[int, int, int]] = {}
         self._stale_samples: set = set()  # futures whose samples a restore made obsolete
         self._runner_versions = [0] * algo.env_runner_group.num_runners
         self._updates: Deque[_Update] = collections.deque()
-        # (future, weights version, learner_group.num_updates_retried when it was sent)
-        self._weights_fetches: List[Tuple[Any, int, int]] = []
+        # (future, weights version, learner_group.num_updates_retried when it was sent, where the
+        # weights are kept: (worker, learner actor key) with weights_refs, else None)
+        self._weights_fetches: List[Tuple[Any, int, int, Optional[Tuple[str, str]]]] = []
         self._num_updates_received = 0
         # With learner fault tolerance, a lost learner costs at most the updates in flight (they are
         # retried), never the run: a weights fetch it broke or made stale is skipped.
@@ -156,6 +266,8 @@ class AsyncPipeline:
         self._episode_metrics: List[Dict[str, Any]] = []
         self._finished: List[Tuple[_Update, Dict[str, Any]]] = []  # updates finished outside an iteration
         self.num_env_steps_dropped_lifetime = 0
+        #: Weights pulls that failed (a runner then sampled with the weights it had; see _weights_pull_failed).
+        self.num_weights_pulls_failed = 0
         self._env_steps_trained_unsaid = 0.0  # multi-agent: fractions of an env step trained, not yet counted
         self._iteration_stats: Dict[str, Any] = {}
         self._iteration_ended: Optional[float] = None  # perf_counter() when the last iteration ended
@@ -247,31 +359,47 @@ class AsyncPipeline:
     def _request_samples(self) -> None:
         """Give every idle runner a sample request, with the newest weights if it lacks them,
         while the queue has room (a full queue makes sampling wait, never drop)."""
-        busy = {index for index, _ in self._sampling.values()}
+        busy = {entry[0] for entry in self._sampling.values()}
         group = self.algo.env_runner_group
         for index in range(group.num_runners):
             if index in busy:
                 continue
             if self._queue_full():
                 return  # full: this runner waits until the learners took a batch
-            weights = None
-            if self._weights is not None and self._runner_versions[index] < self._weights_version:
-                weights = self._weights
-                self._runner_versions[index] = self._weights_version
-            future = group.sample_async(index, self.steps_per_request, weights=weights)
-            self._sampling[future] = (index, self._runner_versions[index])
+            weights: Any = None
+            had = self._runner_versions[index]
+            if self._runner_versions[index] < self._weights_version:
+                # The weights themselves, or (weights_refs) where the runner pulls them from.
+                weights = self._weights_ref if self._weights_ref is not None else self._weights
+                if weights is not None:
+                    self._runner_versions[index] = self._weights_version
+            if self.fragment_refs:
+                release = self._releasable.pop(group.fragment_source(index)[0], [])
+                future = group.sample_fragment_refs_async(
+                    index, self.steps_per_request, columns=self.train_columns, weights=weights, release=release
+                )
+            else:
+                future = group.sample_async(index, self.steps_per_request, weights=weights)
+            self._sampling[future] = (index, self._runner_versions[index], had)
 
     def _receive_sample(self, future: Any) -> int:
-        index, version = self._sampling.pop(future)
+        index, version, had = self._sampling.pop(future)
+        group = self.algo.env_runner_group
+        lost_key = group.fragment_source(index)[0] if self.fragment_refs else None
         try:
-            fragment, metrics = future.result()
+            reply = future.result()
         except EnvRunnerDiedError as err:
             # With restart_failed_env_runners a replacement takes over (its lost steps are counted);
             # it gets the current weights with its first request.
-            self.algo.env_runner_group.replace_lost(err, self.steps_per_request)
+            group.replace_lost(err, self.steps_per_request)
             self._stale_samples.discard(future)
             self._runner_versions[index] = -1
+            if lost_key is not None:
+                self._forget_runner(lost_key)
             return 0
+        if self.fragment_refs:
+            return self._receive_refs(future, index, version, had, *reply)
+        fragment, metrics = reply
         self._episode_metrics.append(metrics)
         # The env steps the request made (a multi-agent runner steps each env fragment_length times).
         env_steps = self.steps_per_request if self.multi_agent else int(np.prod(fragment[Columns.REWARDS].shape))
@@ -288,6 +416,77 @@ class AsyncPipeline:
             columns = {c: fragment[c][:, env] for c in self.train_columns}
             self._queue.append(_Fragment(columns, version, index, env_steps=float(self.fragment_length)))
         return env_steps
+
+    def _receive_refs(
+        self,
+        future: Any,
+        index: int,
+        version: int,
+        had: int,
+        described: List[Dict[str, Any]],
+        metrics: Dict[str, Any],
+        env_steps: int,
+        weights: Dict[str, Any],
+    ) -> int:
+        """Queue references to the fragments a runner keeps (see :meth:`_receive_sample`)."""
+        self._episode_metrics.append(metrics)
+        if weights["pull_error"] is not None:
+            version = self._weights_pull_failed(index, version, had, weights)
+        elif weights["version"] is not None and weights["version"] != version:
+            # The runner says which version it acts with (e.g. a replacement that pulled the last
+            # weights itself): its fragments' policy lag counts from that one.
+            version = self._runner_versions[index] = int(weights["version"])
+        runner_key, worker = self.algo.env_runner_group.fragment_source(index)
+        if self.multi_agent:
+            env_steps = self.steps_per_request
+        if future in self._stale_samples:
+            self._stale_samples.discard(future)
+            self.num_env_steps_dropped_lifetime += env_steps
+            self._releasable.setdefault(runner_key, []).extend(d["id"] for d in described)
+            return 0
+        if self.multi_agent:
+            # As _queue_segments: fragments of removed modules and of those policies_to_train leaves out
+            # are not queued (and their runner may forget them).
+            by_module: Dict[str, List[Dict[str, Any]]] = {}
+            for d in described:
+                by_module.setdefault(d["module_id"], []).append(d)
+            known = {mid: by_module[mid] for mid in by_module if mid in self.algo.module_spec.rl_module_specs}
+            trained = self.algo.modules_to_train(known) if known else []
+            described = [d for mid in trained for d in by_module[mid]]
+            left_out = [d["id"] for mid, ds in by_module.items() if mid not in trained for d in ds]
+            self._releasable.setdefault(runner_key, []).extend(left_out)
+        for d in described:
+            ref = FragmentRef(runner_key, worker, int(d["id"]), int(d["rows"]), d.get("loss_mask"))
+            self._queue.append(_Fragment(None, version, index, d["module_id"], float(d["env_steps"]), ref=ref))
+        return env_steps
+
+    def _weights_pull_failed(self, index: int, version: int, had: int, weights: Dict[str, Any]) -> int:
+        """Runner ``index`` could not pull weights ``version`` (the learner keeping them was lost or
+        replaced): it sampled with the weights it had. Returns their version (what its fragments'
+        policy lag counts from); the runner gets the newest weights with a later request."""
+        acted_with = had if weights["version"] is None else int(weights["version"])
+        logger.warning(
+            "Env runner %s could not pull weights version %s (%s); it sampled with version %s and gets newer weights later.",
+            index,
+            version,
+            weights["pull_error"],
+            acted_with,
+        )
+        self._runner_versions[index] = acted_with
+        if self._weights_ref is not None and self._weights_ref.version == version:
+            # No runner can pull these: the next broadcast names newer weights on a learner that is there.
+            self._weights_ref = None
+        self.num_weights_pulls_failed += 1
+        return acted_with
+
+    def _forget_runner(self, runner_key: str) -> None:
+        """A runner is gone: its queued fragments are lost (counted as dropped), its ids need no release."""
+        self._drop_queued(lambda fragment: fragment.ref is not None and fragment.ref.runner_key == runner_key)
+        self._releasable.pop(runner_key, None)
+
+    def _release(self, refs: Sequence[FragmentRef]) -> None:
+        for ref in refs:
+            self._releasable.setdefault(ref.runner_key, []).append(ref.fragment_id)
 
     def _queue_segments(self, segments: Dict[str, List[Dict[str, np.ndarray]]], version: int, index: int) -> None:
         """Queue a multi-agent sample's segments (each one fragment) of the modules that train."""
@@ -327,46 +526,81 @@ class AsyncPipeline:
         }
 
     def _request_updates(self) -> None:
+        if self.fragment_refs:
+            self._forget_lost_runners()
         while len(self._updates) < self.max_updates_in_flight:
             positions = self._next_batch()
             if positions is None:
                 return
             fragments = self._take_from_queue(positions)
-            batch = self._batch_of(fragments)
             index = self._num_updates_requested
             lags = np.array([index - f.weights_version for f in fragments])
             self._lag_by_runner.extend((f.runner, int(lag)) for f, lag in zip(fragments, lags))
             timesteps = {TIMESTEP_KEY: self.algo.num_env_steps_sampled_lifetime + self._sampled_this_iteration}
-            future = self.algo.learner_group.update_async(batch, timesteps=timesteps)
+            refs: Tuple[FragmentRef, ...] = ()
+            if self.fragment_refs:
+                # The learners fetch their shards from the runners; only references leave the driver.
+                refs = tuple(f.ref for f in fragments)  # type: ignore[misc]
+                broadcast = (index + 1) % int(self.config.broadcast_interval) == 0
+                keep = index + 1 if self.weights_refs and broadcast else None
+                group = self.algo.learner_group
+                # The update itself has rank 0 keep the weights after it (version index + 1) for the
+                # runners to pull: one request per update, and none of it comes back but the result.
+                future = group.update_from_fragment_refs_async(
+                    functools.partial(fragment_shards, fragments), timesteps=timesteps, keep_weights_version=keep
+                )
+                if keep is not None:
+                    keeper = (group.learner_workers[0], group.learner_keys[0])
+                    self._weights_fetches.append((future, keep, group.num_updates_retried, keeper))
+            else:
+                future = self.algo.learner_group.update_async(self._batch_of(fragments), timesteps=timesteps)
             env_steps = sum(f.env_steps for f in fragments)
-            self._updates.append(_Update(future, _done_signal(future), index, env_steps, lags))
+            self._updates.append(_Update(future, _done_signal(future), index, env_steps, lags, refs))
             self._num_updates_requested += 1
-            if self._num_updates_requested % int(self.config.broadcast_interval) == 0:
+            if self._num_updates_requested % int(self.config.broadcast_interval) == 0 and not self.weights_refs:
                 self._fetch_weights()
 
+    def _forget_lost_runners(self) -> None:
+        """Queued fragments of a runner known to be gone can never be fetched: drop them (counted)
+        before they make an update fail; the runner is replaced when its sample request fails."""
+        group = self.algo.env_runner_group
+        for index in range(group.num_runners):
+            if group.is_lost(index):
+                self._forget_runner(group.fragment_source(index)[0])
+
     def _fetch_weights(self) -> None:
-        """Ask rank 0 for its weights, queued behind the update just sent: exactly version ``k``."""
+        """Ask rank 0 for its weights, queued behind the update just sent: exactly version ``k``
+        (with ``weights_refs`` the update itself has them kept instead; see :meth:`_request_updates`)."""
         # The request travels the learners' ordered request path, like update_async, so it never
         # blocks this loop; LearnerGroup.get_weights would wait for every update in flight.
         group = self.algo.learner_group
+        version = self._num_updates_requested
         try:
             future = group.get_weights_async()
         except LearnerDiedError:
             if not self._learners_restart:
                 raise
             return  # every learner is gone for now; the next update replaces them
-        self._weights_fetches.append((future, self._num_updates_requested, group.num_updates_retried))
+        self._weights_fetches.append((future, version, group.num_updates_retried, None))
 
-    def _take_weights(self, future: Any, version: int, retried_before: int) -> None:
-        """Keep fetched weights if they are newer than the runners'. With learner fault tolerance a
-        fetch is skipped when it failed (rank 0 was lost) or when updates were retried since it was
-        sent (it may have read a state the loss rolled back): a later broadcast brings newer weights."""
+    def _take_weights(self, future: Any, version: int, retried_before: int, keeper: Optional[Tuple[str, str]]) -> None:
+        """Keep fetched weights (or, with ``weights_refs``, where the runners pull them: ``keeper``,
+        the learner's worker and actor key) if they are newer than the runners'. With learner fault
+        tolerance a fetch is skipped when it failed (rank 0 was lost) or when updates were retried
+        since it was sent (it may have read a state the loss rolled back): a later broadcast brings
+        newer weights."""
         if self._learners_restart:
             if future.exception() is not None or self.algo.learner_group.num_updates_retried != retried_before:
                 return
+        if keeper is not None and future.exception() is not None:
+            return  # the update that was to keep them failed (e.g. its fragments were lost): none kept
         weights = future.result()
         if version > self._weights_version:
-            self._weights, self._weights_version = weights, version
+            if keeper is not None:
+                self._weights_ref = WeightsRef(keeper[0], keeper[1], version)
+            else:
+                self._weights = weights
+            self._weights_version = version
 
     def _weights_ready(self, future: Any, version: int) -> bool:
         # With fault tolerance, only once the update it follows was received: a retry of that update
@@ -380,8 +614,26 @@ class AsyncPipeline:
             return float(result[ALL_MODULES].get("num_env_steps_trained", 0))
         return update.env_steps * int(self.config.num_epochs)
 
-    def _receive_update(self, update: _Update) -> Dict[str, Any]:
-        result = update.future.result()
+    def _receive_update(self, update: _Update) -> Optional[Dict[str, Any]]:
+        """The update's result, counted; ``None`` when its fragments could not be fetched (a runner
+        was lost): it changed nothing, and its env steps count as dropped."""
+        from dlearner.backends.dask.env_runners import FragmentsLostError
+
+        try:
+            result = update.future.result()
+        except FragmentsLostError as err:
+            self._num_updates_received += 1
+            self.num_env_steps_dropped_lifetime += int(round(update.env_steps))
+            for runner_key in err.runner_keys:
+                self._forget_runner(runner_key)
+            # The fragments of the runners still there are released like those of any update that ended.
+            self._release([ref for ref in update.refs if ref.runner_key not in err.runner_keys])
+            logger.warning("%s", err)
+            return None
+        except BaseException:
+            self._release(update.refs)
+            raise
+        self._release(update.refs)  # trained: the runners may forget them
         self._num_updates_received += 1
         trained = self._env_steps_trained(update, result)
         if self.multi_agent:
@@ -400,7 +652,7 @@ class AsyncPipeline:
     # ---------------------------------------------------------------------------------- waiting
     def _wait(self) -> List[Tuple[str, Any]]:
         """Wait until a sample, an update or a weights fetch finished; handle everything finished."""
-        fetching = [f for f, _, _ in self._weights_fetches if not f.done()]
+        fetching = [fetch[0] for fetch in self._weights_fetches if not fetch[0].done()]
         futures = list(self._sampling) + [u.done for u in self._updates] + fetching
         if not futures:
             raise RuntimeError("The async pipeline has nothing in flight; this is a bug in dlearner.")
@@ -409,7 +661,9 @@ class AsyncPipeline:
         # Updates finish in the order they were sent.
         while self._updates and self._updates[0].done.done():
             update = self._updates.popleft()
-            events.append(("update", (update, self._receive_update(update))))
+            result = self._receive_update(update)
+            if result is not None:
+                events.append(("update", (update, result)))
         for fetch in [f for f in self._weights_fetches if self._weights_ready(f[0], f[1])]:
             self._weights_fetches.remove(fetch)
             self._take_weights(*fetch)
@@ -422,7 +676,9 @@ class AsyncPipeline:
         """Wait for the updates in flight; their results go into the next iteration's results."""
         while self._updates:
             update = self._updates.popleft()
-            self._finished.append((update, self._receive_update(update)))
+            result = self._receive_update(update)
+            if result is not None:
+                self._finished.append((update, result))
         for fetch in self._weights_fetches:
             concurrent.futures.wait([fetch[0]])
             self._take_weights(*fetch)
@@ -435,17 +691,17 @@ class AsyncPipeline:
         self._stale_samples = set(self._sampling)
         # The restore synced the restored weights to every runner: they count as the weights after
         # every update so far (finish_updates ran first, so none is in flight).
-        self._weights = None
+        self._weights = self._weights_ref = None
         self._weights_version = self._num_updates_requested
         self._runner_versions = [self._weights_version] * len(self._runner_versions)
 
     def forget_untrained_modules(self) -> None:
         """After a module change: drop queued fragments of modules that were removed or that
         ``policies_to_train`` now leaves out (counted as dropped; the learners would refuse them)."""
-        queued: Dict[str, List[Dict[str, np.ndarray]]] = {}  # as a sample: {module_id: [fragment columns, ...]}
+        queued: Dict[str, List[Any]] = {}  # as a sample: {module_id: [fragment columns (or reference), ...]}
         for fragment in self._queue:
             if fragment.module_id in self.algo.module_spec.rl_module_specs:
-                queued.setdefault(fragment.module_id, []).append(fragment.columns)
+                queued.setdefault(fragment.module_id, []).append(fragment.columns if fragment.ref is None else fragment.ref)
         trained = set(self.algo.modules_to_train(queued)) if queued else set()
         self._drop_queued(lambda fragment: fragment.module_id not in trained)
 
@@ -456,6 +712,7 @@ class AsyncPipeline:
             (dropped if drop(fragment) else kept).append(fragment)
         self._queue = kept
         self.num_env_steps_dropped_lifetime += int(round(sum(f.env_steps for f in dropped)))
+        self._release([f.ref for f in dropped if f.ref is not None])
 
     def close(self) -> None:
         """Let the updates in flight finish (at most ``max_requests_in_flight_per_learner``), then

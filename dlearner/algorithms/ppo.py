@@ -77,20 +77,39 @@ class PPOTorchLearner(AdaptiveKLCoeffs, TorchLearner):
             self.metrics.log_value((module_id, "mean_kl_loss"), mean_kl)
 
         self.metrics.log_dict({"policy_loss": policy_loss, "vf_loss": vf_loss, "entropy": entropy}, module_id=module_id)
-        self._log_diagnostics(module_id, config, mean, logp_ratio, values, targets)
+        # The diagnostics (clip fraction, explained variance) need no gradient: their inputs wait
+        # for the end of the update, which computes them once over all its steps.
+        self.metrics.stash(
+            _DIAGNOSTICS,
+            (module_id, self.metrics.default_weight, mean.mask, logp_ratio.detach(), values.detach(), targets, config.clip_param),
+        )
         return total_loss
 
-    def _log_diagnostics(self, module_id, config, mean, logp_ratio, values, targets) -> None:
-        """``clip_fraction`` directly; for ``vf_explained_var`` the row means it is made of (see
-        :meth:`after_gradient_based_update`), weighted by rows and reduced over all learners like every metric."""
-        with torch.no_grad():
-            clipped = (torch.abs(logp_ratio - 1.0) > config.clip_param).to(torch.float64)
-            y = targets.detach().to(torch.float64)
-            error = y - values.detach().to(torch.float64)
-            # All five row means in one reduction (they are logged every gradient step).
-            means = mean.columns(torch.stack((clipped, y, y * y, error, error * error), dim=-1))
+    def log_step_metrics(self) -> None:
+        """``clip_fraction``, and for ``vf_explained_var`` the row means it is made of (see
+        :meth:`after_gradient_based_update`), over the rows of all of this update's gradient steps at
+        once: the same weighted mean as one per step, for the price of one."""
+        super().log_step_metrics()
+        by_module: Dict[str, list] = {}
+        for module_id, *step in self.metrics.take_stash(_DIAGNOSTICS):
+            by_module.setdefault(module_id, []).append(step)
+        for module_id, steps in by_module.items():
+            weights, masks, ratios, values, targets, clips = zip(*steps)
+            with torch.no_grad():
+                y = torch.cat(targets).to(torch.float64)
+                error = y - torch.cat(values).to(torch.float64)
+                any_mask = any(m is not None for m in masks)
+                mean = RowMean(
+                    torch.cat([m if m is not None else torch.ones_like(r, dtype=torch.bool) for m, r in zip(masks, ratios)])
+                    if any_mask
+                    else None
+                )
+                clipped = (torch.abs(torch.cat(ratios) - 1.0) > clips[-1]).to(torch.float64)  # one config per update
+                # A step's means are weighted by its rows (or kept rows): the mean over all the rows.
+                means = mean.columns(torch.stack((clipped, y, y * y, error, error * error), dim=-1))
+            weight = sum(weights)
             for name, value in zip(("clip_fraction",) + _VF_MOMENTS, means.unbind()):
-                self.metrics.log_value((module_id, name), value)
+                self.metrics.log_value((module_id, name), value, weight=weight)
 
     def after_gradient_based_update(self, *, timesteps):
         """Per module: the explained variance from its reduced row means, and the KL coefficient adapted
@@ -106,6 +125,9 @@ class PPOTorchLearner(AdaptiveKLCoeffs, TorchLearner):
                 self.adapt_kl_coeff(module_id, self.metrics.peek((module_id, "mean_kl_loss")))
                 self.metrics.log_value((module_id, "curr_kl_coeff"), self.curr_kl_coeffs[module_id], reduce="last")
 
+
+#: Where the gradient steps leave the inputs of the diagnostics for log_step_metrics.
+_DIAGNOSTICS = "ppo_diagnostics"
 
 # Row means of y, y^2, e and e^2 (y: value targets, e = y - V): the explained variance's ingredients.
 _VF_MOMENTS = ("_vf_target_mean", "_vf_target_sq_mean", "_vf_error_mean", "_vf_error_sq_mean")

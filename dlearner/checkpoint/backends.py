@@ -13,13 +13,16 @@ disks only regular files are read, never through a symbolic link below the store
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import os
 import posixpath
 import re
 import shutil
 import stat
+import sys
 import uuid
+import weakref
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,9 +80,15 @@ class Backend(Protocol):
         """Write each ``(key, [bytes-like parts])``, creating directories; not atomic per key."""
 
     def flush(self) -> None:
-        """Make everything :meth:`write_many` wrote durable (on local disks: fsync the files and their
-        directories, all at once); called before the commit, so that a commit never points at data
-        that a power loss could take back."""
+        """Make everything :meth:`write_many` and :meth:`stage_atomic` wrote durable (on local disks: one
+        syncfs of the file system where it is reliable, else an fsync of each file and directory, all
+        at once); called before the commit, so that a commit never points at data that a power loss
+        could take back."""
+
+    def stage_atomic(self, key: str, data: bytes) -> None:
+        """Prepare a later ``write_atomic(key, data)`` with the same ``data`` object: on local disks the
+        temporary file is written now and made durable by the next :meth:`flush` (with everything
+        else written), so that the commit itself only renames it and fsyncs its directory."""
 
     def write_atomic(self, key: str, data: bytes) -> None:
         """Replace ``key`` so that readers see either the old or the new bytes, never a mix; durably
@@ -104,6 +113,12 @@ class LocalBackend:
         self.display = display
         self.root = root
         self._unsynced: set[str] = set()  # files and directories written since the last flush
+        # With syncfs (see flush): a descriptor of the store's file system, opened before the first
+        # write, so that syncfs reports every writeback error on that file system since then.
+        self._syncfs_fd: int | None = None
+        self._syncfs_close: weakref.finalize | None = None
+        # stage_atomic: key -> (its data object, the temporary file holding it, made durable yet).
+        self._staged: dict[str, tuple[bytes, Path, bool]] = {}
 
     @property
     def location(self) -> str:
@@ -227,6 +242,8 @@ class LocalBackend:
         # most 2 per thread in flight, so that ``items``, consumed lazily, keeps few encoded chunks alive.
         made: set[str] = set()
         pending: deque[Future[None]] = deque()
+        if self._syncfs_fd is None and not self._unsynced:
+            self._open_syncfs_fd()
         with ThreadPoolExecutor(IO_THREADS) as pool:
             try:
                 for key, parts in items:
@@ -260,28 +277,76 @@ class LocalBackend:
             os.mkdir(directory)
         self._unsynced.add(parent)
 
+    def _open_syncfs_fd(self) -> None:
+        """Before the first write since the last flush: open the store's root for :func:`_syncfs` if
+        its file system is one where syncfs makes everything durable (see :meth:`flush`)."""
+        root = os.fspath(self.root)
+        if _syncfs is None or not os.path.isdir(root) or not _syncfs_reliable(root):
+            return  # no root yet (a save claims it first, so never in practice): fsync each path
+        fd = os.open(root, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._syncfs_fd = fd
+        self._syncfs_close = weakref.finalize(self, os.close, fd)  # a save that failed before its flush
+
     def flush(self) -> None:
-        # Every file and directory at once, from threads: the file system commits concurrent fsyncs
-        # together (on ext4, one journal commit rather than one per file).
         paths, self._unsynced = list(self._unsynced), set()
-        for _ in _sync_pool().map(_fsync_path, paths):
-            pass
+        fd, self._syncfs_fd = self._syncfs_fd, None
+        if fd is not None and len(paths) >= _SYNCFS_MIN_PATHS:
+            assert self._syncfs_close is not None
+            try:
+                # One syncfs of the store's file system instead of an fsync per file and directory:
+                # it writes back and commits the same files and directory entries (and whatever
+                # else is dirty there) at once. Measured on ext4: ~4 ms instead of 15-35 ms for the
+                # ~200 files and directories of a small learner's version.
+                _syncfs(fd)  # type: ignore[misc]
+            finally:
+                self._syncfs_close()  # closes fd
+        else:
+            if fd is not None:
+                assert self._syncfs_close is not None
+                self._syncfs_close()
+            # Every file and directory at once, from threads: the file system commits concurrent
+            # fsyncs together (on ext4, one journal commit rather than one per file).
+            for _ in _sync_pool().map(_fsync_path, paths):
+                pass
+        # The staged commit records are durable now: their commit only renames them.
+        self._staged = {key: (data, tmp, True) for key, (data, tmp, _) in self._staged.items()}
+
+    def stage_atomic(self, key: str, data: bytes) -> None:
+        path = self.root / key
+        if not path.parent.is_dir():
+            return  # write_atomic makes the directory (and writes the file) itself
+        tmp = path.with_name(_commit_tmp_name(path.name))
+        if self._syncfs_fd is None and not self._unsynced:
+            self._open_syncfs_fd()
+        try:
+            _write_file(os.fspath(tmp), [data])
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        # Only the file: its directory entry is made durable after the rename (see write_atomic).
+        self._unsynced.add(os.fspath(tmp))
+        self._staged[key] = (data, tmp, False)
 
     def write_atomic(self, key: str, data: bytes) -> None:
         path = self.root / key
-        if not path.parent.is_dir():
+        staged = self._staged.pop(key, None)
+        if staged is not None and not (staged[0] is data and staged[2]):
+            staged[1].unlink(missing_ok=True)  # other data, or not flushed since: write it again
+            staged = None
+        if staged is None and not path.parent.is_dir():
             self._make_dirs(os.fspath(path.parent))
             self.flush()
-        tmp = path.with_name(_commit_tmp_name(path.name))
+        tmp = staged[1] if staged is not None else path.with_name(_commit_tmp_name(path.name))
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)  # the new bytes are on disk before the name points at them
-            finally:
-                os.close(fd)
+            if staged is None:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)  # the new bytes are on disk before the name points at them
+                finally:
+                    os.close(fd)
             os.replace(tmp, path)  # atomic on POSIX and Windows
             _fsync_path(os.fspath(path.parent))  # and the rename itself
         except BaseException:
@@ -405,6 +470,9 @@ class FsspecBackend:
 
     def flush(self) -> None:
         pass  # an object store's PUT is durable when it returns; fsspec has no fsync for the others
+
+    def stage_atomic(self, key: str, data: bytes) -> None:
+        pass  # write_atomic is one PUT (or a write aside and a move): nothing to prepare
 
     def write_atomic(self, key: str, data: bytes) -> None:
         path = self._full(key)
@@ -536,6 +604,60 @@ def _forget_sync_pool() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_sync_pool)
+
+
+# syncfs(2) makes a whole file system durable with one call. It is used where it promises as much as an
+# fsync of each file and directory: on Linux 5.8 and later (earlier kernels never reported writeback
+# errors from syncfs) and on file systems whose syncfs writes back the data and commits the metadata
+# (their statfs magic numbers below). Elsewhere (network and FUSE file systems, whose syncfs may not
+# reach the server, other systems) each path is fsynced. A flush of fewer paths than
+# _SYNCFS_MIN_PATHS fsyncs them too: a few fsyncs cost no more, and never wait for other writers' data.
+_SYNCFS_FILE_SYSTEMS = {
+    0xEF53: "ext2/3/4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0xF2F52010: "f2fs",
+    0x01021994: "tmpfs",
+}
+_SYNCFS_MIN_PATHS = 16
+
+
+def _load_syncfs() -> Any:
+    """``syncfs(fd)`` of the C library on Linux 5.8 or later, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", os.uname().release).groups())  # type: ignore[union-attr]
+        libc = ctypes.CDLL(None, use_errno=True)
+        function, statfs = libc.syncfs, libc.statfs
+    except (AttributeError, OSError, ValueError):  # no such C function (or an unusual release string)
+        return None
+    if (major, minor) < (5, 8):
+        return None
+    function.argtypes, statfs.argtypes = [ctypes.c_int], [ctypes.c_char_p, ctypes.c_void_p]
+    return function, statfs
+
+
+_SYNCFS_FUNCTIONS = _load_syncfs()
+
+
+def _syncfs_reliable(path: str) -> bool:
+    """Whether the file system of ``path`` is one whose syncfs makes everything on it durable."""
+    assert _SYNCFS_FUNCTIONS is not None
+    buffer = ctypes.create_string_buffer(256)  # struct statfs (120 bytes on 64-bit Linux); f_type first
+    if _SYNCFS_FUNCTIONS[1](os.fsencode(path), buffer) != 0:
+        return False  # fsync each path instead; writing reports the real error, if any
+    return (ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF) in _SYNCFS_FILE_SYSTEMS
+
+
+def _syncfs_call(fd: int) -> None:
+    assert _SYNCFS_FUNCTIONS is not None
+    if _SYNCFS_FUNCTIONS[0](fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+
+
+_syncfs = _syncfs_call if _SYNCFS_FUNCTIONS is not None else None
 
 
 def _fsync_path(path: str) -> None:

@@ -10,8 +10,9 @@ A store (``docs/checkpoint-format.md``, "Layout" and "Atomic commit protocol") i
   uncompressed chunk for arrays of at most 1 MiB; larger ones in chunks of about 4 MiB, uncompressed
   for floats, zstd-compressed for integers and bools).
 
-Saving is durable on local disks: everything written is fsynced (all at once) before the commit, and
-the commit's rename with its directory. Versions that the commit replaced are deleted afterwards by
+Saving is durable on local disks: everything written, the new root's temporary file included, is
+made durable at once (one syncfs, or an fsync of each file and directory) before the commit, and the
+commit's rename is fsynced with its directory. Versions that the commit replaced are deleted afterwards by
 a background thread (:func:`wait_for_deletions`), off the save's critical path.
 
 This module writes a version and commits it, and reads the committed root, its manifest and its
@@ -377,7 +378,6 @@ def commit_version(
     than readers accept. Until the commit, readers see the previous checkpoint.
     """
     where = backend.display
-    wait_for_deletions(backend.location)
     state = _probe_root(backend)
     if state.kind == "foreign":
         raise InvalidCheckpointError(
@@ -404,18 +404,25 @@ def commit_version(
     backend.write_many(_version_files(version_dir, manifest, templates, versions_doc=versions_doc_missing))
     # The manifest goes last, so a version group that has one is complete on its own.
     backend.write_many([(f"{version_dir}/{ZARR_JSON}", [manifest_doc])])
+    # The commit record, written aside now (a temporary file on local disks), so that the one flush
+    # below makes it durable with the version instead of an fsync of its own at the commit.
+    commit_record = root_doc(version_id, metadata, store_format_version(manifest))
+    backend.stage_atomic(ZARR_JSON, commit_record)
     # Everything written is made durable, all at once, before the commit points at it.
     backend.flush()
 
     # The commit: one small object replaced atomically (a rename on local disks, a single PUT on
     # object stores). Before it readers see the previous checkpoint, after it the new one.
-    backend.write_atomic(ZARR_JSON, root_doc(version_id, metadata, store_format_version(manifest)))
+    backend.write_atomic(ZARR_JSON, commit_record)
 
     # Remove the version this commit replaced and leftovers of interrupted saves, never the new one:
     # listed now (so that nothing a later save creates is touched), deleted by a background thread
     # (deleting ~100 small directories cost more than the rest of a small save). The checkpoint is
     # already committed, so readers never need the old versions; a crash before they are gone only
-    # leaves garbage that the next save lists and removes.
+    # leaves garbage that the next save lists and removes. The deletion an earlier save started here
+    # ran while this save wrote; it ends before the listing (at most one deletion per store in
+    # flight, and never a version listed twice).
+    wait_for_deletions(backend.location)
     stale = [name for name in backend.list_dir(VERSIONS_GROUP) if _VERSION_ID.fullmatch(name) and name != version_id]
     if stale:
         _delete_in_background(backend, stale)
@@ -457,8 +464,9 @@ def wait_for_deletions(location: str | None = None) -> None:
     ``location`` (a backend's :attr:`~dlearner.checkpoint.backends.Backend.location`), or of every
     store when ``None``.
 
-    Every save calls it for its own store before it writes (so at most one deletion per store is in
-    flight, and a save never races the deletion of the version it replaces); the interpreter waits for
+    Every save calls it for its own store after its commit, before it lists the versions to delete
+    (so at most one deletion per store is in flight, and a version is never handed over twice; the
+    deletion runs while the next save writes its new version); the interpreter waits for
     the deletion thread at exit. A deletion that failed is reported here as a ``RuntimeWarning``: the
     checkpoint itself was committed, and the next save to the store retries.
     """

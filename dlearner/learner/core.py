@@ -74,6 +74,9 @@ class Learner(StateMixin, RollbackMixin):
         self._counters = {"num_updates": 0, "num_gradient_steps": 0, "num_env_steps_trained_lifetime": 0}
         self._last_timestep = 0
         self._snapshot_owner = object()  # what a snapshot remembers of its learner (ids can be reused)
+        self._snapshot_layout: Any = None  # reused by update()'s own snapshots (see RollbackMixin._snapshot)
+        self._module_state_key: Any = None
+        self._module_state_items: List[Tuple[str, str, torch.Tensor]] = []
         self._step_position = (0, 0)  # (gradient step, of steps) of the running update, for error messages
         self._step_losses: List[Tuple[Tuple[int, int], str, torch.Tensor]] = []  # this update's losses, checked at its end
         # Inside updates_as_one(): the modules its updates trained, checked (and rolled back) together at its end.
@@ -242,6 +245,8 @@ class Learner(StateMixin, RollbackMixin):
             # A shard may be empty (fewer rows than learners): this learner still takes part in
             # every collective of the update, or the others would wait for it forever.
             local: MultiBatch = {}
+        elif shard is not None and shard.validated:
+            local = dict(batch)  # checked by validate_batch where it was made (see ShardInfo)
         else:
             local = validate_batch(batch, self.batch_specs())
             if shard is None:  # a LearnerGroup applied policies_to_train before sharding
@@ -261,7 +266,7 @@ class Learner(StateMixin, RollbackMixin):
         # then goes back to this snapshot, so a failed update changes nothing. Inside updates_as_one()
         # the snapshot before the first of its updates serves them all.
         deferred = self._deferred_modules is not None
-        snapshot = None if deferred else self.take_snapshot()
+        snapshot = None if deferred else self._snapshot(reuse_buffers=True)
         if not deferred:
             self._step_losses = []
         try:
@@ -280,6 +285,7 @@ class Learner(StateMixin, RollbackMixin):
             for i, step in enumerate(minibatch_plan(layout.global_rows, minibatch_size, num_epochs, rng)):
                 self._step_position = (i + 1, num_steps)
                 self._gradient_step(tensors, step, layout, last=i == num_steps - 1)
+            self.log_step_metrics()  # a no-op when the last step's all-reduce made it log them already
             self.metrics.all_reduce(self._collective)
             self.after_gradient_based_update(timesteps=timesteps)
             if deferred:
@@ -340,6 +346,15 @@ class Learner(StateMixin, RollbackMixin):
     @override_point
     def before_gradient_based_update(self, *, timesteps: Mapping[str, Any]) -> None:
         """Non-gradient updates before the gradient steps of an update (e.g. adding noise)."""
+
+    @override_point
+    def log_step_metrics(self) -> None:
+        """Log, once per update, statistics computed from all of its gradient steps at once (PPO's
+        clip fraction and explained variance, from what its loss left with ``self.metrics.stash``).
+
+        Called after the last gradient step's loss and before the metrics are reduced over learners;
+        call ``super()``. What is logged here counts like anything logged during the steps.
+        """
 
     @override_point
     def after_gradient_based_update(self, *, timesteps: Mapping[str, Any]) -> None:

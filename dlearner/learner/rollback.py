@@ -48,6 +48,51 @@ class LearnerSnapshot:
     learner_state: Dict[str, Any] = dataclasses.field(repr=False)
 
 
+# Module parameters, buffers and submodules registered anywhere in this process: while the count
+# stays put, a learner's list of its modules' state tensors stays valid (_module_state_tensors).
+_registrations = [0]
+
+
+def _count_registration(*_args: Any) -> None:
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_buffer_registration_hook(_count_registration)
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+@dataclasses.dataclass(eq=False)
+class _SnapshotLayout:
+    """Copies of a learner's state tensors, arranged as a snapshot holds them, and the tensors (with
+    their storage) they were copied from: while those are the same, the next snapshot copies into
+    the same buffers and reuses the arrangement."""
+
+    sources: List[Any]
+    pointers: List[int]
+    buffers: List[Any]
+    modules: Dict[str, Dict[str, torch.Tensor]]
+    states: Dict[Tuple[str, str], Dict[torch.nn.Parameter, Dict[str, Any]]]
+
+    @classmethod
+    def build(cls, module_items, slot_items, tensors, copies, module_ids, optimizers) -> "_SnapshotLayout":
+        modules: Dict[str, Dict[str, torch.Tensor]] = {mid: {} for mid in module_ids}
+        states: Dict[Tuple[str, str], Dict[torch.nn.Parameter, Dict[str, Any]]] = {key: {} for key in optimizers}
+        copied = iter(copies)
+        for mid, name, _ in module_items:
+            modules[mid][name] = next(copied)
+        for key, p, slot, _ in slot_items:
+            states[key].setdefault(p, {})[slot] = next(copied)
+        pointers = [t.data_ptr() if isinstance(t, torch.Tensor) else 0 for t in tensors]
+        return cls(list(tensors), pointers, list(copies), modules, states)
+
+    def matches(self, tensors: Sequence[Any]) -> bool:
+        """Whether ``tensors`` are the very tensors, in the same storage, that this layout copied."""
+        return len(tensors) == len(self.sources) and all(
+            a is b and a.data_ptr() == ptr for a, b, ptr in zip(tensors, self.sources, self.pointers)
+        )
+
+
 class RollbackMixin:
     """The snapshot and non-finite-check methods of :class:`~dlearner.learner.Learner` (a part of it,
     not usable alone).
@@ -76,20 +121,54 @@ class RollbackMixin:
             learner.restore_snapshot(snapshot)   # exactly as before learner.update(batch)
         """
         self._check_is_built()
+        return self._snapshot(reuse_buffers=False)
+
+    def _snapshot(self, *, reuse_buffers: bool) -> LearnerSnapshot:
+        """:meth:`take_snapshot`. ``reuse_buffers=True`` is :meth:`update`'s own snapshot, which never
+        outlives the next update: it copies into the buffers the last one used (one
+        ``torch._foreach_copy_``, no allocation) and reuses their arrangement while the learner's
+        state tensors are the same tensors in the same storage."""
+        module_items = self._module_state_tensors()
+        slot_items = [
+            (key, p, slot, value)
+            for key, reg in self._optimizers.items()
+            for p, slots in reg.optimizer.state.items()
+            for slot, value in slots.items()
+        ]
+        tensors = [t for _, _, t in module_items] + [value for *_, value in slot_items]
+        layout = self._snapshot_layout if reuse_buffers else None
         with torch.no_grad():
-            modules = {mid: {name: t.clone() for name, t in m.state_dict().items()} for mid, m in self._module.items()}
-        optimizers = {}
-        for key, reg in self._optimizers.items():
-            optimizer = reg.optimizer
-            optimizers[key] = _OptimizerSnapshot(
-                params=tuple(p for group in optimizer.param_groups for p in group["params"]),
-                state={p: {k: _copy_tree(v) for k, v in slots.items()} for p, slots in optimizer.state.items()},
-                groups=[{k: _copy_tree(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups],
+            if layout is not None and layout.matches(tensors):
+                torch._foreach_copy_(layout.buffers, tensors)
+            else:
+                copies = [v.detach().clone() if isinstance(v, torch.Tensor) else _copy_tree(v) for v in tensors]
+                layout = _SnapshotLayout.build(module_items, slot_items, tensors, copies, self._module.keys(), self._optimizers)
+                if reuse_buffers:  # with a non-tensor optimizer slot (rare), copied afresh every time
+                    self._snapshot_layout = layout if all(isinstance(v, torch.Tensor) for v in tensors) else None
+        optimizers = {
+            key: _OptimizerSnapshot(
+                params=tuple(p for group in reg.optimizer.param_groups for p in group["params"]),
+                state=layout.states[key],
+                groups=[{k: _copy_tree(v) for k, v in group.items() if k != "params"} for group in reg.optimizer.param_groups],
             )
+            for key, reg in self._optimizers.items()
+        }
         # get_learner_state returns copies (semantics 5); only its containers are copied here, in case a
         # subclass hands out a live dict the update then changes.
         learner_state = _copy_tree(self.learner_state_for_snapshot(), copy_arrays=False)
-        return LearnerSnapshot(self._snapshot_owner, modules, optimizers, learner_state)
+        return LearnerSnapshot(self._snapshot_owner, layout.modules, optimizers, learner_state)
+
+    def _module_state_tensors(self) -> List[Tuple[str, str, torch.Tensor]]:
+        """``(module_id, name, tensor)`` of every module's ``state_dict(keep_vars=True)`` (the live
+        parameters and buffers), kept while no module anywhere registered a parameter, buffer or
+        submodule (torch's registration hooks count them) and the learner's modules are the same."""
+        key = (_registrations[0], tuple((mid, id(self._module[mid])) for mid in self._module.keys()))
+        if self._module_state_key != key:
+            self._module_state_items = [
+                (mid, name, t) for mid, m in self._module.items() for name, t in m.state_dict(keep_vars=True).items()
+            ]
+            self._module_state_key = key
+        return self._module_state_items
 
     def restore_snapshot(self, snapshot: LearnerSnapshot) -> None:
         """Put the learner back exactly as it was when ``snapshot`` was taken (see :meth:`take_snapshot`).
@@ -159,7 +238,7 @@ class RollbackMixin:
         self._check_is_built()
         if self._deferred_modules is not None:
             raise RuntimeError("updates_as_one() blocks do not nest.")
-        snapshot = self.take_snapshot()
+        snapshot = self._snapshot(reuse_buffers=True)  # no update in the block takes one of its own
         self._deferred_modules, self._step_losses = set(), []
         try:
             yield
@@ -184,9 +263,7 @@ class RollbackMixin:
         """
         wanted = set(module_ids)
         losses = self._step_losses
-        weights = [
-            t for mid in wanted for m in (self._module[mid],) for t in (*m.parameters(), *m.buffers()) if t.is_floating_point()
-        ]
+        weights = [t for mid, _, t in self._module_state_tensors() if mid in wanted and t.is_floating_point()]
         regs = [reg for reg in self._optimizers.values() if reg.module_id in wanted]
         slots = [
             v
@@ -195,7 +272,7 @@ class RollbackMixin:
             for v in values.values()
             if isinstance(v, torch.Tensor) and v.is_floating_point()
         ]
-        if first_non_finite([loss for _, _, loss in losses] + weights + slots) is None:
+        if _all_finite([loss for _, _, loss in losses] + weights + slots):
             return
         # Rare path: name what turned non-finite, the earliest loss first.
         for (step, steps), mid, loss in losses:
@@ -263,6 +340,21 @@ def first_non_finite(tensors: Sequence[torch.Tensor]) -> Optional[int]:
             if not bool(torch.isfinite(t).all()):
                 return i
     return None
+
+
+def _all_finite(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite: one ``torch._foreach_norm`` call (a NaN or inf
+    makes a norm non-finite), and an exact look only when a norm is not finite (it may also overflow
+    on finite values). A third cheaper than a sum per tensor for a learner's weights and moments."""
+    if not tensors:
+        return True
+    with torch.no_grad():
+        norms = torch._foreach_norm(list(tensors))
+        if any(n.dtype != norms[0].dtype for n in norms):
+            norms = [n.to(torch.float64) for n in norms]
+        if math.isfinite(torch.stack(norms).sum().item()):
+            return True
+    return first_non_finite(tensors) is None
 
 
 def is_finite_scalar(value: torch.Tensor) -> bool:

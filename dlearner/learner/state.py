@@ -78,8 +78,11 @@ class StateMixin:
         if COMPONENT_LEARNER_STATE in state:
             self._check_learner_state(state[COMPONENT_LEARNER_STATE])
         # Everything was checked; should applying fail anyway (a subclass's setter, an optimizer's
-        # loader), the learner goes back to how it was, so a failed set_state changes nothing.
-        snapshot = self.take_snapshot()
+        # loader), the learner goes back to how it was, so a failed set_state changes nothing. The
+        # snapshot reuses update()'s buffers (no allocation for a large state), except inside an
+        # updates_as_one() block, whose own snapshot lives in them.
+        self._check_is_built()
+        snapshot = self._snapshot(reuse_buffers=self._deferred_modules is None)
         try:
             if COMPONENT_RL_MODULE in state:
                 self._module.set_state(state[COMPONENT_RL_MODULE])
@@ -209,7 +212,11 @@ def check_state_array(value: Any, like: torch.Tensor, where: str) -> None:
     if like.is_floating_point():
         target = torch.empty((), dtype=like.dtype).numpy().dtype if like.dtype != torch.bfloat16 else np.dtype(np.float32)
         with np.errstate(over="ignore", invalid="ignore"):
-            cast = array.astype(target)
+            cast = array.astype(target, copy=False)  # no copy when it is in that dtype already
+            # One sum first (a NaN or inf makes it non-finite), and only if it is not finite (or
+            # merely overflowed) a look at every value: the check reads a large state once, not twice.
+            if np.isfinite(cast.sum()):
+                return
         if not np.isfinite(cast).all():
             raise ValueError(f"{where} has values that are not finite in {like.dtype} (NaN, inf or out of range) in the state.")
 

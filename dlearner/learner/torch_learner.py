@@ -144,6 +144,8 @@ class TorchLearner(Learner):
                 if raw_losses
                 else [0.0] * len(module_ids)
             )
+            if last:
+                self.log_step_metrics()  # before the last all-reduce, which carries the metric sums
             gradients = self._all_reduce_gradients(module_ids, check_metric_keys=last, loss_flags=loss_flags)
         else:
             # Checked once, at the end of the update (see Learner._check_finite_after_update).
@@ -195,7 +197,8 @@ class TorchLearner(Learner):
         The buffer ends with one has-gradient flag per parameter, so a parameter that got no gradient
         on any learner keeps ``grad=None`` (exactly as on a single learner); then, with
         ``loss_flags``, one "loss was non-finite" flag per module of ``module_ids``; with
-        ``check_metric_keys`` it also carries the metrics logger's key-agreement probe. A non-finite
+        ``check_metric_keys`` (the last step of an update) it also carries the metric sums of the keys
+        reduced in the last update and the key-agreement probe of the others. A non-finite
         loss on any learner, or a non-finite summed gradient, raises :class:`NonFiniteUpdateError`
         on every learner alike, since all of them see the same summed buffer.
         """
@@ -206,12 +209,18 @@ class TorchLearner(Learner):
         flags = torch.tensor(
             [p.grad is not None for p in params] + list(loss_flags or ()), dtype=pieces[0].dtype, device=pieces[0].device
         )
+        # The metric sums ride along too when the gradients are float32 (see MetricsLogger.fold_values).
+        fold = self.metrics.fold_values(self._collective) if check_metric_keys and flags.dtype == torch.float32 else None
+        fold = flags[:0] if fold is None else fold.to(flags)
         probe = self.metrics.key_probe().to(flags) if check_metric_keys else flags[:0]
-        flat = torch.cat(pieces + [flags, probe])
+        flat = torch.cat(pieces + [flags, fold, probe])
         self._collective.all_reduce_sum(flat)
         if check_metric_keys:
-            self.metrics.accept_key_probe(flat[len(flat) - len(probe) :].cpu(), self._collective.world_size)
-            flat = flat[: len(flat) - len(probe)]
+            tail = flat[len(flat) - len(fold) - len(probe) :].cpu()
+            if len(fold):
+                self.metrics.accept_fold(tail[: len(fold)])
+            self.metrics.accept_key_probe(tail[len(fold) :], self._collective.world_size)
+            flat = flat[: len(flat) - len(fold) - len(probe)]
         num_values = len(flat) - len(flags)
         # The flags as Python numbers in one conversion (not one tensor comparison per parameter).
         summed_flags = flat[num_values:].tolist()
@@ -259,7 +268,8 @@ class TorchLearner(Learner):
                 continue
             # The norm before clipping is reported in every mode, so clipping shows in the results.
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), norm)
+            # With several learners these are the summed gradients: the same norm on every learner.
+            self.metrics.log_value((module_id, f"gradients_{name}_global_norm"), norm, replicated=True)
             if clip_by == "value":
                 for g in grads:
                     g.clamp_(-clip, clip)

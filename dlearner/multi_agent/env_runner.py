@@ -27,17 +27,17 @@ import torch
 from dlearner.acting import ActingModule
 from dlearner.callbacks import Callbacks, RunnerCallbacks
 from dlearner.columns import Columns
-from dlearner.env_runner import _runner_seed, runner_generator
+from dlearner.env_runner import FragmentStore, _runner_seed, runner_generator
 from dlearner.multi_agent.env import ALL_AGENTS, MultiAgentEnv, agent_spaces
 from dlearner.multi_agent.mapping import map_agent, resolve_mapping
-from dlearner.multi_agent.trajectories import AgentTrajectory, Episode
+from dlearner.multi_agent.trajectories import ENV_STEP_SHARE, AgentTrajectory, Episode
 from dlearner.rl_module import MultiRLModuleSpec, RLModuleSpec
 
 Segments = Dict[str, List[Dict[str, np.ndarray]]]
 SlotKey = Tuple[int, str, str]  # (env index, agent id, module id)
 
 
-class MultiAgentEnvRunner:
+class MultiAgentEnvRunner(FragmentStore):
     """Samples multi-agent environments; the same interface as :class:`~dlearner.env_runner.EnvRunner`.
 
     Example::
@@ -50,6 +50,7 @@ class MultiAgentEnvRunner:
     def __init__(self, config: Any, *, module_spec: MultiRLModuleSpec, worker_index: int = 0):
         self.config = config
         self.worker_index = worker_index
+        self._init_fragment_store()
         torch.set_num_threads(max(1, int(getattr(config, "torch_num_threads", None) or 1)))
         seed = getattr(config, "seed", None)
         self.fragment_length: Optional[int] = getattr(config, "rollout_fragment_length", None)
@@ -96,6 +97,7 @@ class MultiAgentEnvRunner:
         for module_id, state in weights.items():
             if module_id in self.modules:
                 self.modules[module_id].module.set_state(state)
+        self._weights_version = None  # weights by value: the driver knows their version (see FragmentStore)
 
     def get_weights(self) -> Dict[str, Dict[str, np.ndarray]]:
         return {mid: acting.module.get_state() for mid, acting in self.modules.items()}
@@ -304,6 +306,26 @@ class MultiAgentEnvRunner:
             self.set_weights(weights)
         segments = self.sample(num_timesteps)
         return segments, self.get_metrics()
+
+    def _store_fragments(
+        self, segments: Segments, columns: Tuple[str, ...], num_timesteps: int
+    ) -> Tuple[List[Dict[str, Any]], int]:
+        """Keep each segment (one fragment) of a :meth:`sample`, module by module; their descriptions
+        (with ``loss_mask``: which rows are padding) and the env steps sampled (see :meth:`sample_fragment_refs`)."""
+        fragments = []
+        for module_id, module_segments in segments.items():
+            for segment in module_segments:
+                fragment_id = self._keep_fragment({c: segment[c] for c in columns})
+                fragments.append(
+                    {
+                        "id": fragment_id,
+                        "module_id": module_id,
+                        "rows": len(segment[Columns.LOSS_MASK]),
+                        "env_steps": float(segment[ENV_STEP_SHARE].sum()),
+                        "loss_mask": segment[Columns.LOSS_MASK],
+                    }
+                )
+        return fragments, math.ceil(num_timesteps / len(self.envs)) * len(self.envs)
 
     # -------------------------------------------------------------------------------- metrics
     def get_metrics(self) -> Dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import ctypes
+import dataclasses
 import logging
 import os
 import sys
@@ -197,6 +198,7 @@ class LearnerActor:
         published = self._published_future(seq) if request.publish else None
         timing: Optional[Dict[str, Any]] = {} if request.collective else None
         queued = time.perf_counter()
+        request = self._start_prefetch(request)
         try:
             if timing is None:
                 future = self._executor.submit(seq, lambda: self._execute(seq, request))
@@ -220,6 +222,40 @@ class LearnerActor:
             elif self._timings_flush is None:
                 self._timings_flush = asyncio.get_running_loop().call_later(self._timings.wait_s(), self._send_timings)
         return reply
+
+    def _start_prefetch(self, request: Request) -> Request:
+        """For an operation with a ``prefetch`` pair (``async fetch(worker, *args) -> args``, then
+        ``run(learner, *args)``), start the fetch now, on the event loop, so it overlaps the requests
+        queued before this one; the request then runs ``run`` on the fetched arguments (a failed
+        fetch fails the request before the learner is touched)."""
+        if request.target is not LearnerActor.apply or not request.args:
+            return request
+        prefetch = getattr(request.args[0], "prefetch", None)
+        if prefetch is None:
+            return request
+        fetch, run = prefetch
+        fetched: concurrent.futures.Future = concurrent.futures.Future()
+        task = asyncio.ensure_future(fetch(self._worker, *request.args[1:]))
+
+        def hand_over(done: asyncio.Future) -> None:
+            if done.cancelled():
+                fetched.set_exception(RuntimeError("The fetch of this update's data was cancelled."))
+            elif done.exception() is not None:
+                fetched.set_exception(done.exception())
+            else:
+                fetched.set_result(done.result())
+
+        task.add_done_callback(hand_over)
+        return dataclasses.replace(request, args=(_run_prefetched, run, fetched))
+
+    async def kept_weights(self, version: int) -> Dict[str, Any]:
+        """The weights this learner kept as ``version`` (``learner_ops.keep_weights``, run in order
+        with the updates), for an env runner that pulls them (IMPALA / APPO). Served from the event
+        loop: never queued behind the updates on the compute thread. Raises
+        ``learner_ops.WeightsVersionGoneError`` when this learner does not keep that version."""
+        from dlearner import learner_ops
+
+        return learner_ops.kept_weights(self.learner, version)
 
     def _send_timings(self) -> None:
         """Log the update timings gathered since the last event (on the worker's event loop)."""
@@ -423,6 +459,11 @@ class _TimingWindow:
         self._last_sent = time.perf_counter()
         self._reset()
         return out
+
+
+def _run_prefetched(learner: Any, run: Callable[..., Any], fetched: concurrent.futures.Future) -> Any:
+    """``run(learner, *args)`` once the prefetched ``args`` are there (see ``LearnerActor._start_prefetch``)."""
+    return run(learner, *fetched.result())
 
 
 def _is_peer_failure(err: BaseException) -> bool:
