@@ -16,11 +16,9 @@ What a fragment holds, in gymnasium's terms:
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
-import threading
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 import gymnasium as gym
 import numpy as np
@@ -29,6 +27,7 @@ from gymnasium.envs.registration import VectorizeMode
 from gymnasium.vector import AutoresetMode
 
 from dlearner.acting import ActingModule
+from dlearner.backends.dask.fragments import FragmentStore
 from dlearner.callbacks import Callbacks, RunnerCallbacks, SingleAgentEpisode, sub_env_info
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.rl_module import MultiRLModuleSpec, RLModule
@@ -55,120 +54,6 @@ _FRAGMENT_COLUMNS = (
     _FINAL_VF,
 )
 _VECTORIZE_MODES = (VectorizeMode.SYNC.value, VectorizeMode.VECTOR_ENTRY_POINT.value)
-
-
-class FragmentsGoneError(RuntimeError):
-    """An env runner was asked for fragments it does not hold (released, or never sampled by it)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsRef:
-    """Where an env runner pulls weights version ``version`` from: the learner actor ``learner_key``
-    on Dask worker ``worker`` keeps it (``learner_ops.keep_weights``), so the weights never pass
-    through the driver (IMPALA / APPO with Dask learners and env runners)."""
-
-    worker: str
-    learner_key: str
-    version: int
-
-
-class FragmentStore:
-    """What an env runner keeps of the fragments it sampled for the learners (IMPALA / APPO with
-    remote learners): the fragments stay here, the driver gets their ids and bookkeeping, and the
-    learners fetch the fragments they train on straight from this runner's worker.
-
-    :meth:`sample_fragment_refs` samples and stores; :meth:`take_fragments` (``async``: it runs on the
-    worker's event loop, never waiting behind a sample in progress on the actor thread) hands
-    fragments to a learner; the driver releases them with its next sample request once their update
-    ended (or when it dropped them), so a runner holds at most the fragments queued and in flight.
-    Weights may come as a :class:`WeightsRef`: the runner pulls that version from the learner that
-    keeps it before it samples (unless it has it already), and says which version it sampled with.
-    The runner class provides ``sample_with_metrics``, ``set_weights`` and ``_store_fragments(sample,
-    columns, num_timesteps)``.
-    """
-
-    _stored_fragments: Dict[int, Dict[str, np.ndarray]]
-
-    def _init_fragment_store(self) -> None:
-        self._stored_fragments = {}
-        self._next_fragment_id = 0
-        # sample_fragment_refs runs on the actor thread, take_fragments on the worker's event loop.
-        self._fragments_lock = threading.Lock()
-        # The weights version this runner acts with, when it came as a WeightsRef (None: whatever the
-        # driver last sent by value; the driver knows which version that was).
-        self._weights_version: Optional[int] = None
-
-    def _keep_fragment(self, columns: Dict[str, np.ndarray]) -> int:
-        with self._fragments_lock:
-            fragment_id = self._next_fragment_id
-            self._next_fragment_id += 1
-            self._stored_fragments[fragment_id] = columns
-        return fragment_id
-
-    def sample_fragment_refs(
-        self,
-        num_timesteps: int,
-        columns: Sequence[str],
-        weights: "Optional[Mapping[str, Mapping[str, np.ndarray]] | WeightsRef]" = None,
-        release: Iterable[int] = (),
-    ) -> Tuple[List[Dict[str, Any]], Dict[str, Any], int, Dict[str, Any]]:
-        """Forget the fragments ``release``, load ``weights`` (if given: the weights, or a
-        :class:`WeightsRef` to pull them from a learner), sample ``num_timesteps`` and keep the
-        fragments (their ``columns`` only) until released.
-
-        Returns ``(fragments, episode metrics, env steps sampled, weights)``: per fragment, in the
-        order the payload path queues them, a dict of ``id``, ``module_id``, ``rows``, ``env_steps``
-        (the env steps its rows stand for) and, multi-agent, ``loss_mask`` (which rows are padding);
-        ``weights`` says what the sample was made with: ``{"version": the version pulled last, or
-        None when the weights came by value, "pull_error": why the pull of a WeightsRef failed (the
-        runner then sampled with the weights it had), or None}``.
-        """
-        self.release_fragments(release)
-        pull_error = None
-        if isinstance(weights, WeightsRef):
-            pull_error = self.load_weights_ref(weights)
-            weights = None
-        sample, metrics = self.sample_with_metrics(num_timesteps, weights)
-        fragments, env_steps = self._store_fragments(sample, tuple(columns), num_timesteps)
-        return fragments, metrics, env_steps, {"version": self._weights_version, "pull_error": pull_error}
-
-    def load_weights_ref(self, ref: WeightsRef) -> Optional[str]:
-        """Pull weights version ``ref.version`` from its learner and load them, unless this runner
-        acts with that version already. ``None``, or why the pull failed (the learner is gone or no
-        longer keeps that version): the runner then goes on with the weights it has, and says so."""
-        if ref.version == self._weights_version:
-            return None
-        from dlearner.backends.dask.env_runners import WeightsPullError, pull_weights
-
-        try:
-            weights = pull_weights(ref)
-        except WeightsPullError as err:
-            logger.warning("%s", err)
-            return str(err)
-        self.set_weights(weights)
-        self._weights_version = ref.version
-        return None
-
-    async def take_fragments(self, ids: Sequence[int]) -> List[Dict[str, np.ndarray]]:
-        """The stored fragments ``ids``, in that order (they stay stored: a retried update fetches
-        them again). :class:`FragmentsGoneError` names any this runner does not hold."""
-        with self._fragments_lock:
-            missing = [i for i in ids if i not in self._stored_fragments]
-            if missing:
-                raise FragmentsGoneError(
-                    f"This env runner holds no fragments {missing} (released, or sampled by another runner)."
-                )
-            return [self._stored_fragments[i] for i in ids]
-
-    def release_fragments(self, ids: Iterable[int]) -> None:
-        """Forget the fragments ``ids`` (trained, or dropped by the driver); unknown ids are ignored."""
-        with self._fragments_lock:
-            for fragment_id in ids:
-                self._stored_fragments.pop(fragment_id, None)
-
-    def num_stored_fragments(self) -> int:
-        """Fragments held for the learners now."""
-        return len(self._stored_fragments)
 
 
 def make_vector_env(config: Any, num_envs: int) -> gym.vector.VectorEnv:

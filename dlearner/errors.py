@@ -136,3 +136,8 @@ def callback_error(
         env_index=env_index,
         env_runner_index=env_runner_index,
     )
+
+
+class WeightsVersionGoneError(LookupError):
+    """A learner was asked for a weights version it does not keep (never kept there, or replaced by
+    ``learner_ops.KEPT_WEIGHTS_VERSIONS`` newer ones)."""

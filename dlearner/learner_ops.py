@@ -14,6 +14,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from dlearner import devices
+from dlearner.errors import WeightsVersionGoneError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -103,17 +104,17 @@ def update_from_fragment_refs(
     with remote learners: the driver sends only references). ``sources``: env-runner actor key ->
     worker address; ``pieces``: per module, the ``(runner key, fragment id, start, stop)`` row ranges
     that make the shard, in order. The learner validates the shard like any batch. Raises
-    :class:`~dlearner.backends.dask.env_runners.FragmentsLostError` before anything changes when a
+    :class:`~dlearner.backends.dask.fragments.FragmentsLostError` before anything changes when a
     runner's fragments cannot be fetched. ``keep_weights_version``: then :func:`keep_weights` the
     weights after the update as that version (one request instead of an update and a keep)."""
-    from dlearner.backends.dask.env_runners import fetch_fragment_shard
+    from dlearner.backends.dask.fragments import fetch_fragment_shard
 
     batch = fetch_fragment_shard(sources, pieces)
     return _update_prefetched(learner, batch, shard, timesteps, options, keep_weights_version)
 
 
 async def _prefetch_fragment_refs(worker: Any, sources: Dict[str, str], pieces: Dict[str, Any], *rest: Any) -> tuple:
-    from dlearner.backends.dask.env_runners import fetch_fragment_shard_async
+    from dlearner.backends.dask.fragments import fetch_fragment_shard_async
 
     return (await fetch_fragment_shard_async(worker, sources, pieces), *rest)
 
@@ -147,11 +148,6 @@ KEPT_WEIGHTS_VERSIONS = 8
 # event loop reads (LearnerActor.kept_weights): hence the lock.
 _kept_weights: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakref.WeakKeyDictionary()
 _kept_weights_lock = threading.Lock()
-
-
-class WeightsVersionGoneError(LookupError):
-    """A learner was asked for a weights version it does not keep (never kept there, or replaced by
-    :data:`KEPT_WEIGHTS_VERSIONS` newer ones)."""
 
 
 def keep_weights(learner: "Learner", version: int, module_ids: Any = None, inference_only: bool = False) -> int:

@@ -22,9 +22,8 @@ from conftest import SMALL_MODEL, kill_worker, killable_cluster, wait_for_worker
 from dlearner import DEFAULT_MODULE_ID, APPOConfig, Columns, learner_ops
 from dlearner.algorithms.appo import APPOTorchLearner
 from dlearner.algorithms.async_pipeline import AsyncPipeline, FragmentRef, _Fragment, fragment_shards
-from dlearner.backends.dask.env_runners import FragmentsLostError, assemble_shard
+from dlearner.backends.dask.fragments import FragmentsLostError, WeightsRef, assemble_shard
 from dlearner.batch import ShardInfo, shard_batch, validate_batch
-from dlearner.env_runner import WeightsRef
 from dlearner.envs import MultiAgentCartPole
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]

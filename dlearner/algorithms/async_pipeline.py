@@ -77,9 +77,9 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dlearner.backends.dask.fragments import WeightsRef
 from dlearner.batch import ShardInfo
 from dlearner.columns import ALL_MODULES, DEFAULT_MODULE_ID, TIMESTEP_KEY, Columns
-from dlearner.env_runner import WeightsRef
 from dlearner.errors import EnvRunnerDiedError, LearnerDiedError
 from dlearner.multi_agent.trajectories import ENV_STEP_SHARE
 
@@ -617,7 +617,7 @@ class AsyncPipeline:
     def _receive_update(self, update: _Update) -> Optional[Dict[str, Any]]:
         """The update's result, counted; ``None`` when its fragments could not be fetched (a runner
         was lost): it changed nothing, and its env steps count as dropped."""
-        from dlearner.backends.dask.env_runners import FragmentsLostError
+        from dlearner.backends.dask.fragments import FragmentsLostError
 
         try:
             result = update.future.result()

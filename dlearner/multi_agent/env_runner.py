@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 from dlearner.acting import ActingModule
+from dlearner.backends.dask.fragments import FragmentStore
 from dlearner.callbacks import Callbacks, RunnerCallbacks
 from dlearner.columns import Columns
-from dlearner.env_runner import FragmentStore, _runner_seed, runner_generator
+from dlearner.env_runner import _runner_seed, runner_generator
 from dlearner.multi_agent.env import ALL_AGENTS, MultiAgentEnv, agent_spaces
 from dlearner.multi_agent.mapping import map_agent, resolve_mapping
 from dlearner.multi_agent.trajectories import ENV_STEP_SHARE, AgentTrajectory, Episode

@@ -252,7 +252,7 @@ class LearnerActor:
         """The weights this learner kept as ``version`` (``learner_ops.keep_weights``, run in order
         with the updates), for an env runner that pulls them (IMPALA / APPO). Served from the event
         loop: never queued behind the updates on the compute thread. Raises
-        ``learner_ops.WeightsVersionGoneError`` when this learner does not keep that version."""
+        ``dlearner.errors.WeightsVersionGoneError`` when this learner does not keep that version."""
         from dlearner import learner_ops
 
         return learner_ops.kept_weights(self.learner, version)

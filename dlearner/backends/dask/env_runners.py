@@ -14,19 +14,14 @@ import asyncio
 import concurrent.futures
 import logging
 import math
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
-
-import numpy as np
-from distributed import Worker, get_worker
-from distributed.core import Status
-from distributed.utils import sync
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from dlearner import settings
 from dlearner.backends.dask.actor_group import ActorGroup, Member
 from dlearner.backends.dask.cluster import ClusterConnection, place_env_runners
+from dlearner.backends.dask.fragments import WeightsRef
 from dlearner.backends.dask.protocol import Died
 from dlearner.backends.dask.rpc import UNREACHABLE, ActorMissing, call_actor, worker_rpc
-from dlearner.env_runner import FragmentsGoneError, WeightsRef
 from dlearner.errors import ClusterResourceError, EnvRunnerDiedError
 
 logger = logging.getLogger(__name__)
@@ -305,157 +300,3 @@ class DaskEnvRunnerGroup(ActorGroup):
         for member in self.members:
             self.release(member)
         self.members = []
-
-
-# ------------------------------------------------------------------------- learners fetch fragments
-class FragmentsLostError(RuntimeError):
-    """A learner could not fetch fragments of its update: their env runner is gone (its worker left,
-    or it was replaced) or no longer holds them. The update changes nothing; the async pipeline counts
-    its env steps as dropped. ``runner_keys``: the actor keys of the runners that failed."""
-
-    def __init__(self, message: str, runner_keys: Sequence[str] = ()):
-        super().__init__(message)
-        self.runner_keys = list(runner_keys)
-
-    def __reduce__(self):  # travels pickled from the learner to the driver
-        return type(self), (str(self), self.runner_keys)
-
-
-#: One piece of a learner's shard: rows ``[start, stop)`` of fragment ``fragment_id`` of runner ``runner_key``.
-FragmentPiece = Tuple[str, int, int, int]
-
-
-def fetch_fragment_shard(
-    sources: Mapping[str, str], pieces: Mapping[str, Sequence[FragmentPiece]]
-) -> Dict[str, Dict[str, np.ndarray]]:
-    """A learner's shard, ``{module_id: {column: array}}``: each module's ``pieces`` fetched from the
-    runners' workers (``sources``: actor key -> worker address; one request per runner, all at once)
-    and concatenated in order. Runs on a learner's compute thread, in a Dask worker process.
-    :class:`FragmentsLostError` if a runner cannot be reached or no longer holds a fragment."""
-    if not pieces:
-        return {}
-    worker = _this_worker()
-    return sync(worker.loop, fetch_fragment_shard_async, worker, sources, pieces)
-
-
-async def fetch_fragment_shard_async(
-    worker: Worker, sources: Mapping[str, str], pieces: Mapping[str, Sequence[FragmentPiece]]
-) -> Dict[str, Dict[str, np.ndarray]]:
-    """:func:`fetch_fragment_shard` on the worker's event loop: a learner actor starts it as soon as
-    the update request arrives, so the fetch overlaps the update before it."""
-    if not pieces:
-        return {}
-    wanted: Dict[str, List[int]] = {}
-    for module_pieces in pieces.values():
-        for runner_key, fragment_id, _, _ in module_pieces:
-            ids = wanted.setdefault(runner_key, [])
-            if fragment_id not in ids:
-                ids.append(fragment_id)
-    fetched = await _fetch_fragments(worker, {key: (sources[key], ids) for key, ids in wanted.items()})
-    return assemble_shard(fetched, pieces)
-
-
-def assemble_shard(
-    fetched: Mapping[Tuple[str, int], Mapping[str, np.ndarray]], pieces: Mapping[str, Sequence[FragmentPiece]]
-) -> Dict[str, Dict[str, np.ndarray]]:
-    """``{module_id: {column: array}}``: each module's ``pieces`` (rows of the ``fetched`` fragments,
-    keyed by ``(runner key, fragment id)``) concatenated in order."""
-    shard: Dict[str, Dict[str, np.ndarray]] = {}
-    for module_id, module_pieces in pieces.items():
-        parts = [(fetched[(runner_key, fragment_id)], start, stop) for runner_key, fragment_id, start, stop in module_pieces]
-        shard[module_id] = {
-            column: np.concatenate([part[column][start:stop] for part, start, stop in parts]) for column in parts[0][0]
-        }
-    return shard
-
-
-async def _fetch_fragments(
-    worker: Worker, wanted: Mapping[str, Tuple[str, List[int]]]
-) -> Dict[Tuple[str, int], Dict[str, np.ndarray]]:
-    """``{(runner key, fragment id): columns}`` of every fragment ``wanted`` (runner key -> (worker
-    address, fragment ids)), one ``take_fragments`` call per runner, concurrently, over the worker's
-    pooled connections."""
-    # A worker that is gone refuses connections, which Dask retries until its (long) connect timeout:
-    # connecting with a short one first makes a lost runner's fragments count as lost within seconds.
-    connect_timeout = settings.seconds("learner-group.connect-timeout")
-
-    async def one(runner_key: str, address: str, ids: List[int]) -> List[Dict[str, np.ndarray]]:
-        try:
-            comm = await worker.rpc.connect(address, timeout=connect_timeout)
-            worker.rpc.reuse(address, comm)
-            return await call_actor(worker.rpc(address), runner_key, "take_fragments", (ids,))
-        except (ActorMissing, FragmentsGoneError) + UNREACHABLE as err:
-            raise FragmentsLostError(
-                f"The fragments of env runner {runner_key} on Dask worker {address} are lost ({type(err).__name__}: {err}); "
-                "the update they were part of is dropped.",
-                [runner_key],
-            ) from err
-
-    keys = list(wanted)
-    results = await asyncio.gather(*(one(key, *wanted[key]) for key in keys), return_exceptions=True)
-    lost = [r for r in results if isinstance(r, BaseException)]
-    if lost:
-        errors = [e for e in lost if isinstance(e, FragmentsLostError)]
-        if len(errors) < len(lost):
-            raise next(e for e in lost if not isinstance(e, FragmentsLostError))
-        raise FragmentsLostError(" ".join(str(e) for e in errors), [k for e in errors for k in e.runner_keys])
-    fetched: Dict[Tuple[str, int], Dict[str, np.ndarray]] = {}
-    for key, columns_list in zip(keys, results):
-        for fragment_id, columns in zip(wanted[key][1], columns_list):
-            fetched[(key, fragment_id)] = columns
-    return fetched
-
-
-# ------------------------------------------------------------------- env runners pull weights
-class WeightsPullError(RuntimeError):
-    """An env runner could not pull the weights a :class:`~dlearner.env_runner.WeightsRef` names:
-    the learner that keeps them is gone (its worker left, or it was replaced) or no longer keeps
-    that version. The runner goes on with the weights it has."""
-
-
-#: How long a pull of weights may take in all (connecting included) before the runner goes on without them.
-_PULL_TIMEOUT_S = 60.0
-
-
-def pull_weights(ref: WeightsRef) -> Dict[str, Dict[str, np.ndarray]]:
-    """The weights ``ref`` names, ``{module_id: {name: array}}``, fetched from the learner's worker
-    over this worker's comms (runs on an env runner's actor thread, in a Dask worker process).
-    :class:`WeightsPullError` if the learner cannot be reached or does not keep that version."""
-    worker = _this_worker()
-    return sync(worker.loop, pull_weights_async, worker, ref)
-
-
-async def pull_weights_async(worker: Worker, ref: WeightsRef) -> Dict[str, Dict[str, np.ndarray]]:
-    """:func:`pull_weights` on the worker's event loop."""
-    from dlearner.learner_ops import WeightsVersionGoneError
-
-    # As for fragments: a gone worker refuses connections, which Dask would retry for long.
-    connect_timeout = settings.seconds("learner-group.connect-timeout")
-
-    async def pull() -> Dict[str, Dict[str, np.ndarray]]:
-        comm = await worker.rpc.connect(ref.worker, timeout=connect_timeout)
-        worker.rpc.reuse(ref.worker, comm)
-        return await call_actor(worker.rpc(ref.worker), ref.learner_key, "kept_weights", (ref.version,))
-
-    try:
-        return await asyncio.wait_for(pull(), _PULL_TIMEOUT_S)
-    except (asyncio.TimeoutError, ActorMissing, WeightsVersionGoneError) + UNREACHABLE as err:
-        raise WeightsPullError(
-            f"Could not pull weights version {ref.version} from learner {ref.learner_key} on Dask worker {ref.worker} "
-            f"({type(err).__name__}: {err}); this env runner samples with the weights it has."
-        ) from err
-
-
-def _this_worker() -> Worker:
-    """The Dask worker of this process (a learner's compute thread runs outside Dask's task context;
-    a learner never shares its process with another worker; an env runner's actor thread is in it)."""
-    try:
-        return get_worker()
-    except ValueError:
-        pass
-    running = [w for w in list(Worker._instances) if w.status == Status.running]
-    if len(running) != 1:
-        raise RuntimeError(
-            f"Fetching fragments or weights needs the one Dask worker of this actor's process; found {len(running)} running."
-        )
-    return running[0]
