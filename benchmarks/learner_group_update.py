@@ -15,7 +15,9 @@ Rows:
   dlearner's arithmetic: the minibatch of 128 is global, so each rank trains on 64 rows per step
   (twice the all-reduces of RLlib's per-learner minibatch: compare like with like);
 * dlearner ``num_learners=2``: two Dask learners, sharded batch, one gradient all-reduce per step;
-* latency of one blocking update of a 32-row batch on the 2-learner group (and the same in plain DDP).
+* latency of one blocking update of a 32-row batch on the 2-learner group (and the same in plain DDP);
+* the time to a ready 2-learner group, embedded cluster included, vs plain DDP start-up
+  (``learner_group_ready.py``, run in fresh processes; ``--ready-rounds 0`` skips it).
 
 Measurements are interleaved in ``--rounds`` rounds so that load on the machine hits every row
 alike; every process uses one torch thread. If Ray RLlib is importable, its LearnerGroup runs the
@@ -30,6 +32,7 @@ import os
 import pathlib
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List
@@ -207,6 +210,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=12, help="timed updates per row (over all rounds)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
     parser.add_argument("--latency-repeats", type=int, default=200, help="timed 32-row updates")
+    parser.add_argument(
+        "--ready-rounds",
+        type=int,
+        default=3,
+        help="rounds of learner_group_ready.py (time to a ready 2-learner group, fresh processes); 0 skips it",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     batch = load_w1_batch()
@@ -303,6 +312,10 @@ def main() -> None:
         ],
         header=("run", "median", "ratio", "vs", "goal"),
     )
+    if args.ready_rounds > 0:
+        # Start-up needs fresh processes (a user's script builds its group once): its own script,
+        # run after everything above has shut down.
+        subprocess.run([sys.executable, str(HERE / "learner_group_ready.py"), "--rounds", str(args.ready_rounds)], check=True)
 
 
 if __name__ == "__main__":
