@@ -290,7 +290,7 @@ def shard_batch(batch: MultiBatch, num_shards: int) -> List[Tuple[MultiBatch, Sh
         raise ValueError(f"num_shards must be >= 1, got {num_shards}.")
     whole = ShardInfo.whole(batch)
     shards: List[Tuple[MultiBatch, ShardInfo]] = []
-    bounds = {mid: np.linspace(0, whole.global_rows[mid], num_shards + 1).round().astype(int) for mid in batch}
+    bounds = shard_bounds(whole.global_rows, num_shards)
     for i in range(num_shards):
         part: MultiBatch = {}
         offsets = {}
@@ -301,6 +301,13 @@ def shard_batch(batch: MultiBatch, num_shards: int) -> List[Tuple[MultiBatch, Sh
                 part[mid] = {c: a[lo:hi] for c, a in cols.items()}
         shards.append((part, dataclasses.replace(whole, row_offsets=offsets)))
     return shards
+
+
+def shard_bounds(global_rows: Mapping[str, int], num_shards: int) -> Dict[str, np.ndarray]:
+    """Per module, the ``num_shards + 1`` row bounds of its nearly equal contiguous shards (shard
+    ``i`` holds rows ``bounds[i]:bounds[i + 1]``); what :func:`shard_batch` cuts, for those that
+    shard references to rows rather than the rows themselves."""
+    return {mid: np.linspace(0, rows, num_shards + 1).round().astype(int) for mid, rows in global_rows.items()}
 
 
 def minibatch_plan(

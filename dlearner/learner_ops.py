@@ -150,17 +150,16 @@ _kept_weights: "weakref.WeakKeyDictionary[Any, collections.OrderedDict]" = weakr
 _kept_weights_lock = threading.Lock()
 
 
-def keep_weights(learner: "Learner", version: int, module_ids: Any = None, inference_only: bool = False) -> int:
-    """Keep the weights as they are now (after every request before this one) as ``version``, for
-    env runners to pull (IMPALA / APPO: the weights never pass through the driver); returns
-    ``version``. The :data:`KEPT_WEIGHTS_VERSIONS` newest versions are kept."""
-    weights = learner.module.get_state(module_ids, inference_only=inference_only)  # copies, never views
+def keep_weights(learner: "Learner", version: int) -> None:
+    """Keep the weights as they are now (after the update of the same request) as ``version``, for
+    env runners to pull (IMPALA / APPO: the weights never pass through the driver). The
+    :data:`KEPT_WEIGHTS_VERSIONS` newest versions are kept."""
+    weights = learner.module.get_state()  # copies, never views
     with _kept_weights_lock:
         kept = _kept_weights.setdefault(learner, collections.OrderedDict())
         kept[int(version)] = weights
         while len(kept) > KEPT_WEIGHTS_VERSIONS:
             kept.popitem(last=False)
-    return int(version)
 
 
 def kept_weights(learner: "Learner", version: int) -> Dict[str, Dict[str, "np.ndarray"]]:

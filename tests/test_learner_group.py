@@ -209,6 +209,20 @@ def test_minibatched_epochs_keep_every_learner_identical(client):
     local.shutdown()
 
 
+class StepMetricsPPOLearner(PPOTorchLearner):
+    """PPO that counts its log_step_metrics calls in a summed metric."""
+
+    def log_step_metrics(self):
+        super().log_step_metrics()
+        self.metrics.log_value("log_step_metrics_calls", 1, reduce="sum")
+
+
+def test_log_step_metrics_runs_once_per_update_on_every_learner(client):
+    with config(learner_class=StepMetricsPPOLearner).cluster(client=client).build_learner_group(spaces=SPACES) as lg:
+        for _ in range(3):  # the first update reduces metrics apart, the later ones in the gradient all-reduce
+            assert lg.update(ppo_batch(64, seed=3))[ALL_MODULES]["log_step_metrics_calls"] == 2  # one per learner
+
+
 def test_after_the_first_update_the_metrics_ride_in_the_last_gradient_all_reduce(client):
     batch = ppo_batch(64, seed=3)  # one minibatch per epoch, 2 epochs: two gradient steps
     local = config(num_learners=0, grad_clip=0.5).build_learner_group(spaces=SPACES)

@@ -10,7 +10,7 @@ fragments, and the driver keeps the books between them::
          +------------ (weights version k, where it is kept), every broadcast_interval updates
 
 * **The driver out of the data path.** With Dask learners and Dask env runners (``fragment_refs``),
-  a runner keeps what it samples (:class:`~dlearner.env_runner.FragmentStore`) and replies with
+  a runner keeps what it samples (:class:`~dlearner.backends.dask.fragments.FragmentStore`) and replies with
   fragment ids and bookkeeping; the driver queues :class:`FragmentRef` objects, and for an update
   sends each learner its shard's ids and row ranges with its layout (:func:`fragment_shards`, the
   very shard and ``ShardInfo`` that ``shard_batch`` would cut from the columns). Learners fetch
@@ -24,7 +24,7 @@ fragments, and the driver keeps the books between them::
   runners). Every ``broadcast_interval``-th update request also has learner rank 0 keep its weights
   after the update as version ``k`` (``learner_ops.keep_weights``, in the same request; the newest
   few versions are kept); nothing but the update's result comes back. A runner's next sample request carries a
-  :class:`~dlearner.env_runner.WeightsRef` (worker, learner key, ``k``); the runner pulls version
+  :class:`~dlearner.backends.dask.fragments.WeightsRef` (worker, learner key, ``k``); the runner pulls version
   ``k`` from that learner (``LearnerActor.kept_weights``, served from its event loop, never behind
   an update) before it samples, unless it has it already, and says which version it sampled with.
   If the pull fails (that learner was lost or replaced), the runner samples with the weights it
@@ -78,7 +78,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dlearner.backends.dask.fragments import WeightsRef
-from dlearner.batch import ShardInfo
+from dlearner.batch import ShardInfo, shard_bounds
 from dlearner.columns import ALL_MODULES, DEFAULT_MODULE_ID, TIMESTEP_KEY, Columns
 from dlearner.errors import EnvRunnerDiedError, LearnerDiedError
 from dlearner.multi_agent.trajectories import ENV_STEP_SHARE
@@ -102,7 +102,7 @@ class _Fragment:
 
 @dataclasses.dataclass(frozen=True)
 class FragmentRef:
-    """A fragment kept by its env runner (see :class:`~dlearner.env_runner.FragmentStore`)."""
+    """A fragment kept by its env runner (see :class:`~dlearner.backends.dask.fragments.FragmentStore`)."""
 
     runner_key: str  # the runner's actor key (a replacement runner has another)
     worker: str  # the runner's worker address
@@ -130,7 +130,7 @@ def fragment_shards(fragments: Sequence[_Fragment], world: int) -> List[Tuple[Di
     loss_masks = {
         mid: np.concatenate([ref.loss_mask for ref in refs]) for mid, refs in by_module.items() if refs[0].loss_mask is not None
     }
-    bounds = {mid: np.linspace(0, rows, world + 1).round().astype(int) for mid, rows in global_rows.items()}
+    bounds = shard_bounds(global_rows, world)  # the very bounds shard_batch uses
     shards = []
     for rank in range(world):
         pieces: Dict[str, list] = {}

@@ -78,6 +78,7 @@ class Learner(StateMixin, RollbackMixin):
         self._module_state_key: Any = None
         self._module_state_items: List[Tuple[str, str, torch.Tensor]] = []
         self._step_position = (0, 0)  # (gradient step, of steps) of the running update, for error messages
+        self._step_metrics_logged = False  # whether log_step_metrics ran in the running update
         self._step_losses: List[Tuple[Tuple[int, int], str, torch.Tensor]] = []  # this update's losses, checked at its end
         # Inside updates_as_one(): the modules its updates trained, checked (and rolled back) together at its end.
         self._deferred_modules: Optional[set] = None
@@ -269,6 +270,7 @@ class Learner(StateMixin, RollbackMixin):
         snapshot = None if deferred else self._snapshot(reuse_buffers=True)
         if not deferred:
             self._step_losses = []
+        self._step_metrics_logged = False
         try:
             self._last_timestep = int(timesteps.get(TIMESTEP_KEY, self._last_timestep))
             self._apply_lr_schedules(self._last_timestep)
@@ -285,7 +287,7 @@ class Learner(StateMixin, RollbackMixin):
             for i, step in enumerate(minibatch_plan(layout.global_rows, minibatch_size, num_epochs, rng)):
                 self._step_position = (i + 1, num_steps)
                 self._gradient_step(tensors, step, layout, last=i == num_steps - 1)
-            self.log_step_metrics()  # a no-op when the last step's all-reduce made it log them already
+            self._log_step_metrics_once()  # with several learners, the last step's all-reduce did already
             self.metrics.all_reduce(self._collective)
             self.after_gradient_based_update(timesteps=timesteps)
             if deferred:
@@ -355,6 +357,11 @@ class Learner(StateMixin, RollbackMixin):
         Called after the last gradient step's loss and before the metrics are reduced over learners;
         call ``super()``. What is logged here counts like anything logged during the steps.
         """
+
+    def _log_step_metrics_once(self) -> None:
+        if not self._step_metrics_logged:
+            self._step_metrics_logged = True
+            self.log_step_metrics()
 
     @override_point
     def after_gradient_based_update(self, *, timesteps: Mapping[str, Any]) -> None:

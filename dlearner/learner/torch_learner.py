@@ -145,7 +145,7 @@ class TorchLearner(Learner):
                 else [0.0] * len(module_ids)
             )
             if last:
-                self.log_step_metrics()  # before the last all-reduce, which carries the metric sums
+                self._log_step_metrics_once()  # before the last all-reduce, which carries the metric sums
             gradients = self._all_reduce_gradients(module_ids, check_metric_keys=last, loss_flags=loss_flags)
         else:
             # Checked once, at the end of the update (see Learner._check_finite_after_update).

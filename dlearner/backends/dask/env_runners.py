@@ -223,9 +223,9 @@ class DaskEnvRunnerGroup(ActorGroup):
         self, index: int, num_timesteps: int, *, columns: Sequence[str], weights: Any = None, release: Sequence[int] = ()
     ) -> concurrent.futures.Future:
         """Like :meth:`sample_async`, but the fragments stay on runner ``index`` (see
-        :class:`~dlearner.env_runner.FragmentStore`): a future of ``(fragment descriptions, episode
+        :class:`~dlearner.backends.dask.fragments.FragmentStore`): a future of ``(fragment descriptions, episode
         metrics, env steps sampled, weights version info)``. The runner first forgets the fragments
-        ``release``; ``weights`` may be a :class:`~dlearner.env_runner.WeightsRef` (the runner pulls
+        ``release``; ``weights`` may be a :class:`~dlearner.backends.dask.fragments.WeightsRef` (the runner pulls
         them from the learner that keeps them)."""
         if weights is not None:
             self._weights = weights  # a replacement runner starts from them
