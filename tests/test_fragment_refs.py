@@ -307,6 +307,12 @@ def test_a_failed_weights_pull_leaves_the_runner_on_its_weights_and_is_logged_an
         pipeline._weights_version = 1
         with caplog.at_level(logging.WARNING, logger="dlearner.algorithms.async_pipeline"):
             results = [algo.train() for _ in range(2)]
+            # A runner may still be sampling after a request that carried the reference (its pull
+            # failed, but its reply is not in yet): train until every such reply was received.
+            for _ in range(10):
+                if all(version != 1 for _, version, _ in pipeline._sampling.values()):
+                    break
+                results.append(algo.train())
         # Each runner sent the reference before the driver forgot it (after the first failure) tried
         # once: one or both, depending on which replies came first.
         failed = pipeline.num_weights_pulls_failed
