@@ -195,7 +195,7 @@ def driver_load_run(
         "lag_mean": statistics.mean(lags),
         "lag_max": lag_max,
         "trained_per_s": trained / elapsed,
-        "pulls_failed": algo.pipeline.num_weights_pulls_failed,
+        "pulls_failed": algo.pipeline.num_weights_pulls_failed_lifetime,
     }
 
 

@@ -27,7 +27,6 @@ from gymnasium.envs.registration import VectorizeMode
 from gymnasium.vector import AutoresetMode
 
 from dlearner.acting import ActingModule
-from dlearner.backends.dask.fragments import FragmentStore
 from dlearner.callbacks import Callbacks, RunnerCallbacks, SingleAgentEpisode, sub_env_info
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.rl_module import MultiRLModuleSpec, RLModule
@@ -112,7 +111,7 @@ def make_vector_env(config: Any, num_envs: int) -> gym.vector.VectorEnv:
     return gym.wrappers.vector.RecordEpisodeStatistics(env)
 
 
-class EnvRunner(FragmentStore):
+class EnvRunner:
     """Samples ``num_envs_per_env_runner`` environments (a gymnasium vector env) with one RLModule.
 
     Example::
@@ -138,7 +137,6 @@ class EnvRunner(FragmentStore):
         self.config = config
         self.worker_index = worker_index
         self.module_id = module_id
-        self._init_fragment_store()
         torch.set_num_threads(max(1, int(getattr(config, "torch_num_threads", None) or 1)))
         spec = module_spec.rl_module_specs[module_id]
         seed = getattr(config, "seed", None)
@@ -175,7 +173,6 @@ class EnvRunner(FragmentStore):
     def set_weights(self, weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         """Load the module's weights (``{module_id: {name: array}}`` as ``LearnerGroup.get_weights`` returns)."""
         self.acting.module.set_state(weights[self.module_id])
-        self._weights_version = None  # weights by value: the driver knows their version
 
     def get_weights(self) -> Dict[str, Dict[str, np.ndarray]]:
         """The module's weights as ``{module_id: {name: np.ndarray}}``."""
@@ -335,17 +332,22 @@ class EnvRunner(FragmentStore):
         fragment = self.sample(num_timesteps)
         return fragment, self.get_metrics()
 
-    def _store_fragments(
+    def split_into_fragments(
         self, sample: Dict[str, np.ndarray], columns: Tuple[str, ...], num_timesteps: int
-    ) -> Tuple[List[Dict[str, Any]], int]:
-        """Keep each vector env's column ``[:, env]`` (one fragment of ``T`` consecutive steps) of a
-        :meth:`sample`; their descriptions and the env steps sampled (see :meth:`sample_fragment_refs`)."""
+    ) -> Tuple[List[Tuple[Dict[str, np.ndarray], Dict[str, Any]]], int]:
+        """A :meth:`sample` as fragments, in the order the async pipeline queues them: each vector
+        env's column ``[:, env]`` (``T`` consecutive steps; its ``columns`` only) with its description
+        (``module_id``, ``rows``, ``env_steps``), and the env steps sampled. What a runner that keeps
+        its fragments for the learners stores (:class:`~dlearner.backends.dask.fragments.FragmentStore`)."""
         steps, num_envs = sample[Columns.REWARDS].shape[:2]
-        fragments = []
-        for env in range(num_envs):
-            # A contiguous copy: the stored fragment does not keep the whole sample alive.
-            fragment_id = self._keep_fragment({c: np.ascontiguousarray(sample[c][:, env]) for c in columns})
-            fragments.append({"id": fragment_id, "module_id": DEFAULT_MODULE_ID, "rows": int(steps), "env_steps": float(steps)})
+        # Contiguous copies: a stored fragment does not keep the whole sample alive.
+        fragments = [
+            (
+                {c: np.ascontiguousarray(sample[c][:, env]) for c in columns},
+                {"module_id": DEFAULT_MODULE_ID, "rows": int(steps), "env_steps": float(steps)},
+            )
+            for env in range(num_envs)
+        ]
         return fragments, int(steps * num_envs)
 
     def _cut_fragment(self, stacked: Dict[str, np.ndarray], valid: np.ndarray, steps: int) -> Dict[str, np.ndarray]:

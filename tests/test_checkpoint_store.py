@@ -6,6 +6,7 @@ Most behavioural tests run both on a local directory (pytest's tmp_path) and on 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -415,6 +416,36 @@ def test_failed_commit_keeps_previous_checkpoint(location: str, monkeypatch: pyt
     monkeypatch.undo()
     _assert_same(load_state_tree(location)[0], old)
     assert read_metadata(location) == {"step": 1}
+
+
+def test_a_save_whose_data_is_not_made_durable_fails_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On ext4/xfs/btrfs/tmpfs a save makes its files durable with one syncfs (see backends.flush);
+    # a writeback error it reports (EIO: a failing disk) must fail the save before its commit, and
+    # the descriptor it synced through is closed all the same.
+    location = str(tmp_path / "ckpt")
+    old = _learner_like_tree(1.0)
+    save_state_tree(location, old, metadata={"step": 1})
+    assert backends._syncfs is not None and backends._syncfs_reliable(str(tmp_path)), "this test needs syncfs"
+    synced: list[int] = []
+
+    def failing_syncfs(fd: int) -> None:
+        synced.append(fd)
+        raise OSError(errno.EIO, "syncfs failed: Input/output error (injected)")
+
+    monkeypatch.setattr(backends, "_syncfs", failing_syncfs)
+    open_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Input/output error"):
+        save_state_tree(location, _learner_like_tree(2.0), metadata={"step": 2})
+    assert len(synced) == 1
+    assert str(synced[0]) not in set(os.listdir("/proc/self/fd")) - open_before
+    monkeypatch.undo()
+    _assert_same(load_state_tree(location)[0], old)
+    assert read_metadata(location) == {"step": 1}
+    new = _learner_like_tree(3.0)
+    save_state_tree(location, new, metadata={"step": 3})
+    _assert_same(load_state_tree(location)[0], new)
 
 
 def test_interrupted_first_save_is_refused_then_recovered(location: str, monkeypatch: pytest.MonkeyPatch) -> None:

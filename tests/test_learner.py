@@ -173,6 +173,41 @@ def test_module_set_state_leaves_the_optimizer_untouched(cartpole, batch):
     assert_same_arrays(learner.module.get_state(), new_weights)
 
 
+def test_set_state_loads_optimizer_state_exactly_whatever_the_arrays_layout(cartpole, batch):
+    # Arrays from a checkpoint, a pickle or another library may be read-only, strided or big-endian;
+    # the optimizer takes their values (and owns them: changing the arrays later changes nothing).
+    source = make_learner(cartpole)
+    source.update(batch)
+    state = source.get_state()
+    learner = make_learner(cartpole)
+    learner.update(batch)  # the optimizer has tensors for every slot already
+    slots = state[COMPONENT_OPTIMIZER]["default_policy_default_optimizer"]["state"]
+    first, second = slots["0"], slots["1"]
+    first["exp_avg"] = first["exp_avg"].astype(first["exp_avg"].dtype.newbyteorder(">"))
+    first["exp_avg_sq"] = np.asfortranarray(first["exp_avg_sq"])
+    second["exp_avg"].flags.writeable = False
+    learner.set_state(state)
+    assert_same_arrays(learner.get_state(), source.get_state())
+    slots["2"]["exp_avg"][...] = 7.0  # an array the learner took: it keeps the values, not the array
+    assert_same_arrays(learner.get_state(), source.get_state())
+
+
+def test_restoring_again_keeps_the_optimizers_tensors(cartpole, batch):
+    # A restore copies into the tensors an optimizer has (no new allocation; the update's rollback
+    # snapshot keeps reusing its buffers), and the learner then trains exactly like the source.
+    source = make_learner(cartpole)
+    source.update(batch)
+    learner = make_learner(cartpole)
+    learner.update(batch, timesteps={"num_env_steps_sampled_lifetime": 7})
+    tensors = [t for s in learner.get_optimizer().state.values() for t in s.values()]
+    learner.set_state(source.get_state())
+    assert all(a is b for a, b in zip([t for s in learner.get_optimizer().state.values() for t in s.values()], tensors))
+    assert_same_arrays(learner.get_state(), source.get_state())
+    source.update(batch)
+    learner.update(batch)
+    assert_same_arrays(learner.get_state(), source.get_state())
+
+
 def test_set_state_with_another_architecture_fails_and_changes_nothing(cartpole):
     learner = make_learner(cartpole)
     before = learner.get_state()

@@ -29,7 +29,7 @@ fragments, and the driver keeps the books between them::
   an update) before it samples, unless it has it already, and says which version it sampled with.
   If the pull fails (that learner was lost or replaced), the runner samples with the weights it
   had, the driver logs it, counts the fragments' policy lag from the version they really had
-  (``num_weights_pulls_failed``) and names newer weights with a later request.
+  (``num_weights_pulls_failed_lifetime``) and names newer weights with a later request.
 
 * **Sampling never waits for learning.** Each env runner always has one ``sample_async`` request
   in flight; when it returns, the next one goes out at once. Newer weights (or their reference)
@@ -267,7 +267,7 @@ class AsyncPipeline:
         self._finished: List[Tuple[_Update, Dict[str, Any]]] = []  # updates finished outside an iteration
         self.num_env_steps_dropped_lifetime = 0
         #: Weights pulls that failed (a runner then sampled with the weights it had; see _weights_pull_failed).
-        self.num_weights_pulls_failed = 0
+        self.num_weights_pulls_failed_lifetime = 0
         self._env_steps_trained_unsaid = 0.0  # multi-agent: fractions of an env step trained, not yet counted
         self._iteration_stats: Dict[str, Any] = {}
         self._iteration_ended: Optional[float] = None  # perf_counter() when the last iteration ended
@@ -316,6 +316,7 @@ class AsyncPipeline:
             "policy_lag_mean": float(all_lags.mean()),
             "policy_lag_max": int(all_lags.max()),
             "num_env_steps_dropped_lifetime": self.num_env_steps_dropped_lifetime,
+            "num_weights_pulls_failed_lifetime": self.num_weights_pulls_failed_lifetime,
             "time_this_iter_s": elapsed,
             "num_env_steps_trained_throughput": trained / elapsed if elapsed > 0 else float("nan"),
             "num_learner_updates": len(results),
@@ -476,7 +477,7 @@ class AsyncPipeline:
         if self._weights_ref is not None and self._weights_ref.version == version:
             # No runner can pull these: the next broadcast names newer weights on a learner that is there.
             self._weights_ref = None
-        self.num_weights_pulls_failed += 1
+        self.num_weights_pulls_failed_lifetime += 1
         return acted_with
 
     def _forget_runner(self, runner_key: str) -> None:

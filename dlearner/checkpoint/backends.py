@@ -21,13 +21,14 @@ import re
 import shutil
 import stat
 import sys
+import threading
 import uuid
 import weakref
 from collections import deque
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import fsspec
 
@@ -225,9 +226,7 @@ class LocalBackend:
                 os.close(fd)
 
         # Threads: reading releases the GIL, and a file system reads several files at once faster.
-        with ThreadPoolExecutor(IO_THREADS) as pool:
-            for _ in pool.map(read_into, items):
-                pass  # map raises the first error, in order
+        run_all(shared_pool("io", IO_THREADS), read_into, items)
 
     def _not_regular(self, key: str, what: str) -> InvalidCheckpointError:
         return InvalidCheckpointError(
@@ -244,26 +243,27 @@ class LocalBackend:
         pending: deque[Future[None]] = deque()
         if self._syncfs_fd is None and not self._unsynced:
             self._open_syncfs_fd()
-        with ThreadPoolExecutor(IO_THREADS) as pool:
-            try:
-                for key, parts in items:
-                    path = os.path.join(self.root, key)
-                    parent = os.path.dirname(path)
-                    if parent not in made:
-                        self._make_dirs(parent)
-                        made.add(parent)
-                    self._unsynced.update((path, parent))  # the file, and its entry in its directory
-                    if sum(memoryview(p).nbytes for p in parts) < _THREADED_WRITE_BYTES:
-                        _write_file(path, parts)
-                        continue
-                    pending.append(pool.submit(_write_file, path, parts))
-                    while len(pending) > 2 * IO_THREADS or (pending and pending[0].done()):
-                        pending.popleft().result()
-                while pending:
+        pool = shared_pool("io", IO_THREADS)
+        try:
+            for key, parts in items:
+                path = os.path.join(self.root, key)
+                parent = os.path.dirname(path)
+                if parent not in made:
+                    self._make_dirs(parent)
+                    made.add(parent)
+                self._unsynced.update((path, parent))  # the file, and its entry in its directory
+                if sum(memoryview(p).nbytes for p in parts) < _THREADED_WRITE_BYTES:
+                    _write_file(path, parts)
+                    continue
+                pending.append(pool.submit(_write_file, path, parts))
+                while len(pending) > 2 * IO_THREADS or (pending and pending[0].done()):
                     pending.popleft().result()
-            finally:
-                for future in pending:
-                    future.cancel()
+            while pending:
+                pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+            wait(pending)  # no write of this save goes on after it returned or failed
 
     def _make_dirs(self, directory: str) -> None:
         """``os.makedirs(directory, exist_ok=True)``, noting the parent of each directory it creates:
@@ -306,8 +306,7 @@ class LocalBackend:
                 self._syncfs_close()
             # Every file and directory at once, from threads: the file system commits concurrent
             # fsyncs together (on ext4, one journal commit rather than one per file).
-            for _ in _sync_pool().map(_fsync_path, paths):
-                pass
+            run_all(shared_pool("sync", _SYNC_THREADS), _fsync_path, paths)
         # The staged commit records are durable now: their commit only renames them.
         self._staged = {key: (data, tmp, True) for key, (data, tmp, _) in self._staged.items()}
 
@@ -585,25 +584,41 @@ def _commit_tmp_name(name: str) -> str:
 
 
 _SYNC_THREADS = 16  # fsyncs wait on the disk, not the CPU
-_sync_pool_instance: ThreadPoolExecutor | None = None
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+_shared_pools: dict[str, ThreadPoolExecutor] = {}
+_shared_pools_lock = threading.Lock()
 
 
-def _sync_pool() -> ThreadPoolExecutor:
-    """Threads for fsync, kept between saves: starting them took longer than a small save's fsyncs."""
-    global _sync_pool_instance
-    if _sync_pool_instance is None:
-        _sync_pool_instance = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="dlearner-checkpoint-sync")
-    return _sync_pool_instance
+def shared_pool(name: str, threads: int) -> ThreadPoolExecutor:
+    """The process's thread pool ``name`` ("io": file reads and writes, "sync": fsyncs, "chunk":
+    checksums and compression), kept between saves and restores: starting threads for each array
+    cost more than a small save's work, and under load (~3 ms a thread on 2 busy cores) a large
+    restore's. Tasks in it never wait for other tasks, so callers sharing it cannot deadlock."""
+    with _shared_pools_lock:
+        pool = _shared_pools.get(name)
+        if pool is None:
+            pool = _shared_pools[name] = ThreadPoolExecutor(threads, thread_name_prefix=f"dlearner-checkpoint-{name}")
+        return pool
 
 
-def _forget_sync_pool() -> None:
-    # A forked child has none of the parent's threads: it starts its own pool when it first saves.
-    global _sync_pool_instance
-    _sync_pool_instance = None
+def run_all(pool: ThreadPoolExecutor, fn: Callable[[_Item], _Result], items: Iterable[_Item]) -> list[_Result]:
+    """``fn`` of every item, computed in ``pool``; returns once all of them ended (so nothing of a
+    failed save or restore goes on behind its back) and raises the first error, in item order."""
+    futures = [pool.submit(fn, item) for item in items]
+    wait(futures)
+    return [future.result() for future in futures]
+
+
+def _forget_shared_pools() -> None:
+    # A forked child has none of the parent's threads: it starts its own pools when it first needs them.
+    global _shared_pools_lock
+    _shared_pools.clear()
+    _shared_pools_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_sync_pool)
+    os.register_at_fork(after_in_child=_forget_shared_pools)
 
 
 # syncfs(2) makes a whole file system durable with one call. It is used where it promises as much as an

@@ -32,7 +32,7 @@ import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,7 +40,7 @@ import google_crc32c
 import numpy as np
 import zarr
 
-from dlearner.checkpoint.backends import Backend
+from dlearner.checkpoint.backends import Backend, run_all, shared_pool
 from dlearner.checkpoint.encoding import (
     CORRUPTED,
     ZARR_JSON,
@@ -278,16 +278,14 @@ def _array_files(
     if not layout.compressed:
         # Views of the array's own memory (a copy only for a padded last chunk), their checksums
         # computed by threads; the backend writes them from threads too.
-        with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
-            encoded = _in_order(pool, lambda data: encode_uncompressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
-            for index, parts in enumerate(encoded):
-                yield f"{node}/{template.chunk_key_of(index)}", parts
-        return
-    with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
-        encoded = _in_order(pool, lambda data: encode_compressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
+        encoded = _in_order(lambda data: encode_uncompressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
         for index, parts in enumerate(encoded):
-            totals.file_bytes += sum(len(part) for part in parts)
             yield f"{node}/{template.chunk_key_of(index)}", parts
+        return
+    encoded = _in_order(lambda data: encode_compressed_chunk(data, chunk_nbytes), array_chunks(leaf.array, rows))
+    for index, parts in enumerate(encoded):
+        totals.file_bytes += sum(len(part) for part in parts)
+        yield f"{node}/{template.chunk_key_of(index)}", parts
     totals.data_bytes += leaf.nbytes
     if not totals.within_limit():
         raise ValueError(
@@ -301,16 +299,23 @@ _T = TypeVar("_T")
 _R = TypeVar("_R")
 
 
-def _in_order(pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
-    """``fn`` of each item, computed in ``pool`` and yielded in order, with at most two results per
-    thread computed ahead: the consumer writes one while the next ones are being computed."""
+def _in_order(fn: Callable[[_T], _R], items: Iterable[_T]) -> Iterator[_R]:
+    """``fn`` of each item, computed by the chunk threads and yielded in order, with at most two
+    results per thread computed ahead: the consumer writes one while the next ones are being computed.
+    Should the consumer stop early (a failed write), nothing is left computing once it closed this."""
+    pool = shared_pool("chunk", _CHUNK_THREADS)
     pending: collections.deque[Future[_R]] = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) > 2 * _CHUNK_THREADS:
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > 2 * _CHUNK_THREADS:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        wait(pending)
 
 
 def _version_files(
@@ -631,9 +636,7 @@ def _read_compressed_array(
             decompress_chunk(frames[index], padded, f"{where}: {keys[index]}")
             target[:] = padded[: target.size]
 
-    with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
-        for _ in pool.map(decompress, range(len(frames))):
-            pass  # map raises the first chunk's error, in chunk order
+    run_all(shared_pool("chunk", _CHUNK_THREADS), decompress, range(len(frames)))  # the first chunk's error, in order
     if google_crc32c.value(flat) != leaf.crc32c:
         raise InvalidCheckpointError(
             f"{where}: array {node}: its chunks are intact, but together they are not the data saved for this "
@@ -676,9 +679,7 @@ def _read_chunked_array(
     def check(index: int) -> None:
         check_uncompressed_chunk(targets[index], crcs[index].tobytes(), f"{where}: {keys[index]}")
 
-    with ThreadPoolExecutor(_CHUNK_THREADS) as pool:
-        for _ in pool.map(check, range(len(keys))):
-            pass  # map raises the first chunk's error, in chunk order
+    run_all(shared_pool("chunk", _CHUNK_THREADS), check, range(len(keys)))  # the first chunk's error, in order
     if last.size < chunk_nbytes:
         last[:] = targets[-1][: last.size]
     if google_crc32c.value(flat) != leaf.crc32c:

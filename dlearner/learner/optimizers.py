@@ -137,17 +137,40 @@ def check_optimizer_state(registered: Iterable[RegisteredOptimizer], state: Mapp
 
 
 def load_optimizer_state(registered: Iterable[RegisteredOptimizer], state: Mapping[str, Any]) -> None:
-    """Load ``state`` (checked by :func:`check_optimizer_state`) into the optimizers."""
+    """Load ``state`` (checked by :func:`check_optimizer_state`) into the optimizers.
+
+    A slot the optimizer already keeps in a tensor of the stored shape (an optimizer that has
+    stepped, restored again) is copied into that tensor: one copy, no allocation, and the tensor
+    stays the one the update's rollback snapshot copies from, so the next snapshot reuses its
+    buffers too. Other slots become new tensors, as ``load_state_dict`` makes them.
+    """
     own = {reg.full_name: reg for reg in registered}
     for name, opt_state in state.items():
+        optimizer = own[name].optimizer
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         sd = {
             "state": {
-                int(i): {k: (torch.from_numpy(np.array(v, copy=True)) if isinstance(v, np.ndarray) else v) for k, v in s.items()}
+                int(i): {k: _slot_value(optimizer.state.get(params[int(i)], {}).get(k), v) for k, v in s.items()}
                 for i, s in opt_state.get("state", {}).items()
             },
             "param_groups": _torch_param_groups(opt_state["param_groups"]),
         }
-        own[name].optimizer.load_state_dict(sd)
+        optimizer.load_state_dict(sd)
+
+
+def _slot_value(current: Any, value: Any) -> Any:
+    """A stored optimizer slot as ``load_state_dict`` takes it: an array copied into ``current`` (the
+    optimizer's tensor for the slot) when that has its shape, else into a new tensor; other values as they are.
+    ``load_state_dict`` keeps a tensor already in the parameter's dtype and device as it is."""
+    if not isinstance(value, np.ndarray):
+        return value
+    if not (value.flags.writeable and value.flags.c_contiguous and value.dtype.isnative):
+        value = value.astype(value.dtype.newbyteorder("="), order="C")  # a copy torch.from_numpy takes
+    if isinstance(current, torch.Tensor) and not current.requires_grad and tuple(current.shape) == value.shape:
+        with torch.no_grad():
+            current.copy_(torch.from_numpy(value))
+        return current
+    return torch.from_numpy(np.array(value, copy=True))
 
 
 def _is_number(value: Any) -> bool:

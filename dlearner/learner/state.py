@@ -87,7 +87,7 @@ class StateMixin:
             if COMPONENT_RL_MODULE in state:
                 self._module.set_state(state[COMPONENT_RL_MODULE])
             if COMPONENT_OPTIMIZER in state:
-                self.set_optimizer_state(state[COMPONENT_OPTIMIZER])
+                self._load_optimizer_state(state[COMPONENT_OPTIMIZER])  # checked above
             if COMPONENT_LEARNER_STATE in state:
                 self.set_learner_state(state[COMPONENT_LEARNER_STATE])
         except BaseException:
@@ -111,6 +111,12 @@ class StateMixin:
         raise NotImplementedError
 
     def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
+        """Load every optimizer's state (as :meth:`get_optimizer_state` gives it); checked first,
+        ``ValueError`` if it does not fit (see :meth:`_check_optimizer_state`)."""
+        self._check_optimizer_state(state)
+        self._load_optimizer_state(state)
+
+    def _load_optimizer_state(self, state: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
     def _check_optimizer_state(self, state: Mapping[str, Any]) -> None:

@@ -304,8 +304,7 @@ class TorchLearner(Learner):
         (see :func:`dlearner.learner.optimizers.check_optimizer_state`)."""
         check_optimizer_state(self._optimizers.values(), state)
 
-    def set_optimizer_state(self, state: Mapping[str, Any]) -> None:
-        self._check_optimizer_state(state)
+    def _load_optimizer_state(self, state: Mapping[str, Any]) -> None:
         load_optimizer_state(self._optimizers.values(), state)
 
 

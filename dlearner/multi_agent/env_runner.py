@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from dlearner.acting import ActingModule
-from dlearner.backends.dask.fragments import FragmentStore
 from dlearner.callbacks import Callbacks, RunnerCallbacks
 from dlearner.columns import Columns
 from dlearner.env_runner import _runner_seed, runner_generator
@@ -38,7 +37,7 @@ Segments = Dict[str, List[Dict[str, np.ndarray]]]
 SlotKey = Tuple[int, str, str]  # (env index, agent id, module id)
 
 
-class MultiAgentEnvRunner(FragmentStore):
+class MultiAgentEnvRunner:
     """Samples multi-agent environments; the same interface as :class:`~dlearner.env_runner.EnvRunner`.
 
     Example::
@@ -51,7 +50,6 @@ class MultiAgentEnvRunner(FragmentStore):
     def __init__(self, config: Any, *, module_spec: MultiRLModuleSpec, worker_index: int = 0):
         self.config = config
         self.worker_index = worker_index
-        self._init_fragment_store()
         torch.set_num_threads(max(1, int(getattr(config, "torch_num_threads", None) or 1)))
         seed = getattr(config, "seed", None)
         self.fragment_length: Optional[int] = getattr(config, "rollout_fragment_length", None)
@@ -98,7 +96,6 @@ class MultiAgentEnvRunner(FragmentStore):
         for module_id, state in weights.items():
             if module_id in self.modules:
                 self.modules[module_id].module.set_state(state)
-        self._weights_version = None  # weights by value: the driver knows their version (see FragmentStore)
 
     def get_weights(self) -> Dict[str, Dict[str, np.ndarray]]:
         return {mid: acting.module.get_state() for mid, acting in self.modules.items()}
@@ -308,24 +305,25 @@ class MultiAgentEnvRunner(FragmentStore):
         segments = self.sample(num_timesteps)
         return segments, self.get_metrics()
 
-    def _store_fragments(
+    def split_into_fragments(
         self, segments: Segments, columns: Tuple[str, ...], num_timesteps: int
-    ) -> Tuple[List[Dict[str, Any]], int]:
-        """Keep each segment (one fragment) of a :meth:`sample`, module by module; their descriptions
-        (with ``loss_mask``: which rows are padding) and the env steps sampled (see :meth:`sample_fragment_refs`)."""
-        fragments = []
-        for module_id, module_segments in segments.items():
-            for segment in module_segments:
-                fragment_id = self._keep_fragment({c: segment[c] for c in columns})
-                fragments.append(
-                    {
-                        "id": fragment_id,
-                        "module_id": module_id,
-                        "rows": len(segment[Columns.LOSS_MASK]),
-                        "env_steps": float(segment[ENV_STEP_SHARE].sum()),
-                        "loss_mask": segment[Columns.LOSS_MASK],
-                    }
-                )
+    ) -> Tuple[List[Tuple[Dict[str, np.ndarray], Dict[str, Any]]], int]:
+        """A :meth:`sample` as fragments, module by module: each segment (its ``columns`` only) with its
+        description (``module_id``, ``rows``, ``env_steps``, ``loss_mask``: which rows are padding), and
+        the env steps sampled (see :meth:`dlearner.env_runner.EnvRunner.split_into_fragments`)."""
+        fragments = [
+            (
+                {c: segment[c] for c in columns},
+                {
+                    "module_id": module_id,
+                    "rows": len(segment[Columns.LOSS_MASK]),
+                    "env_steps": float(segment[ENV_STEP_SHARE].sum()),
+                    "loss_mask": segment[Columns.LOSS_MASK],
+                },
+            )
+            for module_id, module_segments in segments.items()
+            for segment in module_segments
+        ]
         return fragments, math.ceil(num_timesteps / len(self.envs)) * len(self.envs)
 
     # -------------------------------------------------------------------------------- metrics

@@ -88,10 +88,12 @@ class DaskEnvRunnerGroup(ActorGroup):
             raise
 
     def _start_runner(self, member: Member) -> None:
+        # Imported here: the runner classes import gymnasium, which connecting to a cluster does not need.
+        from dlearner.backends.dask.runner_actors import runner_actor_class
         from dlearner.env_runner import EnvRunner
 
-        runner_class = self._runner_class or EnvRunner
-        self.start(member, runner_class, self._runner_config, module_spec=self._module_spec, worker_index=member.index + 1)
+        actor_class = runner_actor_class(self._runner_class or EnvRunner)
+        self.start(member, actor_class, self._runner_config, module_spec=self._module_spec, worker_index=member.index + 1)
 
     # -- facts -------------------------------------------------------------------------------------
     @property

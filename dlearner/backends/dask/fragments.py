@@ -59,13 +59,15 @@ class FragmentStore:
     ended (or when it dropped them), so a runner holds at most the fragments queued and in flight.
     Weights may come as a :class:`WeightsRef`: the runner pulls that version from the learner that
     keeps it before it samples (unless it has it already), and says which version it sampled with.
-    The runner class provides ``sample_with_metrics``, ``set_weights`` and ``_store_fragments(sample,
-    columns, num_timesteps)``.
+    A mixin, first among the bases of the actor class the Dask env-runner group starts
+    (``dlearner.backends.dask.runner_actors``): the runner class after it provides
+    ``sample_with_metrics``, ``set_weights`` and ``split_into_fragments``.
     """
 
     _stored_fragments: Dict[int, Dict[str, np.ndarray]]
 
-    def _init_fragment_store(self) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._stored_fragments = {}
         self._next_fragment_id = 0
         # sample_fragment_refs runs on the actor thread, take_fragments on the worker's event loop.
@@ -73,6 +75,11 @@ class FragmentStore:
         # The weights version this runner acts with, when it came as a WeightsRef (None: whatever the
         # driver last sent by value; the driver knows which version that was).
         self._weights_version: Optional[int] = None
+
+    def set_weights(self, weights: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """The runner's ``set_weights``; weights sent by value carry no version of their own."""
+        super().set_weights(weights)  # type: ignore[misc]
+        self._weights_version = None  # weights by value: the driver knows their version
 
     def _keep_fragment(self, columns: Dict[str, np.ndarray]) -> int:
         with self._fragments_lock:
@@ -105,7 +112,8 @@ class FragmentStore:
             pull_error = self.load_weights_ref(weights)
             weights = None
         sample, metrics = self.sample_with_metrics(num_timesteps, weights)
-        fragments, env_steps = self._store_fragments(sample, tuple(columns), num_timesteps)
+        pieces, env_steps = self.split_into_fragments(sample, tuple(columns), num_timesteps)  # type: ignore[attr-defined]
+        fragments = [{"id": self._keep_fragment(data), **description} for data, description in pieces]
         return fragments, metrics, env_steps, {"version": self._weights_version, "pull_error": pull_error}
 
     def load_weights_ref(self, ref: WeightsRef) -> Optional[str]:
