@@ -601,9 +601,10 @@ def test_run_folder_keeps_the_store_in_a_subfolder_and_commands_accept_either(tm
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["APPO", "IMPALA"])
-def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, algo):
+@pytest.mark.parametrize("algo, batch_size", [("APPO", None), ("IMPALA", 500)])
+def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, algo, batch_size):
     run = tmp_path / algo.lower()
+    sized = ["--train-batch-size", str(batch_size)] if batch_size else []
     proc = dlearner(
         "train",
         "--algo",
@@ -618,13 +619,20 @@ def test_train_runs_the_asynchronous_algorithms_and_logs_policy_lag(tmp_path, al
         "16,16",
         "--seed",
         "0",
+        *sized,
     )
     assert proc.returncode == 0, proc.stderr
     rows = read_metrics(run / "metrics.jsonl")
     assert [r["training_iteration"] for r in rows] == [1, 2]
     assert all("policy_lag_mean" in r and r["num_env_steps_dropped_lifetime"] == 0 for r in rows)
-    # By default an iteration (one progress line, one metrics line) stands for at least 5 s of work.
-    assert all(r["time_this_iter_s"] >= 5.0 for r in rows)
+    if batch_size is None:
+        # By default an iteration (one progress line, one metrics line) stands for at least 5 s of work.
+        assert all(r["time_this_iter_s"] >= 5.0 for r in rows)
+    else:
+        # --train-batch-size makes an iteration stand for that many newly trained samples instead.
+        trained = [0] + [r["num_env_steps_trained_lifetime"] for r in rows]
+        assert all(after - before >= batch_size for before, after in zip(trained, trained[1:]))
+        assert all(r["time_this_iter_s"] < 5.0 for r in rows)
     inspected = dlearner("inspect", str(run))
     assert inspected.returncode == 0 and algo in inspected.stdout
 

@@ -235,6 +235,21 @@ def test_add_and_remove_modules(cartpole, batch):
         learner.update({"other": batch})
 
 
+def test_batches_are_checked_against_the_modules_the_learner_has_now(cartpole, batch):
+    import gymnasium as gym
+
+    learner = make_learner(cartpole)
+    learner.update(batch)
+    narrow = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
+    learner.add_module(module_id="other", module_spec=RLModuleSpec(observation_space=narrow, action_space=cartpole.action_space))
+    with pytest.raises(ValueError, match="obs"):
+        learner.update({"other": batch})  # CartPole's 4 numbers per observation: not this module's 3
+    learner.remove_module("other")
+    spec = RLModuleSpec(observation_space=cartpole.observation_space, action_space=cartpole.action_space)
+    learner.add_module(module_id="other", module_spec=spec)  # the same id, other spaces
+    assert "other" in learner.update({"other": batch})
+
+
 def test_a_multi_module_batch_updates_only_the_modules_present(cartpole, batch):
     spec = RLModuleSpec(model_config=SMALL_MODEL)
     config = PPOConfig().rl_module(rl_module_spec=MultiRLModuleSpec(rl_module_specs={"a": spec, "b": spec, "c": spec}))
