@@ -301,14 +301,15 @@ def test_edited_array_metadata_is_refused_never_filled(
 
 
 def test_tiny_chunks_are_refused_before_any_is_read(learner, location: str) -> None:
-    # 10**5 chunks of one element: zarr took 29 s to read them all before noticing anything.
+    # 30,000 chunks of one element: zarr took 29 s to read 10**5 before noticing anything, so ~9 s for
+    # these, well past the time limit (fewer files: this test spent 11 s writing 10**5 of them).
     path = location.rstrip("/") + "-tiny"
-    save_state_tree(path, {"w": np.zeros(100_000, np.float32)}, metadata={})
+    save_state_tree(path, {"w": np.zeros(30_000, np.float32)}, metadata={})
     node = next(a["node"] for a in inspect_checkpoint(path)["arrays"])
     _edit_json(path, f"{node}/zarr.json", lambda doc: doc["chunk_grid"]["configuration"].__setitem__("chunk_shape", [1]))
     fs, root = _fs(path)
     fs.rm_file(f"{root}/{node}/0")
-    fs.pipe({f"{root}/{node}/{i}": b"\0" * 8 for i in range(100_000)})
+    fs.pipe({f"{root}/{node}/{i}": b"\0" * 8 for i in range(30_000)})
     try:
         start = time.perf_counter()
         with pytest.raises(ValueError, match=r"not encoded the way dlearner writes arrays \(chunk_grid"):
