@@ -23,6 +23,8 @@ import gymnasium as gym
 import torch
 from torch import nn
 
+from dlearner.activations import ACTIVATIONS
+
 __all__ = ["ConvEncoder", "default_conv_filters", "is_image_space", "observations_as_float", "validate_conv_filters"]
 
 # The classic RLlib vision-network filters: two "same" convolutions, then one "valid" convolution as
@@ -114,13 +116,11 @@ class ConvEncoder(nn.Module):
         super().__init__()
         if not is_image_space(observation_space):
             raise ValueError(f"ConvEncoder needs a 3-D Box observation space (height, width, channels), got {observation_space}.")
-        from dlearner.rl_module import _ACTIVATIONS
-
         model_config = dict(model_config or {})
         activation = model_config.get("conv_activation", "relu")
-        if activation not in _ACTIVATIONS:
+        if activation not in ACTIVATIONS:
             raise ValueError(
-                f"model_config['conv_activation']={activation!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+                f"model_config['conv_activation']={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}."
             )
         height, width, channels = (int(s) for s in observation_space.shape)
         filters = validate_conv_filters(model_config.get("conv_filters"))
@@ -148,8 +148,8 @@ class ConvEncoder(nn.Module):
             nn.init.orthogonal_(conv.weight, gain=math.sqrt(2.0))
             nn.init.zeros_(conv.bias)
             layers.append(conv)
-            if _ACTIVATIONS[activation] is not None:
-                layers.append(_ACTIVATIONS[activation]())
+            if ACTIVATIONS[activation] is not None:
+                layers.append(ACTIVATIONS[activation]())
             channels = out_channels
         self.net = nn.Sequential(*layers, nn.Flatten())
         self.out_dim = channels * height * width

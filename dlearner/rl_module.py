@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dlearner.activations import ACTIVATIONS
 from dlearner.class_paths import class_path, import_class, import_dlearner_class
 from dlearner.columns import DEFAULT_MODULE_ID, Columns
 from dlearner.conv_encoder import ConvEncoder, is_image_space, observations_as_float, validate_conv_filters
@@ -31,7 +32,6 @@ DEFAULT_MODEL_CONFIG: Dict[str, Any] = {
     "conv_filters": None,
     "conv_activation": "relu",
 }
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU, "swish": nn.SiLU, "linear": None}
 
 
 def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -45,17 +45,16 @@ def validate_model_config(model_config: Optional[Mapping[str, Any]]) -> Dict[str
     if not isinstance(hiddens, (list, tuple)) or not all(isinstance(h, int) and h > 0 for h in hiddens):
         raise ValueError(f"model_config['fcnet_hiddens'] must be a list of positive ints, got {hiddens!r}.")
     merged["fcnet_hiddens"] = list(hiddens)
-    if merged["fcnet_activation"] not in _ACTIVATIONS:
+    if merged["fcnet_activation"] not in ACTIVATIONS:
         raise ValueError(
-            f"model_config['fcnet_activation']={merged['fcnet_activation']!r} is not supported; "
-            f"use one of {sorted(_ACTIVATIONS)}."
+            f"model_config['fcnet_activation']={merged['fcnet_activation']!r} is not supported; use one of {sorted(ACTIVATIONS)}."
         )
     if not isinstance(merged["vf_share_layers"], bool):
         raise ValueError("model_config['vf_share_layers'] must be True or False.")
     merged["conv_filters"] = validate_conv_filters(merged["conv_filters"])
-    if merged["conv_activation"] not in _ACTIVATIONS:
+    if merged["conv_activation"] not in ACTIVATIONS:
         raise ValueError(
-            f"model_config['conv_activation']={merged['conv_activation']!r} is not supported; use one of {sorted(_ACTIVATIONS)}."
+            f"model_config['conv_activation']={merged['conv_activation']!r} is not supported; use one of {sorted(ACTIVATIONS)}."
         )
     return merged
 
@@ -234,7 +233,7 @@ def _obs_dim(observation_space: gym.Space) -> int:
 
 def _mlp(in_dim: int, hiddens, activation: str, out_dim: Optional[int], out_gain: float) -> nn.Sequential:
     layers = []
-    act_cls = _ACTIVATIONS[activation]
+    act_cls = ACTIVATIONS[activation]
     for size in hiddens:
         linear = nn.Linear(in_dim, size)
         nn.init.orthogonal_(linear.weight, gain=math.sqrt(2.0))
