@@ -32,6 +32,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from dlearner import settings
 from dlearner.backends.dask.protocol import Failed, Ok, Reply, Request
+from dlearner.backends.dask.rpc import Whole
 from dlearner.collective import TorchCollective, form_process_group, open_store
 from dlearner.errors import LearnerGroupError, ProcessGroupError
 from dlearner.events import TIMING_TOPIC
@@ -248,14 +249,16 @@ class LearnerActor:
         task.add_done_callback(hand_over)
         return dataclasses.replace(request, args=(_run_prefetched, run, fetched))
 
-    async def kept_weights(self, version: int) -> Dict[str, Any]:
+    async def kept_weights(self, version: int) -> Whole:
         """The weights this learner kept as ``version`` (``learner_ops.keep_weights``, run in order
-        with the updates), for an env runner that pulls them (IMPALA / APPO). Served from the event
-        loop: never queued behind the updates on the compute thread. Raises
-        ``dlearner.errors.WeightsVersionGoneError`` when this learner does not keep that version."""
+        with the updates), for an env runner that pulls them (IMPALA / APPO), as one
+        :class:`~dlearner.backends.dask.rpc.Whole` (the runner receives the weights themselves,
+        serialized in one piece). Served from the event loop: never queued behind the updates on the
+        compute thread. Raises ``dlearner.errors.WeightsVersionGoneError`` when this learner does
+        not keep that version."""
         from dlearner import learner_ops
 
-        return learner_ops.kept_weights(self.learner, version)
+        return Whole(learner_ops.kept_weights(self.learner, version))
 
     def _send_timings(self) -> None:
         """Log the update timings gathered since the last event (on the worker's event loop)."""
