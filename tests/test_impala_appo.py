@@ -358,8 +358,10 @@ def test_learns_cartpole_on_dask_actors(client, config_class, target):
     with config.build_algo() as algo:
         returns = []
         # Asynchronous: how far a fixed number of env steps gets depends on the machine's load (policy
-        # lag), so the budget is generous; on a quiet machine the target comes within ~20k steps.
-        while not returns or (returns[-1] < target and algo.num_env_steps_sampled_lifetime < 150_000):
+        # lag) and on the run, so the budget is generous. An iteration lasts 5 s (~65k steps on a quiet
+        # 2-core machine): APPO mostly reaches its target after the first or second, but about one run
+        # in ten is still short of it at 150k steps and needs another iteration or two.
+        while not returns or (returns[-1] < target and algo.num_env_steps_sampled_lifetime < 300_000):
             result = algo.train()
             returns.append(result["env_runners"]["episode_return_mean"])
         assert returns[-1] >= target, returns[::10]
