@@ -223,15 +223,10 @@ async def _fetch_fragments(
     """``{(runner key, fragment id): columns}`` of every fragment ``wanted`` (runner key -> (worker
     address, fragment ids)), one ``take_fragments`` call per runner, concurrently, over the worker's
     pooled connections."""
-    # A worker that is gone refuses connections, which Dask retries until its (long) connect timeout:
-    # connecting with a short one first makes a lost runner's fragments count as lost within seconds.
-    connect_timeout = settings.seconds("learner-group.connect-timeout")
 
     async def one(runner_key: str, address: str, ids: List[int]) -> List[Dict[str, np.ndarray]]:
         try:
-            comm = await worker.rpc.connect(address, timeout=connect_timeout)
-            worker.rpc.reuse(address, comm)
-            return await call_actor(worker.rpc(address), runner_key, "take_fragments", (ids,))
+            return await _call_peer(worker, address, runner_key, "take_fragments", (ids,))
         except (ActorMissing, FragmentsGoneError) + UNREACHABLE as err:
             raise FragmentsLostError(
                 f"The fragments of env runner {runner_key} on Dask worker {address} are lost ({type(err).__name__}: {err}); "
@@ -275,21 +270,24 @@ def pull_weights(ref: WeightsRef) -> Dict[str, Dict[str, np.ndarray]]:
 
 async def pull_weights_async(worker: Worker, ref: WeightsRef) -> Dict[str, Dict[str, np.ndarray]]:
     """:func:`pull_weights` on the worker's event loop."""
-    # As for fragments: a gone worker refuses connections, which Dask would retry for long.
-    connect_timeout = settings.seconds("learner-group.connect-timeout")
-
-    async def pull() -> Dict[str, Dict[str, np.ndarray]]:
-        comm = await worker.rpc.connect(ref.worker, timeout=connect_timeout)
-        worker.rpc.reuse(ref.worker, comm)
-        return await call_actor(worker.rpc(ref.worker), ref.learner_key, "kept_weights", (ref.version,))
-
     try:
-        return await asyncio.wait_for(pull(), _PULL_TIMEOUT_S)
+        pull = _call_peer(worker, ref.worker, ref.learner_key, "kept_weights", (ref.version,))
+        return await asyncio.wait_for(pull, _PULL_TIMEOUT_S)
     except (asyncio.TimeoutError, ActorMissing, WeightsVersionGoneError) + UNREACHABLE as err:
         raise WeightsPullError(
             f"Could not pull weights version {ref.version} from learner {ref.learner_key} on Dask worker {ref.worker} "
             f"({type(err).__name__}: {err}); this env runner samples with the weights it has."
         ) from err
+
+
+async def _call_peer(worker: Worker, address: str, key: str, method: str, args: Sequence[Any]) -> Any:
+    """:func:`call_actor` on the actor ``key`` of the worker at ``address``, over this ``worker``'s
+    pooled connections. A worker that is gone refuses connections, which Dask retries until its (long)
+    connect timeout: connecting with the short learner-group one first makes a lost peer count as
+    lost within seconds."""
+    comm = await worker.rpc.connect(address, timeout=settings.seconds("learner-group.connect-timeout"))
+    worker.rpc.reuse(address, comm)
+    return await call_actor(worker.rpc(address), key, method, args)
 
 
 def _this_worker() -> Worker:
